@@ -1,0 +1,1 @@
+"""Development tooling (local KMS stand-in, simulated stack). Not shipped in any install."""

@@ -1,0 +1,41 @@
+"""The ``enclave-agent`` command line: one sub-command per concern.
+
+Each command module exposes ``add_parser(subparsers)``, which registers its parser
+and sets ``func`` (taking the parsed namespace, returning the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _load(name: str) -> ModuleType:
+    import importlib
+
+    return importlib.import_module(f"enclave_agent.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="enclave-agent",
+        description="Fetch secrets from AWS KMS inside a Nitro Enclave and serve them to apps.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        _load(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
