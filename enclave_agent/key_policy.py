@@ -1,0 +1,373 @@
+"""KMS key policies that let only a measured enclave use a key.
+
+Rules of this file: it is pure (text in, dicts out, no I/O), and every bad input
+raises ``KeyPolicyError`` with a message a person can act on.
+
+Theory of operation. ``nitro-cli build-enclave`` (and ``describe-eif``) print the
+image's measurements as JSON::
+
+    {"Measurements": {"HashAlgorithm": "Sha384 { ... }", "PCR0": "<96 hex>",
+                      "PCR1": "<96 hex>", "PCR2": "<96 hex>"}}
+
+with ``PCR8`` added for a signed image. ``parse_measurements`` reads that (also the
+bare inner object, a ``describe-enclaves`` list holding one enclave, and the same
+JSON preceded by nitro-cli's progress lines when both streams were saved together).
+``build_key_policy`` turns the values into a key policy document in the form of
+AWS's example (KMS developer guide, "Condition keys for Nitro Enclaves"): the role
+may call the chosen operations only when the attestation document in the request's
+``Recipient`` carries these values. PCR0 is compared through
+``kms:RecipientAttestation:ImageSha384``, every other PCR n through
+``kms:RecipientAttestation:PCR<n>``, all with ``StringEqualsIgnoreCase`` on
+lower-case hex. A second statement keeps the key manageable by the account
+(``arn:aws:iam::<account>:root``) without letting the account decrypt: the
+administrative actions and ``kms:Encrypt`` only, so no IAM policy in the account
+can open a secret outside the enclave, while the key can still be updated for a
+new image or scheduled for deletion.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# nitro-cli prints SHA-384 values: 48 bytes, 96 hex digits.
+PCR_HEX_LENGTH = 96
+# The NSM has 32 PCRs; nitro-cli fills 0-4 and 8, the rest belong to the enclave.
+MAX_PCR_INDEX = 31
+MAX_INPUT_BYTES = 1 << 20
+
+IMAGE_CONDITION_KEY = "kms:RecipientAttestation:ImageSha384"
+PCR_CONDITION_PREFIX = "kms:RecipientAttestation:PCR"
+CONDITION_OPERATOR = "StringEqualsIgnoreCase"
+
+# The operations that accept a Recipient, hence the only ones the attestation
+# condition keys apply to (KMS developer guide, "Condition keys for Nitro Enclaves").
+RECIPIENT_OPERATIONS = (
+    "Decrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyPair",
+    "GenerateRandom",
+    "DeriveSharedSecret",
+)
+DEFAULT_OPERATIONS = ("Decrypt",)
+
+# What the account keeps so the key stays manageable: no operation that returns
+# plaintext (Decrypt, GenerateDataKey*, ReEncrypt*), and no CreateGrant, which
+# could hand those to anyone without the attestation condition.
+ADMIN_ACTIONS = (
+    "kms:DescribeKey",
+    "kms:GetKeyPolicy",
+    "kms:PutKeyPolicy",
+    "kms:ListKeyPolicies",
+    "kms:ListGrants",
+    "kms:ListResourceTags",
+    "kms:RevokeGrant",
+    "kms:RetireGrant",
+    "kms:EnableKey",
+    "kms:DisableKey",
+    "kms:GetKeyRotationStatus",
+    "kms:EnableKeyRotation",
+    "kms:DisableKeyRotation",
+    "kms:UpdateKeyDescription",
+    "kms:CreateAlias",
+    "kms:UpdateAlias",
+    "kms:DeleteAlias",
+    "kms:TagResource",
+    "kms:UntagResource",
+    "kms:ScheduleKeyDeletion",
+    "kms:CancelKeyDeletion",
+    "kms:Encrypt",
+)
+
+_PCR_KEY = re.compile(r"PCR(0|[1-9][0-9]?)")
+_HEX = re.compile(r"[0-9a-fA-F]*")
+_ROLE_ARN = re.compile(r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):role/[\w+=,.@/-]{1,512}")
+_ACCOUNT_ID = re.compile(r"[0-9]{12}")
+
+
+class KeyPolicyError(ValueError):
+    """Bad measurements, role ARN, operation or PCR selection."""
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """PCR values of one enclave image, lower-case hex, keyed by PCR index."""
+
+    pcrs: Mapping[int, str]
+    hash_algorithm: str | None = None
+
+
+def parse_pcr_value(index: int, value: object) -> str:
+    """One PCR value as nitro-cli prints it → lower-case hex (96 digits)."""
+    if not isinstance(value, str):
+        raise KeyPolicyError(
+            f"PCR{index} must be a string of hex digits, got {type(value).__name__}"
+        )
+    if len(value) != PCR_HEX_LENGTH or not _HEX.fullmatch(value):
+        raise KeyPolicyError(
+            f"PCR{index} must be {PCR_HEX_LENGTH} hex digits (a SHA-384 value), "
+            f"got {len(value)} characters{'' if _HEX.fullmatch(value) else ' with non-hex ones'}"
+        )
+    return value.lower()
+
+
+def parse_pcr_index(text: str) -> int:
+    """``"3"`` or ``"PCR3"`` → 3."""
+    raw = text[3:] if text.upper().startswith("PCR") else text
+    if not raw.isdecimal() or not 0 <= int(raw) <= MAX_PCR_INDEX:
+        raise KeyPolicyError(f"a PCR index is a number from 0 to {MAX_PCR_INDEX}, got {text!r}")
+    return int(raw)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of duplicated keys silently; two PCR0 values in one
+    # file would mean a policy for an image nobody looked at.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise KeyPolicyError(f"the measurements JSON repeats the key {key!r}")
+        result[key] = value
+    return result
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates)
+    except KeyPolicyError:
+        raise
+    except RecursionError:
+        raise KeyPolicyError("the measurements JSON is nested too deeply") from None
+    except ValueError as error:
+        # JSONDecodeError, and ValueError for integers beyond Python's digit limit.
+        raise _NotJson(str(error)) from None
+
+
+class _NotJson(Exception):
+    pass
+
+
+def _load_json(text: str) -> Any:
+    try:
+        return _loads(text)
+    except _NotJson as first_error:
+        # nitro-cli writes progress lines ("Start building the Enclave Image...")
+        # before the JSON; a saved console log holds both. Start at the first line
+        # that opens a JSON value.
+        lines = text.splitlines(keepends=True)
+        for number, line in enumerate(lines):
+            if number and line.lstrip().startswith(("{", "[")):
+                try:
+                    return _loads("".join(lines[number:]))
+                except _NotJson as error:
+                    raise KeyPolicyError(
+                        f"the measurements are not valid JSON (from line {number + 1}: {error})"
+                    ) from None
+        raise KeyPolicyError(f"the measurements are not JSON ({first_error})") from None
+
+
+def _measurement_map(document: Any) -> Mapping[str, Any]:
+    """Find the ``{"HashAlgorithm", "PCR0", ...}`` object in any nitro-cli output."""
+    if isinstance(document, list):
+        # describe-enclaves: one entry per running enclave.
+        if len(document) != 1:
+            raise KeyPolicyError(
+                f"the measurements list holds {len(document)} entries; keep the one enclave "
+                "whose measurements you mean"
+            )
+        document = document[0]
+    if not isinstance(document, dict):
+        raise KeyPolicyError("the measurements JSON must be an object")
+    for key in ("Measurements", "PCRs"):
+        if key in document:
+            inner = document[key]
+            if not isinstance(inner, dict):
+                raise KeyPolicyError(f"{key!r} must be an object of PCR values")
+            return inner
+    if any(_PCR_KEY.fullmatch(key) for key in document):
+        return document
+    raise KeyPolicyError(
+        "no measurements found: expected nitro-cli's output, "
+        '{"Measurements": {"HashAlgorithm": ..., "PCR0": ..., ...}}'
+    )
+
+
+def parse_measurements(data: bytes | str) -> Measurements:
+    """Read the output of ``nitro-cli build-enclave`` / ``describe-eif`` / ``describe-enclaves``."""
+    if len(data) > MAX_INPUT_BYTES:
+        raise KeyPolicyError(f"the measurements input is larger than {MAX_INPUT_BYTES} bytes")
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise KeyPolicyError(f"the measurements are not UTF-8 text ({error.reason})") from None
+    else:
+        text = data
+    values = _measurement_map(_load_json(text))
+    pcrs: dict[int, str] = {}
+    hash_algorithm: str | None = None
+    for key, value in values.items():
+        if key == "HashAlgorithm":
+            # nitro-cli prints Rust's Debug form, "Sha384 { ... }".
+            if not isinstance(value, str) or not value.startswith("Sha384"):
+                raise KeyPolicyError(
+                    f"only SHA-384 measurements are supported, HashAlgorithm is {value!r}"
+                )
+            hash_algorithm = value
+            continue
+        match = _PCR_KEY.fullmatch(key)
+        if match is None or int(match.group(1)) > MAX_PCR_INDEX:
+            raise KeyPolicyError(
+                f"unexpected key {key!r} among the measurements "
+                "(expected HashAlgorithm, PCR0 ... PCR31)"
+            )
+        index = int(match.group(1))
+        pcrs[index] = parse_pcr_value(index, value)
+    if 0 not in pcrs:
+        raise KeyPolicyError("the measurements have no PCR0 (the image measurement)")
+    return Measurements(pcrs=dict(sorted(pcrs.items())), hash_algorithm=hash_algorithm)
+
+
+def with_extra_pcrs(measurements: Measurements, extra: Mapping[int, str]) -> Measurements:
+    """Add PCRs that nitro-cli's build output cannot know (PCR3: the parent's IAM
+    role, PCR4: the parent's instance id), computed as AWS's guide describes."""
+    pcrs = dict(measurements.pcrs)
+    for index, raw in extra.items():
+        if not 0 <= index <= MAX_PCR_INDEX:
+            raise KeyPolicyError(f"a PCR index is a number from 0 to {MAX_PCR_INDEX}, got {index}")
+        value = parse_pcr_value(index, raw)
+        if index in pcrs and pcrs[index] != value:
+            raise KeyPolicyError(f"PCR{index} is given twice with different values")
+        pcrs[index] = value
+    return Measurements(pcrs=dict(sorted(pcrs.items())), hash_algorithm=measurements.hash_algorithm)
+
+
+def parse_role_arn(role_arn: str) -> tuple[str, str]:
+    """An IAM role ARN → (partition, account id)."""
+    match = _ROLE_ARN.fullmatch(role_arn)
+    if match is None:
+        if ":assumed-role/" in role_arn or role_arn.startswith("arn:aws:sts::"):
+            raise KeyPolicyError(
+                f"{role_arn!r} is a session ARN; give the role's ARN, "
+                "arn:aws:iam::<account>:role/<name>"
+            )
+        raise KeyPolicyError(
+            f"the principal must be an IAM role ARN, arn:aws:iam::<12-digit account>:role/<name>, "
+            f"got {role_arn!r}"
+        )
+    return match.group(1), match.group(2)
+
+
+def normalize_operation(operation: str) -> str:
+    """``"Decrypt"`` or ``"kms:Decrypt"`` → ``"kms:Decrypt"``; only Recipient operations."""
+    name = operation.removeprefix("kms:")
+    for known in RECIPIENT_OPERATIONS:
+        if name.lower() == known.lower():
+            return f"kms:{known}"
+    raise KeyPolicyError(
+        f"operation {operation!r} does not take an attestation document; "
+        f"choose from {', '.join(RECIPIENT_OPERATIONS)}"
+    )
+
+
+def attestation_conditions(
+    measurements: Measurements,
+    *,
+    include_pcrs: Iterable[int] | None = None,
+    allow_zero: bool = False,
+) -> dict[str, str]:
+    """The condition keys and values: PCR0 as ImageSha384, the others as PCR<n>.
+
+    ``include_pcrs`` picks the PCRs beyond PCR0 (default: every one given);
+    PCR0 is always included, since without it any image would match.
+    """
+    if include_pcrs is None:
+        chosen = sorted(measurements.pcrs)
+    else:
+        chosen = sorted({0, *include_pcrs})
+        missing = [index for index in chosen if index not in measurements.pcrs]
+        if missing:
+            given = ", ".join(f"PCR{index}" for index in measurements.pcrs)
+            raise KeyPolicyError(
+                f"{', '.join(f'PCR{index}' for index in missing)} not in the measurements "
+                f"(they hold {given})"
+            )
+    conditions: dict[str, str] = {}
+    for index in chosen:
+        value = measurements.pcrs[index]
+        if not allow_zero and set(value) == {"0"}:
+            # A debug-mode enclave reports PCR0-2 (and more) as zeros, whatever image
+            # it runs: a condition on zeros admits every debug-mode enclave.
+            raise KeyPolicyError(
+                f"PCR{index} is all zeros, which every debug-mode enclave reports; a policy "
+                "with it admits any debug-mode enclave (allow it only for a throwaway test key)"
+            )
+        key = IMAGE_CONDITION_KEY if index == 0 else f"{PCR_CONDITION_PREFIX}{index}"
+        conditions[key] = value
+    return conditions
+
+
+def enclave_statement(
+    measurements: Measurements,
+    role_arn: str,
+    *,
+    operations: Iterable[str] = DEFAULT_OPERATIONS,
+    include_pcrs: Iterable[int] | None = None,
+    allow_zero: bool = False,
+) -> dict[str, Any]:
+    """The statement in the form of AWS's example: the role, the operations, the PCRs."""
+    parse_role_arn(role_arn)
+    actions = list(dict.fromkeys(normalize_operation(operation) for operation in operations))
+    if not actions:
+        raise KeyPolicyError("at least one operation is needed")
+    return {
+        "Sid": "AllowAttestedEnclaveOnly",
+        "Effect": "Allow",
+        "Principal": {"AWS": role_arn},
+        "Action": actions[0] if len(actions) == 1 else actions,
+        "Resource": "*",
+        "Condition": {
+            CONDITION_OPERATOR: attestation_conditions(
+                measurements, include_pcrs=include_pcrs, allow_zero=allow_zero
+            )
+        },
+    }
+
+
+def build_key_policy(
+    measurements: Measurements,
+    role_arn: str,
+    *,
+    operations: Iterable[str] = DEFAULT_OPERATIONS,
+    account_id: str | None = None,
+    include_pcrs: Iterable[int] | None = None,
+    allow_zero: bool = False,
+) -> dict[str, Any]:
+    """A whole key policy: account administration (no decryption) + the enclave statement."""
+    partition, role_account = parse_role_arn(role_arn)
+    if account_id is None:
+        account_id = role_account
+    elif not _ACCOUNT_ID.fullmatch(account_id):
+        raise KeyPolicyError(f"an account id is 12 digits, got {account_id!r}")
+    return {
+        "Version": "2012-10-17",
+        "Id": "enclave-kms-key-policy",
+        "Statement": [
+            {
+                "Sid": "KeyAdministrationByTheAccount",
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:{partition}:iam::{account_id}:root"},
+                "Action": list(ADMIN_ACTIONS),
+                "Resource": "*",
+            },
+            enclave_statement(
+                measurements,
+                role_arn,
+                operations=operations,
+                include_pcrs=include_pcrs,
+                allow_zero=allow_zero,
+            ),
+        ],
+    }

@@ -1,0 +1,140 @@
+"""``enclave-agent key-policy``: print a KMS key policy for an enclave image.
+
+Runs on a workstation or the parent, never in the enclave: it reads nitro-cli's
+measurements and prints JSON for ``aws kms create-key --policy`` or
+``aws kms put-key-policy --policy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from enclave_agent.key_policy import (
+    DEFAULT_OPERATIONS,
+    MAX_INPUT_BYTES,
+    RECIPIENT_OPERATIONS,
+    KeyPolicyError,
+    build_key_policy,
+    enclave_statement,
+    parse_measurements,
+    parse_pcr_index,
+    with_extra_pcrs,
+)
+
+
+def _read_measurements(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    try:
+        with Path(path).open("rb") as handle:
+            return handle.read(MAX_INPUT_BYTES + 1)
+    except OSError as error:
+        raise KeyPolicyError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _parse_extra_pcr(text: str) -> tuple[int, str]:
+    index, sep, value = text.partition("=")
+    if not sep:
+        raise KeyPolicyError(f"--pcr takes N=HEX (e.g. 3=<96 hex digits>), got {text!r}")
+    return parse_pcr_index(index), value
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        measurements = parse_measurements(_read_measurements(args.measurements))
+        extra = dict(_parse_extra_pcr(text) for text in args.pcr)
+        if extra:
+            measurements = with_extra_pcrs(measurements, extra)
+        include = (
+            None if args.include_pcr is None else [parse_pcr_index(x) for x in args.include_pcr]
+        )
+        operations = args.operation or list(DEFAULT_OPERATIONS)
+        document: dict[str, Any]
+        if args.statement_only:
+            document = enclave_statement(
+                measurements,
+                args.role_arn,
+                operations=operations,
+                include_pcrs=include,
+                allow_zero=args.allow_debug_zeros,
+            )
+        else:
+            document = build_key_policy(
+                measurements,
+                args.role_arn,
+                operations=operations,
+                account_id=args.account_id,
+                include_pcrs=include,
+                allow_zero=args.allow_debug_zeros,
+            )
+    except KeyPolicyError as error:
+        print(f"enclave-agent key-policy: {error}", file=sys.stderr)
+        return 2
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "key-policy",
+        help="print a KMS key policy that admits only the measured enclave image",
+        description=(
+            "Read nitro-cli's measurements (build-enclave, describe-eif or describe-enclaves "
+            "output) and print a key policy: the account may administer the key and encrypt "
+            "with it; the role may use it only from an enclave whose attestation carries "
+            "these PCRs (PCR0 as kms:RecipientAttestation:ImageSha384, others as "
+            "kms:RecipientAttestation:PCR<n>, compared with StringEqualsIgnoreCase)."
+        ),
+    )
+    parser.add_argument(
+        "--measurements",
+        required=True,
+        metavar="FILE",
+        help="nitro-cli's JSON output ('-' for stdin)",
+    )
+    parser.add_argument(
+        "--role-arn",
+        required=True,
+        metavar="ARN",
+        help="the IAM role whose credentials the proxy hands to the enclave",
+    )
+    parser.add_argument(
+        "--operation",
+        action="append",
+        metavar="OP",
+        help=f"allowed operation, repeatable: {', '.join(RECIPIENT_OPERATIONS)} (default Decrypt)",
+    )
+    parser.add_argument(
+        "--account-id",
+        metavar="ID",
+        help="account that administers the key (default: the role's account)",
+    )
+    parser.add_argument(
+        "--include-pcr",
+        action="append",
+        metavar="N",
+        help="PCR to require besides PCR0, repeatable (default: every PCR given)",
+    )
+    parser.add_argument(
+        "--pcr",
+        action="append",
+        default=[],
+        metavar="N=HEX",
+        help="add a PCR value nitro-cli does not print (PCR3: parent's role, PCR4: instance id)",
+    )
+    parser.add_argument(
+        "--statement-only",
+        action="store_true",
+        help="print only the enclave statement, to merge into an existing policy",
+    )
+    parser.add_argument(
+        "--allow-debug-zeros",
+        action="store_true",
+        help="accept all-zero PCRs (debug-mode enclaves); for throwaway test keys only",
+    )
+    parser.set_defaults(func=run)

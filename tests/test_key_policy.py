@@ -1,0 +1,285 @@
+"""Key policies from nitro-cli measurements: parser, policy shape, command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enclave_agent.key_policy import (
+    ADMIN_ACTIONS,
+    IMAGE_CONDITION_KEY,
+    KeyPolicyError,
+    Measurements,
+    build_key_policy,
+    enclave_statement,
+    parse_measurements,
+    with_extra_pcrs,
+)
+
+DATA = Path(__file__).parent / "data"
+ROLE = "arn:aws:iam::111122223333:role/enclave-parent"
+# tests/data/README.md: the recorded values are SHA-384 digests of these labels.
+PCR0 = hashlib.sha384(b"enclave-kms example image kernel+ramdisk (PCR0)").hexdigest()
+PCR1 = hashlib.sha384(b"kernel+boot ramdisk (PCR1)").hexdigest()
+PCR2 = hashlib.sha384(b"user ramdisk (PCR2)").hexdigest()
+PCR8 = hashlib.sha384(b"signing certificate (PCR8)").hexdigest()
+PLAINTEXT_ACTIONS = {
+    "kms:Decrypt",
+    "kms:GenerateDataKey",
+    "kms:GenerateDataKeyPair",
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:ReEncryptFrom",
+    "kms:ReEncryptTo",
+    "kms:CreateGrant",
+    "kms:DeriveSharedSecret",
+}
+
+
+def _wrap(members: str) -> str:
+    return '{"Measurements": {' + members + "}}"
+
+
+def test_recorded_build_output_with_progress_lines() -> None:
+    measurements = parse_measurements((DATA / "nitro_cli_build_enclave.out").read_bytes())
+    assert measurements.pcrs == {0: PCR0, 1: PCR1, 2: PCR2}
+    assert measurements.hash_algorithm == "Sha384 { ... }"
+
+
+def test_recorded_signed_build_output() -> None:
+    measurements = parse_measurements((DATA / "nitro_cli_build_enclave_signed.json").read_text())
+    assert measurements.pcrs == {0: PCR0, 1: PCR1, 2: PCR2, 8: PCR8}
+
+
+def test_bare_map_and_describe_enclaves_list_and_upper_case() -> None:
+    bare = {"HashAlgorithm": "Sha384 { ... }", "PCR0": PCR0.upper(), "PCR1": PCR1}
+    assert parse_measurements(json.dumps(bare)).pcrs == {0: PCR0, 1: PCR1}
+    described = [
+        {"EnclaveID": "i-0abc-enc0123", "EnclaveCID": 16, "State": "RUNNING", "Measurements": bare}
+    ]
+    assert parse_measurements(json.dumps(described)).pcrs == {0: PCR0, 1: PCR1}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not JSON"),
+        ("Start building...\nno json here\n", "not JSON"),
+        ("[]", "holds 0 entries"),
+        ("[{}, {}]", "holds 2 entries"),
+        ('"PCR0"', "must be an object"),
+        ('{"EnclaveID": "x"}', "no measurements found"),
+        ('{"Measurements": []}', "must be an object"),
+        (_wrap(f'"PCR1": "{PCR1}"'), "no PCR0"),
+        (_wrap(f'"PCR0": "{PCR0[:-2]}"'), "96 hex digits"),
+        (_wrap(f'"PCR0": "{"g" * 96}"'), "non-hex"),
+        (_wrap('"PCR0": 12'), "string of hex digits"),
+        (_wrap(f'"PCR0": "{PCR0}", "PCR32": "{PCR0}"'), "unexpected key"),
+        (_wrap(f'"PCR0": "{PCR0}", "PCR01": "{PCR0}"'), "unexpected key"),
+        (_wrap(f'"PCR0": "{PCR0}", "Extra": 1'), "unexpected key"),
+        (_wrap(f'"HashAlgorithm": "Sha256", "PCR0": "{PCR0}"'), "SHA-384"),
+        (_wrap(f'"PCR0": "{PCR0}", "PCR0": "{PCR1}"'), "repeats the key"),
+        ("[" * 100_000, "nested too deeply"),
+        (_wrap('"PCR0": 1' + "0" * 5000), "not JSON"),
+    ],
+)
+def test_bad_measurements_are_refused_clearly(text: str, message: str) -> None:
+    with pytest.raises(KeyPolicyError, match=message):
+        parse_measurements(text)
+
+
+def test_not_utf8_and_too_large() -> None:
+    with pytest.raises(KeyPolicyError, match="UTF-8"):
+        parse_measurements(b"\xff\xfe{}")
+    with pytest.raises(KeyPolicyError, match="larger than"):
+        parse_measurements(b" " * (2 << 20))
+
+
+hex96 = st.text(alphabet="0123456789abcdefABCDEF", min_size=96, max_size=96)
+
+
+@given(
+    pcrs=st.dictionaries(st.integers(0, 31), hex96, min_size=0, max_size=8),
+    pcr0=hex96,
+    wrapped=st.booleans(),
+)
+@settings(max_examples=150, deadline=None)
+def test_valid_measurements_round_trip(pcrs: dict[int, str], pcr0: str, wrapped: bool) -> None:
+    pcrs = {**pcrs, 0: pcr0}
+    inner = {"HashAlgorithm": "Sha384 { ... }", **{f"PCR{i}": v for i, v in pcrs.items()}}
+    document = {"Measurements": inner} if wrapped else inner
+    parsed = parse_measurements(json.dumps(document).encode())
+    assert parsed.pcrs == {i: v.lower() for i, v in pcrs.items()}
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bytes_give_measurements_or_key_policy_error(data: bytes) -> None:
+    try:
+        parsed = parse_measurements(data)
+    except KeyPolicyError:
+        return
+    assert 0 in parsed.pcrs
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=100) | hex96,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["Measurements", "PCRs", "HashAlgorithm", "PCR0", "PCR1", "PCR9", "x"])
+            | st.text(max_size=8),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_json_gives_measurements_or_key_policy_error(value: object) -> None:
+    try:
+        parsed = parse_measurements(json.dumps(value))
+    except KeyPolicyError:
+        return
+    assert all(len(v) == 96 and v == v.lower() for v in parsed.pcrs.values())
+
+
+def _measurements() -> Measurements:
+    return parse_measurements((DATA / "nitro_cli_build_enclave_signed.json").read_bytes())
+
+
+def test_policy_has_aws_example_statement_and_admin_without_decrypt() -> None:
+    policy = build_key_policy(_measurements(), ROLE)
+    assert policy["Version"] == "2012-10-17"
+    admin, enclave = policy["Statement"]
+    assert admin["Principal"] == {"AWS": "arn:aws:iam::111122223333:root"}
+    assert admin["Effect"] == "Allow" and admin["Resource"] == "*"
+    assert "kms:PutKeyPolicy" in admin["Action"] and "kms:ScheduleKeyDeletion" in admin["Action"]
+    assert not PLAINTEXT_ACTIONS & set(admin["Action"]), "the account must not decrypt"
+    assert not any("*" in action for action in ADMIN_ACTIONS)
+    assert enclave == {
+        "Sid": "AllowAttestedEnclaveOnly",
+        "Effect": "Allow",
+        "Principal": {"AWS": ROLE},
+        "Action": "kms:Decrypt",
+        "Resource": "*",
+        "Condition": {
+            "StringEqualsIgnoreCase": {
+                "kms:RecipientAttestation:ImageSha384": PCR0,
+                "kms:RecipientAttestation:PCR1": PCR1,
+                "kms:RecipientAttestation:PCR2": PCR2,
+                "kms:RecipientAttestation:PCR8": PCR8,
+            }
+        },
+    }
+
+
+def test_operations_pcr_selection_account_and_partition() -> None:
+    statement = enclave_statement(
+        _measurements(),
+        ROLE,
+        operations=["decrypt", "kms:GenerateDataKey", "Decrypt", "GenerateRandom"],
+        include_pcrs=[8],
+    )
+    assert statement["Action"] == ["kms:Decrypt", "kms:GenerateDataKey", "kms:GenerateRandom"]
+    assert statement["Condition"]["StringEqualsIgnoreCase"] == {
+        IMAGE_CONDITION_KEY: PCR0,
+        "kms:RecipientAttestation:PCR8": PCR8,
+    }
+    policy = build_key_policy(
+        _measurements(), "arn:aws-cn:iam::444455556666:role/p/r", account_id="777788889999"
+    )
+    assert policy["Statement"][0]["Principal"] == {"AWS": "arn:aws-cn:iam::777788889999:root"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"role_arn": "arn:aws:iam::123:role/x"}, "IAM role ARN"),
+        ({"role_arn": "arn:aws:iam::111122223333:user/x"}, "IAM role ARN"),
+        ({"role_arn": "arn:aws:sts::111122223333:assumed-role/r/i-0"}, "session ARN"),
+        ({"operations": ["Encrypt"]}, "does not take an attestation document"),
+        ({"operations": []}, "at least one operation"),
+        ({"include_pcrs": [3]}, "PCR3 not in the measurements"),
+        ({"account_id": "12345"}, "12 digits"),
+    ],
+)
+def test_bad_policy_inputs(kwargs: dict[str, object], message: str) -> None:
+    arguments: dict[str, object] = {"role_arn": ROLE, **kwargs}
+    with pytest.raises(KeyPolicyError, match=message):
+        build_key_policy(_measurements(), **arguments)  # type: ignore[arg-type]
+
+
+def test_all_zero_pcrs_need_explicit_consent() -> None:
+    debug = parse_measurements(json.dumps({"PCR0": "0" * 96, "PCR1": "0" * 96}))
+    with pytest.raises(KeyPolicyError, match="debug-mode"):
+        build_key_policy(debug, ROLE)
+    policy = build_key_policy(debug, ROLE, allow_zero=True)
+    assert policy["Statement"][1]["Condition"]["StringEqualsIgnoreCase"][IMAGE_CONDITION_KEY] == (
+        "0" * 96
+    )
+
+
+def test_extra_pcrs() -> None:
+    pcr3 = "ab" * 48
+    merged = with_extra_pcrs(_measurements(), {3: pcr3.upper()})
+    assert merged.pcrs[3] == pcr3
+    with pytest.raises(KeyPolicyError, match="twice"):
+        with_extra_pcrs(_measurements(), {0: pcr3})
+    with pytest.raises(KeyPolicyError, match="96 hex digits"):
+        with_extra_pcrs(_measurements(), {3: "ab"})
+
+
+def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "enclave_agent.cli", "key-policy", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_command_prints_policy_and_fails_clearly() -> None:
+    out = _cli(
+        "--measurements",
+        str(DATA / "nitro_cli_build_enclave.out"),
+        "--role-arn",
+        ROLE,
+        "--operation",
+        "Decrypt",
+        "--operation",
+        "GenerateDataKey",
+        "--pcr",
+        "3=" + "cd" * 48,
+    )
+    assert out.returncode == 0, out.stderr
+    policy = json.loads(out.stdout)
+    conditions = policy["Statement"][1]["Condition"]["StringEqualsIgnoreCase"]
+    assert conditions["kms:RecipientAttestation:PCR3"] == "cd" * 48
+    assert policy["Statement"][1]["Action"] == ["kms:Decrypt", "kms:GenerateDataKey"]
+
+    piped = _cli(
+        "--measurements", "-", "--role-arn", ROLE, "--statement-only", "--include-pcr", "PCR8",
+        stdin=(DATA / "nitro_cli_build_enclave_signed.json").read_bytes(),
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert set(json.loads(piped.stdout)["Condition"]["StringEqualsIgnoreCase"]) == {
+        IMAGE_CONDITION_KEY,
+        "kms:RecipientAttestation:PCR8",
+    }
+
+    missing = _cli("--measurements", "/nonexistent/m.json", "--role-arn", ROLE)
+    assert missing.returncode == 2 and b"cannot read /nonexistent/m.json" in missing.stderr
+    assert missing.stdout == b""
+    bad = _cli("--measurements", "-", "--role-arn", ROLE, stdin=b'{"PCR0": "00"}')
+    assert bad.returncode == 2 and b"96 hex digits" in bad.stderr
