@@ -1,0 +1,213 @@
+"""AWS credentials for signing, fetched from the proxy's ``GET /v1/credentials``.
+
+The parent holds the instance role's credentials anyway (DESIGN.md §2), so the agent
+asks the proxy for them instead of keeping any of its own. They are cached and
+refreshed lazily, ahead of ``Expiration``: five minutes before, or halfway through
+the remaining lifetime for credentials that live less than ten minutes. One refresh
+runs at a time (single flight): callers that arrive meanwhile wait for its result
+instead of each asking the proxy. When KMS says the token has expired anyway (clock
+skew, revoked session), ``refresh_after_expired`` forces one new fetch.
+
+A refresh that fails while the cached credentials are still valid keeps using them;
+once they have expired, the failure is the caller's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import trio
+
+from enclave_agent.transport import TransportError, http_get
+from enclave_common.address import Address
+
+CREDENTIALS_PATH = "/v1/credentials"
+REFRESH_MARGIN = timedelta(minutes=5)
+
+
+class CredentialsError(Exception):
+    """No usable credentials: the proxy is unreachable, refused, or answered badly."""
+
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str
+    token: str | None
+    expiration: datetime | None  # aware, UTC; None: does not expire
+    region: str | None = None
+    fetched_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __repr__(self) -> str:  # never the keys or the token
+        return f"Credentials(expiration={self.expiration}, region={self.region!r})"
+
+    def refresh_at(self) -> datetime | None:
+        if self.expiration is None:
+            return None
+        lifetime = self.expiration - self.fetched_at
+        return self.expiration - min(REFRESH_MARGIN, max(lifetime / 2, timedelta(0)))
+
+
+def _parse_expiration(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise CredentialsError("credentials from the proxy: Expiration must be a string")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise CredentialsError(
+            f"credentials from the proxy: Expiration {value[:40]!r} is not ISO-8601"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # AWS timestamps are UTC
+    return moment.astimezone(UTC)
+
+
+def parse_credentials(body: bytes, *, now: datetime | None = None) -> Credentials:
+    """The proxy's JSON answer (contract in CONTRACTS.md, section A)."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise CredentialsError("credentials from the proxy are not JSON") from None
+    if not isinstance(document, dict):
+        raise CredentialsError("credentials from the proxy are not a JSON object")
+    for name in ("AccessKeyId", "SecretAccessKey"):
+        if not isinstance(document.get(name), str) or not document[name]:
+            raise CredentialsError(f"credentials from the proxy lack {name}")
+    token = document.get("Token")
+    if token is not None and not isinstance(token, str):
+        raise CredentialsError("credentials from the proxy: Token must be a string or null")
+    region = document.get("Region")
+    return Credentials(
+        access_key_id=document["AccessKeyId"],
+        secret_access_key=document["SecretAccessKey"],
+        token=token or None,
+        expiration=_parse_expiration(document.get("Expiration")),
+        region=region if isinstance(region, str) else None,
+        fetched_at=now or datetime.now(UTC),
+    )
+
+
+def proxy_fetcher(proxy: Address) -> Callable[[], Awaitable[Credentials]]:
+    """Fetch credentials from the proxy at ``proxy``."""
+
+    async def fetch() -> Credentials:
+        try:
+            response = await http_get(proxy, CREDENTIALS_PATH)
+        except TransportError as exc:
+            raise CredentialsError(f"credentials: {exc.message}", retryable=exc.retryable) from None
+        if response.status != 200:
+            reason = response.reason
+            try:
+                detail = json.loads(response.body).get("error")
+                if isinstance(detail, str):
+                    reason = detail[:200]
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                pass
+            raise CredentialsError(
+                f"proxy has no credentials for us: {response.status} {reason}",
+                retryable=response.status >= 500,
+            )
+        return parse_credentials(response.body)
+
+    return fetch
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: Credentials | None = None
+        self.error: CredentialsError | None = None
+
+
+class CredentialsProvider:
+    """Cached credentials with lazy, single-flight refresh."""
+
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[Credentials]],
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._current: Credentials | None = None
+        self._flight: _Flight | None = None
+        self.fetches = 0  # how many times the proxy was asked (tests check single flight)
+
+    def _usable(self, creds: Credentials) -> bool:
+        return creds.expiration is None or self._clock() < creds.expiration
+
+    def _fresh(self, creds: Credentials) -> bool:
+        refresh_at = creds.refresh_at()
+        return refresh_at is None or self._clock() < refresh_at
+
+    async def get(self) -> Credentials:
+        current = self._current
+        if current is not None and self._fresh(current):
+            return current
+        try:
+            return await self._refresh()
+        except CredentialsError:
+            current = self._current
+            if current is not None and self._usable(current):
+                return current  # refresh ahead of time failed; these still work
+            raise
+
+    async def refresh_after_expired(self, stale: Credentials) -> Credentials:
+        """KMS said ``stale`` has expired: fetch new ones unless someone already has."""
+        current = self._current
+        if current is not None and current is not stale:
+            return current
+        return await self._refresh()
+
+    async def _refresh(self) -> Credentials:
+        while True:
+            flight = self._flight
+            if flight is None:
+                return await self._lead()
+            await flight.done.wait()
+            if flight.result is not None:
+                return flight.result
+            if flight.error is not None:
+                raise flight.error
+            # the leader was cancelled (its own deadline): take over
+
+    async def _lead(self) -> Credentials:
+        flight = self._flight = _Flight()
+        try:
+            self.fetches += 1
+            fetched = await self._fetch()
+            creds = Credentials(
+                access_key_id=fetched.access_key_id,
+                secret_access_key=fetched.secret_access_key,
+                token=fetched.token,
+                expiration=fetched.expiration,
+                region=fetched.region,
+                fetched_at=self._clock(),
+            )
+            if not self._usable(creds):
+                raise CredentialsError(
+                    f"credentials from the proxy expired already at {creds.expiration}"
+                )
+            self._current = flight.result = creds
+            return creds
+        except CredentialsError as exc:
+            flight.error = exc
+            raise
+        finally:
+            self._flight = None
+            flight.done.set()

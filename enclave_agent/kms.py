@@ -1,0 +1,289 @@
+"""The agent's KMS client: one ``KmsGateway.call`` per app request, many at once.
+
+Each call: validate the app's body → a fresh attestation document carrying our
+public key (the NSM, in a worker thread: it is a blocking ioctl) → ``Recipient``
+added → SigV4 with botocore's signer and the proxy's credentials → HTTPS through
+the proxy's CONNECT tunnel on a pooled connection → KMS's answer read →
+``CiphertextForRecipient`` opened with our private key → the answer KMS gives the
+same call without ``Recipient``.
+
+Failures keep KMS's shape (``KmsError``: type, message, HTTP status) so an SDK on
+the app side raises what it would raise against KMS. KMS's own errors pass through
+unchanged; failures of our own path (proxy, TLS, NSM, envelope, deadline) get
+KMS-style type names and a message naming the cause. Retries: throttling, 5xx and
+broken connections, with full-jitter exponential backoff, all inside the call's
+deadline; one extra try with new credentials when KMS says the token expired.
+
+No background tasks and no global lock: the pool and credentials refresh lazily,
+the pool's size bounds how many requests are on the wire at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import trio
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import ReadOnlyCredentials
+
+from enclave_agent import kms_protocol
+from enclave_agent.credentials import (
+    Credentials,
+    CredentialsError,
+    CredentialsProvider,
+    proxy_fetcher,
+)
+from enclave_agent.transport import KmsConnectionPool, TransportError, make_ssl_context
+from enclave_common.address import Address, VsockAddress
+from enclave_common.logs import get_logger
+
+DEFAULT_PROXY = VsockAddress(3, 8000)
+_BACKOFF_BASE = 0.05  # seconds; full jitter: sleep uniform(0, min(cap, base * 2**n))
+_BACKOFF_CAP = 2.0
+_MAX_MESSAGE = 300  # error messages from elsewhere are cut, so nothing large is echoed
+
+_log = get_logger()
+
+
+class Attester(Protocol):
+    """What the gateway needs from the NSM (``enclave_agent.nsm.Nsm`` provides it)."""
+
+    def attestation(
+        self,
+        *,
+        user_data: bytes | None = None,
+        nonce: bytes | None = None,
+        public_key: bytes | None = None,
+    ) -> bytes: ...
+
+
+class Recipient(Protocol):
+    """What the gateway needs from our key (``enclave_agent.recipient.RecipientKey``)."""
+
+    @property
+    def public_key_der(self) -> bytes: ...
+
+    def open(self, ciphertext_for_recipient: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class KmsSettings:
+    region: str
+    proxy: Address = DEFAULT_PROXY
+    endpoint: str | None = None  # "https://host[:port]"; default https://kms.{region}.amazonaws.com
+    ca_bundle: str | None = None  # PEM file; default certifi's bundle
+    pool_size: int = 16  # most kept-alive TLS connections (and requests in flight)
+    call_timeout: float = 10.0  # deadline per app call, retries included
+    max_attempts: int = 4
+
+
+class KmsError(Exception):
+    """What the app gets, in KMS's error shape."""
+
+    def __init__(self, error_type: str, message: str, status: int) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.status = status
+
+    def to_json(self) -> dict[str, str]:
+        """KMS JSON 1.1 error body."""
+        return {"__type": self.error_type, "message": self.message}
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
+
+
+def endpoint_host_port(settings: KmsSettings) -> tuple[str, int]:
+    endpoint = settings.endpoint or f"https://kms.{settings.region}.amazonaws.com"
+    parts = urlsplit(endpoint)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"KMS endpoint must be https://HOST[:PORT], got {endpoint!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"KMS endpoint must be https://HOST[:PORT] only, got {endpoint!r}")
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise ValueError(f"KMS endpoint has a bad port: {endpoint!r}") from None
+    return parts.hostname, port
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, error: KmsError, *, retryable: bool, expired: Credentials | None = None):
+        super().__init__(str(error))
+        self.error = error
+        self.retryable = retryable
+        self.expired = expired  # credentials KMS called expired
+
+
+@dataclass
+class _CallRecord:
+    attempts: int = 0
+    last_error: KmsError | None = None
+
+
+class KmsGateway:
+    def __init__(self, settings: KmsSettings, nsm: Attester, recipient: Recipient) -> None:
+        if settings.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if settings.call_timeout <= 0:
+            raise ValueError("call_timeout must be positive")
+        self._settings = settings
+        self._nsm = nsm
+        self._recipient = recipient
+        host, port = endpoint_host_port(settings)
+        self.pool = KmsConnectionPool(
+            settings.proxy,
+            host,
+            port,
+            make_ssl_context(settings.ca_bundle),
+            pool_size=settings.pool_size,
+        )
+        self.credentials = CredentialsProvider(proxy_fetcher(settings.proxy))
+        self._url = f"https://{self.pool.authority}/"
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    async def call(self, operation: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        started = trio.current_time()
+        record = _CallRecord()
+        outcome: dict[str, Any] = {"outcome": "ok"}
+        try:
+            return await self._call(operation, request, record)
+        except KmsError as exc:
+            outcome = {"outcome": "error", "error_type": exc.error_type, "status": exc.status}
+            outcome["reason"] = exc.message
+            raise
+        except trio.Cancelled:
+            outcome = {"outcome": "cancelled"}
+            raise
+        finally:
+            # One event per call; fields only, never a body, key or credential.
+            (_log.info if outcome["outcome"] == "ok" else _log.warning)(
+                "kms_call",
+                operation=operation,
+                attempts=record.attempts,
+                duration_ms=round((trio.current_time() - started) * 1000, 1),
+                **outcome,
+            )
+
+    async def _call(
+        self, operation: str, request: Mapping[str, Any], record: _CallRecord
+    ) -> dict[str, Any]:
+        try:
+            validated = kms_protocol.validate_request(operation, request)
+        except kms_protocol.KmsProtocolError as exc:
+            raise KmsError(exc.error_type, exc.message, exc.status) from None
+        timeout = self._settings.call_timeout
+        with trio.move_on_after(timeout):
+            return await self._with_retries(validated, record)
+        cause = f"; last error: {record.last_error.message}" if record.last_error else ""
+        raise KmsError(
+            "DependencyTimeoutException",
+            f"KMS {operation} did not complete within {timeout:g} s "
+            f"({record.attempts} attempt(s)){cause}",
+            503,
+        )
+
+    async def _with_retries(
+        self, validated: kms_protocol.ValidatedRequest, record: _CallRecord
+    ) -> dict[str, Any]:
+        refreshed_for_expiry = False
+        failures = 0
+        while True:
+            record.attempts += 1
+            try:
+                return await self._attempt(validated)
+            except _AttemptFailed as failed:
+                record.last_error = failed.error
+                if failed.expired is not None and not refreshed_for_expiry:
+                    refreshed_for_expiry = True  # once only: a second expiry is an error
+                    await self._refresh_expired(failed.expired)
+                    continue
+                failures += 1
+                if not failed.retryable or failures >= self._settings.max_attempts:
+                    raise failed.error from None
+                ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (failures - 1))
+                await trio.sleep(random.uniform(0, ceiling))  # noqa: S311 (jitter, not crypto)
+
+    async def _refresh_expired(self, stale: Credentials) -> None:
+        try:
+            await self.credentials.refresh_after_expired(stale)
+        except CredentialsError as exc:
+            raise KmsError("ExpiredTokenException", _short(exc.message), 400) from None
+
+    async def _credentials(self) -> Credentials:
+        try:
+            return await self.credentials.get()
+        except CredentialsError as exc:
+            raise _AttemptFailed(
+                KmsError("KMSInternalException", _short(exc.message), 502),
+                retryable=exc.retryable,
+            ) from None
+
+    async def _attestation(self) -> bytes:
+        call = functools.partial(self._nsm.attestation, public_key=self._recipient.public_key_der)
+        try:
+            return await trio.to_thread.run_sync(call)
+        # The NSM is whatever implements the protocol (device or simulator); any
+        # failure of it is reported as an NSM error, by its NSM error name when it has one.
+        except Exception as exc:  # noqa: BLE001
+            name = getattr(exc, "error_name", None) or type(exc).__name__
+            raise KmsError("KMSInternalException", f"NSM error: {name}", 500) from None
+
+    def _sign(self, creds: Credentials, operation: str, body: bytes) -> list[tuple[str, str]]:
+        headers = {"Host": self.pool.authority}
+        headers.update(kms_protocol.request_headers(operation))
+        request = AWSRequest(method="POST", url=self._url, data=body, headers=headers)
+        signer = SigV4Auth(
+            ReadOnlyCredentials(creds.access_key_id, creds.secret_access_key, creds.token),
+            "kms",
+            self._settings.region,
+        )
+        signer.add_auth(request)
+        return [(str(k), str(v)) for k, v in request.headers.items()]
+
+    async def _attempt(self, validated: kms_protocol.ValidatedRequest) -> dict[str, Any]:
+        operation = validated.operation
+        creds = await self._credentials()
+        document = await self._attestation()
+        body = kms_protocol.build_request(validated, document)
+        headers = self._sign(creds, operation, body)
+        try:
+            response = await self.pool.request("POST", "/", headers, body)
+        except TransportError as exc:
+            raise _AttemptFailed(
+                KmsError("KMSInternalException", _short(exc.message), 502),
+                retryable=exc.retryable,
+            ) from None
+        try:
+            result = kms_protocol.read_response(
+                operation, response.status, response.headers, response.body
+            )
+        except kms_protocol.KmsProtocolError as exc:
+            raise KmsError(exc.error_type, exc.message, exc.status) from None
+        if isinstance(result, kms_protocol.KmsFailure):
+            raise _AttemptFailed(
+                KmsError(result.error_type, _short(result.message), result.status),
+                retryable=result.retryable,
+                expired=creds if result.expired_token else None,
+            )
+        try:
+            plaintext = self._recipient.open(result.ciphertext_for_recipient)
+        # Whatever the envelope's decoder raises (malformed CMS, another recipient's
+        # key), the answer cannot be used; its class name says which, never its bytes.
+        except Exception as exc:  # noqa: BLE001
+            raise KmsError(
+                "KMSInternalException",
+                f"could not open CiphertextForRecipient from KMS: {type(exc).__name__}",
+                502,
+            ) from None
+        return kms_protocol.finish_answer(result, plaintext)

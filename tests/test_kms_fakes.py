@@ -1,0 +1,311 @@
+"""Test doubles for the agent's KMS client (imported by the other test_kms_* files).
+
+- ``FakeKms``: an HTTPS server (trustme certificate, h11) that answers each request
+  from a script, records what it got, and can hold connections open.
+- ``Relay``: a minimal CONNECT proxy that also serves ``GET /v1/credentials``, used
+  where the real proxy's behaviour is not the point of the test (the end-to-end
+  tests use the real ``enclave-proxy``).
+- ``FakeNsm`` / ``FakeRecipient``: attestation and envelope without cryptography,
+  so these tests exercise the gateway alone. The envelope is ``b"sealed:" + plaintext``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+import trio
+import trustme
+
+SEAL = b"sealed:"
+
+
+@dataclass
+class Seen:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+    connection: int
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+Reply = tuple[int, dict[str, Any] | bytes]
+Handler = Callable[[Seen], Reply]
+
+
+def decrypt_ok(seen: Seen) -> Reply:
+    """A KMS-shaped Recipient answer for any of the five operations."""
+    target = seen.headers.get("x-amz-target", "")
+    op = target.split(".", 1)[-1]
+    secret = {
+        "Decrypt": b"the secret",
+        "GenerateDataKey": b"k" * 32,
+        "GenerateRandom": b"r" * 16,
+        "GenerateDataKeyPair": b"private key der",
+        "DeriveSharedSecret": b"shared",
+    }[op]
+    body: dict[str, Any] = {"CiphertextForRecipient": base64.b64encode(SEAL + secret).decode()}
+    if op == "Decrypt":
+        body.update(KeyId="arn:aws:kms:us-east-1:111122223333:key/k1")
+        body.update(EncryptionAlgorithm="SYMMETRIC_DEFAULT", Plaintext=None)
+    elif op == "GenerateDataKey":
+        body.update(KeyId="arn:k1", CiphertextBlob=base64.b64encode(b"blob").decode())
+    elif op == "GenerateDataKeyPair":
+        body.update(
+            KeyId="arn:k1",
+            KeyPairSpec="ECC_NIST_P256",
+            PublicKey=base64.b64encode(b"pub").decode(),
+            PrivateKeyCiphertextBlob=base64.b64encode(b"blob").decode(),
+        )
+    elif op == "DeriveSharedSecret":
+        body.update(KeyId="arn:k1", KeyAgreementAlgorithm="ECDH", KeyOrigin="AWS_KMS")
+    return 200, body
+
+
+def kms_error(error_type: str, message: str, status: int = 400) -> Reply:
+    return status, {"__type": f"com.amazonaws.kms#{error_type}", "message": message}
+
+
+class FakeKms:
+    """HTTPS on 127.0.0.1 with a trustme certificate; answers from ``script`` then ``default``."""
+
+    def __init__(self, ca: trustme.CA, *, hostname: str = "127.0.0.1") -> None:
+        self.ca = ca
+        cert = ca.issue_cert(hostname, "localhost")
+        self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(self.ssl_context)
+        self.script: list[Reply | Handler] = []
+        self.default: Handler = decrypt_ok
+        self.seen: list[Seen] = []
+        self.connections = 0
+        self.handshakes_failed = 0
+        self.close_after_each = False
+        self.delay = 0.0
+        self.port = 0
+        self._idle_scopes: dict[int, trio.CancelScope] = {}
+
+    def drop_idle(self) -> None:
+        """Close every connection waiting for its next request (an idle timeout)."""
+        for scope in self._idle_scopes.values():
+            scope.cancel()
+
+    def reply(self, seen: Seen) -> Reply:
+        if self.script:
+            step = self.script.pop(0)
+            return step(seen) if callable(step) else step
+        return self.default(seen)
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+        )
+        self.port = listeners[0].socket.getsockname()[1]
+
+    async def _handle(self, raw: trio.SocketStream) -> None:
+        self.connections += 1
+        number = self.connections
+        stream = trio.SSLStream(raw, self.ssl_context, server_side=True)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError:
+            self.handshakes_failed += 1
+            return
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request: h11.Request | None = None
+                body = bytearray()
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        idle = request is None and not body
+                        with trio.CancelScope() as scope:
+                            if idle:
+                                self._idle_scopes[number] = scope
+                            data = await stream.receive_some(65536)
+                        self._idle_scopes.pop(number, None)
+                        if scope.cancelled_caught:
+                            return
+                        conn.receive_data(bytes(data))
+                        continue
+                    if isinstance(event, h11.ConnectionClosed):
+                        return
+                    if isinstance(event, h11.Request):
+                        request = event
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                assert request is not None
+                seen = Seen(
+                    request.method.decode(),
+                    request.target.decode(),
+                    {k.decode().lower(): v.decode() for k, v in request.headers},
+                    bytes(body),
+                    number,
+                )
+                self.seen.append(seen)
+                if self.delay:
+                    await trio.sleep(self.delay)
+                status, payload = self.reply(seen)
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                headers = [
+                    ("Content-Type", "application/x-amz-json-1.1"),
+                    ("Content-Length", str(len(data))),
+                ]
+                if self.close_after_each:
+                    headers.append(("Connection", "close"))
+                out = conn.send(h11.Response(status_code=status, headers=headers))
+                out += conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage())
+                await stream.send_all(out)
+                if conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, h11.ProtocolError):
+            return
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+@dataclass
+class Relay:
+    """A minimal CONNECT relay + credentials endpoint on 127.0.0.1."""
+
+    credentials: dict[str, Any] = field(
+        default_factory=lambda: {
+            "AccessKeyId": "AKIDFAKEFAKEFAKE",
+            "SecretAccessKey": "fake-secret-key-do-not-log",
+            "Token": "fake-session-token-do-not-log",
+            "Expiration": None,
+            "Region": "us-east-1",
+        }
+    )
+    credentials_status: int = 200
+    refuse_connect: tuple[int, str] | None = None
+    credential_requests: int = 0
+    tunnels: int = 0
+    redirect: tuple[str, int] | None = None  # connect here whatever the CONNECT says
+    port: int = 0
+    relayed: bytearray = field(default_factory=bytearray)
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+        )
+        self.port = listeners[0].socket.getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
+
+    async def _answer(
+        self, stream: trio.SocketStream, conn: h11.Connection, status: int, body: dict[str, Any]
+    ) -> None:
+        data = json.dumps(body).encode()
+        out = conn.send(
+            h11.Response(
+                status_code=status,
+                headers=[("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+            )
+        )
+        out += conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage())
+        await stream.send_all(out)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
+                    continue
+                break
+            if not isinstance(event, h11.Request):
+                return
+            while not isinstance(conn.next_event(), h11.EndOfMessage):
+                pass
+            if event.method == b"GET" and event.target == b"/v1/credentials":
+                self.credential_requests += 1
+                if self.credentials_status != 200:
+                    await self._answer(
+                        stream, conn, self.credentials_status, {"error": "no credentials"}
+                    )
+                else:
+                    await self._answer(stream, conn, 200, self.credentials)
+                return
+            if event.method != b"CONNECT":
+                await self._answer(stream, conn, 405, {"error": "method not allowed"})
+                return
+            if self.refuse_connect is not None:
+                status, reason = self.refuse_connect
+                await self._answer(stream, conn, status, {"error": reason})
+                return
+            host, _, port = event.target.decode().rpartition(":")
+            if self.redirect:
+                host, port = self.redirect[0], str(self.redirect[1])
+            upstream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            self.tunnels += 1
+            await stream.send_all(
+                conn.send(
+                    h11.Response(status_code=200, reason=b"Connection established", headers=[])
+                )
+            )
+            leftover, _ = conn.trailing_data
+            if leftover:
+                await upstream.send_all(leftover)
+            async with upstream, trio.open_nursery() as nursery:
+
+                async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+                    try:
+                        while data := await src.receive_some(65536):
+                            self.relayed += data
+                            await dst.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(pump, stream, upstream)
+                nursery.start_soon(pump, upstream, stream)
+        except (trio.BrokenResourceError, h11.ProtocolError, OSError):
+            return
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+class FakeNsm:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail_with: str | None = None
+
+    def attestation(
+        self,
+        *,
+        user_data: bytes | None = None,
+        nonce: bytes | None = None,
+        public_key: bytes | None = None,
+    ) -> bytes:
+        self.calls += 1
+        if self.fail_with:
+            error = RuntimeError(self.fail_with)
+            error.error_name = self.fail_with  # type: ignore[attr-defined]
+            raise error
+        return b"ATTESTATION:" + (public_key or b"")
+
+
+class FakeRecipient:
+    public_key_der = b"fake-spki"
+
+    def open(self, ciphertext_for_recipient: bytes) -> bytes:
+        if not ciphertext_for_recipient.startswith(SEAL):
+            raise ValueError("not sealed for us")
+        return ciphertext_for_recipient[len(SEAL) :]

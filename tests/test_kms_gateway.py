@@ -1,0 +1,315 @@
+"""KmsGateway against a fake KMS (TLS, h11) reached through a CONNECT relay."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from enclave_agent.kms import KmsError, KmsGateway, KmsSettings
+from enclave_common.address import parse_address
+from tests.test_kms_fakes import FakeKms, FakeNsm, FakeRecipient, Relay, kms_error
+
+CIPHERTEXT = base64.b64encode(b"ciphertext blob").decode()
+
+
+@dataclass
+class Stack:
+    kms: FakeKms
+    relay: Relay
+    nsm: FakeNsm
+    gateway: KmsGateway
+    ca_path: Path
+
+    def gateway_with(self, **changes: object) -> KmsGateway:
+        fields: dict[str, object] = {
+            "region": "us-east-1",
+            "proxy": parse_address(self.relay.address),
+            "endpoint": f"https://127.0.0.1:{self.kms.port}",
+            "ca_bundle": str(self.ca_path),
+        }
+        fields.update(changes)
+        return KmsGateway(KmsSettings(**fields), self.nsm, FakeRecipient())  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Stack]:
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    kms = FakeKms(ca)
+    await kms.serve(nursery)
+    relay = Relay()
+    await relay.serve(nursery)
+    nsm = FakeNsm()
+    s = Stack(kms, relay, nsm, None, ca_path)  # type: ignore[arg-type]
+    s.gateway = s.gateway_with()
+    yield s
+    await s.gateway.aclose()
+
+
+async def test_decrypt_round_trip(stack: Stack) -> None:
+    answer = await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert answer == {
+        "KeyId": "arn:aws:kms:us-east-1:111122223333:key/k1",
+        "Plaintext": base64.b64encode(b"the secret").decode(),
+        "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+    }
+    seen = stack.kms.seen[0]
+    assert seen.headers["x-amz-target"] == "TrentService.Decrypt"
+    assert seen.headers["content-type"] == "application/x-amz-json-1.1"
+    assert seen.headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDFAKEFAKEFAKE/")
+    assert "/us-east-1/kms/aws4_request" in seen.headers["authorization"]
+    assert seen.headers["x-amz-security-token"] == "fake-session-token-do-not-log"
+    assert seen.headers["host"] == f"127.0.0.1:{stack.kms.port}"
+    body = seen.json
+    assert body["CiphertextBlob"] == CIPHERTEXT
+    assert body["Recipient"] == {
+        "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+        "AttestationDocument": base64.b64encode(b"ATTESTATION:fake-spki").decode(),
+    }
+
+
+async def test_all_five_operations_answer_as_without_recipient(stack: Stack) -> None:
+    b64 = base64.b64encode
+    answers = {
+        op: await stack.gateway.call(op, body)
+        for op, body in [
+            ("GenerateDataKey", {"KeyId": "alias/k", "KeySpec": "AES_256"}),
+            ("GenerateRandom", {"NumberOfBytes": 16}),
+            ("GenerateDataKeyPair", {"KeyId": "alias/k", "KeyPairSpec": "ECC_NIST_P256"}),
+            (
+                "DeriveSharedSecret",
+                {"KeyId": "alias/k", "KeyAgreementAlgorithm": "ECDH", "PublicKey": "cHVi"},
+            ),
+        ]
+    }
+    assert answers["GenerateDataKey"] == {
+        "CiphertextBlob": b64(b"blob").decode(),
+        "Plaintext": b64(b"k" * 32).decode(),
+        "KeyId": "arn:k1",
+    }
+    assert answers["GenerateRandom"] == {"Plaintext": b64(b"r" * 16).decode()}
+    assert answers["GenerateDataKeyPair"]["PrivateKeyPlaintext"] == b64(b"private key der").decode()
+    assert "CiphertextForRecipient" not in answers["GenerateDataKeyPair"]
+    assert answers["GenerateDataKeyPair"]["KeyPairSpec"] == "ECC_NIST_P256"
+    assert answers["DeriveSharedSecret"]["SharedSecret"] == b64(b"shared").decode()
+    assert stack.nsm.calls == 4  # a fresh attestation document for every call
+    assert stack.kms.connections == 1  # one kept-alive connection carried them all
+
+
+async def test_plaintext_in_answer_is_refused(stack: Stack) -> None:
+    stack.kms.script.append(
+        (200, {"CiphertextForRecipient": "c2VhbGVkOnNlY3JldA==", "Plaintext": "bGVha2Vk"})
+    )
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert info.value.error_type == "KMSInternalException"
+    assert "carried Plaintext" in info.value.message
+    assert len(stack.kms.seen) == 1  # refused, not retried
+
+
+async def test_kms_error_passed_on_and_not_retried(stack: Stack) -> None:
+    stack.kms.script.append(kms_error("AccessDeniedException", "PCR0 does not match"))
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert (info.value.error_type, info.value.message, info.value.status) == (
+        "AccessDeniedException",
+        "PCR0 does not match",
+        400,
+    )
+    assert info.value.to_json() == {
+        "__type": "AccessDeniedException",
+        "message": "PCR0 does not match",
+    }
+    assert len(stack.kms.seen) == 1
+
+
+async def test_retries_500_and_throttling_then_succeeds(stack: Stack) -> None:
+    stack.kms.script += [
+        kms_error("KMSInternalException", "try again", 500),
+        kms_error("ThrottlingException", "slow down", 400),
+        (502, b"<html>bad gateway</html>"),
+    ]
+    answer = await stack.gateway.call("GenerateRandom", {"NumberOfBytes": 16})
+    assert answer["Plaintext"] == base64.b64encode(b"r" * 16).decode()
+    assert len(stack.kms.seen) == 4
+    assert stack.nsm.calls == 4  # every attempt carried its own document
+
+
+async def test_retries_are_bounded(stack: Stack) -> None:
+    stack.kms.script += [kms_error("ThrottlingException", f"slow down {i}") for i in range(5)]
+    gateway = stack.gateway_with(max_attempts=3)
+    with pytest.raises(KmsError) as info:
+        await gateway.call("GenerateRandom", {"NumberOfBytes": 16})
+    await gateway.aclose()
+    assert (info.value.error_type, info.value.message) == ("ThrottlingException", "slow down 2")
+    assert len(stack.kms.seen) == 3
+
+
+async def test_deadline_covers_retries(stack: Stack) -> None:
+    stack.kms.delay = 30.0
+    gateway = stack.gateway_with(call_timeout=0.5)
+    with pytest.raises(KmsError) as info:
+        await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    await gateway.aclose()
+    assert info.value.error_type == "DependencyTimeoutException"
+    assert info.value.status == 503
+    assert "0.5 s" in info.value.message
+    assert gateway.pool.idle_connections == 0  # the abandoned connection was not kept
+
+
+async def test_expired_token_refetches_credentials_once(stack: Stack) -> None:
+    stack.kms.script.append(kms_error("ExpiredTokenException", "The security token expired"))
+    answer = await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert "Plaintext" in answer
+    assert stack.relay.credential_requests == 2
+    stack.kms.script += [kms_error("ExpiredTokenException", "still expired")] * 2
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert info.value.error_type == "ExpiredTokenException"
+    assert stack.relay.credential_requests == 3
+
+
+async def test_invalid_request_is_not_sent(stack: Stack) -> None:
+    for op, body in [
+        ("Decrypt", {"CiphertextBlob": "not base64!"}),
+        ("Decrypt", {"CiphertextBlob": CIPHERTEXT, "Bogus": 1}),
+        ("GenerateDataKey", {"KeySpec": "AES_256"}),
+        ("GenerateRandom", {"NumberOfBytes": 5000}),
+        ("Decrypt", {"CiphertextBlob": CIPHERTEXT, "Recipient": {}}),
+    ]:
+        with pytest.raises(KmsError) as info:
+            await stack.gateway.call(op, body)
+        assert (info.value.error_type, info.value.status) == ("ValidationException", 400)
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call("Encrypt", {"KeyId": "k", "Plaintext": "eA=="})
+    assert info.value.error_type == "UnknownOperationException"
+    assert stack.kms.seen == [] and stack.nsm.calls == 0
+
+
+async def test_tls_certificate_from_another_ca_fails_and_sends_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    gateway = stack.gateway_with(ca_bundle=str(other))
+    with pytest.raises(KmsError) as info:
+        await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    await gateway.aclose()
+    assert "TLS certificate verification failed for 127.0.0.1" in info.value.message
+    assert stack.kms.seen == []
+    assert stack.kms.connections == 1  # a bad certificate is not retried
+
+
+async def test_tls_host_name_is_checked(tmp_path: Path, nursery: trio.Nursery) -> None:
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    kms = FakeKms(ca, hostname="kms.other-region.example")
+    await kms.serve(nursery)
+    relay = Relay()
+    await relay.serve(nursery)
+    stack = Stack(kms, relay, FakeNsm(), None, ca_path)  # type: ignore[arg-type]
+    gateway = stack.gateway_with()
+    with pytest.raises(KmsError) as info:
+        await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    await gateway.aclose()
+    assert "TLS certificate verification failed for 127.0.0.1" in info.value.message
+    assert "mismatch" in info.value.message.lower() or "match" in info.value.message.lower()
+    assert kms.seen == []
+
+
+async def test_proxy_refusal_is_named(stack: Stack) -> None:
+    stack.relay.refuse_connect = (403, "not allowlisted")
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert info.value.message == (
+        f"proxy refused CONNECT 127.0.0.1:{stack.kms.port}: 403 not allowlisted"
+    )
+    assert info.value.status == 502
+    assert stack.kms.connections == 0
+
+
+async def test_proxy_unreachable(stack: Stack) -> None:
+    gateway = KmsGateway(
+        KmsSettings(
+            region="us-east-1", proxy=parse_address("unix:/nonexistent/proxy.sock"), max_attempts=2
+        ),
+        stack.nsm,
+        FakeRecipient(),
+    )
+    with pytest.raises(KmsError) as info:
+        await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+    assert "cannot reach the proxy at unix:/nonexistent/proxy.sock" in info.value.message
+
+
+async def test_no_credentials_at_the_proxy(stack: Stack) -> None:
+    stack.relay.credentials_status = 503
+    gateway = stack.gateway_with(max_attempts=2)
+    with pytest.raises(KmsError) as info:
+        await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+    await gateway.aclose()
+    assert info.value.message == "proxy has no credentials for us: 503 no credentials"
+    assert stack.relay.credential_requests == 2
+    assert stack.kms.seen == []
+
+
+async def test_nsm_failure(stack: Stack) -> None:
+    stack.nsm.fail_with = "InternalError"
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+    assert (info.value.error_type, info.value.message, info.value.status) == (
+        "KMSInternalException",
+        "NSM error: InternalError",
+        500,
+    )
+    assert stack.kms.seen == []
+
+
+async def test_envelope_that_does_not_open(stack: Stack) -> None:
+    stack.kms.script.append((200, {"CiphertextForRecipient": "bm90IGZvciB1cw=="}))
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+    assert info.value.message == "could not open CiphertextForRecipient from KMS: ValueError"
+
+
+async def test_many_calls_at_once_share_a_bounded_pool(stack: Stack) -> None:
+    stack.kms.delay = 0.02
+    gateway = stack.gateway_with(pool_size=4)
+    results: list[dict[str, object]] = []
+
+    async def one() -> None:
+        results.append(await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT}))
+
+    async with trio.open_nursery() as n:
+        for _ in range(24):
+            n.start_soon(one)
+    assert len(results) == 24
+    assert all(r["Plaintext"] == base64.b64encode(b"the secret").decode() for r in results)
+    assert 1 < gateway.pool.connections_opened <= 4
+    assert gateway.pool.idle_connections == gateway.pool.connections_opened
+    assert stack.kms.connections == gateway.pool.connections_opened
+    await gateway.aclose()
+
+
+async def test_server_closing_connections_is_handled(stack: Stack) -> None:
+    stack.kms.close_after_each = True
+    for _ in range(3):
+        await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert stack.kms.connections == 3
+    assert stack.gateway.pool.idle_connections == 0
+
+
+async def test_idle_connection_closed_by_server_is_replaced_at_once(stack: Stack) -> None:
+    await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    stack.kms.drop_idle()  # the server times out the idle connection silently
+    await trio.sleep(0.05)
+    await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert stack.kms.connections == 2
+    assert len(stack.kms.seen) == 2  # the stale connection cost no KMS request
