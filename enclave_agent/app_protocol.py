@@ -1,0 +1,187 @@
+"""What apps may ask the agent, and how answers look: pure, no I/O.
+
+Rules of this file: it sees one complete HTTP request (method, target, headers,
+body) and returns a typed route or raises ``AppProtocolError``; it shapes answers
+into bytes. It does not know which socket the request came from nor who sent it
+(``server`` checks callers), and it never talks to KMS (``kms.KmsGateway`` does).
+
+The app-facing protocol (DESIGN.md section 3):
+
+- ``POST /`` with ``X-Amz-Target: TrentService.<Op>``: the KMS JSON 1.1 protocol, so
+  an SDK pointed at the agent works unchanged. The agent adds ``Recipient`` itself,
+  so a request that already carries one is refused.
+- ``POST /v1/attestation`` with JSON ``{"nonce", "user_data", "public_key"}``
+  (base64, each optional, at most 1024 bytes decoded): the raw attestation document.
+- ``GET /v1/secrets/<name>``: a named secret from the configuration, raw bytes.
+- ``GET /healthz``.
+
+Errors are KMS's JSON error shape ``{"__type": ..., "message": ...}`` with content
+type ``application/x-amz-json-1.1``, which botocore turns into the usual
+``ClientError`` / ``client.exceptions.<Type>`` for apps on the TCP listener.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from enclave_agent.config import SECRET_NAME
+
+KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
+TARGET_PREFIX = "TrentService."
+OPERATIONS = frozenset(
+    {"Decrypt", "GenerateDataKey", "GenerateRandom", "GenerateDataKeyPair", "DeriveSharedSecret"}
+)
+ATTESTATION_FIELDS = ("nonce", "user_data", "public_key")
+MAX_ATTESTATION_FIELD = 1024  # the NSM's limit on each of user_data, nonce, public_key
+
+
+class AppProtocolError(Exception):
+    """A request the agent will not serve, already in KMS's error vocabulary."""
+
+    def __init__(self, error_type: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class KmsCall:
+    operation: str
+    request: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AttestationCall:
+    nonce: bytes | None
+    user_data: bytes | None
+    public_key: bytes | None
+
+
+@dataclass(frozen=True)
+class SecretCall:
+    name: str
+
+
+@dataclass(frozen=True)
+class HealthCall:
+    pass
+
+
+Route = KmsCall | AttestationCall | SecretCall | HealthCall
+
+
+@dataclass(frozen=True)
+class AppResponse:
+    status: int
+    content_type: str
+    body: bytes
+
+
+def route_request(method: str, target: str, headers: Mapping[str, str], body: bytes) -> Route:
+    """Decide what a complete request asks for. ``headers`` keys are lower-case."""
+    path = target.split("?", 1)[0]
+    if path == "/healthz":
+        _require_method(method, "GET", path)
+        return HealthCall()
+    if path.startswith("/v1/secrets/"):
+        _require_method(method, "GET", path)
+        name = path[len("/v1/secrets/") :]
+        if not SECRET_NAME.match(name):
+            raise AppProtocolError(
+                "ValidationException", "secret names are 1-128 of [A-Za-z0-9_.-]"
+            )
+        return SecretCall(name)
+    if path == "/v1/attestation":
+        _require_method(method, "POST", path)
+        return _attestation(body)
+    if path == "/":
+        _require_method(method, "POST", path)
+        return _kms(headers, body)
+    raise AppProtocolError("NotFoundException", "unknown path; see the agent's README", 404)
+
+
+def _require_method(method: str, allowed: str, path: str) -> None:
+    if method != allowed:
+        raise AppProtocolError(
+            "MethodNotAllowedException", f"{path} accepts {allowed} only, not {method}", 405
+        )
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body.decode("utf-8")) if body.strip() else {}
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AppProtocolError("SerializationException", "the body is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise AppProtocolError("SerializationException", "the body must be a JSON object")
+    return value
+
+
+def _kms(headers: Mapping[str, str], body: bytes) -> KmsCall:
+    target = headers.get("x-amz-target")
+    if target is None:
+        raise AppProtocolError("UnknownOperationException", "missing X-Amz-Target header")
+    service, _, operation = target.partition(".")
+    if f"{service}." != TARGET_PREFIX or operation not in OPERATIONS:
+        raise AppProtocolError(
+            "UnknownOperationException",
+            f"the agent serves {', '.join(sorted(OPERATIONS))} only (X-Amz-Target "
+            f"{TARGET_PREFIX}<Operation>)",
+        )
+    content_type = headers.get("content-type", KMS_CONTENT_TYPE).split(";")[0].strip()
+    if content_type not in (KMS_CONTENT_TYPE, "application/json"):
+        raise AppProtocolError("SerializationException", f"content type must be {KMS_CONTENT_TYPE}")
+    request = _json_object(body)
+    if "Recipient" in request:
+        raise AppProtocolError(
+            "ValidationException", "do not send Recipient: the agent attests and adds it itself"
+        )
+    return KmsCall(operation, request)
+
+
+def _attestation(body: bytes) -> AttestationCall:
+    request = _json_object(body)
+    unknown = sorted(set(request) - set(ATTESTATION_FIELDS))
+    if unknown:
+        raise AppProtocolError("ValidationException", f"unknown fields: {', '.join(unknown)}")
+    values: dict[str, bytes | None] = {}
+    for name in ATTESTATION_FIELDS:
+        item = request.get(name)
+        if item is None:
+            values[name] = None
+            continue
+        if not isinstance(item, str):
+            raise AppProtocolError("ValidationException", f"{name} must be a base64 string")
+        try:
+            raw = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise AppProtocolError("ValidationException", f"{name} is not valid base64") from exc
+        if len(raw) > MAX_ATTESTATION_FIELD:
+            raise AppProtocolError(
+                "ValidationException", f"{name} is longer than {MAX_ATTESTATION_FIELD} bytes"
+            )
+        values[name] = raw
+    return AttestationCall(values["nonce"], values["user_data"], values["public_key"])
+
+
+def kms_response(answer: Mapping[str, Any]) -> AppResponse:
+    return AppResponse(200, KMS_CONTENT_TYPE, json.dumps(answer).encode())
+
+
+def error_response(error_type: str, message: str, status: int) -> AppResponse:
+    body = json.dumps({"__type": error_type, "message": message}).encode()
+    return AppResponse(status, KMS_CONTENT_TYPE, body)
+
+
+def bytes_response(data: bytes) -> AppResponse:
+    return AppResponse(200, "application/octet-stream", data)
+
+
+def json_response(value: Mapping[str, Any], status: int = 200) -> AppResponse:
+    return AppResponse(status, "application/json", json.dumps(value).encode())

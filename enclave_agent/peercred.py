@@ -1,0 +1,56 @@
+"""Who is on the other end of the app socket: SO_PEERCRED, and the allow rule.
+
+The kernel fills ``struct ucred {pid_t pid; uid_t uid; gid_t gid;}`` for a connected
+Unix socket with the credentials the peer had when it called connect(); the peer
+cannot forge them. Together with the socket file's mode this is the whole app-side
+boundary (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from enclave_agent.config import AccessConfig
+
+_UCRED = struct.Struct("iII")  # pid_t (signed), uid_t, gid_t
+# Linux's value; the socket module exposes it on Linux, the fallback keeps mypy and
+# other platforms honest about where it comes from.
+SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
+
+
+class PeerCredError(OSError):
+    """The kernel gave no credentials (not a Unix socket, or the peer is gone)."""
+
+
+class _HasGetsockopt(Protocol):
+    def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: _HasGetsockopt) -> PeerCred:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, _UCRED.size)
+    except OSError as exc:
+        raise PeerCredError(exc.errno, f"SO_PEERCRED failed: {exc.strerror}") from exc
+    if len(raw) != _UCRED.size:
+        raise PeerCredError(f"SO_PEERCRED returned {len(raw)} bytes, expected {_UCRED.size}")
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCred(pid=pid, uid=uid, gid=gid)
+
+
+def is_allowed(cred: PeerCred, access: AccessConfig, *, own_uid: int | None = None) -> bool:
+    """With no rule configured, only the agent's own uid and root may ask; otherwise
+    the caller's uid or primary gid must be listed (root is not implied)."""
+    if not access.allowed_uids and not access.allowed_gids:
+        return cred.uid in (0, os.getuid() if own_uid is None else own_uid)
+    return cred.uid in access.allowed_uids or cred.gid in access.allowed_gids

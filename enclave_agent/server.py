@@ -1,0 +1,399 @@
+"""The app-facing HTTP/1.1 server: trio streams in, h11 for framing, one task each.
+
+Theory of operation: ``AppServer.serve`` accepts on a listener (the Unix socket,
+and optionally a loopback TCP port) and runs every connection in its own task, so
+a slow KMS call for one app never holds up another; nothing here takes a lock
+around KMS calls (the gateway bounds its own pool). A connection is kept alive
+for further requests. Each request must arrive whole within ``header_timeout``
+once its first byte has come, and a kept-alive connection may idle at most
+``idle_timeout``, so idle or trickling clients are cut off instead of pinning
+tasks. Bodies above ``max_body_bytes`` get 413 before they are read.
+
+On the Unix socket the caller's SO_PEERCRED decides; a refused caller gets KMS's
+``AccessDeniedException`` and a ``caller_refused`` log event. The TCP listener is
+loopback only (the config insists) and has no caller check: it exists for SDK
+apps that can only speak TCP.
+
+Logs: one ``request`` event per request (method, path, operation, status, error
+type, caller, duration); bodies, plaintexts and secret values never reach a log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import h11
+import trio
+
+from enclave_agent import app_protocol
+from enclave_agent.app_protocol import (
+    AppProtocolError,
+    AppResponse,
+    AttestationCall,
+    HealthCall,
+    KmsCall,
+    SecretCall,
+)
+from enclave_agent.config import AccessConfig, Limits
+from enclave_agent.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
+from enclave_common.address import describe_peer
+from enclave_common.logs import get_logger
+
+MAX_HEADER_BYTES = 16 * 1024
+_RECEIVE_SIZE = 64 * 1024
+
+log = get_logger()
+
+
+class Gateway(Protocol):
+    """What the server needs from ``kms.KmsGateway``."""
+
+    async def call(self, operation: str, request: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+class SecretLookup(Protocol):
+    def get(self, name: str) -> bytes | None: ...
+
+
+Attester = Callable[[bytes | None, bytes | None, bytes | None], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class _Caller:
+    name: str
+    cred: PeerCred | None
+
+
+class _ReadError(Exception):
+    """The request could not be read; answer ``response`` (if any) and close."""
+
+    def __init__(self, response: AppResponse | None, reason: str) -> None:
+        super().__init__(reason)
+        self.response = response
+        self.reason = reason
+
+
+def _kms_error_fields(exc: BaseException) -> tuple[str, str, int] | None:
+    """KmsError's (error_type, message, status), read by shape so that any gateway
+    error carrying KMS's vocabulary reaches the app unchanged."""
+    error_type = getattr(exc, "error_type", None)
+    message = getattr(exc, "message", None)
+    status = getattr(exc, "status", None)
+    if isinstance(error_type, str) and isinstance(message, str) and isinstance(status, int):
+        return error_type, message, status
+    return None
+
+
+class AppServer:
+    def __init__(
+        self,
+        *,
+        gateway: Gateway,
+        attest: Attester,
+        secrets: SecretLookup,
+        access: AccessConfig,
+        limits: Limits,
+    ) -> None:
+        self._gateway = gateway
+        self._attest = attest
+        self._secrets = secrets
+        self._access = access
+        self._limits = limits
+        self._slots = trio.CapacityLimiter(limits.max_connections)
+
+    async def serve(
+        self,
+        listener: trio.SocketListener,
+        *,
+        check_peer: bool,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async def handler(stream: trio.SocketStream) -> None:
+            await self.handle_connection(stream, check_peer=check_peer)
+
+        async with trio.open_nursery() as nursery:
+            # serve_listeners copes with EMFILE and friends by pausing accept.
+            await nursery.start(trio.serve_listeners, handler, [listener])
+            task_status.started()
+
+    async def handle_connection(self, stream: trio.SocketStream, *, check_peer: bool) -> None:
+        async with stream:
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                log.warning("connection_refused", reason="too many connections")
+                await _send_raw(
+                    stream,
+                    app_protocol.error_response(
+                        "ThrottlingException", "the agent is serving too many connections", 503
+                    ),
+                )
+                return
+            try:
+                await self._connection(stream, check_peer)
+            finally:
+                self._slots.release()
+
+    async def _connection(self, stream: trio.SocketStream, check_peer: bool) -> None:
+        cred: PeerCred | None = None
+        allowed = True
+        if check_peer:
+            try:
+                cred = peer_credentials(stream.socket)
+            except PeerCredError:
+                cred = None
+            allowed = cred is not None and is_allowed(cred, self._access)
+        caller = _Caller(f"uid={cred.uid},pid={cred.pid}" if cred else describe_peer(stream), cred)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        first = True
+        while True:
+            try:
+                read = await self._read_request(conn, stream, first)
+            except _ReadError as exc:
+                log.info("request_rejected", caller=caller.name, reason=exc.reason)
+                if exc.response is not None:
+                    await self._send(conn, stream, exc.response, close=True)
+                    await _drain_and_close(stream)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if read is None:
+                return
+            first = False
+            request, body = read
+            started = time.monotonic()
+            method = request.method.decode("ascii", "replace")
+            path = request.target.decode("ascii", "replace").split("?", 1)[0]
+            operation: str | None = None
+            if not allowed:
+                log.warning(
+                    "caller_refused",
+                    uid=cred.uid if cred else None,
+                    gid=cred.gid if cred else None,
+                    pid=cred.pid if cred else None,
+                    path=path,
+                )
+                response = app_protocol.error_response(
+                    "AccessDeniedException",
+                    "this process is not allowed to use the enclave agent",
+                    403,
+                )
+            else:
+                headers = {
+                    name.decode("ascii").lower(): value.decode("latin-1")
+                    for name, value in request.headers
+                }
+                response, operation = await self._respond(method, path, request, headers, body)
+            error_type = None
+            if response.status >= 400:
+                error_type = _error_type(response)
+            log.info(
+                "request",
+                caller=caller.name,
+                method=method,
+                path=path,
+                operation=operation,
+                status=response.status,
+                error_type=error_type,
+                duration_ms=round((time.monotonic() - started) * 1000, 2),
+            )
+            try:
+                await self._send(conn, stream, response, close=not allowed)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not allowed:
+                await _drain_and_close(stream)
+                return
+            if conn.our_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _respond(
+        self,
+        method: str,
+        path: str,
+        request: h11.Request,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> tuple[AppResponse, str | None]:
+        operation: str | None = None
+        try:
+            route = app_protocol.route_request(
+                method, request.target.decode("ascii", "replace"), headers, body
+            )
+            if isinstance(route, KmsCall):
+                operation = route.operation
+                answer = await self._gateway.call(route.operation, route.request)
+                return app_protocol.kms_response(answer), operation
+            if isinstance(route, SecretCall):
+                value = self._secrets.get(route.name)
+                if value is None:
+                    raise AppProtocolError(
+                        "NotFoundException", f"no secret named {route.name!r} is configured", 404
+                    )
+                return app_protocol.bytes_response(value), operation
+            if isinstance(route, AttestationCall):
+                document = await self._attest(route.nonce, route.user_data, route.public_key)
+                return app_protocol.bytes_response(document), operation
+            assert isinstance(route, HealthCall)
+            return app_protocol.json_response({"status": "ok"}), operation
+        except AppProtocolError as exc:
+            return app_protocol.error_response(exc.error_type, exc.message, exc.status), operation
+        except Exception as exc:  # noqa: BLE001 - one failed request must not end the connection
+            fields = _kms_error_fields(exc)
+            if fields is not None:
+                return app_protocol.error_response(*fields), operation
+            # An agent bug or an NSM failure: the type only, never the details, which
+            # could quote request data.
+            log.error("request_failed", path=path, operation=operation, error=type(exc).__name__)
+            return (
+                app_protocol.error_response(
+                    "KMSInternalException", f"the agent failed: {type(exc).__name__}", 500
+                ),
+                operation,
+            )
+
+    async def _read_request(
+        self, conn: h11.Connection, stream: trio.SocketStream, first: bool
+    ) -> tuple[h11.Request, bytes] | None:
+        limits = self._limits
+        idle_deadline = trio.current_time() + (
+            limits.header_timeout if first else limits.idle_timeout
+        )
+        request_deadline: float | None = None
+        request: h11.Request | None = None
+        body = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _malformed(exc.error_status_hint, str(exc)) from exc
+            if event is h11.NEED_DATA:
+                if request_deadline is None and conn.their_state is not h11.IDLE:
+                    request_deadline = trio.current_time() + limits.header_timeout
+                deadline = request_deadline if request_deadline is not None else idle_deadline
+                with trio.move_on_at(deadline):
+                    data = await stream.receive_some(_RECEIVE_SIZE)
+                    if data and request_deadline is None:
+                        request_deadline = trio.current_time() + limits.header_timeout
+                    conn.receive_data(data)
+                    continue
+                if request_deadline is None:
+                    raise _ReadError(None, "idle timeout")
+                raise _ReadError(
+                    app_protocol.error_response(
+                        "RequestTimeoutException", "the request did not arrive in time", 408
+                    ),
+                    "request timeout",
+                )
+            if isinstance(event, h11.Request):
+                request = event
+                if _head_size(event) > MAX_HEADER_BYTES:
+                    raise _malformed(431, "the request head is too large")
+                length = _content_length(event)
+                if length is not None and length > limits.max_body_bytes:
+                    raise _ReadError(_too_large(limits.max_body_bytes), "body too large")
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limits.max_body_bytes:
+                    raise _ReadError(_too_large(limits.max_body_bytes), "body too large")
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+            elif event is h11.PAUSED:
+                # A client that sent a request after a Connection: close; nothing more to read.
+                return None
+
+    async def _send(
+        self, conn: h11.Connection, stream: trio.SocketStream, response: AppResponse, *, close: bool
+    ) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            ("x-amzn-RequestId", str(uuid.uuid4())),
+        ]
+        if close:
+            headers.append(("Connection", "close"))
+        try:
+            data = conn.send(h11.Response(status_code=response.status, headers=headers))
+            data = (data or b"") + (conn.send(h11.Data(data=response.body)) or b"")
+            data += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            return
+        await stream.send_all(data)
+
+
+def _malformed(status: int, reason: str) -> _ReadError:
+    error_type = "RequestHeaderFieldsTooLarge" if status == 431 else "BadRequestException"
+    return _ReadError(
+        app_protocol.error_response(error_type, f"malformed HTTP request: {reason}", status),
+        "malformed",
+    )
+
+
+def _head_size(request: h11.Request) -> int:
+    # h11 bounds a head that trickles in (max_incomplete_event_size) but parses a
+    # complete one of any size when it arrives at once; this bounds that case too.
+    return len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
+
+
+async def _drain_and_close(stream: trio.SocketStream) -> None:
+    """Close after an error answer without a TCP/Unix reset eating that answer:
+    closing with unread input makes the kernel send RST, and the client may then
+    lose the response it has not read yet. So: end our side, then read (briefly,
+    boundedly) whatever the client still sends."""
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_eof()
+            for _ in range(64):
+                if not await stream.receive_some(_RECEIVE_SIZE):
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _content_length(request: h11.Request) -> int | None:
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
+def _too_large(limit: int) -> AppResponse:
+    return app_protocol.error_response(
+        "RequestEntityTooLargeException", f"the body is larger than {limit} bytes", 413
+    )
+
+
+def _error_type(response: AppResponse) -> str | None:
+    try:
+        value = json.loads(response.body)
+    except ValueError:
+        return None
+    error_type = value.get("__type") if isinstance(value, dict) else None
+    return error_type if isinstance(error_type, str) else None
+
+
+async def _send_raw(stream: trio.SocketStream, response: AppResponse) -> None:
+    """Answer without reading the request (the connection is refused outright)."""
+    head = (
+        f"HTTP/1.1 {response.status} Error\r\nContent-Type: {response.content_type}\r\n"
+        f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    try:
+        await stream.send_all(head + response.body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    await _drain_and_close(stream)

@@ -1,0 +1,149 @@
+import base64
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from enclave_agent.config import (
+    DEFAULT_SOCKET,
+    ConfigError,
+    load_config,
+    parse_config,
+)
+from enclave_common.address import TcpAddress, VsockAddress
+
+BLOB = base64.b64encode(b"\x01\x02ciphertext").decode()
+
+
+def test_minimal_config_has_safe_defaults() -> None:
+    config = parse_config('region = "us-east-1"')
+    assert config.region == "us-east-1"
+    assert config.proxy == VsockAddress(3, 8000)
+    assert config.nsm == "/dev/nsm"
+    assert config.listen.socket == DEFAULT_SOCKET
+    assert config.listen.socket_mode == 0o660
+    assert config.listen.tcp is None
+    assert config.kms_endpoint is None
+    assert not config.secrets
+
+
+def test_full_config(tmp_path: Path) -> None:
+    (tmp_path / "blob.bin").write_bytes(b"\x00raw")
+    text = f"""
+region = "eu-west-2"
+proxy = "tcp:127.0.0.1:8000"
+kms_endpoint = "https://127.0.0.1:4443/"
+ca_bundle = "ca.pem"
+nsm = "simulated"
+log_level = "debug"
+
+[simulated_nsm]
+ca_dir = "ca"
+pcrs = {{ 0 = "{"ab" * 48}" }}
+
+[listen]
+socket = "agent.sock"
+socket_mode = "0600"
+tcp = "tcp:127.0.0.1:9000"
+
+[access]
+allowed_uids = [0, 1000]
+allowed_gids = [50]
+
+[limits]
+max_body_bytes = 1024
+header_timeout = 2
+
+[secrets.db]
+ciphertext = "{BLOB}"
+key_id = "alias/app"
+encryption_context = {{ app = "billing" }}
+file = "/run/secrets/db"
+
+[secrets.api-key]
+ciphertext_file = "blob.bin"
+"""
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.proxy == TcpAddress("127.0.0.1", 8000)
+    assert config.kms_endpoint == "https://127.0.0.1:4443"
+    assert config.ca_bundle == str(tmp_path / "ca.pem")
+    assert config.simulated_nsm.ca_dir == tmp_path / "ca"
+    assert config.simulated_nsm.pcrs == {0: b"\xab" * 48}
+    assert config.listen.socket == str(tmp_path / "agent.sock")
+    assert config.listen.socket_mode == 0o600
+    assert config.listen.tcp == TcpAddress("127.0.0.1", 9000)
+    assert config.access.allowed_uids == {0, 1000}
+    assert config.access.allowed_gids == {50}
+    assert config.limits.max_body_bytes == 1024
+    assert config.limits.header_timeout == 2.0
+    assert config.secrets["db"].ciphertext == b"\x01\x02ciphertext"
+    assert config.secrets["db"].encryption_context == {"app": "billing"}
+    assert config.secrets["db"].file == Path("/run/secrets/db")
+    assert config.secrets["api-key"].ciphertext == b"\x00raw"
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ('region = "us-east-1"\nregoin = "x"', ["regoin"]),
+        ('region = "us-east-1"\n[access]\nalowed_uids = [1]\nextra = 2', ["alowed_uids", "extra"]),
+        ('region = "us-east-1"\n[limits]\nmax_body = 3', ["max_body"]),
+        (f'region = "us-east-1"\n[secrets.a]\nciphertext = "{BLOB}"\nkeyid = "k"', ["keyid"]),
+    ],
+)
+def test_unknown_keys_are_named(text: str, names: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    for name in names:
+        assert name in str(info.value)
+    assert "unknown key" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "region = 3",
+        'region = "nowhere"',
+        'region = "us-east-1"\nproxy = "http://x"',
+        'region = "us-east-1"\nkms_endpoint = "http://kms"',
+        'region = "us-east-1"\nnsm = "fake"',
+        'region = "us-east-1"\n[simulated_nsm]\nca_dir = "x"',
+        'region = "us-east-1"\nnsm = "simulated"\n[simulated_nsm]\npcrs = { 0 = "ab" }',
+        'region = "us-east-1"\nnsm = "simulated"\n[simulated_nsm]\npcrs = { 16 = "'
+        + "00" * 48
+        + '"}',
+        'region = "us-east-1"\n[listen]\nsocket_mode = "0666"',
+        'region = "us-east-1"\n[listen]\nsocket_mode = "rw"',
+        'region = "us-east-1"\n[listen]\ntcp = "tcp:0.0.0.0:9000"',
+        'region = "us-east-1"\n[listen]\ntcp = "unix:/x"',
+        'region = "us-east-1"\n[access]\nallowed_uids = ["root"]',
+        'region = "us-east-1"\n[limits]\nmax_body_bytes = 0',
+        'region = "us-east-1"\n[limits]\nmax_body_bytes = true',
+        'region = "us-east-1"\n[secrets.a]\nkey_id = "k"',
+        'region = "us-east-1"\n[secrets.a]\nciphertext = "!!!"',
+        f'region = "us-east-1"\n[secrets."../x"]\nciphertext = "{BLOB}"',
+        f'region = "us-east-1"\n[secrets.a]\nciphertext = "{BLOB}"\nciphertext_file = "f"',
+        'region = "us-east-1"\n[secrets.a]\nciphertext_file = "/does/not/exist"',
+        "region = [",
+    ],
+)
+def test_bad_configs_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_config(text)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+@given(st.text(max_size=300))
+def test_arbitrary_text_gives_config_or_config_error(text: str) -> None:
+    try:
+        parse_config(text)
+    except ConfigError:
+        pass

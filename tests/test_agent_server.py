@@ -1,0 +1,341 @@
+"""The app server on real sockets, with a stand-in gateway (the real chain is in test_e2e)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+
+from enclave_agent.config import AccessConfig, Limits
+from enclave_agent.server import AppServer
+from enclave_common.address import TcpAddress, UnixAddress, listener_address, open_listener
+from enclave_common.logs import configure_logging
+
+
+class FakeKmsError(Exception):
+    def __init__(self, error_type: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class FakeGateway:
+    """Same ``call`` signature as kms.KmsGateway."""
+
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    hold: trio.Event | None = None
+    in_flight: int = 0
+    peak: int = 0
+
+    async def call(self, operation: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        self.calls.append((operation, dict(request)))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            if request.get("CiphertextBlob") == "ZGVuaWVk":
+                raise FakeKmsError("AccessDeniedException", "PCR0 does not match", 400)
+            return {"Plaintext": base64.b64encode(b"plain").decode(), "KeyId": "k"}
+        finally:
+            self.in_flight -= 1
+
+
+class Secrets:
+    def get(self, name: str) -> bytes | None:
+        return b"s3cr3t" if name == "db" else None
+
+
+async def fake_attest(nonce: bytes | None, user_data: bytes | None, pk: bytes | None) -> bytes:
+    return b"DOC:" + (nonce or b"")
+
+
+@dataclass
+class Running:
+    socket: str
+    tcp_port: int
+    gateway: FakeGateway
+    logs: io.StringIO
+
+
+async def start(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    access: AccessConfig | None = None,
+    limits: Limits | None = None,
+) -> Running:
+    logs = io.StringIO()
+    configure_logging("info", stream=logs, process="test-agent")
+    gateway = FakeGateway()
+    server = AppServer(
+        gateway=gateway,
+        attest=fake_attest,
+        secrets=Secrets(),
+        access=access or AccessConfig(),
+        limits=limits or Limits(),
+    )
+    path = str(tmp_path / "agent.sock")
+    unix = await open_listener(UnixAddress(path), unix_mode=0o660)
+    tcp_requested = TcpAddress("127.0.0.1", 0)
+    tcp = await open_listener(tcp_requested)
+    port = listener_address(tcp, tcp_requested)
+    assert isinstance(port, TcpAddress)
+    await nursery.start(
+        lambda task_status: server.serve(unix, check_peer=True, task_status=task_status)
+    )
+    await nursery.start(
+        lambda task_status: server.serve(tcp, check_peer=False, task_status=task_status)
+    )
+    return Running(path, port.port, gateway, logs)
+
+
+@pytest.fixture
+async def running(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Running]:
+    yield await start(nursery, tmp_path)
+
+
+async def send_and_read(
+    stream: trio.abc.Stream, raw: bytes
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send raw bytes, read responses until the server closes."""
+    await stream.send_all(raw)
+    client = h11.Connection(h11.CLIENT)
+    # h11 needs to know requests were sent to parse responses; feed it a matching count.
+    responses = []
+    data = b""
+    with trio.fail_after(10):
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+    del client
+    while data:
+        parser = h11.Connection(h11.CLIENT)
+        parser.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        parser.send(h11.EndOfMessage())
+        parser.receive_data(data)
+        status, headers, body = 0, {}, b""
+        while True:
+            event = parser.next_event()
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        responses.append((status, headers, body))
+        data = parser.trailing_data[0]
+    return responses
+
+
+def request(
+    method: str,
+    target: str,
+    body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+    close: bool = True,
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: agent", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def kms(operation: str, body: dict[str, Any], close: bool = True) -> bytes:
+    headers = {
+        "X-Amz-Target": f"TrentService.{operation}",
+        "Content-Type": "application/x-amz-json-1.1",
+    }
+    return request("POST", "/", json.dumps(body).encode(), headers, close)
+
+
+async def unix_exchange(path: str, raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        return await send_and_read(stream, raw)
+
+
+async def test_health_secret_attestation_and_kms(running: Running) -> None:
+    [(status, _, body)] = await unix_exchange(running.socket, request("GET", "/healthz"))
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+    [(status, _, body)] = await unix_exchange(running.socket, request("GET", "/v1/secrets/db"))
+    assert (status, body) == (200, b"s3cr3t")
+    [(status, _, body)] = await unix_exchange(running.socket, request("GET", "/v1/secrets/other"))
+    assert status == 404 and json.loads(body)["__type"] == "NotFoundException"
+    nonce = json.dumps({"nonce": base64.b64encode(b"n1").decode()}).encode()
+    [(status, headers, body)] = await unix_exchange(
+        running.socket, request("POST", "/v1/attestation", nonce)
+    )
+    assert (status, body, headers["content-type"]) == (200, b"DOC:n1", "application/octet-stream")
+    [(status, headers, body)] = await unix_exchange(
+        running.socket, kms("Decrypt", {"CiphertextBlob": "AAAA"})
+    )
+    assert status == 200
+    assert headers["content-type"] == "application/x-amz-json-1.1"
+    assert json.loads(body)["Plaintext"] == base64.b64encode(b"plain").decode()
+    assert running.gateway.calls == [("Decrypt", {"CiphertextBlob": "AAAA"})]
+
+
+async def test_kms_error_keeps_its_type_and_the_log_holds_no_secret(running: Running) -> None:
+    [(status, _, body)] = await unix_exchange(
+        running.socket, kms("Decrypt", {"CiphertextBlob": "ZGVuaWVk"})
+    )
+    assert status == 400
+    assert json.loads(body) == {"__type": "AccessDeniedException", "message": "PCR0 does not match"}
+    await unix_exchange(running.socket, request("GET", "/v1/secrets/db"))
+    logs = running.logs.getvalue()
+    assert '"event": "request"' in logs
+    assert "s3cr3t" not in logs and "cGxhaW4" not in logs and "plain" not in logs
+
+
+async def test_keep_alive_serves_several_requests(running: Running) -> None:
+    raw = kms("Decrypt", {"CiphertextBlob": "AAAA"}, close=False) + request("GET", "/healthz")
+    responses = await unix_exchange(running.socket, raw)
+    assert [status for status, _, _ in responses] == [200, 200]
+
+
+async def test_requests_are_served_concurrently(running: Running) -> None:
+    running.gateway.hold = trio.Event()
+    results: list[int] = []
+
+    async def one() -> None:
+        [(status, _, _)] = await unix_exchange(
+            running.socket, kms("Decrypt", {"CiphertextBlob": "AAAA"})
+        )
+        results.append(status)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(one)
+        with trio.fail_after(10):
+            while running.gateway.in_flight < 8:
+                await trio.sleep(0.01)
+        running.gateway.hold.set()
+    assert results == [200] * 8
+    assert running.gateway.peak == 8
+
+
+async def test_caller_not_allowed_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    other = os.getuid() + 4242
+    running = await start(nursery, tmp_path, access=AccessConfig(allowed_uids=frozenset({other})))
+    [(status, _, body)] = await unix_exchange(
+        running.socket, kms("Decrypt", {"CiphertextBlob": "AAAA"})
+    )
+    assert status == 403
+    assert json.loads(body)["__type"] == "AccessDeniedException"
+    assert running.gateway.calls == []
+    events = [json.loads(line) for line in running.logs.getvalue().splitlines()]
+    refused = [e for e in events if e["event"] == "caller_refused"]
+    assert refused and refused[0]["uid"] == os.getuid() and refused[0]["pid"] == os.getpid()
+    # The TCP listener has no caller check (loopback only, opt-in).
+    stream = await trio.open_tcp_stream("127.0.0.1", running.tcp_port)
+    async with stream:
+        [(status, _, _)] = await send_and_read(stream, request("GET", "/healthz"))
+    assert status == 200
+
+
+async def test_body_limit(nursery: trio.Nursery, tmp_path: Path) -> None:
+    running = await start(nursery, tmp_path, limits=Limits(max_body_bytes=100))
+    [(status, _, body)] = await unix_exchange(
+        running.socket, kms("Decrypt", {"CiphertextBlob": "A" * 200})
+    )
+    assert status == 413
+    assert json.loads(body)["__type"] == "RequestEntityTooLargeException"
+    chunked = (
+        b"POST / HTTP/1.1\r\nHost: a\r\nX-Amz-Target: TrentService.Decrypt\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"40\r\n"
+        + b"x" * 64
+        + b"\r\n"
+        + b"40\r\n"
+        + b"x" * 64
+        + b"\r\n0\r\n\r\n"
+    )
+    [(status, _, _)] = await unix_exchange(running.socket, chunked)
+    assert status == 413
+    assert running.gateway.calls == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nNo-Host-Header: x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: nope\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 20000 + b"\r\n\r\n", 431),
+        (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX: " + b"y" * 20000, 431),
+    ],
+)
+async def test_malformed_requests_get_4xx(running: Running, raw: bytes, expected: int) -> None:
+    [(status, _, body)] = await unix_exchange(running.socket, raw)
+    assert status == expected
+    assert "__type" in json.loads(body)
+    # ... and the server keeps serving others.
+    [(status, _, _)] = await unix_exchange(running.socket, request("GET", "/healthz"))
+    assert status == 200
+
+
+async def test_slow_and_idle_clients_are_cut_off(nursery: trio.Nursery, tmp_path: Path) -> None:
+    running = await start(nursery, tmp_path, limits=Limits(header_timeout=0.3, idle_timeout=0.3))
+    # A trickling client: headers started but never finished → 408, then closed.
+    stream = await trio.open_unix_socket(running.socket)
+    async with stream:
+        [(status, _, _)] = await send_and_read(stream, b"GET /healthz HTTP/1.1\r\nHost:")
+    assert status == 408
+    # An idle client: nothing sent → closed without an answer.
+    stream = await trio.open_unix_socket(running.socket)
+    async with stream:
+        with trio.fail_after(10):
+            assert await stream.receive_some(100) == b""
+
+
+async def test_connection_limit(nursery: trio.Nursery, tmp_path: Path) -> None:
+    running = await start(nursery, tmp_path, limits=Limits(max_connections=1))
+    holder = await trio.open_unix_socket(running.socket)
+    async with holder:
+        await holder.send_all(request("GET", "/healthz", close=False))
+        assert b"200" in await holder.receive_some(1000)
+        [(status, _, body)] = await unix_exchange(running.socket, request("GET", "/healthz"))
+        assert status == 503
+        assert json.loads(body)["__type"] == "ThrottlingException"
+
+
+async def test_boto3_over_tcp_listener(running: Running) -> None:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    def use_boto3() -> tuple[bytes, str]:
+        client = boto3.client(
+            "kms",
+            region_name="us-east-1",
+            endpoint_url=f"http://127.0.0.1:{running.tcp_port}",
+            aws_access_key_id="unused",
+            aws_secret_access_key="unused",
+            config=Config(retries={"max_attempts": 1}),
+        )
+        answer = client.decrypt(CiphertextBlob=b"\x00\x00\x00")
+        try:
+            client.decrypt(CiphertextBlob=b"denied")
+        except ClientError as exc:
+            assert exc.response["Error"]["Code"] == "AccessDeniedException"
+            return answer["Plaintext"], exc.response["Error"]["Message"]
+        raise AssertionError("expected AccessDeniedException")
+
+    plaintext, message = await trio.to_thread.run_sync(use_boto3)
+    assert plaintext == b"plain"
+    assert message == "PCR0 does not match"
