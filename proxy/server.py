@@ -1,0 +1,122 @@
+"""The proxy assembled: accept loop, connection limit, peer check, drain and reload.
+
+``ProxyServer.run`` accepts connections until ``shutdown()``; then it closes the
+listener (no new clients), waits up to ``drain_timeout`` for open tunnels to finish
+on their own, and cancels whatever is left. ``reload(allowlist)`` swaps the allowlist
+for requests that arrive afterwards; open tunnels keep running untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import trio
+
+from enclave_common.address import describe_peer
+from enclave_common.logs import get_logger
+
+from .allowlist import Allowlist
+from .config import ProxyConfig
+from .credentials import CredentialSource
+from .http_front import ProxyContext, serve_connection
+from .upstream import Connector, Resolver, connect_tcp, system_resolver
+
+# Out of descriptors: refusing to accept for a moment beats spinning on the error.
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_BACKOFF = 0.1
+
+log = get_logger()
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        allowlist: Allowlist,
+        *,
+        region: str,
+        credentials: CredentialSource,
+        resolver: Resolver = system_resolver,
+        connector: Connector = connect_tcp,
+    ) -> None:
+        self.ctx = ProxyContext(
+            config=config,
+            allowlist=allowlist,
+            region=region,
+            credentials=credentials,
+            resolver=resolver,
+            connector=connector,
+        )
+        self._accept_scope = trio.CancelScope()
+        self._drained = trio.Event()
+
+    @property
+    def active_connections(self) -> int:
+        return self.ctx.active_connections
+
+    def reload(self, allowlist: Allowlist) -> None:
+        self.ctx.allowlist = allowlist
+
+    def shutdown(self) -> None:
+        """Stop accepting and start draining (idempotent, callable from any task)."""
+        self.ctx.shutting_down = True
+        self._accept_scope.cancel()
+
+    def _peer_allowed(self, stream: trio.SocketStream) -> bool:
+        cids = self.ctx.config.allowed_cids
+        vsock = getattr(socket, "AF_VSOCK", None)
+        if cids is None or vsock is None or stream.socket.family != vsock:
+            return True
+        try:
+            cid = int(stream.socket.getpeername()[0])
+        except OSError:
+            return False
+        return cid in cids
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.ctx.active_connections += 1
+        try:
+            if not self._peer_allowed(stream):
+                log.warning("peer_refused", peer=describe_peer(stream))
+                await trio.aclose_forcefully(stream)
+                return
+            await serve_connection(stream, self.ctx)
+        finally:
+            self.ctx.active_connections -= 1
+            if self.ctx.shutting_down and self.ctx.active_connections == 0:
+                self._drained.set()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in _ACCEPT_RETRY:
+                    raise
+                log.error("accept_failed", error=errno.errorcode.get(e.errno or 0, "?"))
+                await trio.sleep(_ACCEPT_BACKOFF)
+                continue
+            nursery.start_soon(self._handle, stream)
+
+    async def run(
+        self,
+        listener: trio.SocketListener,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as connections:
+            with self._accept_scope:
+                task_status.started()
+                await self._accept_loop(listener, connections)
+            await listener.aclose()
+            open_now = self.ctx.active_connections
+            log.info("draining", open_connections=open_now, grace_s=self.ctx.config.drain_timeout)
+            if open_now:
+                with trio.move_on_after(self.ctx.config.drain_timeout):
+                    await self._drained.wait()
+            left = self.ctx.active_connections
+            if left:
+                log.warning("drain_timeout", cancelled_connections=left)
+            connections.cancel_scope.cancel()
+        log.info("stopped")
