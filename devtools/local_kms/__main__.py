@@ -1,0 +1,150 @@
+"""``python -m devtools.local_kms --state-file FILE ...``: run the local KMS stand-in.
+
+Assembles the stand-in in one place: TLS material (trustme, fresh each start), the
+trusted attestation roots, the credentials, moto, the HTTPS server. Once listening it
+writes the state file (temp file + rename); SIGTERM or SIGINT stops it cleanly, and the
+state file and CA file are removed on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import ssl
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+import trustme
+
+from devtools.local_kms.backend import MotoKms
+from devtools.local_kms.credentials import CredentialStore
+from devtools.local_kms.faults import FaultInjector
+from devtools.local_kms.server import Admin, KmsHttpServer
+from devtools.local_kms.service import LocalKms
+from enclave_common.logs import LEVELS, configure_logging, get_logger
+
+SIMULATED_ROOT_FILE = "root.pem"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.local_kms",
+        description="Local AWS KMS stand-in that speaks Recipient (development only).",
+    )
+    parser.add_argument("--state-file", type=Path, required=True, help="JSON written when ready")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+    parser.add_argument("--region", default="us-east-1")
+    parser.add_argument(
+        "--simulated-nsm-ca",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="trust attestation documents of the simulated NSM whose CA is in DIR (DIR/root.pem)",
+    )
+    parser.add_argument(
+        "--trust-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="trust attestation documents under this root certificate (PEM)",
+    )
+    parser.add_argument("--log-level", default="info", choices=LEVELS)
+    return parser
+
+
+def _roots(args: argparse.Namespace) -> list[bytes]:
+    paths = [d / SIMULATED_ROOT_FILE for d in args.simulated_nsm_ca] + list(args.trust_root)
+    roots = []
+    for path in paths:
+        try:
+            roots.append(path.read_bytes())
+        except OSError as exc:
+            raise SystemExit(f"local-kms: cannot read trust root {path}: {exc.strerror}") from exc
+    return roots
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def ca_path_for(state_file: Path) -> Path:
+    return state_file.with_name(state_file.name + ".ca.pem")
+
+
+async def run(args: argparse.Namespace) -> int:
+    log = get_logger()
+    roots = _roots(args)
+    if not roots:
+        log.warning("no_trust_roots", detail="every call with a Recipient will be refused")
+    ca = trustme.CA()
+    certificate = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate.configure_cert(ssl_context)
+
+    credentials = CredentialStore()
+    kms = LocalKms(
+        region=args.region, roots=roots, credentials=credentials, moto=MotoKms(args.region)
+    )
+    admin = Admin(secrets.token_urlsafe(32), FaultInjector(), credentials)
+    server = KmsHttpServer(kms, admin, ssl_context)
+
+    listeners = await trio.open_tcp_listeners(args.port, host=args.host)
+    port = listeners[0].socket.getsockname()[1]
+    state_file: Path = args.state_file.resolve()
+    ca_file = ca_path_for(state_file)
+    _write_atomically(ca_file, ca.cert_pem.bytes().decode())
+    host_in_url = f"[{args.host}]" if ":" in args.host else args.host
+    state = {
+        "endpoint": f"https://{host_in_url}:{port}",
+        "host": args.host,
+        "port": port,
+        "ca_bundle": str(ca_file),
+        "region": args.region,
+        "account_id": kms.moto.account_id,
+        "aws_access_key_id": credentials.long_term.access_key_id,
+        "aws_secret_access_key": credentials.long_term.secret_access_key,
+        "admin_token": admin.token,
+        "trust_roots": len(roots),
+        "pid": os.getpid(),
+    }
+    # Signals are caught before the state file announces readiness, so a SIGTERM sent as
+    # soon as it appears still stops the stand-in cleanly.
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.serve, listeners)
+                _write_atomically(state_file, json.dumps(state, indent=2) + "\n")
+                log.info("listening", endpoint=state["endpoint"], state_file=str(state_file))
+                async for signum in signals:
+                    log.info("stopping", signal=signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()
+    finally:
+        for path in (state_file, ca_file):
+            path.unlink(missing_ok=True)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, process="local-kms")
+    return trio.run(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Talk to a running stand-in's admin routes, given its state file (stdlib only).
+
+    python -m devtools.local_kms.admin_client --state-file F faults internal --count 2
+    python -m devtools.local_kms.admin_client --state-file F faults delay --count 1 --delay 3
+    python -m devtools.local_kms.admin_client --state-file F faults internal --count 0  # clear
+
+From Python (tests): ``set_faults(state_file, "throttle", count=3)``,
+``mint_credentials(state_file, ttl=60)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import ssl
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from devtools.local_kms.faults import KINDS
+
+ADMIN_TOKEN_HEADER = "X-Local-Kms-Admin-Token"
+TIMEOUT = 10.0
+
+
+class AdminError(Exception):
+    """The state file is unreadable or the stand-in refused or did not answer."""
+
+
+def load_state(state_file: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(Path(state_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise AdminError(f"cannot read state file {state_file}: {exc}") from exc
+    if not isinstance(state, dict) or "admin_token" not in state:
+        raise AdminError(f"{state_file} is not a local KMS state file")
+    return state
+
+
+def _post(state_file: Path, path: str, document: dict[str, Any]) -> dict[str, Any]:
+    state = load_state(state_file)
+    context = ssl.create_default_context(cafile=state["ca_bundle"])
+    connection = http.client.HTTPSConnection(
+        state["host"], state["port"], context=context, timeout=TIMEOUT
+    )
+    try:
+        connection.request(
+            "POST",
+            f"/_local_kms/{path}",
+            body=json.dumps(document),
+            headers={ADMIN_TOKEN_HEADER: state["admin_token"], "Content-Type": "application/json"},
+        )
+        response = connection.getresponse()
+        raw = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise AdminError(f"local KMS at {state.get('endpoint')} did not answer: {exc}") from exc
+    finally:
+        connection.close()
+    try:
+        answer = json.loads(raw)
+    except ValueError as exc:
+        raise AdminError(f"local KMS answered {response.status} with non-JSON") from exc
+    if response.status != 200:
+        raise AdminError(f"local KMS refused ({response.status}): {answer.get('error')}")
+    if not isinstance(answer, dict):
+        raise AdminError("local KMS answered with a non-object")
+    return answer
+
+
+def set_faults(state_file: Path, kind: str, *, count: int = 1, delay: float = 0.0) -> int:
+    """Make the next ``count`` KMS calls fail or stall; returns the number pending."""
+    document: dict[str, Any] = {"kind": kind, "count": count}
+    if delay:
+        document["delay"] = delay
+    return int(_post(state_file, "faults", document)["pending"])
+
+
+def mint_credentials(state_file: Path, ttl: float) -> str:
+    """botocore credential_process JSON for fresh credentials living ``ttl`` seconds."""
+    return json.dumps(_post(state_file, "credentials", {"ttl": ttl}))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools.local_kms.admin_client")
+    parser.add_argument("--state-file", type=Path, required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    faults = commands.add_parser("faults", help="make the next KMS calls fail or stall")
+    faults.add_argument("kind", choices=KINDS)
+    faults.add_argument("--count", type=int, default=1)
+    faults.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    try:
+        pending = set_faults(args.state_file, args.kind, count=args.count, delay=args.delay)
+    except AdminError as exc:
+        print(f"local-kms admin: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"pending": pending}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
