@@ -33,3 +33,40 @@ def test_repr_shows_no_key_material() -> None:
     assert key.key_identifier.hex() in text
     assert "PRIVATE" not in text
     assert key.public_key_der.hex() not in text
+
+
+def test_no_plaintext_or_key_reaches_the_logs() -> None:
+    """Drive the whole crypto core with marker values; none may appear in the log stream."""
+    import io
+
+    from test_cms_shapes import build  # tests/ is on sys.path (rootdir-relative imports)
+
+    from enclave_agent.attestation import verify_attestation
+    from enclave_agent.cms import CmsError
+    from enclave_agent.nsm_sim import SimulatedNsm
+    from enclave_common.logs import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream, process="test")
+    try:
+        marker = b"PLAINTEXT-MARKER-7f3a"
+        key = RecipientKey.generate()
+        nsm = SimulatedNsm.create()
+        document = nsm.attestation(user_data=b"USERDATA-MARKER-19c2", public_key=key.public_key_der)
+        verify_attestation(document, root=nsm.root_pem)
+        assert key.open(build(key, marker)) == marker
+        try:
+            key.open(build(key, marker.ljust(32, b"!"), pad=False))
+        except CmsError as exc:
+            assert marker.decode() not in str(exc)
+    finally:
+        configure_logging("info", process="test")
+    logged = stream.getvalue()
+    assert "NOT a real" in logged  # the stream did receive the simulated NSM's warning
+    private_pem = key._private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    for secret in ("PLAINTEXT-MARKER-7f3a", "USERDATA-MARKER-19c2", private_pem.splitlines()[1]):
+        assert secret not in logged

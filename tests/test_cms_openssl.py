@@ -1,0 +1,131 @@
+"""The OpenSSL CLI as an independent producer of envelopes for our key."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from enclave_agent.cms import CmsError, WrongRecipientError
+from enclave_agent.recipient import RecipientKey
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not found")
+
+
+@pytest.fixture(scope="module")
+def recipient() -> RecipientKey:
+    return RecipientKey.generate()
+
+
+def _certificate(key: RecipientKey, directory: Path) -> Path:
+    """A throwaway self-signed certificate whose SKI is SHA-256 of the SPKI, as KMS uses."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "recipient")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key._private_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectKeyIdentifier(key.key_identifier), critical=False)
+        .sign(key._private_key, hashes.SHA256())
+    )
+    path = directory / "recipient.pem"
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _openssl_encrypt(certificate: Path, plaintext: bytes, tmp_path: Path, *, stream: bool) -> bytes:
+    source = tmp_path / "plaintext.bin"
+    source.write_bytes(plaintext)
+    command = [
+        "openssl", "cms", "-encrypt", "-binary", "-aes-256-cbc", "-keyid",
+        "-recip", str(certificate),
+        "-keyopt", "rsa_padding_mode:oaep",
+        "-keyopt", "rsa_oaep_md:sha256",
+        "-keyopt", "rsa_mgf1_md:sha256",
+        "-outform", "DER", "-in", str(source),
+    ]  # fmt: skip
+    if stream:
+        command.insert(3, "-stream")
+    result = subprocess.run(command, capture_output=True, timeout=60, check=True)
+    return result.stdout
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["definite", "streamed"])
+@pytest.mark.parametrize("size", [1, 15, 16, 32, 5000, 12345])
+def test_openssl_envelopes_decrypt_to_the_input(
+    recipient: RecipientKey, tmp_path: Path, stream: bool, size: int
+) -> None:
+    plaintext = os.urandom(size)
+    envelope = _openssl_encrypt(
+        _certificate(recipient, tmp_path), plaintext, tmp_path, stream=stream
+    )
+    if stream:
+        assert envelope[1] == 0x80  # indefinite length, the shape KMS sends
+    # The identifier OpenSSL copied from the certificate is the one KMS would use.
+    assert hashlib.sha256(recipient.public_key_der).digest() in envelope
+    assert recipient.open(envelope) == plaintext
+    assert recipient.open(envelope + bytes(7)) == plaintext  # KMS-style zero padding
+
+
+def test_openssl_envelope_for_another_key_is_refused(
+    recipient: RecipientKey, tmp_path: Path
+) -> None:
+    other = RecipientKey.generate()
+    envelope = _openssl_encrypt(_certificate(other, tmp_path), b"secret", tmp_path, stream=True)
+    with pytest.raises(WrongRecipientError):
+        recipient.open(envelope)
+
+
+def test_openssl_envelope_with_pkcs1_padding_is_refused(
+    recipient: RecipientKey, tmp_path: Path
+) -> None:
+    source = tmp_path / "plaintext.bin"
+    source.write_bytes(b"secret")
+    envelope = subprocess.run(
+        ["openssl", "cms", "-encrypt", "-binary", "-aes-256-cbc", "-keyid",
+         "-recip", str(_certificate(recipient, tmp_path)), "-outform", "DER", "-in", str(source)],
+        capture_output=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    with pytest.raises(CmsError, match="RSAES-OAEP"):
+        recipient.open(envelope)
+
+
+def test_openssl_envelope_with_aes128_is_refused(recipient: RecipientKey, tmp_path: Path) -> None:
+    source = tmp_path / "plaintext.bin"
+    source.write_bytes(b"secret")
+    envelope = subprocess.run(
+        ["openssl", "cms", "-encrypt", "-binary", "-aes-128-cbc", "-keyid",
+         "-recip", str(_certificate(recipient, tmp_path)),
+         "-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256",
+         "-keyopt", "rsa_mgf1_md:sha256", "-outform", "DER", "-in", str(source)],
+        capture_output=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    with pytest.raises(CmsError, match="AES-256-CBC"):
+        recipient.open(envelope)
+
+
+def test_openssl_envelope_with_sha1_oaep_is_refused(
+    recipient: RecipientKey, tmp_path: Path
+) -> None:
+    source = tmp_path / "plaintext.bin"
+    source.write_bytes(b"secret")
+    envelope = subprocess.run(
+        ["openssl", "cms", "-encrypt", "-binary", "-aes-256-cbc", "-keyid",
+         "-recip", str(_certificate(recipient, tmp_path)),
+         "-keyopt", "rsa_padding_mode:oaep", "-outform", "DER", "-in", str(source)],
+        capture_output=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    with pytest.raises(CmsError, match="sha1"):
+        recipient.open(envelope)

@@ -1,0 +1,152 @@
+"""Envelopes built here field by field: each deviation from KMS's shape is refused."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from asn1crypto import algos, cms, core
+from cryptography.hazmat.primitives import hashes, padding
+from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from enclave_agent.cms import CmsError, WrongRecipientError, decrypt_for_recipient
+from enclave_agent.recipient import RecipientKey
+
+
+@pytest.fixture(scope="module")
+def recipient() -> RecipientKey:
+    return RecipientKey.generate()
+
+
+def _oaep_params(hash_name: str = "sha256", label: bytes = b"") -> dict[str, Any]:
+    return {
+        "hash_algorithm": {"algorithm": hash_name},
+        "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": hash_name}},
+        "p_source_algorithm": {"algorithm": "p_specified", "parameters": label},
+    }
+
+
+def build(
+    recipient: RecipientKey,
+    plaintext: bytes = b"the secret",
+    *,
+    version: str = "v2",
+    ktri_version: str = "v2",
+    key_identifier: bytes | None = None,
+    oaep_hash: str = "sha256",
+    label: bytes = b"",
+    content_algorithm: str = "aes256_cbc",
+    iv: bytes | None = None,
+    content_key: bytes | None = None,
+    recipients: int = 1,
+    pad: bool = True,
+    content_type: str = "enveloped_data",
+) -> bytes:
+    content_key = content_key if content_key is not None else os.urandom(32)
+    iv = iv if iv is not None else os.urandom(16)
+    wrapped = recipient._private_key.public_key().encrypt(
+        content_key,
+        OAEP(mgf=MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=label or None),
+    )
+    if pad:
+        padder = padding.PKCS7(128).padder()
+        plaintext = padder.update(plaintext) + padder.finalize()
+    encryptor = Cipher(
+        algorithms.AES(content_key[:32]), modes.CBC((iv + bytes(16))[:16])
+    ).encryptor()
+    encrypted = encryptor.update(plaintext) + encryptor.finalize()
+    ktri = cms.KeyTransRecipientInfo(
+        {
+            "version": ktri_version,
+            "rid": cms.RecipientIdentifier(
+                name="subject_key_identifier",
+                value=key_identifier if key_identifier is not None else recipient.key_identifier,
+            ),
+            "key_encryption_algorithm": {
+                "algorithm": "rsaes_oaep",
+                "parameters": _oaep_params(oaep_hash, label),
+            },
+            "encrypted_key": wrapped,
+        }
+    )
+    enveloped = cms.EnvelopedData(
+        {
+            "version": version,
+            "recipient_infos": [cms.RecipientInfo(name="ktri", value=ktri)] * recipients,
+            "encrypted_content_info": {
+                "content_type": "data",
+                "content_encryption_algorithm": algos.EncryptionAlgorithm(
+                    {"algorithm": content_algorithm, "parameters": core.OctetString(iv)}
+                ),
+                "encrypted_content": encrypted,
+            },
+        }
+    )
+    return cms.ContentInfo({"content_type": content_type, "content": enveloped}).dump()
+
+
+def test_builder_baseline_opens(recipient: RecipientKey) -> None:
+    assert recipient.open(build(recipient)) == b"the secret"
+    assert recipient.open(build(recipient, b"")) == b""
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"version": "v0"}, "version"),
+        ({"ktri_version": "v0"}, "KeyTransRecipientInfo version"),
+        ({"recipients": 2}, "exactly one"),
+        ({"key_identifier": b"\x01" * 20}, "20 bytes, expected 32"),
+        ({"oaep_hash": "sha1"}, "sha1"),
+        ({"label": b"label"}, "label"),
+        ({"content_algorithm": "aes128_cbc"}, "AES-256-CBC"),
+        ({"iv": b"\x00" * 8}, "16-byte IV"),
+        ({"content_key": os.urandom(16)}, "16 bytes"),
+        ({"pad": False, "plaintext": b"x" * 32}, "padding"),
+    ],
+)
+def test_deviations_are_refused(
+    recipient: RecipientKey, changes: dict[str, Any], reason: str
+) -> None:
+    arguments = {k: v for k, v in changes.items() if k != "plaintext"}
+    plaintext = changes.get("plaintext", b"the secret")
+    if "content_key" in changes:
+        envelope = _build_with_short_key(recipient, changes["content_key"])
+    else:
+        envelope = build(recipient, plaintext, **arguments)
+    with pytest.raises(CmsError, match=reason) as caught:
+        recipient.open(envelope)
+    assert not isinstance(caught.value, WrongRecipientError)
+
+
+def _build_with_short_key(recipient: RecipientKey, key: bytes) -> bytes:
+    envelope = build(recipient, content_key=os.urandom(32))
+    # Re-wrap a short key in place of the real one: same structure, wrong key length.
+    info = cms.ContentInfo.load(envelope)
+    ktri = info["content"]["recipient_infos"][0].chosen
+    ktri["encrypted_key"] = recipient._private_key.public_key().encrypt(
+        key, OAEP(mgf=MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    )
+    return bytes(info.dump(force=True))
+
+
+def test_wrong_identifier_is_wrong_recipient(recipient: RecipientKey) -> None:
+    with pytest.raises(WrongRecipientError, match="another key"):
+        recipient.open(build(recipient, key_identifier=b"\x00" * 32))
+
+
+def test_not_enveloped_data_is_refused(recipient: RecipientKey) -> None:
+    signed = cms.ContentInfo({"content_type": "data", "content": b"plain"}).dump()
+    with pytest.raises(CmsError, match="envelopedData"):
+        recipient.open(signed)
+
+
+def test_plain_function_computes_the_identifier(recipient: RecipientKey) -> None:
+    assert decrypt_for_recipient(build(recipient), recipient._private_key) == b"the secret"
+
+
+def test_oversized_envelope_is_refused(recipient: RecipientKey) -> None:
+    with pytest.raises(CmsError, match="more than"):
+        recipient.open(b"\x30" + b"\x00" * (2 << 20))
