@@ -98,7 +98,12 @@ async def _receive_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.E
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
-        conn.receive_data(bytes(await stream.receive_some(_READ_CHUNK)))
+        data = await stream.receive_some(_READ_CHUNK)
+        if not data and conn.their_state is h11.SEND_RESPONSE:
+            # closed before the status line: h11 would call it a protocol error,
+            # but for a kept-alive connection it is the ordinary idle close
+            return h11.ConnectionClosed()
+        conn.receive_data(bytes(data))
 
 
 async def _read_body(

@@ -307,9 +307,55 @@ async def test_server_closing_connections_is_handled(stack: Stack) -> None:
 
 
 async def test_idle_connection_closed_by_server_is_replaced_at_once(stack: Stack) -> None:
-    await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    gateway = stack.gateway_with(max_attempts=1)  # so a retry could not hide it
+    await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
     stack.kms.drop_idle()  # the server times out the idle connection silently
     await trio.sleep(0.05)
-    await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    await gateway.aclose()
     assert stack.kms.connections == 2
     assert len(stack.kms.seen) == 2  # the stale connection cost no KMS request
+
+
+async def test_one_log_event_per_call_and_no_secrets_in_it(stack: Stack) -> None:
+    import io
+    import json
+
+    import structlog
+
+    from enclave_common.logs import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream, process="test")
+    try:
+        await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+        stack.kms.script.append(kms_error("KMSInternalException", "boom", 500))
+        await stack.gateway.call("GenerateDataKey", {"KeyId": "k", "NumberOfBytes": 32})
+        stack.kms.script.append(kms_error("AccessDeniedException", "denied"))
+        with pytest.raises(KmsError):
+            await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    finally:
+        structlog.reset_defaults()
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    calls = [e for e in events if e["event"] == "kms_call"]
+    assert [(e["operation"], e["outcome"], e["attempts"]) for e in calls] == [
+        ("Decrypt", "ok", 1),
+        ("GenerateDataKey", "ok", 2),
+        ("Decrypt", "error", 1),
+    ]
+    assert calls[2]["error_type"] == "AccessDeniedException"
+    text = stream.getvalue()
+    b64 = base64.b64encode
+    for secret in [
+        "the secret",
+        b64(b"the secret").decode(),
+        b64(b"sealed:the secret").decode(),
+        b64(b"k" * 32).decode(),
+        "kkkkkkkk",
+        CIPHERTEXT,
+        "fake-secret-key-do-not-log",
+        "fake-session-token-do-not-log",
+        "AKIDFAKEFAKEFAKE",
+        b64(b"ATTESTATION:fake-spki").decode(),
+    ]:
+        assert secret not in text

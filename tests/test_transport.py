@@ -1,0 +1,219 @@
+"""CONNECT tunnel, TLS inside it, and the kept-alive connection pool."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from enclave_agent.transport import (
+    KmsConnectionPool,
+    TransportError,
+    http_get,
+    make_ssl_context,
+    open_tunnel,
+)
+from enclave_common.address import parse_address
+from tests.test_kms_fakes import FakeKms, Relay
+
+HEADERS = [("X-Amz-Target", "TrentService.GenerateRandom")]
+
+
+async def raw_server(
+    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
+) -> str:
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"tcp:127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def read_head(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def test_tunnel_keeps_bytes_that_came_with_the_connect_answer(nursery: trio.Nursery) -> None:
+    async def proxy(stream: trio.SocketStream) -> None:
+        head = await read_head(stream)
+        assert head.startswith(b"CONNECT kms.example:443 HTTP/1.1\r\n")
+        assert b"host: kms.example:443" in head.lower()
+        await stream.send_all(b"HTTP/1.1 200 Connection established\r\n\r\nEARLY")
+        while data := await stream.receive_some(4096):
+            await stream.send_all(data)
+
+    address = await raw_server(nursery, proxy)
+    tunnel = await open_tunnel(parse_address(address), "kms.example", 443)
+    received = b""
+    while len(received) < 5:
+        received += await tunnel.receive_some(2)
+    assert received == b"EARLY"
+    await tunnel.send_all(b"ping")
+    assert await tunnel.receive_some(10) == b"ping"
+    await tunnel.aclose()
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment", "retryable"),
+    [
+        (b"", "closed the connection before answering CONNECT", True),
+        (b"garbage\r\n\r\n", "broke the CONNECT exchange", True),
+        (
+            b'HTTP/1.1 403 Forbidden\r\nContent-Length: 28\r\n\r\n{"error": "not allowlisted"}',
+            "proxy refused CONNECT kms.example:443: 403 not allowlisted",
+            False,
+        ),
+        (
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+            "proxy refused CONNECT kms.example:443: 503 Service Unavailable",
+            True,
+        ),
+        (
+            b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 5\r\n\r\n<bad>",
+            "504 Gateway Timeout",
+            True,
+        ),
+    ],
+)
+async def test_connect_failures(
+    nursery: trio.Nursery, answer: bytes, fragment: str, retryable: bool
+) -> None:
+    async def proxy(stream: trio.SocketStream) -> None:
+        await read_head(stream)
+        await stream.send_all(answer)
+        await stream.aclose()
+
+    address = await raw_server(nursery, proxy)
+    with pytest.raises(TransportError) as info:
+        await open_tunnel(parse_address(address), "kms.example", 443)
+    assert fragment in info.value.message
+    assert info.value.retryable is retryable
+
+
+async def test_ipv6_connect_target(nursery: trio.Nursery) -> None:
+    heads: list[bytes] = []
+
+    async def proxy(stream: trio.SocketStream) -> None:
+        heads.append(await read_head(stream))
+        await stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    address = await raw_server(nursery, proxy)
+    with pytest.raises(TransportError):
+        await open_tunnel(parse_address(address), "::1", 8443)
+    assert heads[0].startswith(b"CONNECT [::1]:8443 HTTP/1.1")
+
+
+@pytest.fixture
+async def kms_and_relay(tmp_path: Path, nursery: trio.Nursery) -> tuple[FakeKms, Relay, str]:
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    kms = FakeKms(ca)
+    await kms.serve(nursery)
+    relay = Relay()
+    await relay.serve(nursery)
+    return kms, relay, str(ca_path)
+
+
+def pool_for(setup: tuple[FakeKms, Relay, str], **options: float) -> KmsConnectionPool:
+    kms, relay, ca = setup
+    return KmsConnectionPool(
+        parse_address(relay.address),
+        "127.0.0.1",
+        kms.port,
+        make_ssl_context(ca),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def test_pool_reuses_last_in_first_out_and_stays_bounded(
+    kms_and_relay: tuple[FakeKms, Relay, str],
+) -> None:
+    kms, relay, _ = kms_and_relay
+    kms.delay = 0.05
+    pool = pool_for(kms_and_relay, pool_size=3)
+
+    async def one() -> None:
+        response = await pool.request("POST", "/", HEADERS, b"{}")
+        assert response.status == 200
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(9):
+            nursery.start_soon(one)
+    assert pool.connections_opened == 3 == kms.connections == relay.tunnels
+    assert pool.idle_connections == 3
+    kms.delay = 0
+    before = len(kms.seen)
+    for _ in range(4):
+        await pool.request("POST", "/", HEADERS, b"{}")
+    used = {seen.connection for seen in kms.seen[before:]}
+    assert len(used) == 1  # the warmest connection, again and again
+    assert kms.seen[-1].headers["host"] == f"127.0.0.1:{kms.port}"
+    assert kms.seen[-1].headers["content-length"] == "2"
+    await pool.aclose()
+    assert pool.idle_connections == 0
+    with pytest.raises(TransportError, match="closed"):
+        await pool.request("POST", "/", HEADERS, b"{}")
+
+
+async def test_idle_connections_expire(kms_and_relay: tuple[FakeKms, Relay, str]) -> None:
+    kms, _, _ = kms_and_relay
+    pool = pool_for(kms_and_relay, idle_timeout=0.05)
+    await pool.request("POST", "/", HEADERS, b"{}")
+    await trio.sleep(0.1)
+    await pool.request("POST", "/", HEADERS, b"{}")
+    assert kms.connections == 2 and pool.connections_opened == 2
+    await pool.aclose()
+
+
+async def test_oversized_answer_is_an_error(kms_and_relay: tuple[FakeKms, Relay, str]) -> None:
+    kms, _, _ = kms_and_relay
+    kms.script.append((200, b"x" * 5000))
+    pool = pool_for(kms_and_relay, max_response_bytes=4096)
+    with pytest.raises(TransportError, match="exceeds 4096 bytes"):
+        await pool.request("POST", "/", HEADERS, b"{}")
+    assert pool.idle_connections == 0
+    await pool.aclose()
+
+
+async def test_wrong_ca_fails_before_any_byte_is_sent(
+    kms_and_relay: tuple[FakeKms, Relay, str], tmp_path: Path
+) -> None:
+    kms, relay, _ = kms_and_relay
+    other = tmp_path / "other.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    pool = KmsConnectionPool(
+        parse_address(relay.address), "127.0.0.1", kms.port, make_ssl_context(str(other))
+    )
+    with pytest.raises(TransportError) as info:
+        await pool.request("POST", "/", HEADERS, b'{"secret": "never sent"}')
+    assert info.value.message.startswith("TLS certificate verification failed for 127.0.0.1:")
+    assert not info.value.retryable
+    assert kms.seen == []
+    assert b"never sent" not in relay.relayed
+
+
+async def test_http_get(nursery: trio.Nursery) -> None:
+    relay = Relay()
+    await relay.serve(nursery)
+    response = await http_get(parse_address(relay.address), "/v1/credentials")
+    assert response.status == 200
+    assert json.loads(response.body)["AccessKeyId"] == "AKIDFAKEFAKEFAKE"
+    assert "AKID" not in repr(response)
+    response = await http_get(parse_address(relay.address), "/other")
+    assert response.status == 405
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await read_head(stream)
+
+    address = await raw_server(nursery, silent)
+    with pytest.raises(TransportError, match="closed the connection before answering GET"):
+        await http_get(parse_address(address), "/v1/credentials")
