@@ -1,0 +1,176 @@
+"""The policy `enclave-agent key-policy` prints, enforced by the local KMS stand-in.
+
+The simulated NSM's PCRs stand in for nitro-cli's measurements: written in
+nitro-cli's output shape, turned into a policy by the real command, given to
+CreateKey through boto3. Then Decrypt with a Recipient document from a simulated
+enclave with those PCRs succeeds, and is denied (AccessDeniedException) for an
+enclave whose PCR0 or PCR1 differs and for a call without any attestation.
+
+What this does not show: the stand-in does not evaluate Principal (it has a single
+caller standing for every principal), so the role half of the policy is checked
+only by the shape tests in test_key_policy.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from enclave_agent.nsm_sim import SimulatedNsm
+from enclave_agent.recipient import RecipientKey
+
+REPO = Path(__file__).resolve().parent.parent
+ROLE_NAME = "enclave-parent"
+
+
+@pytest.fixture(scope="module")
+def enclave_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ca_dir = tmp_path_factory.mktemp("simulated-nsm-ca")
+    SimulatedNsm.create().save_ca(ca_dir)
+    return ca_dir
+
+
+@pytest.fixture(scope="module")
+def local_kms(
+    tmp_path_factory: pytest.TempPathFactory, enclave_ca: Path
+) -> Iterator[dict[str, Any]]:
+    state_file = tmp_path_factory.mktemp("local-kms") / "state.json"
+    log = (state_file.parent / "kms.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "devtools.local_kms",
+            "--state-file",
+            str(state_file),
+            "--simulated-nsm-ca",
+            str(enclave_ca),
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not state_file.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                output = (state_file.parent / "kms.log").read_text(errors="replace")
+                pytest.fail(f"local KMS did not start (exit {process.returncode}):\n{output}")
+            time.sleep(0.05)
+        yield json.loads(state_file.read_text())
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+
+
+def _client(state: dict[str, Any]) -> Any:
+    return boto3.client(
+        "kms",
+        region_name=state["region"],
+        endpoint_url=state["endpoint"],
+        verify=state["ca_bundle"],
+        aws_access_key_id=state["aws_access_key_id"],
+        aws_secret_access_key=state["aws_secret_access_key"],
+        config=Config(retries={"max_attempts": 1}),
+    )
+
+
+def _printed_policy(tmp_path: Path, enclave: SimulatedNsm, account_id: str) -> str:
+    measurements = {
+        "Measurements": {
+            "HashAlgorithm": "Sha384 { ... }",
+            **{f"PCR{i}": enclave.pcrs[i].hex() for i in (0, 1, 2)},
+        }
+    }
+    path = tmp_path / "measurements.json"
+    path.write_text(json.dumps(measurements, indent=2))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "enclave_agent.cli",
+            "key-policy",
+            "--measurements",
+            str(path),
+            "--role-arn",
+            f"arn:aws:iam::{account_id}:role/{ROLE_NAME}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
+def _decrypt_in(enclave: SimulatedNsm, client: Any, blob: bytes) -> bytes:
+    recipient = RecipientKey.generate()
+    document = enclave.attestation(public_key=recipient.public_key_der)
+    answer = client.decrypt(
+        CiphertextBlob=blob,
+        EncryptionContext={"app": "enclave-kms-example"},
+        Recipient={"AttestationDocument": document, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
+    )
+    assert answer.get("Plaintext") is None, "with a Recipient, KMS answers no Plaintext"
+    return recipient.open(answer["CiphertextForRecipient"])
+
+
+def _other_pcr(label: str) -> bytes:
+    return hashlib.sha384(label.encode()).digest()
+
+
+def test_printed_policy_admits_the_measured_enclave_only(
+    tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
+) -> None:
+    enclave = SimulatedNsm.load(enclave_ca)
+    client = _client(local_kms)
+    policy = _printed_policy(tmp_path, enclave, local_kms["account_id"])
+    key_id = client.create_key(Policy=policy, Description="key-policy test")["KeyMetadata"]["KeyId"]
+
+    secret = os.urandom(32)
+    # The account may encrypt (the admin statement allows kms:Encrypt) ...
+    blob = client.encrypt(
+        KeyId=key_id, Plaintext=secret, EncryptionContext={"app": "enclave-kms-example"}
+    )["CiphertextBlob"]
+
+    # ... the enclave with the measured PCRs may decrypt ...
+    assert _decrypt_in(enclave, client, blob) == secret
+
+    # ... an enclave running another image (PCR0), or the same image with another
+    # kernel/boot ramdisk (PCR1), may not ...
+    for index in (0, 1):
+        pcrs = {**enclave.pcrs, index: _other_pcr(f"another image, PCR{index}")}
+        other = SimulatedNsm.load(enclave_ca, pcrs=pcrs)
+        with pytest.raises(ClientError) as denied:
+            _decrypt_in(other, client, blob)
+        assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
+
+    # ... and the same credentials without an attestation document may not either.
+    with pytest.raises(ClientError) as no_attestation:
+        client.decrypt(CiphertextBlob=blob, EncryptionContext={"app": "enclave-kms-example"})
+    assert no_attestation.value.response["Error"]["Code"] == "AccessDeniedException"
+
+    # The key keeps the policy it was given.
+    stored = client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
+    assert json.loads(stored) == json.loads(policy)
