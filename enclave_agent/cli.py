@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-COMMAND_MODULES: tuple[str, ...] = ("key_policy_cmd",)
+COMMAND_MODULES: tuple[str, ...] = ("key_policy_cmd", "verify_cmd", "agent_cmds")
 
 
 def _load(name: str) -> ModuleType:

@@ -7,10 +7,12 @@ import errno
 import os
 import struct
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import cbor2
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from enclave_agent import nsm as nsm_module
 from enclave_agent.attestation import parse_attestation, verify_attestation
@@ -222,9 +224,85 @@ def test_simulated_ca_saved_and_loaded(tmp_path: Path, simulated: SimulatedNsm) 
     assert key_files and all(p.stat().st_mode & 0o077 == 0 for p in key_files)
 
 
-def test_simulated_nsm_announces_itself(capsys: pytest.CaptureFixture[str]) -> None:
+def test_simulated_nsm_announces_itself() -> None:
+    import io
+
+    import structlog
+
     from enclave_common.logs import configure_logging
 
-    configure_logging("info", process="test")
-    SimulatedNsm.create()
-    assert "NOT a real Nitro Secure Module" in capsys.readouterr().err
+    stream = io.StringIO()
+    configure_logging("info", stream=stream, process="test")
+    try:
+        SimulatedNsm.create()
+    finally:
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
+    assert "NOT a real Nitro Secure Module" in stream.getvalue()
+    assert '"level": "warning"' in stream.getvalue()
+
+
+def test_simulated_chain_is_shaped_like_aws(simulated: SimulatedNsm) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    parsed = parse_attestation(simulated.attestation())
+    chain = [x509.load_der_x509_certificate(der) for der in parsed.cabundle]
+    leaf = x509.load_der_x509_certificate(parsed.certificate)
+    assert len(chain) == 3  # root, then two intermediates
+    assert chain[0].public_bytes(serialization.Encoding.PEM) == simulated.root_pem
+    for certificate in [*chain, leaf]:
+        key = certificate.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert timedelta(hours=2) < lifetime <= timedelta(hours=4)
+    assert chain[0].not_valid_after_utc - chain[0].not_valid_before_utc > timedelta(days=365 * 29)
+    for intermediate in chain[1:]:
+        days = (intermediate.not_valid_after_utc - intermediate.not_valid_before_utc).days
+        assert 1 <= days <= 20
+
+
+def test_simulated_leaf_expires_and_is_renewed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from enclave_agent import nsm_sim
+    from enclave_agent.attestation import CertificateChainError
+
+    nsm = SimulatedNsm.create()
+    document = nsm.attestation()
+    later = datetime.now(UTC) + timedelta(hours=4)
+    with pytest.raises(CertificateChainError, match="not valid at"):
+        verify_attestation(document, root=nsm.root_pem, at=later)
+    first_leaf = parse_attestation(document).certificate
+    # With a renewal margin longer than the leaf's life, every document gets a new leaf.
+    monkeypatch.setattr(nsm_sim, "LEAF_RENEW_BEFORE", timedelta(hours=5))
+    renewed = nsm.attestation()
+    assert parse_attestation(renewed).certificate != first_leaf
+    verify_attestation(renewed, root=nsm.root_pem)
+
+
+def test_simulated_nsm_answers_bad_requests_with_nsm_errors(simulated: SimulatedNsm) -> None:
+    cases = {
+        b"\xff": "InvalidArgument",
+        cbor2.dumps("Reboot"): "InvalidOperation",
+        cbor2.dumps({"DescribePCR": {"index": 99}}): "InvalidIndex",
+        cbor2.dumps({"DescribePCR": {"index": "0"}}): "InvalidArgument",
+        cbor2.dumps({"Attestation": {"nonce": b"x" * 1025}}): "InputTooLarge",
+        cbor2.dumps({"Attestation": {"nonce": "text"}}): "InvalidArgument",
+    }
+    for request, error in cases.items():
+        assert cbor2.loads(simulated.handle(request)) == {"Error": error}
+
+
+def test_init_ca_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "enclave_agent.nsm_sim", "init-ca", str(tmp_path / "ca")],
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    root = (tmp_path / "ca" / "root.pem").read_bytes()
+    nsm = SimulatedNsm.load(tmp_path / "ca", pcrs={4: b"\x04" * 48})
+    assert nsm.root_pem == root
+    assert verify_attestation(nsm.attestation(), root=root).pcrs[4] == b"\x04" * 48

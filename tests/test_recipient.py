@@ -39,6 +39,7 @@ def test_no_plaintext_or_key_reaches_the_logs() -> None:
     """Drive the whole crypto core with marker values; none may appear in the log stream."""
     import io
 
+    import structlog
     from test_cms_shapes import build  # tests/ is on sys.path (rootdir-relative imports)
 
     from enclave_agent.attestation import verify_attestation
@@ -60,7 +61,8 @@ def test_no_plaintext_or_key_reaches_the_logs() -> None:
         except CmsError as exc:
             assert marker.decode() not in str(exc)
     finally:
-        configure_logging("info", process="test")
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
     logged = stream.getvalue()
     assert "NOT a real" in logged  # the stream did receive the simulated NSM's warning
     private_pem = key._private_key.private_bytes(
