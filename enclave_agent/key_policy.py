@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,7 +323,9 @@ def enclave_statement(
     if not actions:
         raise KeyPolicyError("at least one operation is needed")
     return {
-        "Sid": "AllowAttestedEnclaveOnly",
+        # Named after the image, so that a policy admitting two images during an
+        # upgrade has two distinct statement ids.
+        "Sid": f"AllowEnclaveImage{measurements.pcrs[0][:16]}",
         "Effect": "Allow",
         "Principal": {"AWS": role_arn},
         "Action": actions[0] if len(actions) == 1 else actions,
@@ -337,7 +339,7 @@ def enclave_statement(
 
 
 def build_key_policy(
-    measurements: Measurements,
+    measurements: Measurements | Sequence[Measurements],
     role_arn: str,
     *,
     operations: Iterable[str] = DEFAULT_OPERATIONS,
@@ -345,7 +347,14 @@ def build_key_policy(
     include_pcrs: Iterable[int] | None = None,
     allow_zero: bool = False,
 ) -> dict[str, Any]:
-    """A whole key policy: account administration (no decryption) + the enclave statement."""
+    """A whole key policy: account administration (no decryption) + one enclave
+    statement per image (several while an upgrade rolls out: old and new image)."""
+    images = [measurements] if isinstance(measurements, Measurements) else list(measurements)
+    if not images:
+        raise KeyPolicyError("at least one set of measurements is needed")
+    pcr0s = [image.pcrs[0] for image in images]
+    if len(set(pcr0s)) != len(pcr0s):
+        raise KeyPolicyError("two sets of measurements have the same PCR0; give each image once")
     partition, role_account = parse_role_arn(role_arn)
     if account_id is None:
         account_id = role_account
@@ -362,12 +371,15 @@ def build_key_policy(
                 "Action": list(ADMIN_ACTIONS),
                 "Resource": "*",
             },
-            enclave_statement(
-                measurements,
-                role_arn,
-                operations=operations,
-                include_pcrs=include_pcrs,
-                allow_zero=allow_zero,
+            *(
+                enclave_statement(
+                    image,
+                    role_arn,
+                    operations=operations,
+                    include_pcrs=include_pcrs,
+                    allow_zero=allow_zero,
+                )
+                for image in images
             ),
         ],
     }

@@ -45,18 +45,20 @@ def _parse_extra_pcr(text: str) -> tuple[int, str]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        measurements = parse_measurements(_read_measurements(args.measurements))
+        images = [parse_measurements(_read_measurements(path)) for path in args.measurements]
         extra = dict(_parse_extra_pcr(text) for text in args.pcr)
         if extra:
-            measurements = with_extra_pcrs(measurements, extra)
+            images = [with_extra_pcrs(image, extra) for image in images]
         include = (
             None if args.include_pcr is None else [parse_pcr_index(x) for x in args.include_pcr]
         )
         operations = args.operation or list(DEFAULT_OPERATIONS)
         document: dict[str, Any]
         if args.statement_only:
+            if len(images) != 1:
+                raise KeyPolicyError("--statement-only takes one --measurements file")
             document = enclave_statement(
-                measurements,
+                images[0],
                 args.role_arn,
                 operations=operations,
                 include_pcrs=include,
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             document = build_key_policy(
-                measurements,
+                images,
                 args.role_arn,
                 operations=operations,
                 account_id=args.account_id,
@@ -94,8 +96,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--measurements",
         required=True,
+        action="append",
         metavar="FILE",
-        help="nitro-cli's JSON output ('-' for stdin)",
+        help="nitro-cli's JSON output ('-' for stdin); repeat it to admit several images "
+        "(one statement each), e.g. the old and the new one during an upgrade",
     )
     parser.add_argument(
         "--role-arn",

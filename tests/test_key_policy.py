@@ -167,7 +167,7 @@ def test_policy_has_aws_example_statement_and_admin_without_decrypt() -> None:
     assert not PLAINTEXT_ACTIONS & set(admin["Action"]), "the account must not decrypt"
     assert not any("*" in action for action in ADMIN_ACTIONS)
     assert enclave == {
-        "Sid": "AllowAttestedEnclaveOnly",
+        "Sid": f"AllowEnclaveImage{PCR0[:16]}",
         "Effect": "Allow",
         "Principal": {"AWS": ROLE},
         "Action": "kms:Decrypt",
@@ -217,6 +217,24 @@ def test_bad_policy_inputs(kwargs: dict[str, object], message: str) -> None:
     arguments: dict[str, object] = {"role_arn": ROLE, **kwargs}
     with pytest.raises(KeyPolicyError, match=message):
         build_key_policy(_measurements(), **arguments)  # type: ignore[arg-type]
+
+
+def test_upgrade_policy_admits_old_and_new_image_in_separate_statements() -> None:
+    old = _measurements()
+    new = parse_measurements(json.dumps({"PCR0": "ab" * 48, "PCR1": PCR1, "PCR2": "cd" * 48}))
+    policy = build_key_policy([old, new], ROLE)
+    _admin, first, second = policy["Statement"]
+    assert first["Condition"]["StringEqualsIgnoreCase"][IMAGE_CONDITION_KEY] == PCR0
+    assert second["Condition"]["StringEqualsIgnoreCase"] == {
+        IMAGE_CONDITION_KEY: "ab" * 48,
+        "kms:RecipientAttestation:PCR1": PCR1,
+        "kms:RecipientAttestation:PCR2": "cd" * 48,
+    }
+    assert first["Sid"] != second["Sid"]
+    with pytest.raises(KeyPolicyError, match="same PCR0"):
+        build_key_policy([old, old], ROLE)
+    with pytest.raises(KeyPolicyError, match="at least one set"):
+        build_key_policy([], ROLE)
 
 
 def test_all_zero_pcrs_need_explicit_consent() -> None:
@@ -277,6 +295,14 @@ def test_command_prints_policy_and_fails_clearly() -> None:
         IMAGE_CONDITION_KEY,
         "kms:RecipientAttestation:PCR8",
     }
+
+    both = _cli(
+        "--measurements", str(DATA / "nitro_cli_build_enclave.out"),
+        "--measurements", "-", "--role-arn", ROLE,
+        stdin=json.dumps({"PCR0": "ef" * 48}).encode(),
+    )  # fmt: skip
+    assert both.returncode == 0, both.stderr
+    assert len(json.loads(both.stdout)["Statement"]) == 3
 
     missing = _cli("--measurements", "/nonexistent/m.json", "--role-arn", ROLE)
     assert missing.returncode == 2 and b"cannot read /nonexistent/m.json" in missing.stderr

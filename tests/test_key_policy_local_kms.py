@@ -95,23 +95,25 @@ def _client(state: dict[str, Any]) -> Any:
     )
 
 
-def _printed_policy(tmp_path: Path, enclave: SimulatedNsm, account_id: str) -> str:
-    measurements = {
-        "Measurements": {
-            "HashAlgorithm": "Sha384 { ... }",
-            **{f"PCR{i}": enclave.pcrs[i].hex() for i in (0, 1, 2)},
+def _printed_policy(tmp_path: Path, account_id: str, *enclaves: SimulatedNsm) -> str:
+    arguments: list[str] = []
+    for number, enclave in enumerate(enclaves):
+        measurements = {
+            "Measurements": {
+                "HashAlgorithm": "Sha384 { ... }",
+                **{f"PCR{i}": enclave.pcrs[i].hex() for i in (0, 1, 2)},
+            }
         }
-    }
-    path = tmp_path / "measurements.json"
-    path.write_text(json.dumps(measurements, indent=2))
+        path = tmp_path / f"measurements-{number}.json"
+        path.write_text(json.dumps(measurements, indent=2))
+        arguments += ["--measurements", str(path)]
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "enclave_agent.cli",
             "key-policy",
-            "--measurements",
-            str(path),
+            *arguments,
             "--role-arn",
             f"arn:aws:iam::{account_id}:role/{ROLE_NAME}",
         ],
@@ -145,7 +147,7 @@ def test_printed_policy_admits_the_measured_enclave_only(
 ) -> None:
     enclave = SimulatedNsm.load(enclave_ca)
     client = _client(local_kms)
-    policy = _printed_policy(tmp_path, enclave, local_kms["account_id"])
+    policy = _printed_policy(tmp_path, local_kms["account_id"], enclave)
     key_id = client.create_key(Policy=policy, Description="key-policy test")["KeyMetadata"]["KeyId"]
 
     secret = os.urandom(32)
@@ -174,3 +176,22 @@ def test_printed_policy_admits_the_measured_enclave_only(
     # The key keeps the policy it was given.
     stored = client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
     assert json.loads(stored) == json.loads(policy)
+
+
+def test_upgrade_policy_admits_old_and_new_image_only(
+    tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
+) -> None:
+    old = SimulatedNsm.load(enclave_ca)
+    new = SimulatedNsm.load(enclave_ca, pcrs={**old.pcrs, 0: _other_pcr("new image")})
+    third = SimulatedNsm.load(enclave_ca, pcrs={**old.pcrs, 0: _other_pcr("third image")})
+    client = _client(local_kms)
+    policy = _printed_policy(tmp_path, local_kms["account_id"], old, new)
+    key_id = client.create_key(Policy=policy)["KeyMetadata"]["KeyId"]
+    blob = client.encrypt(
+        KeyId=key_id, Plaintext=b"rolling", EncryptionContext={"app": "enclave-kms-example"}
+    )["CiphertextBlob"]
+    assert _decrypt_in(old, client, blob) == b"rolling"
+    assert _decrypt_in(new, client, blob) == b"rolling"
+    with pytest.raises(ClientError) as denied:
+        _decrypt_in(third, client, blob)
+    assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
