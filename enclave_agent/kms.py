@@ -101,8 +101,14 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
 
 
+def default_endpoint(region: str) -> str:
+    # China regions live under their own DNS suffix.
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"https://kms.{region}.{suffix}"
+
+
 def endpoint_host_port(settings: KmsSettings) -> tuple[str, int]:
-    endpoint = settings.endpoint or f"https://kms.{settings.region}.amazonaws.com"
+    endpoint = settings.endpoint or default_endpoint(settings.region)
     parts = urlsplit(endpoint)
     if parts.scheme != "https" or not parts.hostname:
         raise ValueError(f"KMS endpoint must be https://HOST[:PORT], got {endpoint!r}")
@@ -127,6 +133,7 @@ class _AttemptFailed(Exception):
 class _CallRecord:
     attempts: int = 0
     last_error: KmsError | None = None
+    request_id: str | None = None  # KMS's x-amzn-RequestId of the last answer, for support
 
 
 class KmsGateway:
@@ -171,6 +178,7 @@ class KmsGateway:
                 "kms_call",
                 operation=operation,
                 attempts=record.attempts,
+                request_id=record.request_id,
                 duration_ms=round((trio.current_time() - started) * 1000, 1),
                 **outcome,
             )
@@ -201,7 +209,7 @@ class KmsGateway:
         while True:
             record.attempts += 1
             try:
-                return await self._attempt(validated)
+                return await self._attempt(validated, record)
             except _AttemptFailed as failed:
                 record.last_error = failed.error
                 if failed.expired is not None and not refreshed_for_expiry:
@@ -251,7 +259,9 @@ class KmsGateway:
         signer.add_auth(request)
         return [(str(k), str(v)) for k, v in request.headers.items()]
 
-    async def _attempt(self, validated: kms_protocol.ValidatedRequest) -> dict[str, Any]:
+    async def _attempt(
+        self, validated: kms_protocol.ValidatedRequest, record: _CallRecord
+    ) -> dict[str, Any]:
         operation = validated.operation
         creds = await self._credentials()
         document = await self._attestation()
@@ -264,6 +274,9 @@ class KmsGateway:
                 KmsError("KMSInternalException", _short(exc.message), 502),
                 retryable=exc.retryable,
             ) from None
+        record.request_id = next(
+            (v for k, v in response.headers if k.lower() == "x-amzn-requestid"), None
+        )
         try:
             result = kms_protocol.read_response(
                 operation, response.status, response.headers, response.body

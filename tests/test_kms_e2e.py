@@ -299,3 +299,55 @@ async def test_endpoint_not_on_the_allowlist_is_refused_by_the_proxy(
     assert info.value.message.startswith(
         f"proxy refused CONNECT localhost:{local_kms['port']}: 403"
     )
+
+
+async def test_many_concurrent_calls(gateway: KmsGateway, kms_client: Any) -> None:
+    import trio
+
+    key_id = kms_client.create_key(Description="e2e concurrent")["KeyMetadata"]["KeyId"]
+    secrets = [os.urandom(16) for _ in range(24)]
+    blobs = [kms_client.encrypt(KeyId=key_id, Plaintext=s)["CiphertextBlob"] for s in secrets]
+    got: dict[int, bytes] = {}
+
+    async def one(index: int) -> None:
+        answer = await gateway.call("Decrypt", {"CiphertextBlob": b64(blobs[index])})
+        got[index] = base64.b64decode(answer["Plaintext"])
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(blobs)):
+            nursery.start_soon(one, index)
+    assert [got[i] for i in range(len(blobs))] == secrets
+    assert 1 <= gateway.pool.connections_opened <= gateway.pool.pool_size
+
+
+async def test_deadline_with_a_stalled_kms(
+    local_kms: dict[str, Any], proxy: str, enclave_ca: Path
+) -> None:
+    settings = KmsSettings(
+        region=local_kms["region"],
+        proxy=parse_address(proxy),
+        endpoint=local_kms["endpoint"],
+        ca_bundle=local_kms["ca_bundle"],
+        call_timeout=1.0,
+    )
+    gateway = KmsGateway(settings, SimulatedNsm.load(enclave_ca), RecipientKey.generate())
+    set_faults(Path(local_kms["state_file"]), "delay", count=1, delay=3.0)
+    with pytest.raises(KmsError) as info:
+        await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+    await gateway.aclose()
+    assert info.value.error_type == "DependencyTimeoutException"
+
+
+async def test_kms_certificate_not_trusted_by_the_bundle(
+    local_kms: dict[str, Any], proxy: str, enclave_ca: Path
+) -> None:
+    # certifi's bundle does not hold the stand-in's trustme CA: exactly what a man in
+    # the middle with a certificate from any other CA looks like to the agent.
+    settings = KmsSettings(
+        region=local_kms["region"], proxy=parse_address(proxy), endpoint=local_kms["endpoint"]
+    )
+    gateway = KmsGateway(settings, SimulatedNsm.load(enclave_ca), RecipientKey.generate())
+    with pytest.raises(KmsError) as info:
+        await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+    await gateway.aclose()
+    assert info.value.message.startswith("TLS certificate verification failed for 127.0.0.1")

@@ -162,6 +162,7 @@ class FakeKms:
                 headers = [
                     ("Content-Type", "application/x-amz-json-1.1"),
                     ("Content-Length", str(len(data))),
+                    ("x-amzn-RequestId", f"req-{len(self.seen)}"),
                 ]
                 if self.close_after_each:
                     headers.append(("Connection", "close"))

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trustme
 
-from enclave_agent.kms import KmsError, KmsGateway, KmsSettings
+from enclave_agent.kms import KmsError, KmsGateway, KmsSettings, endpoint_host_port
 from enclave_common.address import parse_address
 from tests.test_kms_fakes import FakeKms, FakeNsm, FakeRecipient, Relay, kms_error
 
@@ -344,6 +344,7 @@ async def test_one_log_event_per_call_and_no_secrets_in_it(stack: Stack) -> None
         ("Decrypt", "error", 1),
     ]
     assert calls[2]["error_type"] == "AccessDeniedException"
+    assert [e["request_id"] for e in calls] == ["req-1", "req-3", "req-4"]
     text = stream.getvalue()
     b64 = base64.b64encode
     for secret in [
@@ -359,3 +360,16 @@ async def test_one_log_event_per_call_and_no_secrets_in_it(stack: Stack) -> None
         b64(b"ATTESTATION:fake-spki").decode(),
     ]:
         assert secret not in text
+
+
+def test_endpoints() -> None:
+    def host_port(**fields: object) -> tuple[str, int]:
+        return endpoint_host_port(KmsSettings(**fields))  # type: ignore[arg-type]
+
+    assert host_port(region="eu-west-1") == ("kms.eu-west-1.amazonaws.com", 443)
+    assert host_port(region="cn-north-1") == ("kms.cn-north-1.amazonaws.com.cn", 443)
+    assert host_port(region="x", endpoint="https://127.0.0.1:4443") == ("127.0.0.1", 4443)
+    assert host_port(region="x", endpoint="https://[::1]:4443/") == ("::1", 4443)
+    for bad in ["http://kms.example", "https://", "https://h/path", "https://h:99999", "kms"]:
+        with pytest.raises(ValueError, match="KMS endpoint"):
+            host_port(region="x", endpoint=bad)
