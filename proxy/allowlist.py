@@ -3,7 +3,8 @@
 Rules of this file:
 - A target is ``host:port``. Names match entries exactly (case-insensitive, a trailing
   dot ignored) or through ``*``, which stands for exactly one whole DNS label
-  (``kms.*.amazonaws.com``). The rightmost label of a pattern is always literal.
+  (``kms.*.amazonaws.com``). The rightmost label of a pattern is always literal, and a
+  pattern keeps at least two literal labels (no ``*.com``).
 - IP literals are never matched by a name pattern: an IP target is allowed only when
   that exact address and port are listed.
 - After resolution every address is checked again (``permits_address``): loopback,
@@ -89,6 +90,9 @@ def _normalize_name(name: str, original: str, *, pattern: bool) -> str:
             raise AllowlistError(f"{original!r}: {label!r} is not a valid DNS label")
     if pattern and labels[-1] == "*":
         raise AllowlistError(f"{original!r}: the last label of a pattern cannot be '*'")
+    if pattern and "*" in labels and len(labels) - labels.count("*") < 2:
+        # "*.com" would open a whole top-level domain; demand a registrable suffix.
+        raise AllowlistError(f"{original!r}: a pattern needs at least two labels besides '*'")
     if labels[-1].isdigit():
         # "127.1" or "10.1" are addresses to getaddrinfo, not names: never treat them as names.
         raise AllowlistError(f"{original!r}: looks like a numeric address, not a host name")

@@ -38,6 +38,7 @@ MAX_REQUEST_HEAD = 16 * 1024
 # A GET or CONNECT has no business sending a body; a little is read and dropped.
 _MAX_IGNORED_BODY = 64 * 1024
 _RECEIVE_SIZE = 64 * 1024
+_HEAD_PIECE = 1024
 # After an error answer, how long to read and drop what the client still sends, so
 # closing does not reset the connection before the client has read the answer.
 _LINGER_SECONDS = 1.0
@@ -105,6 +106,7 @@ class _Record:
         if self.relay is not None:
             fields["bytes_up"] = self.relay.bytes_a_to_b
             fields["bytes_down"] = self.relay.bytes_b_to_a
+            fields["spliced"] = self.relay.spliced
         log.info("request", **fields)
 
 
@@ -142,7 +144,13 @@ class _Connection:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            # While a request head is awaited, read in small pieces: h11 enforces its
+            # size limit only on an incomplete head, so one big read holding a whole
+            # oversized head would slip past it.
+            waiting_for_head = self.h11.their_state is h11.IDLE
+            data = await self.stream.receive_some(
+                _HEAD_PIECE if waiting_for_head else _RECEIVE_SIZE
+            )
             self.h11.receive_data(data)
 
     async def _fail(self, record: _Record, status: int, reason: str, **extra: str) -> NoReturn:

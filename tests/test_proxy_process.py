@@ -1,0 +1,322 @@
+"""enclave-proxy as a real process: listening event, sd_notify, SIGHUP, SIGTERM, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from test_proxy_support import echo_handler, open_tunnel, request, tcp_server
+
+REPO = Path(__file__).resolve().parent.parent
+MARKER = b"SUBPROCESS-MARKER-51c0ffee-never-in-logs"
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "NOTIFY_", "WATCHDOG_"))
+    }
+    env.update(
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=str(tmp_path / "aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"),
+        PYTHONPATH=str(REPO),
+    )
+    env.update(extra)
+    return env
+
+
+class ProxyProcess:
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    async def wait_event(self, name: str, count: int = 1, timeout: float = 20) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while True:
+                found = [e for e in self.events() if e.get("event") == name]
+                if len(found) >= count:
+                    return found[count - 1]
+                if self.process.poll() is not None:
+                    raise AssertionError(f"proxy exited: {self.log_path.read_text()}")
+                await trio.sleep(0.05)
+
+    async def port(self) -> int:
+        event = await self.wait_event("listening")
+        return int(event["address"].rsplit(":", 1)[1])
+
+    async def wait_exit(self, timeout: float = 20) -> int:
+        with trio.fail_after(timeout):
+            while self.process.poll() is None:
+                await trio.sleep(0.05)
+        return self.process.returncode
+
+
+@contextmanager
+def start_proxy(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[ProxyProcess]:
+    log_path = tmp_path / f"proxy-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", *args],
+            cwd=REPO,
+            env=env or _env(tmp_path),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield ProxyProcess(process, log_path)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=20)
+
+
+async def test_listening_sd_notify_watchdog_and_sigterm(tmp_path: Path) -> None:
+    notify_path = tmp_path / "notify.sock"
+    notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_sock.bind(str(notify_path))
+    notify_sock.settimeout(10)
+    env = _env(tmp_path, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="200000")
+    try:
+        with start_proxy(
+            tmp_path, "--listen", "tcp:127.0.0.1:0", "--region", "us-east-1", env=env
+        ) as proxy:
+            port = await proxy.port()
+            assert port != 0
+            event = await proxy.wait_event("listening")
+            assert event["allowlist"] == [
+                "kms.us-east-1.amazonaws.com:443",
+                "kms-fips.us-east-1.amazonaws.com:443",
+            ]
+            messages: list[str] = []
+            with trio.fail_after(20):
+                while not (
+                    any(m.startswith("READY=1") for m in messages) and "WATCHDOG=1" in messages
+                ):
+                    messages.append(
+                        (await trio.to_thread.run_sync(notify_sock.recv, 4096)).decode()
+                    )
+            ready = next(m for m in messages if m.startswith("READY=1"))
+            assert f"STATUS=listening on tcp:127.0.0.1:{port}" in ready
+            status, _, body = await request(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (status, body) == (200, {"status": "ok"})
+            proxy.process.send_signal(signal.SIGTERM)
+            assert await proxy.wait_exit() == 0
+            rest = []
+            notify_sock.settimeout(0.5)
+            try:
+                while True:
+                    rest.append(notify_sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+            assert "STOPPING=1" in rest
+    finally:
+        notify_sock.close()
+
+
+async def test_sigterm_drains_open_tunnels(tmp_path: Path) -> None:
+    async with tcp_server(echo_handler) as upstream:
+        target = f"127.0.0.1:{upstream}"
+        with start_proxy(
+            tmp_path, "--listen", "tcp:127.0.0.1:0", "--allow", target, "--region", "us-east-1"
+        ) as proxy:
+            port = await proxy.port()
+            status, tunnel, _ = await open_tunnel(port, target)
+            assert status == 200
+            proxy.process.send_signal(signal.SIGTERM)
+            await proxy.wait_event("draining")
+            # No new clients once draining...
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", port)
+            # ...but the open tunnel keeps working until its client is done.
+            await tunnel.send_all(MARKER)
+            got = b""
+            while len(got) < len(MARKER):
+                got += await tunnel.receive_some(1000)
+            assert got == MARKER
+            assert proxy.process.poll() is None
+            await tunnel.send_eof()
+            while await tunnel.receive_some(1000):
+                pass
+            await tunnel.aclose()
+            assert await proxy.wait_exit() == 0
+            events = proxy.events()
+            assert MARKER.decode() not in proxy.log_path.read_text()
+            (connect,) = [e for e in events if e.get("method") == "CONNECT"]
+            assert connect["outcome"] == "closed" and connect["bytes_up"] == len(MARKER)
+            assert not [e for e in events if e.get("event") == "drain_timeout"]
+
+
+async def test_sigterm_grace_period_ends_stuck_tunnels(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.toml"
+    async with tcp_server(echo_handler) as upstream:
+        target = f"127.0.0.1:{upstream}"
+        config.write_text(f'allow = ["{target}"]\nregion = "us-east-1"\ndrain_timeout = 0.5\n')
+        with start_proxy(tmp_path, "--config", str(config), "--listen", "tcp:127.0.0.1:0") as proxy:
+            port = await proxy.port()
+            status, tunnel, _ = await open_tunnel(port, target)
+            assert status == 200
+            proxy.process.send_signal(signal.SIGTERM)
+            assert await proxy.wait_exit() == 0
+            with trio.fail_after(10):
+                assert await tunnel.receive_some(1000) == b""
+            await tunnel.aclose()
+            assert [e for e in proxy.events() if e.get("event") == "drain_timeout"]
+            (connect,) = [e for e in proxy.events() if e.get("method") == "CONNECT"]
+            assert connect["outcome"] == "cancelled"
+
+
+async def test_sighup_reloads_allowlist_keeping_tunnels(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.toml"
+    async with tcp_server(echo_handler) as first, tcp_server(echo_handler) as second:
+        a, b = f"127.0.0.1:{first}", f"127.0.0.1:{second}"
+        config.write_text(f'allow = ["{a}"]\nregion = "us-east-1"\n')
+        with start_proxy(tmp_path, "--config", str(config), "--listen", "tcp:127.0.0.1:0") as proxy:
+            port = await proxy.port()
+            status, tunnel, _ = await open_tunnel(port, a)
+            assert status == 200
+            connect_b = f"CONNECT {b} HTTP/1.1\r\nHost: {b}\r\n\r\n".encode()
+            assert (await request(port, connect_b))[0] == 403
+
+            config.write_text(f'allow = ["{b}"]\nregion = "us-east-1"\n')
+            proxy.process.send_signal(signal.SIGHUP)
+            reloaded = await proxy.wait_event("reloaded")
+            assert reloaded["allowlist"] == [b]
+            status, tunnel_b, _ = await open_tunnel(port, b)
+            assert status == 200
+            await tunnel_b.aclose()
+            connect_a = f"CONNECT {a} HTTP/1.1\r\nHost: {a}\r\n\r\n".encode()
+            assert (await request(port, connect_a))[0] == 403
+            # The tunnel opened under the old list is untouched.
+            await tunnel.send_all(b"ping")
+            assert await tunnel.receive_some(100) == b"ping"
+
+            # A broken file on reload keeps the list in force.
+            config.write_text("allow = [\n")
+            proxy.process.send_signal(signal.SIGHUP)
+            failed = await proxy.wait_event("reload_failed")
+            assert "not valid TOML" in failed["reason"]
+            status, tunnel_b, _ = await open_tunnel(port, b)
+            assert status == 200
+            await tunnel_b.aclose()
+            await tunnel.aclose()
+            proxy.process.send_signal(signal.SIGTERM)
+            assert await proxy.wait_exit() == 0
+
+
+async def test_credentials_via_credential_process_in_process(tmp_path: Path) -> None:
+    """The devstack's set-up: --allow an IP, --region, credentials from credential_process."""
+    script = tmp_path / "creds.py"
+    script.write_text(
+        "import json\nprint(json.dumps({'Version': 1, 'AccessKeyId': 'AKIDPROC',"
+        " 'SecretAccessKey': 'proc-secret-marker', 'SessionToken': 'proc-token',"
+        " 'Expiration': '2099-01-01T00:00:00Z'}))\n"
+    )
+    (tmp_path / "aws-config").write_text(
+        f"[default]\ncredential_process = {sys.executable} {script}\n"
+    )
+    with start_proxy(
+        tmp_path,
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--allow",
+        "127.0.0.1:4443",
+        "--region",
+        "us-east-1",
+    ) as proxy:
+        port = await proxy.port()
+        status, _, body = await request(port, b"GET /v1/credentials HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
+        assert body == {
+            "AccessKeyId": "AKIDPROC",
+            "SecretAccessKey": "proc-secret-marker",
+            "Token": "proc-token",
+            "Expiration": "2099-01-01T00:00:00Z",
+            "Region": "us-east-1",
+        }
+        proxy.process.send_signal(signal.SIGTERM)
+        assert await proxy.wait_exit() == 0
+        text = proxy.log_path.read_text()
+        assert "proc-secret-marker" not in text and "proc-token" not in text
+
+
+async def test_credentials_from_environment_in_process(tmp_path: Path) -> None:
+    env = _env(tmp_path, AWS_ACCESS_KEY_ID="AKIDENV", AWS_SECRET_ACCESS_KEY="env-secret")
+    with start_proxy(
+        tmp_path, "--listen", "tcp:127.0.0.1:0", "--region", "us-east-1", env=env
+    ) as proxy:
+        port = await proxy.port()
+        status, _, body = await request(port, b"GET /v1/credentials HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200 and body["AccessKeyId"] == "AKIDENV" and body["Token"] is None
+        proxy.process.send_signal(signal.SIGTERM)
+        assert await proxy.wait_exit() == 0
+
+
+async def test_startup_errors_are_clear(tmp_path: Path) -> None:
+    with start_proxy(tmp_path, "--listen", "tcp:127.0.0.1:0") as proxy:
+        assert await proxy.wait_exit() == 2
+        (event,) = [e for e in proxy.events() if e.get("event") == "startup_failed"]
+        assert "--region" in event["reason"]
+    with start_proxy(tmp_path, "--listen", "tcp:nowhere", "--region", "us-east-1") as proxy:
+        assert await proxy.wait_exit() == 2
+        assert "expected HOST:PORT" in proxy.log_path.read_text()
+
+
+def test_check_config(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('allow = ["kms.*.amazonaws.com:443", "[::1]:8443"]\nregion = "eu-west-1"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "check-config", str(good)],
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kms.*.amazonaws.com:443" in done.stdout and "[::1]:8443" in done.stdout
+
+    region_only = tmp_path / "region.toml"
+    region_only.write_text('region = "cn-north-1"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "check-config", str(region_only)],
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert "kms.cn-north-1.amazonaws.com.cn:443" in done.stdout
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('allow = ["*.com:443"]\nmax_tunels = 5\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "check-config", str(bad)],
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "bad.toml" in done.stderr and ("max_tunels" in done.stderr or "*.com" in done.stderr)

@@ -1,0 +1,384 @@
+"""The proxy port over real loopback sockets, proxy in-process: tunnels and every error."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+import trio
+import trustme
+from test_proxy_support import (
+    capture_logs,
+    echo_handler,
+    log_events,
+    open_tunnel,
+    read_head,
+    read_to_eof,
+    request,
+    running_proxy,
+    tcp_server,
+)
+
+from proxy.upstream import SockAddr
+
+MARKER = b"MARKER-7f3c9a-must-never-be-logged"
+
+
+async def test_tls_through_tunnel_client_verifies_server() -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("echo.test").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def tls_echo(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_ctx, server_side=True)
+        try:
+            async for chunk in tls:
+                await tls.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    logs = capture_logs()
+    async with tcp_server(tls_echo) as port:
+        # The name resolves to loopback, so the exact address must be listed as well.
+        allow = (f"echo.test:{port}", f"127.0.0.1:{port}")
+        async with running_proxy(allow, names={"echo.test": ["127.0.0.1"]}) as proxy:
+            status, raw, rest = await open_tunnel(proxy.port, f"echo.test:{port}")
+            assert status == 200 and rest == b""
+            tls = trio.SSLStream(raw, client_ctx, server_hostname="echo.test")
+            await tls.do_handshake()
+            await tls.send_all(MARKER)
+            got = b""
+            while len(got) < len(MARKER):
+                got += await tls.receive_some(65536)
+            assert got == MARKER
+            await tls.aclose()
+
+            # The same server under a name it has no certificate for: verification fails.
+            status, raw, _ = await open_tunnel(proxy.port, f"127.0.0.1:{port}")
+            assert status == 200
+            wrong = trio.SSLStream(raw, client_ctx, server_hostname="other.test")
+            with pytest.raises(trio.BrokenResourceError):
+                await wrong.do_handshake()
+            await trio.aclose_forcefully(wrong)
+    events = [e for e in log_events(logs) if e.get("method") == "CONNECT"]
+    assert events[0]["status"] == 200 and events[0]["bytes_up"] > len(MARKER)
+
+
+async def test_plain_tunnel_forwards_early_bytes_and_marker_never_logged() -> None:
+    logs = capture_logs()
+    async with tcp_server(echo_handler) as port, running_proxy((f"127.0.0.1:{port}",)) as proxy:
+        # Bytes sent right behind the request head (h11's trailing_data) must arrive first.
+        status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}", early=MARKER)
+        assert status == 200
+        await stream.send_all(b"|" + MARKER)
+        await stream.send_eof()
+        assert await read_to_eof(stream, rest) == MARKER + b"|" + MARKER
+        await stream.aclose()
+    text = logs.getvalue()
+    assert MARKER.decode() not in text
+    (event,) = [e for e in log_events(logs) if e.get("method") == "CONNECT"]
+    assert event["outcome"] == "closed"
+    assert event["bytes_up"] == event["bytes_down"] == 2 * len(MARKER) + 1
+    assert event["peer"].startswith("tcp:127.0.0.1:") and event["target"] == f"127.0.0.1:{port}"
+    assert "duration_s" in event and event["upstream"] == f"127.0.0.1:{port}"
+    assert event["spliced"] is True  # socket to socket: bytes moved by splice(2)
+
+
+async def test_half_close_keeps_the_other_direction_flowing() -> None:
+    """The client shuts its write side; the upstream still answers after seeing EOF."""
+
+    async def count_then_answer(stream: trio.SocketStream) -> None:
+        total = 0
+        async for chunk in stream:
+            total += len(chunk)
+        # Only after EOF from the client (through the proxy) does the answer go back.
+        await trio.sleep(0.05)
+        await stream.send_all(f"got {total}".encode())
+        await stream.aclose()
+
+    async with (
+        tcp_server(count_then_answer) as port,
+        running_proxy((f"127.0.0.1:{port}",)) as proxy,
+    ):
+        status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}")
+        assert status == 200
+        payload = b"x" * 3_000_000
+        await stream.send_all(payload)
+        await stream.send_eof()
+        assert await read_to_eof(stream, rest) == b"got 3000000"
+        await stream.aclose()
+
+
+async def test_upstream_half_close_reaches_client() -> None:
+    """The upstream shuts its write side first; the client can still send afterwards."""
+
+    async def greet_then_read(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"hello")
+        await stream.send_eof()
+        data = await read_to_eof(stream)
+        assert data == b"late data"
+        await stream.aclose()
+
+    async with (
+        tcp_server(greet_then_read) as port,
+        running_proxy((f"127.0.0.1:{port}",)) as proxy,
+    ):
+        status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}")
+        assert status == 200
+        assert await read_to_eof(stream, rest) == b"hello"
+        await stream.send_all(b"late data")
+        await stream.send_eof()
+        await stream.aclose()
+
+
+async def test_idle_timeout_closes_tunnel() -> None:
+    logs = capture_logs()
+    async with (
+        tcp_server(echo_handler) as port,
+        running_proxy((f"127.0.0.1:{port}",), idle_timeout=0.3) as proxy,
+    ):
+        status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}")
+        assert status == 200
+        with trio.fail_after(10):
+            assert await read_to_eof(stream, rest) == b""
+        await stream.aclose()
+    (event,) = [e for e in log_events(logs) if e.get("method") == "CONNECT"]
+    assert event["outcome"] == "idle_timeout"
+
+
+async def test_500_concurrent_tunnels() -> None:
+    n = 500
+    opened = 0
+    all_open = trio.Event()
+
+    async with tcp_server(echo_handler) as port, running_proxy((f"127.0.0.1:{port}",)) as proxy:
+
+        async def one(i: int) -> None:
+            nonlocal opened
+            status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}")
+            assert status == 200
+            message = f"tunnel {i}".encode()
+            await stream.send_all(message)
+            got = rest
+            while len(got) < len(message):
+                got += await stream.receive_some(100)
+            assert got == message
+            opened += 1
+            if opened == n:
+                all_open.set()
+            await all_open.wait()
+            assert proxy.server.active_connections >= n
+            await stream.aclose()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
+    assert opened == n
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"NOT A REQUEST\r\n\r\n", 400),
+        (b"CONNECT echo.test:443 HTTP/1.1\r\n\r\n", 400),  # no Host header
+        (b"CONNECT no-port HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"CONNECT bad_name!:443 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"CONNECT [::1:443 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 405),
+        (b"DELETE /v1/credentials HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (b"CONNECT other.test:443 HTTP/1.1\r\nHost: x\r\n\r\n", 403),
+        (b"CONNECT 10.0.0.1:443 HTTP/1.1\r\nHost: x\r\n\r\n", 403),  # IP literal not listed
+        (b"CONNECT echo.test:444 HTTP/1.1\r\nHost: x\r\n\r\n", 403),  # wrong port
+        (b"CONNECT kms.us-east-1.amazonaws.com:443 HTTP/1.1\r\nHost: x\r\n\r\n", 403),
+    ],
+)
+async def test_error_answers(raw: bytes, status: int) -> None:
+    async with running_proxy(("echo.test:443",)) as proxy:
+        got, head, body = await request(proxy.port, raw)
+        assert got == status, head
+        assert isinstance(body["error"], str) and body["error"]
+        assert b"content-type: application/json" in head.lower()
+
+
+@pytest.mark.parametrize(
+    ("name", "addresses"),
+    [
+        ("loop.test", ["127.0.0.1"]),
+        ("imds.test", ["169.254.169.254"]),
+        ("imds6.test", ["fd00:ec2::254"]),
+        ("mapped.test", ["::ffff:169.254.169.254"]),
+        ("local6.test", ["::1"]),
+    ],
+)
+async def test_403_for_names_resolving_to_guarded_addresses(
+    name: str, addresses: list[str]
+) -> None:
+    attempted: list[SockAddr] = []
+
+    async def must_not_connect(family: int, sockaddr: SockAddr) -> trio.SocketStream:
+        attempted.append(sockaddr)
+        raise AssertionError("no connection may be attempted")
+
+    async with running_proxy(
+        (f"{name}:443", "*.wild.test:443"),
+        names={name: addresses, "x.wild.test": addresses},
+        connector=must_not_connect,
+    ) as proxy:
+        for target in (f"{name}:443", "x.wild.test:443"):
+            status, _, body = await request(
+                proxy.port, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+            )
+            assert status == 403, body
+            assert "refused" in body["error"]
+    assert attempted == []
+
+
+async def test_guarded_addresses_are_skipped_but_others_used() -> None:
+    """A name resolving to IMDS *and* a permitted address connects only to the latter."""
+    used: list[SockAddr] = []
+    async with tcp_server(echo_handler) as port:
+
+        async def record(family: int, sockaddr: SockAddr) -> trio.SocketStream:
+            used.append(sockaddr)
+            return await trio.open_tcp_stream("127.0.0.1", port)
+
+        async with running_proxy(
+            ("mixed.test:443",),
+            names={"mixed.test": ["169.254.169.254", "192.0.2.10"]},
+            connector=record,
+        ) as proxy:
+            status, stream, _ = await open_tunnel(proxy.port, "mixed.test:443")
+            assert status == 200
+            await stream.aclose()
+    assert used == [("192.0.2.10", 443)]
+
+
+async def test_502_unresolvable_and_refused() -> None:
+    # A port that was just free: nothing listens there, so the connect is refused.
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()
+    async with running_proxy(("nowhere.test:443", f"127.0.0.1:{closed_port}")) as proxy:
+        status, _, body = await request(
+            proxy.port, b"CONNECT nowhere.test:443 HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert status == 502 and "resolved" in body["error"]
+        target = f"127.0.0.1:{closed_port}"
+        status, _, body = await request(
+            proxy.port, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+        )
+        assert status == 502 and "refused" in body["error"]
+
+
+async def test_504_connect_timeout_against_full_backlog() -> None:
+    """A listener whose accept queue is full drops SYNs: the connect hangs, over loopback."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        target = f"127.0.0.1:{port}"
+        async with running_proxy((target,), connect_timeout=0.5) as proxy:
+            status, _, body = await request(
+                proxy.port, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+            )
+            assert status == 504 and "timed out" in body["error"]
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+async def test_504_when_every_connect_hangs() -> None:
+    """The same through the connector seam, with two addresses raced happy-eyeballs style."""
+    attempts: list[SockAddr] = []
+
+    async def hang(family: int, sockaddr: SockAddr) -> trio.SocketStream:
+        attempts.append(sockaddr)
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async with running_proxy(
+        ("slow.test:443",),
+        names={"slow.test": ["192.0.2.1", "2001:db8::1"]},
+        connector=hang,
+        connect_timeout=0.6,
+    ) as proxy:
+        status, _, _ = await request(
+            proxy.port, b"CONNECT slow.test:443 HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert status == 504
+    # Both families were tried (IPv4 first as resolved, then IPv6 after the stagger).
+    assert [a[0] for a in attempts] == ["192.0.2.1", "2001:db8::1"]
+
+
+async def test_503_over_the_connection_limit() -> None:
+    async with tcp_server(echo_handler) as port:
+        target = f"127.0.0.1:{port}"
+        async with running_proxy((target,), max_tunnels=2) as proxy:
+            tunnels = []
+            for _ in range(2):
+                status, stream, _ = await open_tunnel(proxy.port, target)
+                assert status == 200
+                tunnels.append(stream)
+            status, _, body = await request(
+                proxy.port, f"CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            assert status == 503 and "limit" in body["error"]
+            for stream in tunnels:
+                await stream.aclose()
+            # Once the tunnels are gone, new ones are accepted again.
+            with trio.fail_after(10):
+                while proxy.server.active_connections:
+                    await trio.sleep(0.01)
+            status, stream, _ = await open_tunnel(proxy.port, target)
+            assert status == 200
+            await stream.aclose()
+
+
+async def test_healthz_and_keep_alive() -> None:
+    async with running_proxy(()) as proxy:
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        for _ in range(2):
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, rest = await read_head(stream)
+            while len(rest) < len(b'{"status":"ok"}'):
+                rest += await stream.receive_some(100)
+            assert status == 200 and rest == b'{"status":"ok"}'
+        await stream.aclose()
+
+
+async def test_reload_swaps_allowlist_without_touching_open_tunnels() -> None:
+    from proxy.allowlist import Allowlist
+
+    async with tcp_server(echo_handler) as port:
+        target = f"127.0.0.1:{port}"
+        async with running_proxy((target,)) as proxy:
+            status, stream, _ = await open_tunnel(proxy.port, target)
+            assert status == 200
+            proxy.server.reload(Allowlist.from_strings(["other.test:443"]))
+            status, _, _ = await request(
+                proxy.port, f"CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            assert status == 403
+            await stream.send_all(b"still here")
+            assert await stream.receive_some(100) == b"still here"
+            await stream.aclose()
