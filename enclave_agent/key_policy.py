@@ -10,8 +10,9 @@ image's measurements as JSON::
                       "PCR1": "<96 hex>", "PCR2": "<96 hex>"}}
 
 with ``PCR8`` added for a signed image. ``parse_measurements`` reads that (also the
-bare inner object, a ``describe-enclaves`` list holding one enclave, and the same
-JSON preceded by nitro-cli's progress lines when both streams were saved together).
+bare inner object, a ``describe-enclaves`` list holding one enclave, the same JSON
+preceded by nitro-cli's progress lines when both streams were saved together, and
+the output of ``enclave-agent verify-attestation`` for a running enclave's document).
 ``build_key_policy`` turns the values into a key policy document in the form of
 AWS's example (KMS developer guide, "Condition keys for Nitro Enclaves"): the role
 may call the chosen operations only when the attestation document in the request's
@@ -180,6 +181,8 @@ def _measurement_map(document: Any) -> Mapping[str, Any]:
         document = document[0]
     if not isinstance(document, dict):
         raise KeyPolicyError("the measurements JSON must be an object")
+    if "module_id" in document and "pcrs" in document:
+        return _from_verified_document(document)
     for key in ("Measurements", "PCRs"):
         if key in document:
             inner = document[key]
@@ -192,6 +195,33 @@ def _measurement_map(document: Any) -> Mapping[str, Any]:
         "no measurements found: expected nitro-cli's output, "
         '{"Measurements": {"HashAlgorithm": ..., "PCR0": ..., ...}}'
     )
+
+
+def _from_verified_document(document: Mapping[str, Any]) -> dict[str, Any]:
+    """``enclave-agent verify-attestation`` output → nitro-cli's shape.
+
+    Only the image's own measurements are taken (PCR0-2, and PCR8 when the image is
+    signed), the same set ``nitro-cli build-enclave`` prints, so a policy built from
+    a running enclave's document equals one built from the EIF. PCR3 (the parent's
+    role) and PCR4 (the parent instance) are left out: bind to them with ``--pcr``.
+    """
+    digest = document.get("digest")
+    if digest != "SHA384":
+        raise KeyPolicyError(f"only SHA-384 attestation documents are supported, not {digest!r}")
+    pcrs = document["pcrs"]
+    if not isinstance(pcrs, dict):
+        raise KeyPolicyError("'pcrs' must be an object of PCR values")
+    result: dict[str, Any] = {"HashAlgorithm": "Sha384 { ... }"}
+    for index in (0, 1, 2, 8):
+        value = pcrs.get(str(index))
+        if value is None:
+            if index == 8:
+                continue
+            raise KeyPolicyError(f"the attestation document has no PCR{index}")
+        if index == 8 and isinstance(value, str) and set(value) == {"0"}:
+            continue  # unsigned image
+        result[f"PCR{index}"] = value
+    return result
 
 
 def parse_measurements(data: bytes | str) -> Measurements:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import subprocess
@@ -128,13 +129,19 @@ def test_arbitrary_bytes_give_measurements_or_key_policy_error(data: bytes) -> N
     assert 0 in parsed.pcrs
 
 
+JSON_KEYS = ["Measurements", "PCRs", "HashAlgorithm", "PCR0", "PCR1", "PCR9", "x", "module_id"]
+JSON_KEYS += ["pcrs", "digest", "0", "1", "2", "8"]
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=100) | hex96,
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=100)
+    | hex96
+    | st.sampled_from(["SHA384", "0" * 96]),
     lambda children: (
         st.lists(children, max_size=4)
         | st.dictionaries(
-            st.sampled_from(["Measurements", "PCRs", "HashAlgorithm", "PCR0", "PCR1", "PCR9", "x"])
-            | st.text(max_size=8),
+            st.sampled_from(JSON_KEYS) | st.text(max_size=8),
             children,
             max_size=5,
         )
@@ -309,3 +316,65 @@ def test_command_prints_policy_and_fails_clearly() -> None:
     assert missing.stdout == b""
     bad = _cli("--measurements", "-", "--role-arn", ROLE, stdin=b'{"PCR0": "00"}')
     assert bad.returncode == 2 and b"96 hex digits" in bad.stderr
+
+
+def _verified_fields(path: Path) -> dict[str, object]:
+    from enclave_agent.attestation import parse_attestation, verify_attestation
+    from enclave_agent.verify_cmd import describe
+
+    raw = path.read_bytes()
+    at = parse_attestation(raw).timestamp
+    return describe(verify_attestation(raw, at=at))
+
+
+def test_real_production_document_via_verify_attestation(vectors_dir: Path) -> None:
+    fields = _verified_fields(vectors_dir / "attestation" / "evervault_production_2022-10-13.cbor")
+    pcrs = fields["pcrs"]
+    assert isinstance(pcrs, dict)
+    measurements = parse_measurements(json.dumps(fields))
+    # The image's own measurements only, as nitro-cli build-enclave prints them.
+    assert measurements.pcrs == {i: pcrs[str(i)] for i in (0, 1, 2, 8)}
+    conditions = build_key_policy(measurements, ROLE)["Statement"][1]["Condition"]
+    assert conditions["StringEqualsIgnoreCase"][IMAGE_CONDITION_KEY] == pcrs["0"]
+    with_role = with_extra_pcrs(measurements, {3: pcrs["3"]})
+    assert with_role.pcrs[3] == pcrs["3"]
+
+
+def test_real_debug_document_is_refused_without_consent(vectors_dir: Path) -> None:
+    fields = _verified_fields(vectors_dir / "attestation" / "nitrite_debug_2024-09-07.cbor")
+    measurements = parse_measurements(json.dumps(fields))
+    assert 8 not in measurements.pcrs and set(measurements.pcrs[0]) == {"0"}
+    with pytest.raises(KeyPolicyError, match="debug-mode"):
+        build_key_policy(measurements, ROLE)
+
+
+def test_simulated_document_through_both_commands(tmp_path: Path) -> None:
+    from enclave_agent.nsm_sim import SimulatedNsm
+
+    enclave = SimulatedNsm.create()
+    enclave.save_ca(tmp_path)
+    document = tmp_path / "document.b64"
+    document.write_bytes(base64.b64encode(enclave.attestation(nonce=b"n" * 16)))
+    verified = subprocess.run(
+        [sys.executable, "-m", "enclave_agent.cli", "verify-attestation", str(document),
+         "--root", str(tmp_path / "root.pem")],
+        capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    policy = _cli("--measurements", "-", "--role-arn", ROLE, stdin=verified.stdout)
+    assert policy.returncode == 0, policy.stderr
+    conditions = json.loads(policy.stdout)["Statement"][1]["Condition"]["StringEqualsIgnoreCase"]
+    assert conditions == {
+        IMAGE_CONDITION_KEY: enclave.pcrs[0].hex(),
+        "kms:RecipientAttestation:PCR1": enclave.pcrs[1].hex(),
+        "kms:RecipientAttestation:PCR2": enclave.pcrs[2].hex(),
+    }
+
+
+def test_verify_attestation_shape_errors() -> None:
+    base = {"module_id": "i-0-enc0", "digest": "SHA384", "pcrs": {"0": PCR0, "1": PCR1}}
+    with pytest.raises(KeyPolicyError, match="no PCR2"):
+        parse_measurements(json.dumps(base))
+    with pytest.raises(KeyPolicyError, match="SHA-384"):
+        parse_measurements(json.dumps({**base, "digest": "SHA256"}))
+    with pytest.raises(KeyPolicyError, match="must be an object"):
+        parse_measurements(json.dumps({**base, "pcrs": []}))
