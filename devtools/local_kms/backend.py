@@ -128,6 +128,8 @@ class MotoKms:
             decoded = json.loads(raw) if raw else {}
         except ValueError as exc:
             raise MotoBackendError(f"moto answered {operation} with non-JSON") from exc
+        if decoded is None or decoded == "":
+            decoded = {}  # moto answers some operations with "null" or a JSON empty string
         if not isinstance(decoded, dict):
             raise MotoBackendError(f"moto answered {operation} with a non-object")
         return MotoReply(response.status_code, decoded)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 MAX_CLOCK_SKEW = timedelta(minutes=15)
@@ -91,10 +91,9 @@ def parse_authorization(value: str) -> Authorization:
 
 
 def _canonical_query(query: str) -> str:
-    pairs = []
-    for item in query.split("&") if query else []:
-        key, _, value = item.partition("=")
-        pairs.append((quote(unquote(key), safe="-_.~"), quote(unquote(value), safe="-_.~")))
+    # Pairs as sent, sorted: what botocore signs (it takes an already-encoded query).
+    # KMS itself never uses a query string.
+    pairs = [item.partition("=")[::2] for item in query.split("&")] if query else []
     return "&".join(f"{k}={v}" for k, v in sorted(pairs))
 
 

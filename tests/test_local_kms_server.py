@@ -1,0 +1,445 @@
+"""The local KMS stand-in as a real subprocess, driven by unmodified boto3 over TLS."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from devtools.local_kms.admin_client import set_faults
+from enclave_agent.cms import decrypt_for_recipient
+from enclave_agent.key_policy import Measurements, build_key_policy
+from enclave_agent.nsm_sim import DEFAULT_SIMULATED_PCRS, SimulatedNsm
+from enclave_agent.recipient import RecipientKey
+from tests.test_local_kms_envelope import openssl_decrypt
+
+REPO = Path(__file__).resolve().parent.parent
+MARKER = b"local-kms-plaintext-marker-7f3a"
+START_TIMEOUT = 60.0
+
+
+def start_local_kms(
+    state_file: Path, *args: str, log: Path
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devtools.local_kms", "--state-file", str(state_file), *args],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while not state_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            pytest.fail(f"local KMS did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return proc, json.loads(state_file.read_text())
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("nsm-ca")
+    SimulatedNsm.create().save_ca(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[dict[str, Any]]:
+    work = tmp_path_factory.mktemp("local-kms")
+    log = work / "local-kms.log"
+    proc, state = start_local_kms(work / "state.json", "--simulated-nsm-ca", str(ca_dir), log=log)
+    try:
+        yield {**state, "log": log, "work": work}
+    finally:
+        stop(proc)
+
+
+def client(state: dict[str, Any], **overrides: Any) -> Any:
+    settings: dict[str, Any] = {
+        "endpoint_url": state["endpoint"],
+        "region_name": state["region"],
+        "verify": state["ca_bundle"],
+        "aws_access_key_id": state["aws_access_key_id"],
+        "aws_secret_access_key": state["aws_secret_access_key"],
+        "config": Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+    }
+    settings.update(overrides)
+    return boto3.client("kms", **settings)
+
+
+@pytest.fixture(scope="module")
+def kms(stand_in: dict[str, Any]) -> Any:
+    return client(stand_in)
+
+
+@pytest.fixture(scope="module")
+def enclave_key() -> tuple[rsa.RSAPrivateKey, RecipientKey]:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return private, RecipientKey(private)
+
+
+def recipient(nsm: SimulatedNsm, key: RecipientKey) -> dict[str, Any]:
+    document = nsm.attestation(public_key=key.public_key_der)
+    return {"AttestationDocument": document, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}
+
+
+def error_code(caught: pytest.ExceptionInfo[ClientError]) -> str:
+    return str(caught.value.response["Error"]["Code"])
+
+
+@pytest.fixture(scope="module")
+def attested_key(kms: Any) -> str:
+    """A key whose policy (AWS's example shape, from enclave_agent.key_policy) needs attestation."""
+    pcrs = {i: DEFAULT_SIMULATED_PCRS[i].hex() for i in (0, 1, 2)}
+    document = build_key_policy(
+        Measurements(pcrs),
+        "arn:aws:iam::111122223333:role/enclave-parent",
+        operations=["Decrypt", "GenerateDataKey", "GenerateDataKeyPair"],
+    )
+    # The administrative statement lets the account encrypt, never decrypt.
+    return str(kms.create_key(Policy=json.dumps(document))["KeyMetadata"]["KeyId"])
+
+
+def test_decrypt_needs_a_matching_attestation(
+    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+) -> None:
+    blob = kms.encrypt(KeyId=attested_key, Plaintext=MARKER)["CiphertextBlob"]
+    with pytest.raises(ClientError) as caught:
+        kms.decrypt(CiphertextBlob=blob)
+    assert error_code(caught) == "AccessDeniedException"
+
+    _private, key = enclave_key
+    answer = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.load(ca_dir), key))
+    assert "Plaintext" not in answer
+    assert answer["KeyId"].endswith(attested_key)
+    assert answer["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
+    assert key.open(answer["CiphertextForRecipient"]) == MARKER
+
+
+def test_openssl_and_crypto_core_open_the_answer(
+    kms: Any,
+    attested_key: str,
+    ca_dir: Path,
+    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
+    tmp_path: Path,
+) -> None:
+    private, key = enclave_key
+    blob = kms.encrypt(KeyId=attested_key, Plaintext=MARKER * 3)["CiphertextBlob"]
+    envelope = kms.decrypt(
+        CiphertextBlob=blob, KeyId=attested_key, Recipient=recipient(SimulatedNsm.load(ca_dir), key)
+    )["CiphertextForRecipient"]
+    assert openssl_decrypt(tmp_path, envelope, private) == MARKER * 3
+    assert decrypt_for_recipient(envelope, private) == MARKER * 3
+
+
+def test_pcr_mismatch_is_denied(
+    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+) -> None:
+    blob = kms.encrypt(KeyId=attested_key, Plaintext=b"x")["CiphertextBlob"]
+    other_image = {**DEFAULT_SIMULATED_PCRS, 1: bytes.fromhex("11" * 48)}
+    nsm = SimulatedNsm.load(ca_dir, pcrs=other_image)
+    with pytest.raises(ClientError) as caught:
+        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(nsm, enclave_key[1]))
+    assert error_code(caught) == "AccessDeniedException"
+    assert "kms:Decrypt" in caught.value.response["Error"]["Message"]
+
+
+def test_document_from_another_root_is_refused(
+    kms: Any, attested_key: str, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+) -> None:
+    blob = kms.encrypt(KeyId=attested_key, Plaintext=b"x")["CiphertextBlob"]
+    with pytest.raises(ClientError) as caught:
+        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.create(), enclave_key[1]))
+    assert error_code(caught) == "ValidationException"
+    assert "attestation" in caught.value.response["Error"]["Message"]
+
+
+def test_recipient_without_a_usable_key_or_algorithm_is_refused(
+    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+) -> None:
+    nsm = SimulatedNsm.load(ca_dir)
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    small_der = small.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    cases = [
+        {"AttestationDocument": nsm.attestation(), "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
+        {
+            "AttestationDocument": nsm.attestation(public_key=small_der),
+            "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+        },
+        {
+            "AttestationDocument": nsm.attestation(public_key=enclave_key[1].public_key_der),
+            "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_1",
+        },
+        {"AttestationDocument": b"\x84junk", "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
+    ]
+    for case in cases:
+        with pytest.raises(ClientError) as caught:
+            kms.generate_random(NumberOfBytes=8, Recipient=case)
+        assert error_code(caught) == "ValidationException"
+
+
+def test_bad_signature_and_unknown_key_are_refused(stand_in: dict[str, Any]) -> None:
+    with pytest.raises(ClientError) as caught:
+        client(stand_in, aws_secret_access_key="not-the-secret").list_keys()
+    assert error_code(caught) == "InvalidSignatureException"
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    with pytest.raises(ClientError) as caught:
+        client(stand_in, aws_access_key_id="AKIAUNKNOWNUNKNOWN00").list_keys()
+    assert error_code(caught) == "UnrecognizedClientException"
+
+
+def test_generate_data_key_for_recipient_round_trips(
+    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+) -> None:
+    key = enclave_key[1]
+    nsm = SimulatedNsm.load(ca_dir)
+    answer = kms.generate_data_key(
+        KeyId=attested_key, KeySpec="AES_256", Recipient=recipient(nsm, key)
+    )
+    assert "Plaintext" not in answer
+    data_key = key.open(answer["CiphertextForRecipient"])
+    assert len(data_key) == 32
+    again = kms.decrypt(CiphertextBlob=answer["CiphertextBlob"], Recipient=recipient(nsm, key))
+    assert key.open(again["CiphertextForRecipient"]) == data_key
+    with pytest.raises(ClientError) as caught:
+        kms.generate_data_key(KeyId=attested_key, KeySpec="AES_256")
+    assert error_code(caught) == "AccessDeniedException"
+
+
+def test_generate_random_and_key_pair_for_recipient(
+    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+) -> None:
+    key = enclave_key[1]
+    nsm = SimulatedNsm.load(ca_dir)
+    answer = kms.generate_random(NumberOfBytes=48, Recipient=recipient(nsm, key))
+    assert "Plaintext" not in answer
+    assert len(key.open(answer["CiphertextForRecipient"])) == 48
+
+    pair = kms.generate_data_key_pair(
+        KeyId=attested_key, KeyPairSpec="ECC_NIST_P256", Recipient=recipient(nsm, key)
+    )
+    assert "PrivateKeyPlaintext" not in pair
+    private = serialization.load_der_private_key(key.open(pair["CiphertextForRecipient"]), None)
+    assert (
+        private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        == pair["PublicKey"]
+    )
+    again = kms.decrypt(
+        CiphertextBlob=pair["PrivateKeyCiphertextBlob"], Recipient=recipient(nsm, key)
+    )
+    assert key.open(again["CiphertextForRecipient"]) == key.open(pair["CiphertextForRecipient"])
+
+
+def test_plain_kms_without_recipient_still_works(kms: Any) -> None:
+    key_id = kms.create_key(Description="plain")["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName="alias/plain-local", TargetKeyId=key_id)
+    blob = kms.encrypt(KeyId="alias/plain-local", Plaintext=b"hello")["CiphertextBlob"]
+    assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"hello"
+    moved = kms.re_encrypt(CiphertextBlob=blob, DestinationKeyId=key_id)["CiphertextBlob"]
+    assert kms.decrypt(CiphertextBlob=moved)["Plaintext"] == b"hello"
+    assert len(kms.generate_random(NumberOfBytes=17)["Plaintext"]) == 17
+    with pytest.raises(ClientError) as caught:
+        kms.describe_key(KeyId="alias/does-not-exist")
+    assert error_code(caught) == "NotFoundException"
+
+
+def test_explicit_deny_and_malformed_policies(
+    kms: Any, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+) -> None:
+    image = DEFAULT_SIMULATED_PCRS[0].hex()
+    key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+    kms.put_key_policy(
+        KeyId=key_id,
+        PolicyName="default",
+        Policy=json.dumps(
+            {
+                "Statement": [
+                    {"Effect": "Allow", "Principal": "*", "Action": "kms:*", "Resource": "*"},
+                    {
+                        "Effect": "Deny",
+                        "Principal": "*",
+                        "Action": "kms:Decrypt",
+                        "Resource": "*",
+                        "Condition": {
+                            "StringNotEquals": {"kms:RecipientAttestation:ImageSha384": image}
+                        },
+                    },
+                ]
+            }
+        ),
+    )
+    blob = kms.encrypt(KeyId=key_id, Plaintext=b"deny wins")["CiphertextBlob"]
+    with pytest.raises(ClientError) as caught:
+        kms.decrypt(CiphertextBlob=blob)
+    assert "explicit deny" in caught.value.response["Error"]["Message"]
+    answer = kms.decrypt(
+        CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.load(ca_dir), enclave_key[1])
+    )
+    assert enclave_key[1].open(answer["CiphertextForRecipient"]) == b"deny wins"
+    with pytest.raises(ClientError) as caught:
+        kms.create_key(Policy=json.dumps({"Statement": [{"Effect": "Allow"}]}))
+    assert error_code(caught) == "MalformedPolicyDocumentException"
+
+
+def test_minted_credentials_via_credential_process_and_expiry(
+    stand_in: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state_file = stand_in["work"] / "state.json"
+    command = f"{sys.executable} -m devtools.local_kms.credential_process --state-file {state_file}"
+    config = tmp_path / "config"
+    config.write_text(
+        f"[profile local]\nregion = {stand_in['region']}\n"
+        f"credential_process = {command} --ttl 900\n"
+        f"[profile short]\nregion = {stand_in['region']}\n"
+        f"credential_process = {command} --ttl 1\n"
+    )
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = Config(retries={"total_max_attempts": 1})
+    session = boto3.Session(profile_name="local")
+    kms = session.client(
+        "kms", endpoint_url=stand_in["endpoint"], verify=stand_in["ca_bundle"], config=cfg
+    )
+    kms.list_keys()
+    assert session.get_credentials().get_frozen_credentials().token
+
+    short = boto3.Session(profile_name="short").get_credentials().get_frozen_credentials()
+    expiring = client(
+        stand_in,
+        aws_access_key_id=short.access_key,
+        aws_secret_access_key=short.secret_key,
+        aws_session_token=short.token,
+    )
+    time.sleep(1.5)  # let the one-second credentials expire
+    with pytest.raises(ClientError) as caught:
+        expiring.list_keys()
+    assert error_code(caught) == "ExpiredTokenException"
+
+
+def test_injected_faults(stand_in: dict[str, Any], kms: Any) -> None:
+    state_file = stand_in["work"] / "state.json"
+    assert set_faults(state_file, "internal", count=1) == 1
+    with pytest.raises(ClientError) as caught:
+        kms.list_keys()
+    assert error_code(caught) == "KMSInternalException"
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+    kms.list_keys()
+    set_faults(state_file, "throttle", count=1)
+    with pytest.raises(ClientError) as caught:
+        kms.list_keys()
+    assert error_code(caught) == "ThrottlingException"
+    set_faults(state_file, "delay", count=1, delay=0.2)
+    kms.list_keys()
+    # botocore's own retries ride over throttling, as they do on AWS.
+    set_faults(state_file, "throttle", count=2)
+    retrying = client(
+        stand_in, config=Config(retries={"total_max_attempts": 3, "mode": "standard"})
+    )
+    retrying.list_keys()
+
+
+def test_admin_routes_need_the_token(stand_in: dict[str, Any]) -> None:
+    import http.client
+    import ssl
+
+    context = ssl.create_default_context(cafile=stand_in["ca_bundle"])
+    conn = http.client.HTTPSConnection(stand_in["host"], stand_in["port"], context=context)
+    try:
+        conn.request("POST", "/_local_kms/faults", body=json.dumps({"kind": "internal"}))
+        response = conn.getresponse()
+        assert response.status == 403
+        response.read()
+        conn.request("POST", "/", body=b"{}", headers={"X-Amz-Target": "Nope"})
+        response = conn.getresponse()
+        assert response.status == 400
+        assert json.loads(response.read())["__type"] == "UnknownOperationException"
+    finally:
+        conn.close()
+
+
+@pytest.mark.skipif(shutil.which("aws") is None, reason="AWS CLI not installed")
+def test_aws_cli_works_against_it(stand_in: dict[str, Any]) -> None:
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID=stand_in["aws_access_key_id"],
+        AWS_SECRET_ACCESS_KEY=stand_in["aws_secret_access_key"],
+        AWS_DEFAULT_REGION=stand_in["region"],
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+    )
+    env.pop("AWS_PROFILE", None)
+    env.pop("AWS_SESSION_TOKEN", None)
+    args = ["aws", "--endpoint-url", stand_in["endpoint"], "--ca-bundle", stand_in["ca_bundle"]]
+    try:
+        result = subprocess.run(
+            [*args, "kms", "generate-random", "--number-of-bytes", "16", "--output", "json"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"aws CLI not runnable here: {exc}")
+    if result.returncode != 0 and b"kms" not in result.stderr:
+        pytest.skip(f"aws CLI not runnable here: {result.stderr[-300:]!r}")
+    assert result.returncode == 0, result.stderr
+    assert len(base64.b64decode(json.loads(result.stdout)["Plaintext"])) == 16
+
+
+def test_logs_hold_no_secret(stand_in: dict[str, Any], kms: Any, attested_key: str) -> None:
+    kms.encrypt(KeyId=attested_key, Plaintext=MARKER)
+    text = stand_in["log"].read_bytes()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert any(line.get("event") == "request" and line.get("operation") for line in lines)
+    for secret in (
+        MARKER,
+        base64.b64encode(MARKER),
+        stand_in["aws_secret_access_key"].encode(),
+        stand_in["admin_token"].encode(),
+    ):
+        assert secret not in text
+
+
+def test_second_instance_other_region_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    proc, state = start_local_kms(state_file, "--region", "eu-west-1", log=tmp_path / "log")
+    try:
+        assert state["pid"] == proc.pid and state["region"] == "eu-west-1"
+        assert Path(state["ca_bundle"]).read_text().startswith("-----BEGIN CERTIFICATE-----")
+        listed = client(state).list_keys()
+        assert listed["ResponseMetadata"]["HTTPStatusCode"] == 200
+    finally:
+        assert stop(proc) == 0
+    assert not state_file.exists()

@@ -1,0 +1,204 @@
+"""SigV4 checking, credentials and fault plans of the local KMS stand-in (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devtools.local_kms.credentials import CredentialStore
+from devtools.local_kms.faults import FaultError, FaultInjector, FaultPlan, parse_plan
+from devtools.local_kms.sigv4 import Request, SignatureError, check_signature, parse_authorization
+
+# Credential-store checks take the time as a parameter; signatures use the real clock
+# because botocore signs with it.
+NOW = datetime(2026, 11, 29, 0, 0, 0, tzinfo=UTC)
+KEY_ID = "AKIAEXAMPLEEXAMPLE00"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+def botocore_signed(
+    body: bytes,
+    *,
+    target: str = "/",
+    extra: dict[str, str] | None = None,
+    region: str = "us-east-1",
+    secret: str = SECRET,
+    token: str | None = None,
+) -> Request:
+    """A request signed by botocore's own SigV4 signer, as received by the server."""
+    headers = {
+        "X-Amz-Target": "TrentService.Decrypt",
+        "Content-Type": "application/x-amz-json-1.1",
+        **(extra or {}),
+    }
+    aws = AWSRequest(
+        method="POST", url=f"https://127.0.0.1:4443{target}", data=body, headers=headers
+    )
+    SigV4Auth(Credentials(KEY_ID, secret, token), "kms", region).add_auth(aws)
+    prepared = aws.prepare()
+    received = {k.lower(): v for k, v in prepared.headers.items()}
+    received["host"] = "127.0.0.1:4443"
+    return Request("POST", target, received, body)
+
+
+def check(request: Request, now: datetime | None = None) -> None:
+    check_signature(
+        request,
+        service="kms",
+        region="us-east-1",
+        secret_for=lambda key: SECRET if key == KEY_ID else None,
+        now=now or datetime.now(UTC),
+    )
+
+
+header_values = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E) | st.just(" "), max_size=30
+).map(str.strip)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    body=st.binary(max_size=300),
+    value=header_values,
+    query=st.dictionaries(
+        st.text("abcXYZ-_.~%", min_size=1, max_size=5), st.text("ab c=/&", max_size=5), max_size=3
+    ),
+)
+def test_botocore_signed_requests_verify(body: bytes, value: str, query: dict[str, str]) -> None:
+    from urllib.parse import urlencode
+
+    target = "/" + ("?" + urlencode(query) if query else "")
+    request = botocore_signed(body, target=target, extra={"X-Custom": value})
+    check(request)
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=st.binary(min_size=1, max_size=200), data=st.data())
+def test_any_changed_body_byte_is_refused(body: bytes, data: Any) -> None:
+    request = botocore_signed(body)
+    index = data.draw(st.integers(0, len(body) - 1))
+    flip = data.draw(st.integers(1, 255))
+    changed = bytearray(body)
+    changed[index] ^= flip
+    with pytest.raises(SignatureError) as caught:
+        check(Request(request.method, request.target, request.headers, bytes(changed)))
+    assert caught.value.error_type == "InvalidSignatureException"
+
+
+def test_changed_signed_header_wrong_secret_and_unknown_key_are_refused() -> None:
+    request = botocore_signed(b"{}")
+    headers = dict(request.headers, **{"x-amz-target": "TrentService.Encrypt"})
+    with pytest.raises(SignatureError, match="does not match"):
+        check(Request("POST", "/", headers, b"{}"))
+    with pytest.raises(SignatureError, match="does not match"):
+        check(botocore_signed(b"{}", secret="not the secret"))
+    with pytest.raises(SignatureError) as caught:
+        check_signature(
+            request,
+            service="kms",
+            region="us-east-1",
+            secret_for=lambda _k: None,
+            now=datetime.now(UTC),
+        )
+    assert caught.value.error_type == "UnrecognizedClientException"
+
+
+def test_scope_clock_and_shape_errors() -> None:
+    with pytest.raises(SignatureError, match="valid region"):
+        check(botocore_signed(b"{}", region="eu-west-1"))
+    with pytest.raises(SignatureError, match="Signature expired"):
+        check(botocore_signed(b"{}"), now=datetime.now(UTC) + timedelta(minutes=16))
+    request = botocore_signed(b"{}")
+    no_auth = {k: v for k, v in request.headers.items() if k != "authorization"}
+    with pytest.raises(SignatureError) as caught:
+        check(Request("POST", "/", no_auth, b"{}"))
+    assert caught.value.error_type == "MissingAuthenticationTokenException"
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=300))
+def test_authorization_parser_raises_only_signature_error(value: str) -> None:
+    try:
+        auth = parse_authorization(value)
+    except SignatureError as exc:
+        assert exc.error_type == "IncompleteSignatureException"
+    else:
+        assert auth.signed_headers == tuple(sorted(auth.signed_headers))
+
+
+@settings(max_examples=200)
+@given(
+    st.dictionaries(
+        st.sampled_from(["authorization", "x-amz-date", "host", "x-amz-target"]),
+        st.text(max_size=120),
+    ),
+    st.binary(max_size=50),
+)
+def test_arbitrary_headers_raise_only_signature_error(headers: dict[str, str], body: bytes) -> None:
+    try:
+        check(Request("POST", "/", headers, body))
+    except SignatureError:
+        pass
+    else:
+        pytest.fail("an unsigned request was accepted")
+
+
+def test_minted_credentials_expire_and_need_their_token() -> None:
+    store = CredentialStore()
+    assert store.secret_for(store.long_term.access_key_id, None, NOW) == (
+        store.long_term.secret_access_key
+    )
+    minted = store.mint(timedelta(seconds=60), NOW)
+    assert minted.access_key_id.startswith("ASIA") and minted.session_token
+    assert store.secret_for(minted.access_key_id, minted.session_token, NOW) == (
+        minted.secret_access_key
+    )
+    with pytest.raises(SignatureError) as caught:
+        store.secret_for(minted.access_key_id, minted.session_token, NOW + timedelta(seconds=61))
+    assert caught.value.error_type == "ExpiredTokenException"
+    for key, token in [
+        (minted.access_key_id, None),
+        (minted.access_key_id, "wrong"),
+        ("ASIAUNKNOWN", minted.session_token),
+        (store.long_term.access_key_id, "a token on a long-term key"),
+    ]:
+        with pytest.raises(SignatureError) as caught:
+            store.secret_for(key, token, NOW)
+        assert caught.value.error_type == "UnrecognizedClientException"
+    with pytest.raises(ValueError):
+        store.mint(timedelta(seconds=0), NOW)
+
+
+def test_fault_plans_are_consumed_one_call_at_a_time() -> None:
+    injector = FaultInjector()
+    assert injector.next_call() is None
+    injector.set(parse_plan({"kind": "throttle", "count": 2}))
+    first, second, third = injector.next_call(), injector.next_call(), injector.next_call()
+    assert first is not None and first.error() == (400, "ThrottlingException", first.error()[2])  # type: ignore[index]
+    assert second is not None and third is None
+    injector.set(parse_plan({"kind": "delay", "count": 1, "delay": 0.5}))
+    fault = injector.next_call()
+    assert fault is not None and fault.delay == 0.5 and fault.error() is None
+    injector.set(FaultPlan("internal", 3))
+    injector.set(parse_plan({"kind": "internal", "count": 0}))
+    assert injector.pending == 0 and injector.next_call() is None
+
+
+@settings(max_examples=200)
+@given(json_document=st.dictionaries(st.sampled_from(["kind", "count", "delay", "x"]), st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 20_000), st.floats(allow_nan=True),
+    st.sampled_from(["internal", "throttle", "delay", "boom"]),
+)) | st.integers() | st.none())  # fmt: skip
+def test_fault_plan_parser_raises_only_fault_error(json_document: Any) -> None:
+    try:
+        plan = parse_plan(json_document)
+    except FaultError:
+        return
+    assert plan.kind in ("internal", "throttle", "delay") and 0 <= plan.count <= 10_000
