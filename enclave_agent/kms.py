@@ -162,16 +162,22 @@ class KmsGateway:
     async def call(self, operation: str, request: Mapping[str, Any]) -> dict[str, Any]:
         started = trio.current_time()
         record = _CallRecord()
-        outcome: dict[str, Any] = {"outcome": "ok"}
+        outcome: dict[str, Any] = {"outcome": "cancelled"}
         try:
-            return await self._call(operation, request, record)
+            answer = await self._call(operation, request, record)
         except KmsError as exc:
             outcome = {"outcome": "error", "error_type": exc.error_type, "status": exc.status}
             outcome["reason"] = exc.message
             raise
-        except trio.Cancelled:
-            outcome = {"outcome": "cancelled"}
-            raise
+        # A bug of ours must still reach the app in KMS's shape (the contract: KmsError
+        # for everything); the class name only, as its text could quote request data.
+        except Exception as exc:
+            name = type(exc).__name__
+            outcome = {"outcome": "error", "error_type": "KMSInternalException", "bug": name}
+            raise KmsError("KMSInternalException", f"the agent failed: {name}", 500) from exc
+        else:
+            outcome = {"outcome": "ok"}
+            return answer
         finally:
             # One event per call; fields only, never a body, key or credential.
             (_log.info if outcome["outcome"] == "ok" else _log.warning)(

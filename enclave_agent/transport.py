@@ -56,7 +56,12 @@ class HttpResponse:
 
 def make_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
     """Verify KMS against ``ca_bundle`` (a PEM file) or certifi's bundle."""
-    context = ssl.create_default_context(cafile=ca_bundle or certifi.where())
+    path = ca_bundle or certifi.where()
+    try:
+        context = ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        # a configuration mistake, reported at start-up rather than on the first call
+        raise ValueError(f"cannot load the CA bundle {path}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # create_default_context already sets these; stated because they are the point.
     context.check_hostname = True

@@ -373,3 +373,11 @@ def test_endpoints() -> None:
     for bad in ["http://kms.example", "https://", "https://h/path", "https://h:99999", "kms"]:
         with pytest.raises(ValueError, match="KMS endpoint"):
             host_port(region="x", endpoint=bad)
+
+
+async def test_a_bug_still_reaches_the_app_as_a_kms_error(stack: Stack) -> None:
+    stack.nsm.attestation = lambda **_: None  # type: ignore[method-assign,assignment,return-value]
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+    assert (info.value.error_type, info.value.status) == ("KMSInternalException", 500)
+    assert info.value.message == "the agent failed: TypeError"

@@ -217,3 +217,13 @@ async def test_http_get(nursery: trio.Nursery) -> None:
     address = await raw_server(nursery, silent)
     with pytest.raises(TransportError, match="closed the connection before answering GET"):
         await http_get(parse_address(address), "/v1/credentials")
+
+
+def test_ca_bundle_errors_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot load the CA bundle"):
+        make_ssl_context(str(tmp_path / "missing.pem"))
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(ValueError, match="cannot load the CA bundle"):
+        make_ssl_context(str(junk))
+    assert make_ssl_context(None).check_hostname
