@@ -40,6 +40,7 @@ from enclave_agent.app_protocol import (
     SecretCall,
 )
 from enclave_agent.config import AccessConfig, Limits
+from enclave_agent.kms import KmsError
 from enclave_agent.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
 from enclave_common.address import describe_peer
 from enclave_common.logs import get_logger
@@ -76,17 +77,6 @@ class _ReadError(Exception):
         super().__init__(reason)
         self.response = response
         self.reason = reason
-
-
-def _kms_error_fields(exc: BaseException) -> tuple[str, str, int] | None:
-    """KmsError's (error_type, message, status), read by shape so that any gateway
-    error carrying KMS's vocabulary reaches the app unchanged."""
-    error_type = getattr(exc, "error_type", None)
-    message = getattr(exc, "message", None)
-    status = getattr(exc, "status", None)
-    if isinstance(error_type, str) and isinstance(message, str) and isinstance(status, int):
-        return error_type, message, status
-    return None
 
 
 class AppServer:
@@ -247,10 +237,9 @@ class AppServer:
             return app_protocol.json_response({"status": "ok"}), operation
         except AppProtocolError as exc:
             return app_protocol.error_response(exc.error_type, exc.message, exc.status), operation
+        except KmsError as exc:
+            return app_protocol.error_response(exc.error_type, exc.message, exc.status), operation
         except Exception as exc:  # noqa: BLE001 - one failed request must not end the connection
-            fields = _kms_error_fields(exc)
-            if fields is not None:
-                return app_protocol.error_response(*fields), operation
             # An agent bug or an NSM failure: the type only, never the details, which
             # could quote request data.
             log.error("request_failed", path=path, operation=operation, error=type(exc).__name__)

@@ -16,17 +16,10 @@ import pytest
 import trio
 
 from enclave_agent.config import AccessConfig, Limits
+from enclave_agent.kms import KmsError
 from enclave_agent.server import AppServer
 from enclave_common.address import TcpAddress, UnixAddress, listener_address, open_listener
 from enclave_common.logs import configure_logging
-
-
-class FakeKmsError(Exception):
-    def __init__(self, error_type: str, message: str, status: int) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
-        self.status = status
 
 
 @dataclass
@@ -46,7 +39,7 @@ class FakeGateway:
             if self.hold is not None:
                 await self.hold.wait()
             if request.get("CiphertextBlob") == "ZGVuaWVk":
-                raise FakeKmsError("AccessDeniedException", "PCR0 does not match", 400)
+                raise KmsError("AccessDeniedException", "PCR0 does not match", 400)
             return {"Plaintext": base64.b64encode(b"plain").decode(), "KeyId": "k"}
         finally:
             self.in_flight -= 1

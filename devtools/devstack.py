@@ -1,0 +1,430 @@
+"""The whole chain on one machine: local KMS ← enclave-proxy (tcp:) ← enclave-agent (simulated NSM).
+
+``scripts/devstack --state-file FILE`` (this module's ``main``) starts, in order:
+
+1. a simulated NSM CA (``python -m enclave_agent.nsm_sim init-ca DIR``), which the
+   agent signs attestation documents under and the local KMS trusts;
+2. the local KMS stand-in (HTTPS on loopback, moto behind it);
+3. enclave-proxy on ``tcp:127.0.0.1:0`` in place of vsock, allowing only the local
+   KMS, with credentials for it from a ``credential_process`` (short-lived, as an
+   instance role's are) or from environment variables;
+4. enclave-agent ``serve`` with ``nsm = "simulated"``, talking to KMS through the
+   proxy, its app socket in the work directory.
+
+Each is waited for (state file, "listening" and "ready" log events) before the
+next starts; then FILE is written (atomically) with what a client needs. It runs
+until SIGTERM/SIGINT, then stops what it started, by PID, newest first, and reaps
+it. ``DevStack`` is the same thing as a library, for tests and the demo.
+
+Development tooling only: the simulated NSM proves nothing and the local KMS is
+not AWS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+
+class DevStackError(Exception):
+    """A part of the stack did not start; the message carries the end of its log."""
+
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of a file (other lines, e.g. tracebacks, are skipped)."""
+    events = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    events.append(value)
+    return events
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+@dataclass
+class DevStack:
+    work_dir: Path
+    region: str = "us-east-1"
+    credentials: str = "process"  # or "static"
+    agent_tcp: bool = False
+    pcr_overrides: Mapping[int, bytes] = field(default_factory=dict)
+    python: str = sys.executable
+    processes: list[_Process] = field(default_factory=list)
+    kms: dict[str, Any] = field(default_factory=dict)
+    proxy_address: str = ""
+    agent_socket: str = ""
+    agent_tcp_endpoint: str | None = None
+    agent_config: Path | None = None
+
+    # --- paths ------------------------------------------------------------------
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.work_dir / "simulated-nsm-ca"
+
+    def log_path(self, name: str) -> Path:
+        return self.work_dir / f"{name}.log"
+
+    # --- starting ---------------------------------------------------------------
+
+    def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("AWS_") and key != "ENCLAVE_AGENT_SOCKET"
+        }
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        env["PYTHONUNBUFFERED"] = "1"
+        # Never let botocore probe the instance metadata address from a development box.
+        env["AWS_EC2_METADATA_DISABLED"] = "true"
+        env.update(extra or {})
+        return env
+
+    def _spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> _Process:
+        log_path = self.log_path(name)
+        with open(log_path, "ab") as log_file:
+            popen = subprocess.Popen(
+                list(argv),
+                cwd=REPO_ROOT,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C on the terminal reaches us, not them
+            )
+        process = _Process(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def _wait(
+        self, process: _Process, what: str, check: Any, timeout: float = READY_TIMEOUT
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = check()
+            if result:
+                return result
+            if process.popen.poll() is not None:
+                raise DevStackError(
+                    f"{process.name} exited with status {process.popen.returncode} before {what}; "
+                    f"end of {process.log_path}:\n{self._tail(process.log_path)}"
+                )
+            time.sleep(0.05)
+        raise DevStackError(
+            f"{process.name}: no {what} within {timeout:.0f} s; end of {process.log_path}:\n"
+            f"{self._tail(process.log_path)}"
+        )
+
+    @staticmethod
+    def _tail(path: Path, lines: int = 15) -> str:
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _event(self, process: _Process, name: str) -> dict[str, Any] | None:
+        for event in log_events(process.log_path):
+            if event.get("event") == name:
+                return event
+        return None
+
+    def make_ca(self) -> None:
+        subprocess.run(
+            [self.python, "-m", "enclave_agent.nsm_sim", "init-ca", str(self.ca_dir)],
+            cwd=REPO_ROOT,
+            env=self._env(),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def start_kms(self) -> dict[str, Any]:
+        state_file = self.work_dir / "kms-state.json"
+        process = self._spawn(
+            "kms",
+            [
+                self.python,
+                "-m",
+                "devtools.local_kms",
+                "--state-file",
+                str(state_file),
+                "--region",
+                self.region,
+                "--simulated-nsm-ca",
+                str(self.ca_dir),
+            ],
+            self._env(),
+        )
+
+        def ready() -> dict[str, Any] | None:
+            try:
+                value = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                return None
+            return value if isinstance(value, dict) else None
+
+        self.kms = self._wait(process, "its state file", ready)
+        self.kms["state_file"] = str(state_file)
+        return self.kms
+
+    def start_proxy(self, allow: str | None = None) -> str:
+        """Start the proxy allowing ``allow`` (default: the local KMS's host:port)."""
+        allow = allow or f"{self.kms['host']}:{self.kms['port']}"
+        if self.credentials == "static":
+            extra = {
+                "AWS_ACCESS_KEY_ID": self.kms["aws_access_key_id"],
+                "AWS_SECRET_ACCESS_KEY": self.kms["aws_secret_access_key"],
+            }
+        else:
+            config = self.work_dir / "proxy-aws-config"
+            command = (
+                f"{self.python} -m devtools.local_kms.credential_process "
+                f"--state-file {self.kms['state_file']} --ttl 900"
+            )
+            config.write_text(
+                f"[default]\nregion = {self.region}\ncredential_process = {command}\n"
+            )
+            extra = {
+                "AWS_CONFIG_FILE": str(config),
+                "AWS_SHARED_CREDENTIALS_FILE": str(self.work_dir / "no-credentials-file"),
+            }
+        process = self._spawn(
+            "proxy",
+            [
+                self.python,
+                "-m",
+                "proxy.cli",
+                "--listen",
+                "tcp:127.0.0.1:0",
+                "--allow",
+                allow,
+                "--region",
+                self.region,
+            ],
+            self._env(extra),
+        )
+        event = self._wait(process, "'listening' event", lambda: self._event(process, "listening"))
+        self.proxy_address = str(event["address"])
+        return self.proxy_address
+
+    def write_agent_config(
+        self,
+        *,
+        kms_endpoint: str | None = None,
+        secrets_toml: str = "",
+        name: str = "agent",
+    ) -> Path:
+        socket_path = self.work_dir / f"{name}.sock"
+        lines = [
+            f"region = {_toml_string(self.region)}",
+            f"proxy = {_toml_string(self.proxy_address)}",
+            f"kms_endpoint = {_toml_string(kms_endpoint or self.kms['endpoint'])}",
+            f"ca_bundle = {_toml_string(self.kms['ca_bundle'])}",
+            'nsm = "simulated"',
+            "",
+            "[simulated_nsm]",
+            f"ca_dir = {_toml_string(str(self.ca_dir))}",
+        ]
+        if self.pcr_overrides:
+            pairs = ", ".join(f'{i} = "{v.hex()}"' for i, v in sorted(self.pcr_overrides.items()))
+            lines.append(f"pcrs = {{ {pairs} }}")
+        lines += ["", "[listen]", f"socket = {_toml_string(str(socket_path))}"]
+        if self.agent_tcp:
+            lines.append('tcp = "tcp:127.0.0.1:0"')
+        path = self.work_dir / f"{name}.toml"
+        path.write_text("\n".join(lines) + "\n" + secrets_toml)
+        return path
+
+    def start_agent(self, config: Path | None = None, *, name: str = "agent") -> str:
+        config = config or self.write_agent_config(name=name)
+        self.agent_config = config
+        process = self._spawn(
+            name,
+            [self.python, "-m", "enclave_agent.cli", "serve", "--config", str(config)],
+            self._env(),
+        )
+        event = self._wait(process, "'ready' event", lambda: self._event(process, "ready"))
+        self.agent_socket = str(event["socket"])
+        tcp = event.get("tcp")
+        if tcp:
+            host_port = str(tcp).removeprefix("tcp:")
+            self.agent_tcp_endpoint = f"http://{host_port}"
+        return self.agent_socket
+
+    def start(self) -> dict[str, Any]:
+        """CA, local KMS, proxy, agent; returns the state (also what FILE gets)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.make_ca()
+            self.start_kms()
+            self.start_proxy()
+            self.start_agent()
+        except BaseException:
+            self.stop()
+            raise
+        return self.state()
+
+    def pcrs(self) -> dict[str, str]:
+        from enclave_agent.nsm_sim import DEFAULT_SIMULATED_PCRS
+
+        values = dict(DEFAULT_SIMULATED_PCRS)
+        values.update(self.pcr_overrides)
+        return {str(index): value.hex() for index, value in sorted(values.items())}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "agent_socket": self.agent_socket,
+            "agent_tcp_endpoint": self.agent_tcp_endpoint,
+            "agent_config": str(self.agent_config) if self.agent_config else None,
+            "kms_endpoint": self.kms["endpoint"],
+            "kms_ca_bundle": self.kms["ca_bundle"],
+            "kms_state_file": self.kms["state_file"],
+            "region": self.region,
+            "account_id": self.kms.get("account_id"),
+            "aws_access_key_id": self.kms["aws_access_key_id"],
+            "aws_secret_access_key": self.kms["aws_secret_access_key"],
+            "pcrs": self.pcrs(),
+            "proxy_address": self.proxy_address,
+            "simulated_nsm_ca": str(self.ca_dir),
+            "work_dir": str(self.work_dir),
+            **{f"{p.name}_log": str(p.log_path) for p in self.processes},
+            "pids": {p.name: p.popen.pid for p in self.processes},
+        }
+
+    # --- stopping ---------------------------------------------------------------
+
+    def stop_process(self, name: str) -> None:
+        for process in [p for p in self.processes if p.name == name]:
+            self._stop(process)
+            self.processes.remove(process)
+
+    @staticmethod
+    def _stop(process: _Process) -> None:
+        popen = process.popen
+        if popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                popen.send_signal(signal.SIGTERM)
+            try:
+                popen.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    popen.kill()
+                popen.wait()
+
+    def stop(self) -> None:
+        """Stop everything started, newest first (agent, proxy, KMS), and reap it."""
+        while self.processes:
+            self._stop(self.processes.pop())
+
+    def dead(self) -> list[str]:
+        return [p.name for p in self.processes if p.popen.poll() is not None]
+
+
+def _parse_pcr(text: str) -> tuple[int, bytes]:
+    index, sep, value = text.partition("=")
+    try:
+        raw = bytes.fromhex(value)
+        if not sep or not index.isdigit() or not 0 <= int(index) <= 15 or len(raw) != 48:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected INDEX=96-HEX-DIGITS, got {text!r}") from None
+    return int(index), raw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/devstack",
+        description="Run local KMS + enclave-proxy + enclave-agent (simulated NSM) on this "
+        "machine until SIGTERM/SIGINT.",
+    )
+    parser.add_argument("--state-file", type=Path, required=True, help="JSON written when ready")
+    parser.add_argument("--work-dir", type=Path, help="logs, sockets, CA (default: a new temp dir)")
+    parser.add_argument("--region", default="us-east-1")
+    parser.add_argument(
+        "--credentials",
+        choices=["process", "static"],
+        default="process",
+        help="how the proxy gets AWS credentials for the local KMS: a credential_process "
+        "minting short-lived ones (default) or environment variables",
+    )
+    parser.add_argument("--agent-tcp", action="store_true", help="also a loopback TCP listener")
+    parser.add_argument("--pcr", type=_parse_pcr, action="append", default=[], metavar="N=HEX")
+    args = parser.parse_args(argv)
+
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="devstack-"))
+    stack = DevStack(
+        work_dir=work_dir.resolve(),
+        region=args.region,
+        credentials=args.credentials,
+        agent_tcp=args.agent_tcp,
+        pcr_overrides=dict(args.pcr),
+    )
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    state_file: Path = args.state_file.resolve()
+    status = 0
+    try:
+        state = stack.start()
+        _write_atomically(state_file, json.dumps(state, indent=2) + "\n")
+        print(f"devstack: ready; state in {state_file}, logs in {work_dir}", file=sys.stderr)
+        while not stopping:
+            dead = stack.dead()
+            if dead:
+                print(f"devstack: {', '.join(dead)} exited; stopping", file=sys.stderr)
+                status = 1
+                break
+            time.sleep(0.2)
+    except DevStackError as exc:
+        print(f"devstack: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        stack.stop()
+        state_file.unlink(missing_ok=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

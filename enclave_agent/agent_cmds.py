@@ -1,0 +1,250 @@
+"""``enclave-agent serve``, ``run -- CMD``, and the app-side verbs.
+
+- ``serve [--config FILE]``: the agent alone, until SIGTERM/SIGINT.
+- ``run [--config FILE] -- CMD [ARGS...]``: the enclave's first process: loopback
+  up, agent ready (named secrets fetched), then CMD with ``ENCLAVE_AGENT_SOCKET``
+  set; signals forwarded, orphans reaped, CMD's exit status returned.
+- ``decrypt``, ``generate-data-key``, ``generate-random``, ``secret``: talk to a
+  running agent over its socket (``enclave_agent.client``), for shell scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from enclave_agent import init
+from enclave_agent.client import SOCKET_ENV, AgentClient, AgentError
+from enclave_agent.config import AgentConfig, ConfigError, load_config
+from enclave_agent.secrets import SecretError
+from enclave_agent.service import run_agent
+from enclave_common.logs import configure_logging, get_logger
+
+DEFAULT_CONFIG = "/etc/enclave-agent/agent.toml"
+CONFIG_ENV = "ENCLAVE_AGENT_CONFIG"
+ENDPOINT_ENV = "ENCLAVE_AGENT_ENDPOINT"
+
+
+def add_parser(subparsers: Any) -> None:
+    config_help = f"agent configuration (TOML; default ${CONFIG_ENV} or {DEFAULT_CONFIG})"
+
+    serve = subparsers.add_parser("serve", help="run the agent (no app)")
+    serve.add_argument("--config", help=config_help)
+    serve.set_defaults(func=_serve)
+
+    run = subparsers.add_parser(
+        "run", help="run as the enclave's first process: the agent, then CMD (after --)"
+    )
+    run.add_argument("--config", help=config_help)
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    run.set_defaults(func=_run)
+
+    socket_help = f"the agent's socket (default ${SOCKET_ENV} or /run/enclave-agent/agent.sock)"
+
+    decrypt = subparsers.add_parser("decrypt", help="KMS Decrypt through the agent; plaintext out")
+    decrypt.add_argument("--socket", help=socket_help)
+    source = decrypt.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ciphertext-file", type=Path, help="raw CiphertextBlob ('-' = stdin)")
+    source.add_argument("--ciphertext-base64", help="CiphertextBlob in base64")
+    decrypt.add_argument("--key-id")
+    decrypt.add_argument("--encryption-context", action="append", default=[], metavar="K=V")
+    decrypt.add_argument("--output", type=Path, help="write the plaintext here (mode 0600)")
+    decrypt.set_defaults(func=_decrypt)
+
+    datakey = subparsers.add_parser(
+        "generate-data-key", help="KMS GenerateDataKey through the agent; JSON out"
+    )
+    datakey.add_argument("--socket", help=socket_help)
+    datakey.add_argument("--key-id", required=True)
+    size = datakey.add_mutually_exclusive_group()
+    size.add_argument("--key-spec", default="AES_256", choices=["AES_256", "AES_128"])
+    size.add_argument("--number-of-bytes", type=int)
+    datakey.add_argument("--encryption-context", action="append", default=[], metavar="K=V")
+    datakey.set_defaults(func=_generate_data_key)
+
+    random = subparsers.add_parser("generate-random", help="KMS GenerateRandom through the agent")
+    random.add_argument("--socket", help=socket_help)
+    random.add_argument("--number-of-bytes", type=int, required=True)
+    random.add_argument("--base64", action="store_true", help="print base64 instead of raw bytes")
+    random.set_defaults(func=_generate_random)
+
+    secret = subparsers.add_parser("secret", help="print a named secret from the agent")
+    secret.add_argument("--socket", help=socket_help)
+    secret.add_argument("name")
+    secret.set_defaults(func=_secret)
+
+
+# --- the agent ----------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> AgentConfig | None:
+    path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"enclave-agent: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return 2
+    configure_logging(config.log_level, process="enclave-agent")
+    return trio.run(_serve_async, config)
+
+
+async def _serve_async(config: AgentConfig) -> int:
+    log = get_logger()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(run_agent, config)
+            except SecretError as exc:
+                log.error("startup_failed", reason=str(exc))
+                return 1
+            async for signum in signals:
+                log.info("stopping", signal=signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("enclave-agent run: give the command after --", file=sys.stderr)
+        return 2
+    config = _load(args)
+    if config is None:
+        return 2
+    configure_logging(config.log_level, process="enclave-agent")
+    return trio.run(_run_async, config, command)
+
+
+async def _run_async(config: AgentConfig, command: list[str]) -> int:
+    log = get_logger()
+    try:
+        if init.interface_up("lo"):
+            log.info("loopback_up")
+    except init.InitError as exc:
+        # Outside an enclave lo is normally up already and we may lack CAP_NET_ADMIN.
+        log.warning("loopback_not_set", reason=str(exc))
+    if not init.become_subreaper():
+        log.warning("not_a_subreaper", reason="orphans will be reaped by another process")
+    async with trio.open_nursery() as nursery:
+        try:
+            ready = await nursery.start(run_agent, config)
+        except SecretError as exc:
+            log.error("startup_failed", reason=str(exc))
+            return 1
+        env = dict(os.environ)
+        env[SOCKET_ENV] = ready.socket
+        if ready.tcp is not None:
+            env[ENDPOINT_ENV] = f"http://{ready.tcp.host}:{ready.tcp.port}"
+        status = await init.supervise(command, env)
+        nursery.cancel_scope.cancel()
+    return status
+
+
+# --- app-side verbs -------------------------------------------------------------
+
+
+def _context(pairs: list[str]) -> dict[str, str]:
+    context: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"enclave-agent: --encryption-context wants KEY=VALUE, got {pair!r}")
+        context[key] = value
+    return context
+
+
+def _client_call(args: argparse.Namespace, action: Any) -> int:
+    try:
+        with AgentClient(args.socket) as client:
+            return int(action(client))
+    except AgentError as exc:
+        print(f"enclave-agent: {exc.error_type}: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"enclave-agent: cannot reach the agent: {exc}", file=sys.stderr)
+        return 1
+
+
+def _write_out(data: bytes, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _decrypt(args: argparse.Namespace) -> int:
+    if args.ciphertext_base64 is not None:
+        blob = base64.b64decode(args.ciphertext_base64)
+    elif str(args.ciphertext_file) == "-":
+        blob = sys.stdin.buffer.read()
+    else:
+        blob = args.ciphertext_file.read_bytes()
+    context = _context(args.encryption_context)
+
+    def action(client: AgentClient) -> int:
+        plaintext = client.decrypt(blob, key_id=args.key_id, encryption_context=context or None)
+        _write_out(plaintext, args.output)
+        return 0
+
+    return _client_call(args, action)
+
+
+def _generate_data_key(args: argparse.Namespace) -> int:
+    context = _context(args.encryption_context)
+
+    def action(client: AgentClient) -> int:
+        key = client.generate_data_key(
+            args.key_id,
+            key_spec=None if args.number_of_bytes else args.key_spec,
+            number_of_bytes=args.number_of_bytes,
+            encryption_context=context or None,
+        )
+        out = {
+            "KeyId": key.key_id,
+            "Plaintext": base64.b64encode(key.plaintext).decode(),
+            "CiphertextBlob": base64.b64encode(key.ciphertext_blob).decode(),
+        }
+        print(json.dumps(out))
+        return 0
+
+    return _client_call(args, action)
+
+
+def _generate_random(args: argparse.Namespace) -> int:
+    def action(client: AgentClient) -> int:
+        data = client.generate_random(args.number_of_bytes)
+        if args.base64:
+            print(base64.b64encode(data).decode())
+        else:
+            _write_out(data, None)
+        return 0
+
+    return _client_call(args, action)
+
+
+def _secret(args: argparse.Namespace) -> int:
+    def action(client: AgentClient) -> int:
+        _write_out(client.secret(args.name), None)
+        return 0
+
+    return _client_call(args, action)

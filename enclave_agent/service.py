@@ -1,0 +1,128 @@
+"""The agent, assembled from its configuration: the one place to read the whole process.
+
+    config ──▶ NSM (device or simulated) ──┐
+           ──▶ RecipientKey (RSA-2048, in memory, never leaves the process)
+           ──▶ KmsGateway(settings, nsm, key)  (pool + credentials, refreshed lazily)
+           ──▶ listeners bound (Unix socket mode from config; optional loopback TCP)
+           ──▶ SecretStore.load(gateway)    (every named secret decrypted, else stop)
+           ──▶ AppServer.serve on each listener  ──▶ "ready"
+
+``run_agent`` is a trio task: ``nursery.start(run_agent, config)`` returns the
+``AgentReady`` description once apps can be served, and cancelling it stops
+everything and removes the socket file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from enclave_agent.config import NSM_SIMULATED, AgentConfig
+from enclave_agent.kms import KmsGateway, KmsSettings
+from enclave_agent.nsm import Nsm, NsmDevice
+from enclave_agent.recipient import RecipientKey
+from enclave_agent.secrets import SecretStore
+from enclave_agent.server import AppServer
+from enclave_common.address import TcpAddress, UnixAddress, listener_address, open_listener
+from enclave_common.logs import get_logger
+
+log = get_logger()
+
+
+@dataclass(frozen=True)
+class AgentReady:
+    socket: str
+    tcp: TcpAddress | None
+    secrets: int
+
+
+def open_nsm(config: AgentConfig) -> Nsm:
+    if config.nsm == NSM_SIMULATED:
+        from enclave_agent.nsm_sim import SimulatedNsm
+
+        pcrs = dict(config.simulated_nsm.pcrs)
+        if config.simulated_nsm.ca_dir is not None:
+            return SimulatedNsm.load(config.simulated_nsm.ca_dir, pcrs)
+        return SimulatedNsm.create(pcrs)
+    return NsmDevice.open(config.nsm)
+
+
+def kms_settings(config: AgentConfig) -> KmsSettings:
+    return KmsSettings(
+        region=config.region,
+        proxy=config.proxy,
+        endpoint=config.kms_endpoint,
+        ca_bundle=config.ca_bundle,
+        pool_size=config.limits.kms_pool_size,
+        call_timeout=config.limits.kms_call_timeout,
+        max_attempts=config.limits.kms_max_attempts,
+    )
+
+
+async def run_agent(
+    config: AgentConfig,
+    *,
+    task_status: trio.TaskStatus[AgentReady] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    nsm = open_nsm(config)
+    recipient = RecipientKey.generate()
+    gateway = KmsGateway(kms_settings(config), nsm, recipient)
+
+    async def attest(nonce: bytes | None, user_data: bytes | None, key: bytes | None) -> bytes:
+        # The NSM is a blocking ioctl: keep it off the event loop.
+        return await trio.to_thread.run_sync(
+            lambda: nsm.attestation(nonce=nonce, user_data=user_data, public_key=key)
+        )
+
+    socket_path = config.listen.socket
+    Path(socket_path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        unix_listener = await open_listener(
+            UnixAddress(socket_path), unix_mode=config.listen.socket_mode
+        )
+        tcp_listener = None
+        tcp_address: TcpAddress | None = None
+        if config.listen.tcp is not None:
+            tcp_listener = await open_listener(config.listen.tcp)
+            bound = listener_address(tcp_listener, config.listen.tcp)
+            assert isinstance(bound, TcpAddress)
+            tcp_address = bound
+
+        store = SecretStore(config.secrets)
+        await store.load(gateway)
+
+        server = AppServer(
+            gateway=gateway,
+            attest=attest,
+            secrets=store,
+            access=config.access,
+            limits=config.limits,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(server.serve, unix_listener, check_peer=True))
+            if tcp_listener is not None:
+                await nursery.start(partial(server.serve, tcp_listener, check_peer=False))
+            log.info(
+                "ready",
+                socket=socket_path,
+                tcp=str(tcp_address) if tcp_address else None,
+                secrets=len(store),
+                nsm=config.nsm,
+                proxy=str(config.proxy),
+            )
+            task_status.started(AgentReady(socket_path, tcp_address, len(store)))
+    finally:
+        with trio.CancelScope(shield=True):
+            await gateway.aclose()
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+                os.unlink(socket_path)
+        close = getattr(nsm, "close", None)
+        if callable(close):
+            close()
