@@ -351,3 +351,52 @@ async def test_kms_certificate_not_trusted_by_the_bundle(
         await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
     await gateway.aclose()
     assert info.value.message.startswith("TLS certificate verification failed for 127.0.0.1")
+
+
+async def test_expired_session_credentials_are_replaced_once(
+    local_kms: dict[str, Any], enclave_ca: Path
+) -> None:
+    # The proxy role is played by the test relay so the test decides which
+    # credentials it hands out; the expiry verdict is the stand-in's own.
+    from datetime import UTC, datetime
+
+    import trio
+
+    from devtools.local_kms.admin_client import mint_credentials
+    from enclave_agent.credentials import CredentialsProvider, proxy_fetcher
+    from tests.test_kms_fakes import Relay
+
+    def proxy_shape(minted: str) -> dict[str, Any]:
+        document = json.loads(minted)
+        return {
+            "AccessKeyId": document["AccessKeyId"],
+            "SecretAccessKey": document["SecretAccessKey"],
+            "Token": document["SessionToken"],
+            "Expiration": document["Expiration"],
+            "Region": local_kms["region"],
+        }
+
+    state_file = Path(local_kms["state_file"])
+    async with trio.open_nursery() as nursery:
+        relay = Relay(credentials=proxy_shape(mint_credentials(state_file, ttl=1)))
+        await relay.serve(nursery)
+        settings = KmsSettings(
+            region=local_kms["region"],
+            proxy=parse_address(relay.address),
+            endpoint=local_kms["endpoint"],
+            ca_bundle=local_kms["ca_bundle"],
+        )
+        gateway = KmsGateway(settings, SimulatedNsm.load(enclave_ca), RecipientKey.generate())
+        # an agent whose clock says the credentials are still good (skew)
+        frozen = datetime.now(UTC)
+        gateway.credentials = CredentialsProvider(
+            proxy_fetcher(parse_address(relay.address)), clock=lambda: frozen
+        )
+        await gateway.credentials.get()
+        await trio.sleep(1.5)
+        relay.credentials = proxy_shape(mint_credentials(state_file, ttl=600))
+        answer = await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+        await gateway.aclose()
+        nursery.cancel_scope.cancel()
+    assert len(base64.b64decode(answer["Plaintext"])) == 8
+    assert relay.credential_requests == 2
