@@ -190,10 +190,10 @@ def check_config(argv: Sequence[str]) -> int:
     print(f"region: {config.region or '(from IMDSv2 at start-up)'}")
     if config.allow or config.region:
         entries = effective_allowlist(config, config.region).describe()
+        print("allowlist:")
     else:
         entries = list(default_allow_entries("<region>"))
-        print("allowlist: the KMS endpoints of the region found at start-up")
-    print("allowlist:")
+        print("allowlist (the KMS endpoints of the region found at start-up):")
     for entry in entries:
         print(f"  {entry}")
     return 0
