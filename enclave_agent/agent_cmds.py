@@ -24,6 +24,7 @@ import trio
 from enclave_agent import init
 from enclave_agent.client import SOCKET_ENV, AgentClient, AgentError
 from enclave_agent.config import AgentConfig, ConfigError, load_config
+from enclave_agent.nsm import NsmError
 from enclave_agent.secrets import SecretError
 from enclave_agent.service import run_agent
 from enclave_common.logs import configure_logging, get_logger
@@ -31,6 +32,10 @@ from enclave_common.logs import configure_logging, get_logger
 DEFAULT_CONFIG = "/etc/enclave-agent/agent.toml"
 CONFIG_ENV = "ENCLAVE_AGENT_CONFIG"
 ENDPOINT_ENV = "ENCLAVE_AGENT_ENDPOINT"
+# What can stop the agent from starting, each with a message fit for the log: a secret
+# KMS refused, a bad CA bundle or endpoint (ValueError), the NSM device or the socket
+# path (OSError, NsmError).
+STARTUP_ERRORS = (SecretError, ValueError, OSError, NsmError)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -108,8 +113,8 @@ async def _serve_async(config: AgentConfig) -> int:
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(run_agent, config)
-            except SecretError as exc:
-                log.error("startup_failed", reason=str(exc))
+            except STARTUP_ERRORS as exc:
+                log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
                 return 1
             async for signum in signals:
                 log.info("stopping", signal=signal.Signals(signum).name)
@@ -145,8 +150,8 @@ async def _run_async(config: AgentConfig, command: list[str]) -> int:
     async with trio.open_nursery() as nursery:
         try:
             ready = await nursery.start(run_agent, config)
-        except SecretError as exc:
-            log.error("startup_failed", reason=str(exc))
+        except STARTUP_ERRORS as exc:
+            log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
             return 1
         env = dict(os.environ)
         env[SOCKET_ENV] = ready.socket

@@ -1,0 +1,225 @@
+"""``enclave-agent run -- CMD`` as a real process: child start, signals, exit codes, orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from enclave_agent import init
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp_path: Path) -> Path:
+    # No secrets and no KMS call: the proxy address is never dialled in these tests.
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            region = "us-east-1"
+            proxy = "tcp:127.0.0.1:9"
+            nsm = "simulated"
+            [listen]
+            socket = "{tmp_path / "agent.sock"}"
+            """
+        )
+    )
+    return config
+
+
+def start_run(tmp_path: Path, script: str) -> subprocess.Popen[bytes]:
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(script))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "enclave_agent.cli",
+            "run",
+            "--config",
+            str(write_config(tmp_path)),
+            "--",
+            sys.executable,
+            str(child),
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish(process: subprocess.Popen[bytes], timeout: float = 30) -> tuple[int, str]:
+    try:
+        _, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, err.decode(errors="replace")
+
+
+def events(log: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+
+
+def test_run_starts_the_child_with_the_socket_and_returns_its_status(tmp_path: Path) -> None:
+    process = start_run(
+        tmp_path,
+        """
+        import os, sys
+        from enclave_agent.client import AgentClient
+        assert os.environ["ENCLAVE_AGENT_SOCKET"].endswith("agent.sock")
+        assert AgentClient().health() == {"status": "ok"}
+        assert len(AgentClient().attestation(nonce=b"n")) > 1000
+        sys.exit(7)
+        """,
+    )
+    code, log = finish(process)
+    assert code == 7, log
+    names = [e["event"] for e in events(log)]
+    assert names.index("ready") < names.index("command_started") < names.index("command_exited")
+    assert not (tmp_path / "agent.sock").exists()
+
+
+def test_run_forwards_sigterm(tmp_path: Path) -> None:
+    process = start_run(
+        tmp_path,
+        """
+        import pathlib, signal, sys, time
+        def stop(signum, frame):
+            sys.exit(42)
+        signal.signal(signal.SIGTERM, stop)
+        pathlib.Path(sys.argv[1], "child-ready").touch()
+        time.sleep(60)
+        sys.exit(1)
+        """,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "child-ready").exists():
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        code, log = finish(process)
+    assert code == 42, log
+    assert any(e["event"] == "signal_forwarded" for e in events(log))
+
+
+def test_run_reaps_orphans(tmp_path: Path) -> None:
+    # The child double-forks: the grandchild is orphaned and re-parented to the agent
+    # (PID 1 in an enclave; a child subreaper here). Unreaped, it would stay a zombie.
+    process = start_run(
+        tmp_path,
+        """
+        import os, sys, time
+        middle = os.fork()
+        if middle == 0:
+            grandchild = os.fork()
+            if grandchild == 0:
+                time.sleep(1.0)
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(middle, 0)
+        deadline = time.monotonic() + 15
+        # The orphan: a process whose parent is our parent (the agent), other than us.
+        agent = os.getppid()
+        seen = set()
+        while time.monotonic() < deadline:
+            orphans = []
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == agent and int(entry) != os.getpid():
+                    orphans.append((int(entry), fields[0]))
+            seen.update(pid for pid, _ in orphans)
+            if seen and not orphans:
+                sys.exit(0)  # it was adopted, then reaped: no zombie left
+            time.sleep(0.05)
+        sys.exit(3)
+        """,
+    )
+    code, log = finish(process)
+    assert code == 0, log
+    assert any(e["event"] == "orphan_reaped" for e in events(log))
+
+
+def test_run_reports_signal_deaths_and_missing_commands(tmp_path: Path) -> None:
+    process = start_run(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    code, log = finish(process)
+    assert code == 128 + signal.SIGKILL, log
+
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "enclave_agent.cli",
+            "run",
+            "--config",
+            str(write_config(tmp_path)),
+            "--",
+            "/nonexistent/command",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=30,
+    )
+    assert missing.returncode == 127
+
+
+def test_run_without_command_or_with_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('region = "us-east-1"\nsocket = "x"\n')
+    for argv, needle in (
+        (["run", "--config", str(bad), "--", "true"], "unknown key"),
+        (["run", "--config", str(write_config(tmp_path))], "give the command"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "enclave_agent.cli", *argv],
+            cwd=REPO,
+            capture_output=True,
+            timeout=30,
+        )
+        assert result.returncode == 2
+        assert needle in result.stderr.decode()
+
+
+def test_exit_code_convention() -> None:
+    assert init.exit_code(3 << 8) == 3
+    assert init.exit_code(signal.SIGTERM) == 128 + signal.SIGTERM
+
+
+def test_interface_up_in_a_fresh_network_namespace() -> None:
+    """A new network namespace starts with lo down, as an enclave does."""
+    code = (
+        "from enclave_agent.init import interface_up\n"
+        "assert interface_up('lo') is True\n"
+        "assert interface_up('lo') is False\n"
+    )
+    try:
+        result = subprocess.run(
+            ["unshare", "--net", sys.executable, "-c", code],
+            cwd=REPO,
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if result.returncode != 0 and b"unshare" in result.stderr:
+        pytest.skip(f"cannot create a network namespace here: {result.stderr.decode().strip()}")
+    assert result.returncode == 0, result.stderr.decode()

@@ -1,0 +1,173 @@
+"""enclave_agent.client and the CLI verbs, against the real server with a stand-in gateway."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from enclave_agent.client import AgentClient, AgentError
+from enclave_agent.config import AccessConfig, Limits
+from enclave_agent.kms import KmsError
+from enclave_agent.server import AppServer
+from enclave_common.address import UnixAddress, open_listener
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Gateway:
+    async def call(self, operation: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        if operation == "Decrypt":
+            blob = base64.b64decode(request["CiphertextBlob"])
+            if blob == b"denied":
+                raise KmsError("AccessDeniedException", "PCR0 mismatch", 400)
+            context = request.get("EncryptionContext", {})
+            return {
+                "Plaintext": base64.b64encode(b"plain:" + blob).decode(),
+                "KeyId": "k",
+                **({"Context": context} if context else {}),
+            }
+        if operation == "GenerateDataKey":
+            size = request.get("NumberOfBytes", 32)
+            return {
+                "Plaintext": base64.b64encode(b"k" * size).decode(),
+                "CiphertextBlob": base64.b64encode(b"wrapped").decode(),
+                "KeyId": "arn:key",
+            }
+        if operation == "GenerateRandom":
+            return {"Plaintext": base64.b64encode(b"r" * request["NumberOfBytes"]).decode()}
+        raise KmsError("UnsupportedOperationException", operation, 400)
+
+
+class Secrets:
+    def get(self, name: str) -> bytes | None:
+        return b"\x00binary secret\xff" if name == "db" else None
+
+
+async def attest(nonce: bytes | None, user_data: bytes | None, key: bytes | None) -> bytes:
+    return b"DOC" + (nonce or b"") + (user_data or b"") + (key or b"")
+
+
+@pytest.fixture
+async def socket_path(nursery: trio.Nursery, tmp_path: Path) -> str:
+    server = AppServer(
+        gateway=Gateway(),
+        attest=attest,
+        secrets=Secrets(),
+        access=AccessConfig(),
+        limits=Limits(idle_timeout=0.2),
+    )
+    path = str(tmp_path / "agent.sock")
+    listener = await open_listener(UnixAddress(path))
+    await nursery.start(
+        lambda task_status: server.serve(listener, check_peer=True, task_status=task_status)
+    )
+    return path
+
+
+async def test_client_verbs(socket_path: str) -> None:
+    def use() -> None:
+        with AgentClient(socket_path) as client:
+            assert client.secret("db") == b"\x00binary secret\xff"
+            assert client.decrypt(b"blob") == b"plain:blob"
+            key = client.generate_data_key("alias/x")
+            assert (key.plaintext, key.ciphertext_blob, key.key_id) == (
+                b"k" * 32,
+                b"wrapped",
+                "arn:key",
+            )
+            assert "kkkk" not in repr(key)
+            assert client.generate_random(5) == b"rrrrr"
+            assert client.attestation(nonce=b"n", user_data=b"u") == b"DOCnu"
+            assert client.health() == {"status": "ok"}
+            with pytest.raises(AgentError) as info:
+                client.decrypt(b"denied")
+            assert info.value.error_type == "AccessDeniedException"
+            assert info.value.message == "PCR0 mismatch"
+            with pytest.raises(AgentError) as info:
+                client.secret("absent")
+            assert info.value.error_type == "NotFoundException"
+            assert info.value.status == 404
+
+    await trio.to_thread.run_sync(use)
+
+
+async def test_client_reconnects_after_the_agent_closed_an_idle_connection(
+    socket_path: str,
+) -> None:
+    def use() -> None:
+        client = AgentClient(socket_path)
+        assert client.secret("db")
+        import time
+
+        time.sleep(0.5)  # longer than the server's idle timeout: it closes our connection
+        assert client.secret("db")
+        client.close()
+
+    await trio.to_thread.run_sync(use)
+
+
+async def test_client_uses_the_environment_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCLAVE_AGENT_SOCKET", "/nonexistent/agent.sock")
+    client = AgentClient()
+    assert client.socket_path == "/nonexistent/agent.sock"
+    with pytest.raises(OSError):
+        client.secret("x")
+
+
+async def cli(socket_path: str, *argv: str, stdin: bytes = b"") -> trio.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "enclave_agent.cli", *argv, "--socket", socket_path],
+        stdin=stdin,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+async def test_cli_verbs(socket_path: str, tmp_path: Path) -> None:
+    result = await cli(socket_path, "secret", "db")
+    assert (result.returncode, result.stdout) == (0, b"\x00binary secret\xff")
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"xyz")
+    result = await cli(socket_path, "decrypt", "--ciphertext-file", str(blob))
+    assert (result.returncode, result.stdout) == (0, b"plain:xyz")
+    result = await cli(socket_path, "decrypt", "--ciphertext-file", "-", stdin=b"abc")
+    assert result.stdout == b"plain:abc"
+    out = tmp_path / "out"
+    result = await cli(
+        socket_path,
+        "decrypt",
+        "--ciphertext-base64",
+        base64.b64encode(b"q").decode(),
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0 and out.read_bytes() == b"plain:q"
+    assert out.stat().st_mode & 0o777 == 0o600
+
+    result = await cli(
+        socket_path, "generate-data-key", "--key-id", "alias/x", "--number-of-bytes", "16"
+    )
+    answer = json.loads(result.stdout)
+    assert base64.b64decode(answer["Plaintext"]) == b"k" * 16
+
+    result = await cli(socket_path, "generate-random", "--number-of-bytes", "4", "--base64")
+    assert base64.b64decode(result.stdout) == b"rrrr"
+
+    result = await cli(
+        socket_path, "decrypt", "--ciphertext-base64", base64.b64encode(b"denied").decode()
+    )
+    assert result.returncode == 1
+    assert b"AccessDeniedException: PCR0 mismatch" in result.stderr
+    result = await cli(socket_path, "secret", "absent")
+    assert result.returncode == 1 and b"NotFoundException" in result.stderr
