@@ -1,0 +1,186 @@
+"""The example image's pieces, run on the local stack the way the enclave runs them.
+
+deploy/agent.toml is parsed as shipped, then adapted only where this machine must
+differ from an enclave (proxy over tcp: in place of vsock:3:8000, the simulated NSM
+in place of /dev/nsm, the local KMS and its CA, a socket in a temporary directory).
+`enclave-agent run -- python3 deploy/example_app.py example --print-attestation`
+then reads the secret through the real proxy and local KMS, under a key whose
+policy `enclave-agent key-policy` printed; the document the app prints goes through
+`verify-attestation` and back into `key-policy`, giving the same conditions. Another
+image (PCR0) gets no secret and the run fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from devtools.devstack import DevStack
+from enclave_agent.config import parse_config
+from enclave_common.address import VsockAddress
+
+REPO = Path(__file__).resolve().parent.parent
+AGENT_TOML = REPO / "deploy" / "agent.toml"
+CONTEXT = {"app": "enclave-kms-example"}
+ALIAS = "alias/enclave-kms-example"
+
+
+def test_shipped_agent_toml_is_what_the_enclave_needs(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "example.ciphertext").write_bytes(b"\x01blob")
+    config = parse_config(AGENT_TOML.read_text(), base_dir=tmp_path, source=str(AGENT_TOML))
+    assert config.proxy == VsockAddress(cid=3, port=8000)
+    assert config.nsm == "/dev/nsm"
+    assert config.kms_endpoint is None and config.ca_bundle is None  # real KMS, certifi
+    secret = config.secrets["example"]
+    assert secret.ciphertext == b"\x01blob"
+    assert secret.key_id == ALIAS and dict(secret.encryption_context) == CONTEXT
+
+
+def _replace_once(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, f"deploy/agent.toml should hold {old!r} once"
+    return text.replace(old, new)
+
+
+def _local_config(stack: DevStack, work: Path, ciphertext: bytes, pcr0: bytes | None) -> Path:
+    """deploy/agent.toml with only the machine-specific lines changed."""
+    text = AGENT_TOML.read_text()
+    text = _replace_once(
+        text, 'proxy = "vsock:3:8000"', f"proxy = {json.dumps(stack.proxy_address)}"
+    )
+    text = _replace_once(
+        text,
+        'nsm = "/dev/nsm"',
+        f'nsm = "simulated"\nkms_endpoint = {json.dumps(stack.kms["endpoint"])}\n'
+        f"ca_bundle = {json.dumps(stack.kms['ca_bundle'])}",
+    )
+    text = _replace_once(
+        text,
+        'socket = "/run/enclave-agent/agent.sock"',
+        f"socket = {json.dumps(str(work / 'agent.sock'))}",
+    )
+    text += f"\n[simulated_nsm]\nca_dir = {json.dumps(str(stack.ca_dir))}\n"
+    if pcr0 is not None:
+        text += f'pcrs = {{ 0 = "{pcr0.hex()}" }}\n'
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "secrets").mkdir(exist_ok=True)
+    (work / "secrets" / "example.ciphertext").write_bytes(ciphertext)
+    path = work / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    stack = DevStack(work_dir=tmp_path_factory.mktemp("deploy-stack"), credentials="static")
+    try:
+        stack.make_ca()
+        stack.start_kms()
+        stack.start_proxy()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "enclave_agent.cli", *args],
+        cwd=REPO,
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _run_example(config: Path) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "enclave_agent.cli",
+            "run",
+            "--config",
+            str(config),
+            "--",
+            sys.executable,
+            str(REPO / "deploy" / "example_app.py"),
+            "example",
+            "--print-attestation",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_example_app_reads_its_secret_and_proves_its_pcrs(stack: DevStack, tmp_path: Path) -> None:
+    pcrs = stack.pcrs()
+    measurements = tmp_path / "measurements.json"
+    measurements.write_text(
+        json.dumps({"Measurements": {f"PCR{i}": pcrs[str(i)] for i in (0, 1, 2)}})
+    )
+    role = f"arn:aws:iam::{stack.kms['account_id']}:role/enclave-parent"
+    printed = _cli("key-policy", "--measurements", str(measurements), "--role-arn", role)
+    assert printed.returncode == 0, printed.stderr
+
+    kms: Any = boto3.client(
+        "kms",
+        region_name=stack.region,
+        endpoint_url=stack.kms["endpoint"],
+        verify=stack.kms["ca_bundle"],
+        aws_access_key_id=stack.kms["aws_access_key_id"],
+        aws_secret_access_key=stack.kms["aws_secret_access_key"],
+        config=Config(retries={"max_attempts": 1}),
+    )
+    key_id = kms.create_key(Policy=printed.stdout.decode())["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName=ALIAS, TargetKeyId=key_id)
+    secret = os.urandom(24)
+    blob = kms.encrypt(KeyId=ALIAS, Plaintext=secret, EncryptionContext=CONTEXT)["CiphertextBlob"]
+
+    result = _run_example(_local_config(stack, tmp_path / "good", blob, None))
+    stdout = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+
+    proof = f"secret 'example' read, 24 bytes, sha256 {hashlib.sha256(secret).hexdigest()[:8]}..."
+    assert f"example-app: OK: {proof}" in stdout
+    everything = result.stdout + result.stderr + stack.log_path("proxy").read_bytes()
+    for form in (secret, secret.hex().encode(), base64.b64encode(secret)):
+        assert form not in everything, "the secret must reach no output and no log"
+
+    # The document the app printed, checked and turned back into a policy.
+    document = next(
+        line.split(": ", 2)[2]
+        for line in stdout.splitlines()
+        if line.startswith("example-app: attestation document: ")
+    )
+    verified = _cli(
+        "verify-attestation", "-", "--root", str(stack.ca_dir / "root.pem"),
+        stdin=document.encode(),
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+    again = _cli("key-policy", "--measurements", "-", "--role-arn", role, stdin=verified.stdout)
+    assert json.loads(again.stdout) == json.loads(printed.stdout)
+
+    # Another image: the agent gets no secret, reports it, and the run fails.
+    other = _run_example(
+        _local_config(stack, tmp_path / "other", blob, hashlib.sha384(b"other image").digest())
+    )
+    assert other.returncode != 0
+    assert b"example-app: OK" not in other.stdout
+    assert b"AccessDeniedException" in other.stderr
