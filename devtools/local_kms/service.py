@@ -25,6 +25,7 @@ from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.envelope import encrypt_for_recipient
 from devtools.local_kms.policy import Decision, PolicyError, parse_policy, recipient_context
 from devtools.local_kms.recipient import RecipientError, VerifiedRecipient, verify_recipient
+from devtools.local_kms.shapes import ShapeError, check_request, operation_names
 from devtools.local_kms.sigv4 import Request, SignatureError, check_signature
 
 TARGET_PREFIX = "TrentService."
@@ -38,23 +39,6 @@ RECIPIENT_OPERATIONS = {
     "DeriveSharedSecret": "SharedSecret",
 }
 LOCAL_OPERATIONS = frozenset({"GenerateDataKeyPair"})
-# Real KMS operations neither moto nor the stand-in implement.
-UNSUPPORTED_OPERATIONS = frozenset(
-    {
-        "ConnectCustomKeyStore",
-        "CreateCustomKeyStore",
-        "DeleteCustomKeyStore",
-        "DeleteImportedKeyMaterial",
-        "DeriveSharedSecret",
-        "DescribeCustomKeyStores",
-        "DisconnectCustomKeyStore",
-        "GenerateDataKeyPairWithoutPlaintext",
-        "GetParametersForImport",
-        "ImportKeyMaterial",
-        "UpdateCustomKeyStore",
-        "UpdatePrimaryRegion",
-    }
-)
 # Operations not scoped to one key: IAM decides them on AWS, and the stand-in's one
 # caller holds every IAM permission.
 _KEYLESS = frozenset(
@@ -136,14 +120,14 @@ class LocalKms:
                 400, "UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>"
             )
         operation = target[len(TARGET_PREFIX) :]
-        if operation in UNSUPPORTED_OPERATIONS:
+        if operation not in operation_names():
+            raise KmsError(400, "UnknownOperationException", "unknown operation")
+        if operation not in MOTO_OPERATIONS and operation not in LOCAL_OPERATIONS:
             raise KmsError(
                 400,
                 "UnsupportedOperationException",
                 f"the local KMS does not implement {operation}",
             )
-        if operation not in MOTO_OPERATIONS and operation not in LOCAL_OPERATIONS:
-            raise KmsError(400, "UnknownOperationException", "unknown operation")
         return operation
 
     def _authenticate(self, request: Request, now: datetime) -> None:
@@ -167,10 +151,16 @@ class LocalKms:
         return body
 
     def _call(self, operation: str, body: dict[str, Any], now: datetime) -> Reply:
+        try:
+            body = check_request(operation, body)
+        except ShapeError as exc:
+            raise KmsError(400, exc.error_type, exc.message) from exc
+        if operation == "GenerateRandom" and body.get("NumberOfBytes") is None:
+            # Optional in the model, but KMS has no default length (and moto crashes).
+            raise _validation("NumberOfBytes is required")
         recipient: VerifiedRecipient | None = None
+        # check_request dropped Recipient from operations whose model lacks it.
         if "Recipient" in body:
-            if operation not in RECIPIENT_OPERATIONS:
-                raise _validation(f"{operation} does not accept a Recipient")
             try:
                 recipient = verify_recipient(body.pop("Recipient"), self.roots, now)
             except RecipientError as exc:

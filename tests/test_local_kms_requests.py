@@ -1,0 +1,154 @@
+"""Whatever a signed caller sends, the local KMS answers in KMS's error shapes (in process)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from devtools.local_kms.backend import MotoKms
+from devtools.local_kms.credentials import CredentialStore
+from devtools.local_kms.service import LocalKms
+from devtools.local_kms.sigv4 import Request
+from enclave_agent.nsm_sim import SimulatedNsm
+from enclave_agent.recipient import RecipientKey
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(scope="module")
+def nsm() -> SimulatedNsm:
+    return SimulatedNsm.create()
+
+
+@pytest.fixture(scope="module")
+def kms(nsm: SimulatedNsm) -> LocalKms:
+    return LocalKms(
+        region=REGION, roots=[nsm.root_pem], credentials=CredentialStore(), moto=MotoKms(REGION)
+    )
+
+
+def signed(kms: LocalKms, operation: str, body: bytes) -> Request:
+    cred = kms.credentials.long_term
+    aws = AWSRequest(
+        method="POST",
+        url="https://127.0.0.1:1/",
+        data=body,
+        headers={
+            "X-Amz-Target": f"TrentService.{operation}",
+            "Content-Type": "application/x-amz-json-1.1",
+        },
+    )
+    SigV4Auth(Credentials(cred.access_key_id, cred.secret_access_key), "kms", REGION).add_auth(aws)
+    headers = {k.lower(): v for k, v in aws.prepare().headers.items()}
+    headers["host"] = "127.0.0.1:1"
+    return Request("POST", "/", headers, body)
+
+
+def call(kms: LocalKms, operation: str, body: Any) -> tuple[int, dict[str, Any]]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    reply = kms.handle(signed(kms, operation, raw), datetime.now(UTC))
+    answer = json.loads(reply.body)
+    assert isinstance(answer, dict)
+    return reply.status, answer
+
+
+OPERATIONS = [
+    "CreateKey", "Decrypt", "DescribeKey", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair",
+    "GenerateRandom", "GetKeyPolicy", "ListKeys", "PutKeyPolicy", "ReEncrypt", "CreateAlias",
+    "GenerateDataKeyWithoutPlaintext", "DeriveSharedSecret", "NotAnOperation",
+]  # fmt: skip
+MEMBERS = [
+    "KeyId", "CiphertextBlob", "Plaintext", "NumberOfBytes", "KeySpec", "KeyPairSpec",
+    "Recipient", "Policy", "PolicyName", "EncryptionContext", "DestinationKeyId", "AliasName",
+    "TargetKeyId", "GrantTokens",
+]  # fmt: skip
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.text(max_size=20)
+    | st.sampled_from(["AES_256", "RSA_2048", "alias/x", "AAAA", "not base64!", "kms:*"])
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from([*MEMBERS, "AttestationDocument"]), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(
+    max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    operation=st.sampled_from(OPERATIONS),
+    body=st.dictionaries(st.sampled_from(MEMBERS), values, max_size=5) | values,
+    use_key=st.booleans(),
+)
+def test_any_signed_body_gets_a_kms_answer(
+    kms: LocalKms, operation: str, body: Any, use_key: bool
+) -> None:
+    if use_key and isinstance(body, dict):
+        body["KeyId"] = KEY_ID_HOLDER.setdefault("id", _make_key(kms))
+    status, answer = call(kms, operation, body)
+    assert status in (200, 400, 404), answer
+    if status != 200:
+        assert isinstance(answer["__type"], str) and isinstance(answer["message"], str)
+
+
+KEY_ID_HOLDER: dict[str, str] = {}
+
+
+def _make_key(kms: LocalKms) -> str:
+    status, answer = call(kms, "CreateKey", {})
+    assert status == 200
+    return str(answer["KeyMetadata"]["KeyId"])
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.binary(max_size=200))
+def test_any_body_bytes_get_a_kms_answer(kms: LocalKms, body: bytes) -> None:
+    status, answer = call(kms, "GenerateRandom", body)
+    assert status in (200, 400)
+
+
+def test_wrong_types_and_missing_members_are_refused_as_aws_does(kms: LocalKms) -> None:
+    status, answer = call(kms, "GenerateRandom", {"NumberOfBytes": "16"})
+    assert (status, answer["__type"]) == (400, "SerializationException")
+    status, answer = call(kms, "GenerateRandom", {"NumberOfBytes": 0})
+    assert (status, answer["__type"]) == (400, "ValidationException")
+    status, answer = call(kms, "Encrypt", {"Plaintext": "aGk="})
+    assert (status, answer["__type"]) == (400, "ValidationException")
+    assert "keyId" in answer["message"]
+    status, answer = call(kms, "Decrypt", {"CiphertextBlob": "%%%"})
+    assert (status, answer["__type"]) == (400, "SerializationException")
+    status, answer = call(kms, "DeriveSharedSecret", {})
+    assert (status, answer["__type"]) == (400, "UnsupportedOperationException")
+
+
+def test_recipient_is_honoured_where_modelled_and_ignored_elsewhere(
+    kms: LocalKms, nsm: SimulatedNsm
+) -> None:
+    document = nsm.attestation(public_key=RecipientKey.generate().public_key_der)
+    recipient = {
+        "AttestationDocument": base64.b64encode(document).decode(),
+        "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+    }
+    status, answer = call(kms, "GenerateRandom", {"NumberOfBytes": 8, "Recipient": recipient})
+    assert status == 200 and "Plaintext" not in answer and answer["CiphertextForRecipient"]
+    # Unknown members are ignored, as AWS's JSON protocol does.
+    status, answer = call(kms, "ListKeys", {"Recipient": recipient})
+    assert status == 200 and "Keys" in answer
