@@ -230,3 +230,29 @@ def test_scripts_parse_with_bash_n() -> None:
     for name in ("build-eif", "run-enclave"):
         subprocess.run(["bash", "-n", str(REPO / "scripts" / name)], check=True, timeout=30)
         assert os.access(REPO / "scripts" / name, os.X_OK)
+
+
+def test_guide_matches_the_tools() -> None:
+    """The README's deploy section names only flags, scripts and units that exist."""
+    import re
+
+    from enclave_agent.cli import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("<!-- section: deploy -->", 1)[1].split("\n## ", 2)[1]
+    flags = re.compile(r"(?<![\w-])(--[a-z][a-z-]*)")
+    subparsers = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    key_policy = {o for a in subparsers["key-policy"]._actions for o in a.option_strings}
+    step4 = section.split("### 4.", 1)[1].split("### 5.", 1)[0]
+    aws_cli = {"--key-id", "--policy-name", "--policy"}
+    assert set(flags.findall(step4)) - aws_cli <= key_policy
+    scripts_text = "".join((REPO / "scripts" / n).read_text() for n in ("build-eif", "run-enclave"))
+    for usage in re.findall(r"scripts/(?:build-eif|run-enclave) +# (.*)", section):
+        for flag in flags.findall(usage):
+            assert f"{flag})" in scripts_text, f"README shows {flag}"
+    for path in re.findall(r"`(scripts/[\w-]+)", section):
+        assert (REPO / path).is_file(), path
+    unit = "enclave-proxy.service"
+    assert (REPO / "systemd" / unit).is_file()
+    assert f"proxy={unit}" in (REPO / "scripts" / "run-enclave").read_text()
+    assert "/opt/enclave-proxy/venv/bin/enclave-proxy" in (REPO / "systemd" / unit).read_text()
