@@ -358,6 +358,42 @@ class DevStack:
         return [p.name for p in self.processes if p.popen.poll() is not None]
 
 
+def direct_kms_client(state: Mapping[str, Any]) -> Any:
+    """boto3 straight to the local KMS with the stack's credentials: what the parent
+    instance (or anyone holding the role's credentials) can do without an enclave."""
+    import boto3
+
+    return boto3.client(
+        "kms",
+        region_name=state["region"],
+        endpoint_url=state["kms_endpoint"],
+        verify=state["kms_ca_bundle"],
+        aws_access_key_id=state["aws_access_key_id"],
+        aws_secret_access_key=state["aws_secret_access_key"],
+    )
+
+
+def enclave_key_policy(account_id: str, pcr0_hex: str) -> dict[str, Any]:
+    """AWS's example policy (enclave_agent.key_policy): the role may Decrypt and
+    GenerateDataKey only from an enclave whose image measures ``pcr0_hex``; the
+    account keeps administration and Encrypt, never Decrypt."""
+    from enclave_agent.key_policy import Measurements, build_key_policy
+
+    return build_key_policy(
+        Measurements(pcrs={0: pcr0_hex}),
+        f"arn:aws:iam::{account_id}:role/enclave-parent-instance",
+        operations=["Decrypt", "GenerateDataKey", "GenerateDataKeyPair"],
+    )
+
+
+def create_enclave_key(kms: Any, account_id: str, pcr0_hex: str, description: str = "") -> str:
+    answer = kms.create_key(
+        Policy=json.dumps(enclave_key_policy(account_id, pcr0_hex)),
+        Description=description or "devstack: usable only from the enclave image PCR0",
+    )
+    return str(answer["KeyMetadata"]["KeyId"])
+
+
 def _parse_pcr(text: str) -> tuple[int, bytes]:
     index, sep, value = text.partition("=")
     try:
