@@ -16,8 +16,10 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,3 +186,66 @@ def test_example_app_reads_its_secret_and_proves_its_pcrs(stack: DevStack, tmp_p
     assert other.returncode != 0
     assert b"example-app: OK" not in other.stdout
     assert b"AccessDeniedException" in other.stderr
+
+
+def test_example_app_fails_loudly_without_agent(tmp_path: Path) -> None:
+    app = [sys.executable, str(REPO / "deploy" / "example_app.py"), "example"]
+    env = {k: v for k, v in os.environ.items() if k != "ENCLAVE_AGENT_SOCKET"}
+    unset = subprocess.run(app, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert unset.returncode == 1 and "ENCLAVE_AGENT_SOCKET is not set" in unset.stderr
+    env["ENCLAVE_AGENT_SOCKET"] = str(tmp_path / "absent.sock")
+    absent = subprocess.run(app, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert absent.returncode == 1 and "FAILED: cannot reach the agent" in absent.stderr
+
+
+def test_held_app_stays_up_until_sigterm_and_unknown_secret_fails(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    kms: Any = boto3.client(
+        "kms",
+        region_name=stack.region,
+        endpoint_url=stack.kms["endpoint"],
+        verify=stack.kms["ca_bundle"],
+        aws_access_key_id=stack.kms["aws_access_key_id"],
+        aws_secret_access_key=stack.kms["aws_secret_access_key"],
+    )
+    # A key the simulated enclave may use: its own PCRs, through the command.
+    pcrs = stack.pcrs()
+    measurements = tmp_path / "m.json"
+    measurements.write_text(json.dumps({f"PCR{i}": pcrs[str(i)] for i in (0, 1, 2)}))
+    role = f"arn:aws:iam::{stack.kms['account_id']}:role/enclave-parent"
+    policy = _cli("key-policy", "--measurements", str(measurements), "--role-arn", role).stdout
+    key_id = kms.create_key(Policy=policy.decode())["KeyMetadata"]["KeyId"]
+    blob = kms.encrypt(KeyId=key_id, Plaintext=b"held", EncryptionContext=CONTEXT)["CiphertextBlob"]
+    config = _local_config(stack, tmp_path / "held", blob, None)
+    config.write_text(config.read_text().replace(ALIAS, key_id))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    app = [sys.executable, str(REPO / "deploy" / "example_app.py")]
+    agent = [sys.executable, "-m", "enclave_agent.cli", "run", "--config", str(config), "--"]
+
+    unknown = subprocess.run(
+        [*agent, *app, "nosuch"], cwd=REPO, env=env, capture_output=True, timeout=120, check=False
+    )
+    assert unknown.returncode == 1
+    assert b"example-app: FAILED: GET /v1/secrets/nosuch answered 404" in unknown.stderr
+
+    output = tmp_path / "held.out"
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            [*agent, *app, "example", "--hold"], cwd=REPO, env=env, stdout=sink, stderr=sink
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"example-app: OK" not in output.read_bytes():
+            assert process.poll() is None, output.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "the app never reported its secret"
+            time.sleep(0.05)
+        assert process.poll() is None, "--hold keeps the app, so the enclave, running"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
