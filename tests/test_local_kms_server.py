@@ -443,3 +443,34 @@ def test_second_instance_other_region_stops_cleanly_on_sigterm(tmp_path: Path) -
     finally:
         assert stop(proc) == 0
     assert not state_file.exists()
+
+
+def test_malformed_http_is_answered_and_the_server_keeps_serving(
+    stand_in: dict[str, Any], kms: Any
+) -> None:
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=stand_in["ca_bundle"])
+
+    def exchange(payload: bytes) -> bytes:
+        address = (stand_in["host"], stand_in["port"])
+        with (
+            socket.create_connection(address, timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=stand_in["host"]) as tls,
+        ):
+            tls.sendall(payload)
+            chunks = []
+            while chunk := tls.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    assert exchange(b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    huge = b"x" * (1 << 20 | 1)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(huge)
+    assert exchange(head + huge).startswith(b"HTTP/1.1 413 ")
+    # Plain HTTP on the TLS port: the handshake fails, nothing is served.
+    with socket.create_connection((stand_in["host"], stand_in["port"]), timeout=10) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert not raw.recv(65536).startswith(b"HTTP/1.1 200")
+    assert kms.list_keys()["ResponseMetadata"]["HTTPStatusCode"] == 200

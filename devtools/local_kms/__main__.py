@@ -9,6 +9,7 @@ state file and CA file are removed on the way out.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -60,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_loopback(host: str) -> None:
+    # Development credentials and a fake KMS have no business on a real network.
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"local-kms: --host must be a loopback address, got {host!r}")
+
+
 def _roots(args: argparse.Namespace) -> list[bytes]:
     paths = [d / SIMULATED_ROOT_FILE for d in args.simulated_nsm_ca] + list(args.trust_root)
     roots = []
@@ -87,6 +98,7 @@ def ca_path_for(state_file: Path) -> Path:
 
 async def run(args: argparse.Namespace) -> int:
     log = get_logger()
+    _check_loopback(args.host)
     roots = _roots(args)
     if not roots:
         log.warning("no_trust_roots", detail="every call with a Recipient will be refused")
@@ -102,7 +114,11 @@ async def run(args: argparse.Namespace) -> int:
     admin = Admin(secrets.token_urlsafe(32), FaultInjector(), credentials)
     server = KmsHttpServer(kms, admin, ssl_context)
 
+    # "localhost" may resolve to two addresses, each with its own port 0: keep one.
     listeners = await trio.open_tcp_listeners(args.port, host=args.host)
+    for extra in listeners[1:]:
+        await extra.aclose()
+    listeners = listeners[:1]
     port = listeners[0].socket.getsockname()[1]
     state_file: Path = args.state_file.resolve()
     ca_file = ca_path_for(state_file)
