@@ -26,6 +26,7 @@ _CHUNK = 1 << 20
 # A bigger pipe than the default 64 KiB lets one splice move more per wake-up. Pipe
 # pages are allocated when bytes arrive, so an idle tunnel does not pay for them.
 _PIPE_SIZE = 1 << 20
+_CYCLES_PER_YIELD = 16
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # Errors that mean "the other end went away", ending the tunnel as a reset.
 _GONE = (ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -122,6 +123,7 @@ async def _splice_sockets(
     r, w = _open_pipe()
     try:
         pending = 0
+        cycles = 0
         while True:
             if pending == 0:
                 try:
@@ -154,8 +156,10 @@ async def _splice_sockets(
             pending -= m
             _count(tunnel, forward, m)
             if pending == 0:
-                # Let other tunnels run between chunks even when this one never blocks.
-                await trio.lowlevel.checkpoint()
+                cycles += 1
+                if cycles % _CYCLES_PER_YIELD == 0:
+                    # Let other tunnels run now and then even when this one never blocks.
+                    await trio.lowlevel.checkpoint()
     finally:
         os.close(r)
         os.close(w)
