@@ -87,7 +87,8 @@ def add_parser(subparsers: Any) -> None:
         help="print a KMS key policy that admits only the measured enclave image",
         description=(
             "Read nitro-cli's measurements (build-enclave, describe-eif or describe-enclaves "
-            "output) and print a key policy: the account may administer the key and encrypt "
+            "output, or verify-attestation's for a running enclave's document) and print a "
+            "key policy: the account may administer the key and encrypt "
             "with it; the role may use it only from an enclave whose attestation carries "
             "these PCRs (PCR0 as kms:RecipientAttestation:ImageSha384, others as "
             "kms:RecipientAttestation:PCR<n>, compared with StringEqualsIgnoreCase)."
@@ -96,7 +97,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--measurements",
         required=True,
-        action="append",
+        action="extend",
+        nargs="+",
         metavar="FILE",
         help="nitro-cli's JSON output ('-' for stdin); repeat it to admit several images "
         "(one statement each), e.g. the old and the new one during an upgrade",
@@ -109,7 +111,8 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--operation",
-        action="append",
+        action="extend",
+        nargs="+",
         metavar="OP",
         help=f"allowed operation, repeatable: {', '.join(RECIPIENT_OPERATIONS)} (default Decrypt)",
     )
@@ -120,13 +123,15 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--include-pcr",
-        action="append",
+        action="extend",
+        nargs="+",
         metavar="N",
         help="PCR to require besides PCR0, repeatable (default: every PCR given)",
     )
     parser.add_argument(
         "--pcr",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="N=HEX",
         help="add a PCR value nitro-cli does not print (PCR3: parent's role, PCR4: instance id)",

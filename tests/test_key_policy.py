@@ -282,7 +282,6 @@ def test_command_prints_policy_and_fails_clearly() -> None:
         ROLE,
         "--operation",
         "Decrypt",
-        "--operation",
         "GenerateDataKey",
         "--pcr",
         "3=" + "cd" * 48,
