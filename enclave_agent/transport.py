@@ -136,7 +136,8 @@ def _error_reason(body: bytes, fallback: str) -> str:
     except (ValueError, UnicodeDecodeError):
         return fallback
     if isinstance(document, dict) and isinstance(document.get("error"), str):
-        return str(document["error"])[:200]
+        # the proxy is not trusted to write our messages: printable text, cut short
+        return "".join(c for c in document["error"] if c.isprintable())[:200]
     return fallback
 
 
@@ -148,6 +149,16 @@ async def open_tunnel(proxy: Address, host: str, port: int) -> trio.abc.Stream:
         raise TransportError(
             f"cannot reach the proxy at {proxy}: {exc.strerror or exc}", retryable=True
         ) from None
+    return await establish_tunnel(raw, str(proxy), host, port)
+
+
+async def establish_tunnel(
+    raw: trio.abc.Stream, proxy: str, host: str, port: int
+) -> trio.abc.Stream:
+    """Send CONNECT on ``raw`` (a stream to the proxy) and read the answer.
+
+    On failure ``raw`` is closed and a ``TransportError`` names the proxy's answer.
+    """
     target = authority(host, port)
     try:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
@@ -163,8 +174,8 @@ async def open_tunnel(proxy: Address, host: str, port: int) -> trio.abc.Stream:
             )
         if not isinstance(event, h11.Response):
             raise TransportError(f"proxy at {proxy} answered CONNECT oddly", retryable=True)
-        if event.status_code != 200:
-            fallback = event.reason.decode("latin-1", "replace")
+        if not 200 <= event.status_code < 300:  # any 2xx opens the tunnel (RFC 9110)
+            fallback = "".join(c for c in event.reason.decode("latin-1") if c.isprintable())
             body, _ = await _read_body(conn, raw, _MAX_ERROR_BODY, "proxy CONNECT")
             reason = _error_reason(body, fallback)
             raise TransportError(

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclave_agent.transport import (
     KmsConnectionPool,
     TransportError,
+    establish_tunnel,
     http_get,
     make_ssl_context,
     open_tunnel,
@@ -227,3 +231,48 @@ def test_ca_bundle_errors_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot load the CA bundle"):
         make_ssl_context(str(junk))
     assert make_ssl_context(None).check_hostname
+
+
+answers = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda status, reason, headers, body: (
+            b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, reason, headers, body)
+        ),
+        st.integers(100, 599),
+        st.binary(max_size=20).filter(lambda b: b"\r" not in b and b"\n" not in b),
+        st.sampled_from(
+            [
+                b"",
+                b"Content-Length: 5\r\n",
+                b"Transfer-Encoding: chunked\r\n",
+                b"Content-Length: x\r\n",
+                b"Connection: close\r\n",
+            ]
+        ),
+        st.binary(max_size=60) | st.just(b'{"error": "no\\nway\\u0000"}'),
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(answers)
+def test_any_connect_answer_gives_a_tunnel_or_a_transport_error(answer: bytes) -> None:
+    async def scenario() -> None:
+        client, proxy_side = trio.testing.memory_stream_pair()
+
+        async def proxy() -> None:
+            await proxy_side.receive_some()
+            await proxy_side.send_all(answer)
+            await proxy_side.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(proxy)
+            try:
+                tunnel = await establish_tunnel(client, "test-proxy", "kms.example", 443)
+            except TransportError as exc:
+                assert exc.message.isprintable()
+                return
+            await tunnel.aclose()
+
+    trio.run(scenario)
