@@ -23,7 +23,8 @@ lower-case hex. A second statement keeps the key manageable by the account
 (``arn:aws:iam::<account>:root``) without letting the account decrypt: the
 administrative actions and ``kms:Encrypt`` only, so no IAM policy in the account
 can open a secret outside the enclave, while the key can still be updated for a
-new image or scheduled for deletion.
+new image or scheduled for deletion. (Whoever may replace the policy can of course
+grant themselves more; that power is what "manageable" means.)
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ ADMIN_ACTIONS = (
     "kms:GetKeyRotationStatus",
     "kms:EnableKeyRotation",
     "kms:DisableKeyRotation",
+    "kms:RotateKeyOnDemand",
+    "kms:ListKeyRotations",
     "kms:UpdateKeyDescription",
     "kms:CreateAlias",
     "kms:UpdateAlias",
