@@ -1,0 +1,112 @@
+"""relay(): splice between sockets, its recv/send fallback, and non-socket streams."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from proxy import relay as relay_module
+from proxy.relay import RelayResult, relay
+
+
+async def _socket_pairs() -> tuple[
+    trio.SocketStream, trio.SocketStream, trio.SocketStream, trio.SocketStream
+]:
+    """client <-> (a  relay  b) <-> upstream, all real connected sockets."""
+    c, a = trio.socket.socketpair()
+    b, u = trio.socket.socketpair()
+    return (trio.SocketStream(c), trio.SocketStream(a), trio.SocketStream(b), trio.SocketStream(u))
+
+
+async def _exercise(client: Any, a: Any, b: Any, upstream: Any) -> RelayResult:
+    """Client sends 2 MB and half-closes; upstream answers after EOF; returns the result."""
+    payload = os.urandom(2_000_000)
+    result = RelayResult()
+
+    async def client_side() -> None:
+        await client.send_all(payload)
+        await client.send_eof()
+        got = b""
+        while chunk := await client.receive_some(65536):
+            got += chunk
+        assert got == b"done:" + payload[:1000]
+
+    async def upstream_side() -> None:
+        got = b""
+        while chunk := await upstream.receive_some(65536):
+            got += chunk
+        assert got == payload
+        await upstream.send_all(b"done:" + payload[:1000])
+        await upstream.send_eof()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_side)
+            nursery.start_soon(upstream_side)
+            await relay(a, b, idle_timeout=30, result=result)
+    assert result.bytes_a_to_b == len(payload)
+    assert result.bytes_b_to_a == 1005
+    assert result.outcome == "closed"
+    return result
+
+
+async def test_splice_between_sockets() -> None:
+    result = await _exercise(*await _socket_pairs())
+    assert result.spliced
+
+
+async def test_fallback_when_splice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(relay_module.os, "splice", refuse)
+    result = await _exercise(*await _socket_pairs())
+    assert not result.spliced
+
+
+async def test_fallback_when_only_the_destination_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes already in the pipe are handed over before switching to recv/send."""
+    real_splice = os.splice
+
+    def refuse_from_pipe(src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        if stat.S_ISFIFO(os.fstat(src).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_splice(src, dst, count, *args, **kwargs)
+
+    monkeypatch.setattr(relay_module.os, "splice", refuse_from_pipe)
+    await _exercise(*await _socket_pairs())
+
+
+async def test_non_socket_streams_use_receive_and_send() -> None:
+    client, a = trio.testing.memory_stream_pair()
+    b, upstream = trio.testing.memory_stream_pair()
+    result = await _exercise(client, a, b, upstream)
+    assert not result.spliced
+
+
+async def test_reset_ends_the_tunnel() -> None:
+    client, a, b, upstream = await _socket_pairs()
+    result = RelayResult()
+
+    async def reset_upstream() -> None:
+        await client.send_all(b"x")
+        assert await upstream.receive_some(10) == b"x"
+        await client.send_all(b"more")
+        # Close with unread data pending: the kernel answers with a reset, not a FIN.
+        upstream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        upstream.socket.close()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reset_upstream)
+            await relay(a, b, idle_timeout=30, result=result)
+    assert result.outcome == "reset"
+    await client.aclose()
