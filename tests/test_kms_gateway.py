@@ -27,6 +27,9 @@ class Stack:
     ca_path: Path
 
     def gateway_with(self, **changes: object) -> KmsGateway:
+        return KmsGateway(self.settings(**changes), self.nsm, FakeRecipient())
+
+    def settings(self, **changes: object) -> KmsSettings:
         fields: dict[str, object] = {
             "region": "us-east-1",
             "proxy": parse_address(self.relay.address),
@@ -34,7 +37,7 @@ class Stack:
             "ca_bundle": str(self.ca_path),
         }
         fields.update(changes)
-        return KmsGateway(KmsSettings(**fields), self.nsm, FakeRecipient())  # type: ignore[arg-type]
+        return KmsSettings(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -381,3 +384,32 @@ async def test_a_bug_still_reaches_the_app_as_a_kms_error(stack: Stack) -> None:
         await stack.gateway.call("GenerateRandom", {"NumberOfBytes": 8})
     assert (info.value.error_type, info.value.status) == ("KMSInternalException", 500)
     assert info.value.message == "the agent failed: TypeError"
+
+
+async def test_real_kms_envelope_is_opened_into_the_answer(stack: Stack, vectors_dir: Path) -> None:
+    """A CiphertextForRecipient that real AWS KMS produced (BER, indefinite lengths),
+    answered by the fake KMS, comes out as the expected Plaintext."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from enclave_agent.recipient import RecipientKey
+
+    cms = vectors_dir / "cms"
+    private = load_pem_private_key((cms / "enclaver_recipient_key.pem").read_bytes(), None)
+    recipient = RecipientKey(private)  # type: ignore[arg-type]
+    envelope = base64.b64encode((cms / "enclaver_kms_response.ber").read_bytes()).decode()
+    stack.kms.script.append(
+        (200, {"KeyId": "arn:k", "CiphertextForRecipient": envelope, "Plaintext": None})
+    )
+    settings = stack.settings()
+    gateway = KmsGateway(settings, stack.nsm, recipient)
+    answer = await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    await gateway.aclose()
+    expected = (cms / "enclaver_expected_plaintext.bin").read_bytes()
+    assert answer == {"KeyId": "arn:k", "Plaintext": base64.b64encode(expected).decode()}
+    # and another key cannot open it: a clear error, no plaintext
+    stack.kms.script.append((200, {"CiphertextForRecipient": envelope}))
+    other = KmsGateway(settings, stack.nsm, RecipientKey.generate())
+    with pytest.raises(KmsError) as info:
+        await other.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    await other.aclose()
+    assert info.value.message.startswith("could not open CiphertextForRecipient from KMS: ")
