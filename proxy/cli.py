@@ -65,9 +65,14 @@ def load_config(config_path: str | None, cli: CliOptions) -> ProxyConfig:
 def _raise_fd_limit() -> None:
     # Each open tunnel holds two sockets and, while bytes flow, two pipes (four fds);
     # the soft limit (often 1024) would cap the proxy well below max_tunnels.
+    # Under systemd, LimitNOFILE= already sets both limits (and the unit's seccomp filter
+    # refuses setrlimit), so a failure here is only logged.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log.warning("fd_limit_unchanged", soft=soft, hard=hard, reason=str(e))
 
 
 def _parser() -> argparse.ArgumentParser:
