@@ -382,6 +382,16 @@ def test_admin_routes_need_the_token(stand_in: dict[str, Any]) -> None:
         response = conn.getresponse()
         assert response.status == 403
         response.read()
+        token = {"X-Local-Kms-Admin-Token": stand_in["admin_token"]}
+        for bad in ({"ttl": 1e300}, {"ttl": 0}, {"ttl": "soon"}):
+            conn.request("POST", "/_local_kms/credentials", body=json.dumps(bad), headers=token)
+            response = conn.getresponse()
+            assert response.status == 400, bad
+            response.read()
+        conn.request("POST", "/_local_kms/faults", body=b'{"kind": "boom"}', headers=token)
+        response = conn.getresponse()
+        assert response.status == 400
+        response.read()
         conn.request("POST", "/", body=b"{}", headers={"X-Amz-Target": "Nope"})
         response = conn.getresponse()
         assert response.status == 400

@@ -38,6 +38,7 @@ from enclave_common.logs import get_logger
 MAX_BODY = 1 << 20
 MAX_HEADERS = 64 * 1024
 IDLE_TIMEOUT = 120.0
+HANDSHAKE_TIMEOUT = 10.0
 ADMIN_TOKEN_HEADER = "x-local-kms-admin-token"
 ADMIN_PREFIX = "/_local_kms/"
 
@@ -80,10 +81,18 @@ class KmsHttpServer:
         try:
             address = stream.transport_stream.socket.getpeername()
             peer = f"{address[0]}:{address[1]}"
-            await stream.do_handshake()
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
             await self._requests(stream, peer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+            ssl.SSLError,
+        ) as exc:
             log.debug("connection_closed", peer=peer, reason=type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - one broken connection must not stop the server
+            log.error("connection_failed", peer=peer, error=type(exc).__name__)
         finally:
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
@@ -201,7 +210,13 @@ class KmsHttpServer:
             error = fault.error()
             if error is not None:
                 return error_reply(*error, operation=_operation_of(request))
-        return self.kms.handle(request, datetime.now(UTC))
+        try:
+            return self.kms.handle(request, datetime.now(UTC))
+        except Exception as exc:  # noqa: BLE001 - a bug here answers 500, as KMS would
+            log.error("internal_error", operation=_operation_of(request), error=type(exc).__name__)
+            return error_reply(
+                500, "KMSInternalException", "local KMS internal error", _operation_of(request)
+            )
 
     def _admin(self, request: Request) -> Reply:
         path = request.target.partition("?")[0]
@@ -231,7 +246,7 @@ class KmsHttpServer:
             now = datetime.now(UTC)
             try:
                 credential = self.admin.credentials.mint(timedelta(seconds=ttl), now)
-            except ValueError as exc:
+            except (ValueError, OverflowError) as exc:
                 return _json_reply(400, {"error": str(exc)})
             assert credential.expiration is not None
             log.info("credentials_minted", ttl=ttl)
