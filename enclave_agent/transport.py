@@ -303,7 +303,8 @@ class KmsConnectionPool:
         self.proxy = proxy
         self.host = host
         self.port = port
-        self.authority = host if port == 443 else authority(host, port)
+        # the Host header (and SigV4's host): the port only when it is not HTTPS's
+        self.authority = authority(host, port).removesuffix(":443")
         self._ssl_context = ssl_context
         self._idle_timeout = idle_timeout
         self._max_response_bytes = max_response_bytes

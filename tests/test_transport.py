@@ -276,3 +276,12 @@ def test_any_connect_answer_gives_a_tunnel_or_a_transport_error(answer: bytes) -
             await tunnel.aclose()
 
     trio.run(scenario)
+
+
+def test_host_header_authority() -> None:
+    proxy = parse_address("tcp:127.0.0.1:1")
+    context = make_ssl_context(None)
+    assert [
+        KmsConnectionPool(proxy, host, port, context).authority
+        for host, port in [("kms.eu-west-1.amazonaws.com", 443), ("::1", 443), ("::1", 8443)]
+    ] == ["kms.eu-west-1.amazonaws.com", "[::1]", "[::1]:8443"]
