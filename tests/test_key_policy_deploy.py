@@ -186,6 +186,8 @@ def test_example_app_reads_its_secret_and_proves_its_pcrs(stack: DevStack, tmp_p
     assert other.returncode != 0
     assert b"example-app: OK" not in other.stdout
     assert b"AccessDeniedException" in other.stderr
+    # What the guide tells an operator to look for on a debug-mode console.
+    assert b'"secret_failed"' in other.stderr and b'"startup_failed"' in other.stderr
 
 
 def test_example_app_fails_loudly_without_agent(tmp_path: Path) -> None:
