@@ -185,13 +185,14 @@ def openssl_decrypt(tmp_path: Path, envelope: bytes, key: rsa.RSAPrivateKey) -> 
     (tmp_path / "cert.pem").write_bytes(
         self_signed_with_kms_ski(key).public_bytes(serialization.Encoding.PEM)
     )
-    # -recip makes openssl pick the recipient by identifier and fail when none matches
-    # (without it, openssl falls back to a random key and may print garbage).
+    # -recip makes openssl pick the recipient by identifier and fail when none matches,
+    # and -debug_decrypt turns off the random-key fallback (without them openssl may
+    # "decrypt" to garbage without an error).
     result = subprocess.run(
         [
             "openssl", "cms", "-decrypt", "-inform", "DER", "-in", str(tmp_path / "env.der"),
             "-inkey", str(tmp_path / "key.pem"), "-recip", str(tmp_path / "cert.pem"),
-            "-binary",
+            "-binary", "-debug_decrypt",
         ],
         capture_output=True,
         timeout=30,
