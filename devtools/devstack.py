@@ -215,9 +215,11 @@ class DevStack:
             }
         else:
             config = self.work_dir / "proxy-aws-config"
+            # One hour, as an instance role's: botocore refreshes credentials that expire
+            # within 15 minutes, so a shorter lifetime would re-run the process each time.
             command = (
                 f"{self.python} -m devtools.local_kms.credential_process "
-                f"--state-file {self.kms['state_file']} --ttl 900"
+                f"--state-file {self.kms['state_file']} --ttl 3600"
             )
             config.write_text(
                 f"[default]\nregion = {self.region}\ncredential_process = {command}\n"
