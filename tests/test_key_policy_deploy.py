@@ -251,3 +251,33 @@ def test_held_app_stays_up_until_sigterm_and_unknown_secret_fails(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_dockerfile_copies_only_the_agent_side_and_wires_the_entry_point() -> None:
+    """Static checks of deploy/Dockerfile (no Docker daemon here to build it)."""
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    joined = dockerfile.replace("\\\n", " ")
+    ignore = (REPO / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    assert "*" in ignore, "the build context is an allowlist"
+    targets = {}
+    for line in joined.splitlines():
+        words = line.split()
+        if not words or words[0] != "COPY" or words[1].startswith("--from"):
+            continue
+        *sources, target = words[1:]
+        for source in sources:
+            assert any(source == a or source.startswith(a + "/") for a in allowed), source
+            assert (REPO / source).exists() or source == "deploy/secrets/example.ciphertext"
+            assert not source.startswith(("proxy", "systemd", "devtools", "scripts", "tests"))
+            targets[source] = target
+    entry = json.loads(joined.split("ENTRYPOINT", 1)[1].strip())
+    assert entry[:5] == ["enclave-agent", "run", "--config", "/etc/enclave-agent/agent.toml", "--"]
+    assert targets["deploy/agent.toml"] == "/etc/enclave-agent/agent.toml"
+    assert targets["deploy/example_app.py"] == entry[6]
+    # agent.toml names the ciphertext relative to its own directory.
+    assert 'ciphertext_file = "secrets/example.ciphertext"' in AGENT_TOML.read_text()
+    assert targets["deploy/secrets/example.ciphertext"] == (
+        "/etc/enclave-agent/secrets/example.ciphertext"
+    )
+    assert "--constraint /tmp/constraints.txt" in joined
