@@ -104,7 +104,17 @@ def _serve(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     configure_logging(config.log_level, process="enclave-agent")
+    _no_core_dumps()
     return trio.run(_serve_async, config)
+
+
+def _no_core_dumps() -> None:
+    # Before the recipient key exists: nothing secret may ever reach a core file.
+    log = get_logger()
+    if init.disable_core_dumps():
+        log.info("core_dumps_disabled")
+    else:
+        log.warning("core_dumps_not_disabled", reason="prctl(PR_SET_DUMPABLE) failed")
 
 
 async def _serve_async(config: AgentConfig) -> int:
@@ -134,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     configure_logging(config.log_level, process="enclave-agent")
+    _no_core_dumps()
     return trio.run(_run_async, config, command)
 
 

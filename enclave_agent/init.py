@@ -22,6 +22,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import resource
 import signal
 import socket
 import struct
@@ -39,6 +40,8 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name[IFNAMSIZ], short ifr_flags, union padding
 PR_SET_CHILD_SUBREAPER = 36
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -62,6 +65,24 @@ def interface_up(name: str = "lo") -> bool:
         except OSError as exc:
             raise InitError(f"cannot bring {name} up: {exc.strerror}") from exc
     return True
+
+
+def disable_core_dumps() -> bool:
+    """No core file and no same-uid ptrace or /proc/PID/mem reads of this process.
+
+    Why: the agent's memory holds the recipient private key and every secret in
+    clear; a core dump (crash, SIGQUIT, gcore) would write them to disk. RLIMIT_CORE
+    0 (soft and hard) stops the kernel writing one; PR_SET_DUMPABLE 0 also makes
+    /proc/PID/{mem,environ,...} root-only and refuses ptrace by other processes of
+    our uid. Returns True when the kernel reports the process as not dumpable.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        return bool(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def become_subreaper() -> bool:
