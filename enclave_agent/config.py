@@ -17,6 +17,7 @@ Shape (every key optional except where noted)::
     [simulated_nsm]                       # only with nsm = "simulated"
     ca_dir = "/path/made/by/init-ca"      # omitted: a throwaway in-memory CA
     pcrs = { 0 = "<96 hex digits>" }      # overrides of the simulated PCR values
+    fail_with = "InternalError"           # every NSM call fails with this error (fault tests)
 
     [listen]
     socket = "/run/enclave-agent/agent.sock"
@@ -79,6 +80,7 @@ class ConfigError(ValueError):
 class SimulatedNsmConfig:
     ca_dir: Path | None = None
     pcrs: Mapping[int, bytes] = field(default_factory=dict)
+    fail_with: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ _TOP_KEYS = {
     "limits",
     "secrets",
 }
-_SIMULATED_KEYS = {"ca_dir", "pcrs"}
+_SIMULATED_KEYS = {"ca_dir", "pcrs", "fail_with"}
 _LISTEN_KEYS = {"socket", "socket_mode", "tcp"}
 _ACCESS_KEYS = {"allowed_uids", "allowed_gids"}
 _SECRET_KEYS = {"ciphertext", "ciphertext_file", "key_id", "encryption_context", "file"}
@@ -286,7 +288,10 @@ def _simulated(value: Any, base: Path, source: str) -> SimulatedNsmConfig:
                 f"{source}: simulated_nsm.pcrs.{key} must be {_PCR_BYTES * 2} hex digits"
             )
         pcrs[int(key)] = raw
-    return SimulatedNsmConfig(ca_dir=_resolve(base, ca_dir) if ca_dir else None, pcrs=pcrs)
+    fail_with = _string(table, "fail_with", source, "simulated_nsm")
+    return SimulatedNsmConfig(
+        ca_dir=_resolve(base, ca_dir) if ca_dir else None, pcrs=pcrs, fail_with=fail_with
+    )
 
 
 def _listen(value: Any, base: Path, source: str) -> ListenConfig:

@@ -48,8 +48,12 @@ def open_nsm(config: AgentConfig) -> Nsm:
 
         pcrs = dict(config.simulated_nsm.pcrs)
         if config.simulated_nsm.ca_dir is not None:
-            return SimulatedNsm.load(config.simulated_nsm.ca_dir, pcrs)
-        return SimulatedNsm.create(pcrs)
+            simulated = SimulatedNsm.load(config.simulated_nsm.ca_dir, pcrs)
+        else:
+            simulated = SimulatedNsm.create(pcrs)
+        # Fault tests: every NSM call fails with this NSM error name.
+        simulated.fail_with = config.simulated_nsm.fail_with
+        return simulated
     return NsmDevice.open(config.nsm)
 
 
