@@ -41,6 +41,7 @@ from enclave_agent.app_protocol import (
 )
 from enclave_agent.config import AccessConfig, Limits
 from enclave_agent.kms import KmsError
+from enclave_agent.nsm import NsmError
 from enclave_agent.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
 from enclave_common.address import describe_peer
 from enclave_common.logs import get_logger
@@ -239,6 +240,15 @@ class AppServer:
             return app_protocol.error_response(exc.error_type, exc.message, exc.status), operation
         except KmsError as exc:
             return app_protocol.error_response(exc.error_type, exc.message, exc.status), operation
+        except NsmError as exc:
+            # The attestation route: name the NSM's error, as the KMS path does.
+            log.warning("nsm_failed", path=path, error_name=exc.error_name)
+            return (
+                app_protocol.error_response(
+                    "KMSInternalException", f"NSM error: {exc.error_name}", 500
+                ),
+                operation,
+            )
         except Exception as exc:  # noqa: BLE001 - one failed request must not end the connection
             # An agent bug or an NSM failure: the type only, never the details, which
             # could quote request data.
