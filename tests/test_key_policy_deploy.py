@@ -281,3 +281,21 @@ def test_dockerfile_copies_only_the_agent_side_and_wires_the_entry_point() -> No
         "/etc/enclave-agent/secrets/example.ciphertext"
     )
     assert "--constraint /tmp/constraints.txt" in joined
+
+
+def test_every_runtime_dependency_is_pinned_for_the_image() -> None:
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (REPO / "deploy" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt pins exact versions: {line!r}"
+            pins[name.lower()] = version
+    for requirement in project["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)
+        assert name is not None
+        normalized = re.sub(r"[-_.]+", "-", name.group(0)).lower()
+        assert normalized in pins, f"{normalized} is not pinned in deploy/constraints.txt"
