@@ -1,0 +1,76 @@
+import base64
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enclave_agent.config import SecretConfig
+from enclave_agent.kms import KmsError
+from enclave_agent.secrets import SecretError, SecretStore, decrypt_request, write_secret_file
+
+
+class Gateway:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    async def call(self, operation: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        assert operation == "Decrypt"
+        self.requests.append(dict(request))
+        blob = base64.b64decode(request["CiphertextBlob"])
+        if blob == b"refused":
+            raise KmsError("AccessDeniedException", "PCR0 mismatch", 400)
+        if blob == b"odd":
+            return {"KeyId": "k"}
+        return {"Plaintext": base64.b64encode(b"value-of-" + blob).decode()}
+
+
+async def test_secrets_are_decrypted_held_and_written(tmp_path: Path) -> None:
+    target = tmp_path / "tmpfs" / "db"
+    store = SecretStore(
+        {
+            "db": SecretConfig(
+                "db", b"one", key_id="alias/a", encryption_context={"app": "x"}, file=target
+            ),
+            "api": SecretConfig("api", b"two"),
+        }
+    )
+    gateway = Gateway()
+    await store.load(gateway)
+    assert store.get("db") == b"value-of-one"
+    assert store.get("api") == b"value-of-two"
+    assert store.get("other") is None
+    assert len(store) == 2
+    assert target.read_bytes() == b"value-of-one"
+    assert target.stat().st_mode & 0o777 == 0o400
+    assert {"CiphertextBlob": "b25l", "KeyId": "alias/a", "EncryptionContext": {"app": "x"}} in (
+        gateway.requests
+    )
+
+
+async def test_a_refused_secret_stops_the_start_naming_it() -> None:
+    store = SecretStore(
+        {
+            "good": SecretConfig("good", b"one"),
+            "bad": SecretConfig("bad", b"refused"),
+            "odd": SecretConfig("odd", b"odd"),
+        }
+    )
+    with pytest.raises(SecretError) as info:
+        await store.load(Gateway())
+    message = str(info.value)
+    assert "bad (AccessDeniedException: PCR0 mismatch)" in message
+    assert "odd (the Decrypt answer carried no usable Plaintext)" in message
+    assert "good" not in message
+
+
+def test_secret_file_is_replaced_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    write_secret_file(path, b"first")
+    write_secret_file(path, b"second")  # over a 0400 file: a new file renamed over it
+    assert path.read_bytes() == b"second"
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_decrypt_request_shape() -> None:
+    assert decrypt_request(SecretConfig("n", b"\x00")) == {"CiphertextBlob": "AA=="}
