@@ -2,92 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
+from stack import proxy_env as _env
+from stack import start_proxy
 from test_proxy_support import echo_handler, open_tunnel, request, tcp_server
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = b"SUBPROCESS-MARKER-51c0ffee-never-in-logs"
-
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "NOTIFY_", "WATCHDOG_"))
-    }
-    env.update(
-        AWS_EC2_METADATA_DISABLED="true",
-        AWS_CONFIG_FILE=str(tmp_path / "aws-config"),
-        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"),
-        PYTHONPATH=str(REPO),
-    )
-    env.update(extra)
-    return env
-
-
-class ProxyProcess:
-    def __init__(self, process: subprocess.Popen[bytes], log_path: Path) -> None:
-        self.process = process
-        self.log_path = log_path
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
-
-    async def wait_event(self, name: str, count: int = 1, timeout: float = 20) -> dict[str, Any]:
-        with trio.fail_after(timeout):
-            while True:
-                found = [e for e in self.events() if e.get("event") == name]
-                if len(found) >= count:
-                    return found[count - 1]
-                if self.process.poll() is not None:
-                    raise AssertionError(f"proxy exited: {self.log_path.read_text()}")
-                await trio.sleep(0.05)
-
-    async def port(self) -> int:
-        event = await self.wait_event("listening")
-        return int(event["address"].rsplit(":", 1)[1])
-
-    async def wait_exit(self, timeout: float = 20) -> int:
-        with trio.fail_after(timeout):
-            while self.process.poll() is None:
-                await trio.sleep(0.05)
-        return self.process.returncode
-
-
-@contextmanager
-def start_proxy(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None
-) -> Iterator[ProxyProcess]:
-    log_path = tmp_path / f"proxy-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", *args],
-            cwd=REPO,
-            env=env or _env(tmp_path),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield ProxyProcess(process, log_path)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=20)
 
 
 async def test_listening_sd_notify_watchdog_and_sigterm(tmp_path: Path) -> None:
