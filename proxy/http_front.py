@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -73,7 +73,7 @@ class ProxyContext:
     connector: Connector
     active_connections: int = 0
     shutting_down: bool = False
-    on_connection_closed: Callable[[], None] = field(default=lambda: None)
+    idle_connections: set[trio.CancelScope] = field(default_factory=set)
 
 
 @dataclass
@@ -231,8 +231,12 @@ class _Connection:
                 return
 
     async def _serve_one(self, record: _Record) -> None:
+        # While no request is in hand the connection is idle: a shutdown closes it at
+        # once (through this scope) instead of waiting out the header timeout.
+        idle = trio.CancelScope()
+        self.ctx.idle_connections.add(idle)
         try:
-            with trio.fail_after(self.ctx.config.header_timeout):
+            with idle, trio.fail_after(self.ctx.config.header_timeout):
                 event = await self._next_event()
         except trio.TooSlowError:
             if self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0]:
@@ -243,6 +247,11 @@ class _Connection:
             status = e.error_status_hint if e.error_status_hint in (400, 431) else 400
             reason = "request head too large" if status == 431 else "malformed request"
             await self._fail(record, status, reason)
+        finally:
+            self.ctx.idle_connections.discard(idle)
+        if idle.cancelled_caught:
+            record.outcome = "closed_for_shutdown"
+            raise _Close
         if isinstance(event, h11.ConnectionClosed):
             record.outcome = "client_closed"
             raise _Close

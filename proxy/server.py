@@ -62,6 +62,8 @@ class ProxyServer:
         """Stop accepting and start draining (idempotent, callable from any task)."""
         self.ctx.shutting_down = True
         self._accept_scope.cancel()
+        for idle in list(self.ctx.idle_connections):
+            idle.cancel()
 
     def _peer_allowed(self, stream: trio.SocketStream) -> bool:
         cids = self.ctx.config.allowed_cids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import Any
 
 import pytest
 import trio
@@ -20,6 +21,8 @@ from test_proxy_support import (
     tcp_server,
 )
 
+from enclave_common.address import TcpAddress
+from proxy.allowlist import Allowlist
 from proxy.upstream import SockAddr
 
 MARKER = b"MARKER-7f3c9a-must-never-be-logged"
@@ -367,8 +370,6 @@ async def test_healthz_and_keep_alive() -> None:
 
 
 async def test_reload_swaps_allowlist_without_touching_open_tunnels() -> None:
-    from proxy.allowlist import Allowlist
-
     async with tcp_server(echo_handler) as port:
         target = f"127.0.0.1:{port}"
         async with running_proxy((target,)) as proxy:
@@ -382,3 +383,58 @@ async def test_reload_swaps_allowlist_without_touching_open_tunnels() -> None:
             await stream.send_all(b"still here")
             assert await stream.receive_some(100) == b"still here"
             await stream.aclose()
+
+
+async def test_408_for_a_slow_head_and_quiet_close_when_idle() -> None:
+    async with running_proxy((), header_timeout=0.3) as proxy:
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost:")
+        with trio.fail_after(10):
+            status, _, _ = await read_head(stream)
+        assert status == 408
+        await stream.aclose()
+        quiet = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        with trio.fail_after(10):
+            assert await read_to_eof(quiet) == b""
+        await quiet.aclose()
+
+
+async def test_shutdown_closes_idle_keep_alive_connections_at_once() -> None:
+    async with running_proxy((), header_timeout=60, drain_timeout=60) as proxy:
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, rest = await read_head(stream)
+        assert status == 200
+        proxy.server.shutdown()
+        with trio.fail_after(10):  # well before either 60 s timeout
+            await read_to_eof(stream, rest)
+            while proxy.server.active_connections:
+                await trio.sleep(0.01)
+        await stream.aclose()
+
+
+def test_vsock_peer_cid_allowlist() -> None:
+    """Only the check itself: no AF_VSOCK socket is ever connected on this machine."""
+    from types import SimpleNamespace
+
+    from proxy.config import ProxyConfig
+    from proxy.server import ProxyServer
+
+    vsock = getattr(socket, "AF_VSOCK", None)
+    if vsock is None:
+        pytest.skip("no AF_VSOCK in this Python")
+    config = ProxyConfig(listen=TcpAddress("127.0.0.1", 0), allowed_cids=frozenset({16}))
+    server = ProxyServer(
+        config,
+        Allowlist(()),
+        region="us-east-1",
+        credentials=None,  # type: ignore[arg-type]
+    )
+
+    def peer(family: int, cid: int) -> Any:
+        sock = SimpleNamespace(family=family, getpeername=lambda: (cid, 1234))
+        return SimpleNamespace(socket=sock)
+
+    assert server._peer_allowed(peer(vsock, 16))
+    assert not server._peer_allowed(peer(vsock, 17))
+    assert server._peer_allowed(peer(socket.AF_INET, 17))  # the list applies to vsock only
