@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from devtools.local_kms.backend import MotoKms
 from devtools.local_kms.credentials import CredentialStore
+from devtools.local_kms.recipient import RecipientError, verify_recipient
 from devtools.local_kms.service import LocalKms
 from devtools.local_kms.sigv4 import Request
 from enclave_agent.nsm_sim import SimulatedNsm
@@ -152,3 +153,20 @@ def test_recipient_is_honoured_where_modelled_and_ignored_elsewhere(
     # Unknown members are ignored, as AWS's JSON protocol does.
     status, answer = call(kms, "ListKeys", {"Recipient": recipient})
     assert status == 200 and "Keys" in answer
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    document=st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode())
+    | st.text(max_size=40)
+    | values,
+    algorithm=st.sampled_from(["RSAES_OAEP_SHA_256", "RSAES_OAEP_SHA_1", None, 7]),
+)
+def test_recipient_checker_raises_only_recipient_error(
+    nsm: SimulatedNsm, document: Any, algorithm: Any
+) -> None:
+    raw = {"AttestationDocument": document, "KeyEncryptionAlgorithm": algorithm}
+    with pytest.raises(RecipientError):
+        verify_recipient(raw, [nsm.root_pem], datetime.now(UTC))

@@ -103,7 +103,8 @@ class KmsHttpServer:
         try:
             await self._cycle(conn, stream, peer)
         except _BadRequest as exc:
-            log.info("bad_http", peer=peer, status=exc.status, reason=exc.reason)
+            # The reason may quote received bytes: it goes to the client, not to the log.
+            log.info("bad_http", peer=peer, status=exc.status)
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 body = json.dumps({"error": exc.reason}).encode()
                 response = h11.Response(
