@@ -86,47 +86,54 @@ async def run_agent(
 
     socket_path = config.listen.socket
     Path(socket_path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    bound_socket = False
     try:
-        unix_listener = await open_listener(
-            UnixAddress(socket_path), unix_mode=config.listen.socket_mode
-        )
-        tcp_listener = None
-        tcp_address: TcpAddress | None = None
-        if config.listen.tcp is not None:
-            tcp_listener = await open_listener(config.listen.tcp)
-            bound = listener_address(tcp_listener, config.listen.tcp)
-            assert isinstance(bound, TcpAddress)
-            tcp_address = bound
-
-        store = SecretStore(config.secrets)
-        await store.load(gateway)
-
-        server = AppServer(
-            gateway=gateway,
-            attest=attest,
-            secrets=store,
-            access=config.access,
-            limits=config.limits,
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(server.serve, unix_listener, check_peer=True))
-            if tcp_listener is not None:
-                await nursery.start(partial(server.serve, tcp_listener, check_peer=False))
-            log.info(
-                "ready",
-                socket=socket_path,
-                tcp=str(tcp_address) if tcp_address else None,
-                secrets=len(store),
-                nsm=config.nsm,
-                proxy=str(config.proxy),
+        async with contextlib.AsyncExitStack() as listeners:
+            unix_listener = await open_listener(
+                UnixAddress(socket_path), unix_mode=config.listen.socket_mode
             )
-            task_status.started(AgentReady(socket_path, tcp_address, len(store)))
+            bound_socket = True  # from here on the socket file is ours to remove
+            listeners.push_async_callback(unix_listener.aclose)
+            tcp_listener = None
+            tcp_address: TcpAddress | None = None
+            if config.listen.tcp is not None:
+                tcp_listener = await open_listener(config.listen.tcp)
+                listeners.push_async_callback(tcp_listener.aclose)
+                bound = listener_address(tcp_listener, config.listen.tcp)
+                assert isinstance(bound, TcpAddress)
+                tcp_address = bound
+
+            # Apps may connect from now on; they wait in the backlog until secrets are in.
+            store = SecretStore(config.secrets)
+            await store.load(gateway)
+
+            server = AppServer(
+                gateway=gateway,
+                attest=attest,
+                secrets=store,
+                access=config.access,
+                limits=config.limits,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(server.serve, unix_listener, check_peer=True))
+                if tcp_listener is not None:
+                    await nursery.start(partial(server.serve, tcp_listener, check_peer=False))
+                log.info(
+                    "ready",
+                    socket=socket_path,
+                    tcp=str(tcp_address) if tcp_address else None,
+                    secrets=len(store),
+                    nsm=config.nsm,
+                    proxy=str(config.proxy),
+                )
+                task_status.started(AgentReady(socket_path, tcp_address, len(store)))
     finally:
         with trio.CancelScope(shield=True):
             await gateway.aclose()
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(socket_path).st_mode):
-                os.unlink(socket_path)
+        if bound_socket:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+                    os.unlink(socket_path)
         close = getattr(nsm, "close", None)
         if callable(close):
             close()

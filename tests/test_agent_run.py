@@ -223,3 +223,28 @@ def test_interface_up_in_a_fresh_network_namespace() -> None:
     if result.returncode != 0 and b"unshare" in result.stderr:
         pytest.skip(f"cannot create a network namespace here: {result.stderr.decode().strip()}")
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_serve_stops_on_sigterm_and_never_takes_a_live_socket(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    argv = [sys.executable, "-m", "enclave_agent.cli", "serve", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "agent.sock").exists():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, timeout=30)
+        assert second.returncode == 1
+        failed = [e for e in events(second.stderr.decode()) if e["event"] == "startup_failed"]
+        assert failed and "in use" in str(failed[0]["reason"])
+        assert (tmp_path / "agent.sock").exists()
+        from enclave_agent.client import AgentClient
+
+        assert AgentClient(str(tmp_path / "agent.sock")).health() == {"status": "ok"}
+        first.send_signal(signal.SIGTERM)
+    finally:
+        code, log = finish(first)
+    assert code == 0, log
+    assert not (tmp_path / "agent.sock").exists()
