@@ -98,6 +98,11 @@ def ca_path_for(state_file: Path) -> Path:
 
 async def run(args: argparse.Namespace) -> int:
     log = get_logger()
+    log.warning(
+        "local_kms",
+        message="this is a LOCAL KMS STAND-IN for development, not AWS KMS: "
+        "its keys, credentials and answers protect nothing",
+    )
     _check_loopback(args.host)
     roots = _roots(args)
     if not roots:
