@@ -141,13 +141,13 @@ class _Tlv(NamedTuple):
     cls: int
     constructed: bool
     tag: int
-    contents: bytes  # primitive values only (b"" for constructed ones)
-    children: tuple[_Tlv, ...]
+    contents: bytes  # value bytes; b"" for indefinite-length values
+    children: tuple[_Tlv, ...] | None  # indefinite-length values only; others are lazy
 
 
 # NamedTuple's generated __new__ is a Python-level call; building the tuple directly
 # halves the cost per value.
-_new_tlv: Callable[[type[_Tlv], tuple[int, bool, int, bytes, tuple[_Tlv, ...]]], _Tlv] = (
+_new_tlv: Callable[[type[_Tlv], tuple[int, bool, int, bytes, tuple[_Tlv, ...] | None]], _Tlv] = (
     tuple.__new__
 )
 
@@ -193,10 +193,9 @@ def _read(data: bytes, pointer: int, limit: int, depth: int) -> tuple[_Tlv, int]
     end = pointer + length
     if end > limit:
         raise CmsError("envelope is truncated")
-    if not constructed:
-        return _new_tlv(_Tlv, (cls, False, tag, data[pointer:end], ())), end
-    children, _ = _read_children(data, pointer, end, depth, indefinite=False)
-    return _new_tlv(_Tlv, (cls, True, tag, b"", children)), end
+    # Definite-length values keep their bytes; constructed ones are read when visited
+    # (the walk visits only the fields it checks).
+    return _new_tlv(_Tlv, (cls, constructed, tag, data[pointer:end], None)), end
 
 
 def _read_children(
@@ -219,7 +218,7 @@ def _read_children(
                 if end > limit:
                     raise CmsError("envelope is truncated")
                 children.append(
-                    _new_tlv(_Tlv, (first >> 6, False, first & 0x1F, data[pointer + 2 : end], ()))
+                    _new_tlv(_Tlv, (first >> 6, False, first & 0x1F, data[pointer + 2 : end], None))
                 )
                 pointer = end
                 continue
@@ -230,7 +229,9 @@ def _read_children(
 def _children(tlv: _Tlv, what: str) -> tuple[_Tlv, ...]:
     if not tlv.constructed:
         raise CmsError(f"{what} is not a constructed value")
-    return tlv.children
+    if tlv.children is not None:
+        return tlv.children
+    return _read_children(tlv.contents, 0, len(tlv.contents), 0, indefinite=False)[0]
 
 
 def _expect(tlv: _Tlv, tag: int, what: str, cls: int = _UNIVERSAL) -> _Tlv:
@@ -254,7 +255,7 @@ def _octets(tlv: _Tlv, what: str, depth: int = 0) -> bytes:
         return tlv.contents
     if depth >= MAX_CHUNK_DEPTH:
         raise CmsError(f"{what} is nested too deeply")
-    chunks = tlv.children
+    chunks = _children(tlv, what)
     for chunk in chunks:
         _expect(chunk, _OCTET_STRING, f"a chunk of {what}")
     return b"".join(_octets(chunk, what, depth + 1) for chunk in chunks)
@@ -355,7 +356,44 @@ def _hash_parameters_ok(parameters: _Tlv | None) -> bool:
     )
 
 
+def _short_der(tag: int, contents: bytes) -> bytes:
+    assert len(contents) < 0x80
+    return bytes((tag, len(contents))) + contents
+
+
+def _accepted_oaep_identifiers() -> frozenset[bytes]:
+    """The DER contents of every RSAES-OAEP-SHA-256 AlgorithmIdentifier we accept:
+    SHA-256 parameters absent or NULL, label source absent or an empty pSpecified."""
+    oid = 0x06
+    accepted = set()
+    for hash_null in (False, True):
+        for mgf_hash_null in (False, True):
+            for label in (False, True):
+                sha256 = _short_der(oid, _OID_SHA256) + (b"\x05\x00" if hash_null else b"")
+                mgf_sha256 = _short_der(oid, _OID_SHA256) + (b"\x05\x00" if mgf_hash_null else b"")
+                mgf = _short_der(oid, _OID_MGF1) + _short_der(0x30, mgf_sha256)
+                params = _short_der(0xA0, _short_der(0x30, sha256)) + _short_der(
+                    0xA1, _short_der(0x30, mgf)
+                )
+                if label:
+                    source = _short_der(oid, _OID_P_SPECIFIED) + b"\x04\x00"
+                    params += _short_der(0xA2, _short_der(0x30, source))
+                accepted.add(_short_der(oid, _OID_RSAES_OAEP) + _short_der(0x30, params))
+    return frozenset(accepted)
+
+
+_ACCEPTED_OAEP = _accepted_oaep_identifiers()
+
+
 def _check_key_encryption(tlv: _Tlv) -> None:
+    # Fast path: the exact DER forms KMS and OpenSSL write; anything else (other
+    # parameters, BER forms) goes through the full check below.
+    if tlv.cls == _UNIVERSAL and tlv.tag == _SEQUENCE and tlv.contents in _ACCEPTED_OAEP:
+        return
+    _check_oaep_structure(tlv)
+
+
+def _check_oaep_structure(tlv: _Tlv) -> None:
     algorithm, parameters = _algorithm(tlv, "keyEncryptionAlgorithm")
     if algorithm != _OID_RSAES_OAEP:
         raise CmsError(f"key encryption is {_dotted(algorithm)}, expected RSAES-OAEP")

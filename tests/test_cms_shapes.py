@@ -150,3 +150,42 @@ def test_plain_function_computes_the_identifier(recipient: RecipientKey) -> None
 def test_oversized_envelope_is_refused(recipient: RecipientKey) -> None:
     with pytest.raises(CmsError, match="more than"):
         recipient.open(b"\x30" + b"\x00" * (2 << 20))
+
+
+def test_every_fast_path_oaep_form_passes_the_full_check() -> None:
+    from enclave_agent import cms as cms_module
+
+    assert len(cms_module._ACCEPTED_OAEP) == 8
+    for contents in cms_module._ACCEPTED_OAEP:
+        encoded = b"\x30" + bytes([len(contents)]) + contents
+        tlv, end = cms_module._read(encoded, 0, len(encoded), 0)
+        assert end == len(encoded)
+        cms_module._check_oaep_structure(tlv)  # raises CmsError on disagreement
+
+
+def test_ber_forms_take_the_full_check_and_open(recipient: RecipientKey) -> None:
+    """The same envelope with every definite length rewritten as indefinite (BER) opens."""
+    envelope = build(recipient)
+
+    def indefinite(data: bytes) -> bytes:
+        out = bytearray()
+        pointer = 0
+        while pointer < len(data):
+            first, length_byte = data[pointer], data[pointer + 1]
+            header = 2
+            length = length_byte
+            if length_byte & 0x80:
+                count = length_byte & 0x7F
+                length = int.from_bytes(data[pointer + 2 : pointer + 2 + count], "big")
+                header += count
+            body = data[pointer + header : pointer + header + length]
+            if first & 0x20:
+                out += bytes([first, 0x80]) + indefinite(body) + b"\x00\x00"
+            else:
+                out += data[pointer : pointer + header + length]
+            pointer += header + length
+        return bytes(out)
+
+    converted = indefinite(envelope)
+    assert converted != envelope and converted[1] == 0x80
+    assert recipient.open(converted) == b"the secret"
