@@ -298,6 +298,20 @@ async def test_many_calls_at_once_share_a_bounded_pool(stack: Stack) -> None:
     assert 1 < gateway.pool.connections_opened <= 4
     assert gateway.pool.idle_connections == gateway.pool.connections_opened
     assert stack.kms.connections == gateway.pool.connections_opened
+    assert stack.relay.credential_requests == 1  # single flight across the 24 first calls
+    await gateway.aclose()
+
+
+async def test_a_cancelled_call_frees_its_slot(stack: Stack) -> None:
+    gateway = stack.gateway_with(pool_size=1)
+    stack.kms.delay = 5.0
+    with trio.move_on_after(0.3):  # the app went away
+        await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    stack.kms.delay = 0.0
+    with trio.fail_after(5):
+        answer = await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert "Plaintext" in answer
+    assert gateway.pool.connections_opened == 2  # the cancelled one was not reused
     await gateway.aclose()
 
 
