@@ -484,3 +484,23 @@ def test_malformed_http_is_answered_and_the_server_keeps_serving(
         raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert not raw.recv(65536).startswith(b"HTTP/1.1 200")
     assert kms.list_keys()["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+def test_bad_command_lines_fail_with_a_reason(tmp_path: Path) -> None:
+    not_pem = tmp_path / "root.pem"
+    not_pem.write_text("not a certificate")
+    cases = [
+        (["--state-file", str(tmp_path / "missing" / "s.json")], "no directory"),
+        (["--state-file", str(tmp_path / "s.json"), "--trust-root", str(not_pem)], "not a PEM"),
+        (["--state-file", str(tmp_path / "s.json"), "--host", "0.0.0.0"], "loopback"),
+    ]
+    for args, reason in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "devtools.local_kms", *args],
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+        )
+        assert result.returncode != 0
+        assert reason in result.stderr.decode()
+    assert not (tmp_path / "s.json").exists()

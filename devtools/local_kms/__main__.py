@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 import trustme
+from cryptography import x509
 
 from devtools.local_kms.backend import MotoKms
 from devtools.local_kms.credentials import CredentialStore
@@ -76,9 +77,14 @@ def _roots(args: argparse.Namespace) -> list[bytes]:
     roots = []
     for path in paths:
         try:
-            roots.append(path.read_bytes())
+            pem = path.read_bytes()
         except OSError as exc:
             raise SystemExit(f"local-kms: cannot read trust root {path}: {exc.strerror}") from exc
+        try:
+            x509.load_pem_x509_certificate(pem)
+        except ValueError as exc:
+            raise SystemExit(f"local-kms: trust root {path} is not a PEM certificate") from exc
+        roots.append(pem)
     return roots
 
 
@@ -104,6 +110,8 @@ async def run(args: argparse.Namespace) -> int:
         "its keys, credentials and answers protect nothing",
     )
     _check_loopback(args.host)
+    if not args.state_file.parent.is_dir():
+        raise SystemExit(f"local-kms: no directory for the state file {args.state_file}")
     roots = _roots(args)
     if not roots:
         log.warning("no_trust_roots", detail="every call with a Recipient will be refused")
