@@ -258,6 +258,13 @@ def test_generate_random_and_key_pair_for_recipient(
         CiphertextBlob=pair["PrivateKeyCiphertextBlob"], Recipient=recipient(nsm, key)
     )
     assert key.open(again["CiphertextForRecipient"]) == key.open(pair["CiphertextForRecipient"])
+    # Not in the attested key's policy; a key with the default policy allows it.
+    with pytest.raises(ClientError) as caught:
+        kms.generate_data_key_pair_without_plaintext(KeyId=attested_key, KeyPairSpec="RSA_2048")
+    assert error_code(caught) == "AccessDeniedException"
+    plain = kms.create_key()["KeyMetadata"]["KeyId"]
+    bare = kms.generate_data_key_pair_without_plaintext(KeyId=plain, KeyPairSpec="RSA_2048")
+    assert "PrivateKeyPlaintext" not in bare and bare["PrivateKeyCiphertextBlob"]
 
 
 def test_plain_kms_without_recipient_still_works(kms: Any) -> None:

@@ -38,7 +38,7 @@ RECIPIENT_OPERATIONS = {
     "GenerateRandom": "Plaintext",
     "DeriveSharedSecret": "SharedSecret",
 }
-LOCAL_OPERATIONS = frozenset({"GenerateDataKeyPair"})
+LOCAL_OPERATIONS = frozenset({"GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext"})
 # Operations not scoped to one key: IAM decides them on AWS, and the stand-in's one
 # caller holds every IAM permission.
 _KEYLESS = frozenset(
@@ -179,6 +179,8 @@ class LocalKms:
 
         if operation in LOCAL_OPERATIONS:
             answer = self._generate_data_key_pair(body)
+            if operation == "GenerateDataKeyPairWithoutPlaintext":
+                del answer["PrivateKeyPlaintext"]
         else:
             reply = self.moto.call(operation, body)
             if reply.status >= 400:
@@ -259,7 +261,8 @@ class LocalKms:
         )
 
     def _generate_data_key_pair(self, body: dict[str, Any]) -> dict[str, Any]:
-        """GenerateDataKeyPair, which moto lacks: a fresh pair, private half under the key."""
+        """GenerateDataKeyPair(WithoutPlaintext), which moto lacks: a fresh pair, private
+        half encrypted under the KMS key."""
         key_reference = body.get("KeyId")
         spec = body.get("KeyPairSpec")
         if not isinstance(key_reference, str):
