@@ -306,3 +306,32 @@ def test_init_ca_command(tmp_path: Path) -> None:
     nsm = SimulatedNsm.load(tmp_path / "ca", pcrs={4: b"\x04" * 48})
     assert nsm.root_pem == root
     assert verify_attestation(nsm.attestation(), root=root).pcrs[4] == b"\x04" * 48
+
+
+@pytest.mark.parametrize("reported", [0, RESPONSE_BUFFER_BYTES + 1, 2**63])
+def test_impossible_response_length_is_refused(reported: int) -> None:
+    def kernel(fd: int, request: int, argument: bytearray) -> int:
+        fields = list(IOVECS.unpack(argument))
+        fields[3] = reported
+        argument[:] = IOVECS.pack(*fields)
+        return 0
+
+    with pytest.raises(NsmError) as caught:
+        exchange_raw(0, cbor2.dumps("GetRandom"), kernel)
+    assert caught.value.error_name == "BadResponse"
+
+
+def test_request_bytes_reach_the_kernel_unchanged() -> None:
+    seen: list[bytes] = []
+
+    def kernel(fd: int, request: int, argument: bytearray) -> int:
+        address, length, response_address, _ = IOVECS.unpack(argument)
+        seen.append(ctypes.string_at(address, length))
+        answer = cbor2.dumps({"GetRandom": {"random": b"\x07" * 32}})
+        ctypes.memmove(response_address, answer, len(answer))
+        argument[24:32] = struct.pack("=Q", len(answer))
+        return 0
+
+    request = cbor2.dumps("GetRandom")
+    assert exchange_raw(5, request, kernel) == cbor2.dumps({"GetRandom": {"random": b"\x07" * 32}})
+    assert seen == [request]

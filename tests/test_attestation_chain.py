@@ -1,0 +1,260 @@
+"""Chain rules, on documents signed here by hand-made chains that each break one rule."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import cbor2
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+from enclave_agent.attestation import (
+    CertificateChainError,
+    MalformedDocumentError,
+    SignatureError,
+    verify_attestation,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def _usage(*, cert_sign: bool, digital_signature: bool = True) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _certificate(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer_name: str,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool | None,
+    path_length: int | None = None,
+    usage: x509.KeyUsage | None,
+    not_before: datetime = NOW - DAY,
+    not_after: datetime = NOW + DAY,
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    if ca is not None:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=ca, path_length=path_length), critical=True
+        )
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=True)
+    return builder.sign(issuer_key, hashes.SHA384())
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+def _document(
+    leaf_key: ec.EllipticCurvePrivateKey,
+    leaf: x509.Certificate,
+    cabundle: list[x509.Certificate],
+) -> bytes:
+    payload = cbor2.dumps(
+        {
+            "module_id": "i-test-enc0",
+            "digest": "SHA384",
+            "timestamp": int(NOW.timestamp() * 1000),
+            "pcrs": {i: bytes(48) for i in range(16)},
+            "certificate": leaf.public_bytes(serialization.Encoding.DER),
+            "cabundle": [c.public_bytes(serialization.Encoding.DER) for c in cabundle],
+            "public_key": None,
+            "user_data": None,
+            "nonce": None,
+        }
+    )
+    protected = cbor2.dumps({1: -35})
+    signed = cbor2.dumps(["Signature1", protected, b"", payload])
+    r, s = decode_dss_signature(leaf_key.sign(signed, ec.ECDSA(hashes.SHA384())))
+    return cbor2.dumps([protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")])
+
+
+class Chain:
+    """root → intermediate A (pathLen 1) → intermediate B (pathLen 0) → leaf, all valid."""
+
+    def __init__(self, **overrides: dict[str, object]) -> None:
+        self.root_key, self.a_key, self.b_key, self.leaf_key = _key(), _key(), _key(), _key()
+        ca = {"ca": True, "usage": _usage(cert_sign=True)}
+        self.root = self._make("root", self.root_key, "root", self.root_key,
+                               {**ca, "not_after": NOW + 3650 * DAY}, overrides)  # fmt: skip
+        self.a = self._make("a", self.a_key, "root", self.root_key,
+                            {**ca, "path_length": 1}, overrides)  # fmt: skip
+        self.b = self._make("b", self.b_key, "a", self.a_key,
+                            {**ca, "path_length": 0}, overrides)  # fmt: skip
+        leaf = {"ca": False, "usage": _usage(cert_sign=False)}
+        self.leaf = self._make("leaf", self.leaf_key, "b", self.b_key, leaf, overrides)
+
+    @staticmethod
+    def _make(
+        name: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: str,
+        issuer_key: ec.EllipticCurvePrivateKey,
+        defaults: dict[str, object],
+        overrides: dict[str, dict[str, object]],
+    ) -> x509.Certificate:
+        options = {**defaults, **overrides.get(name, {})}
+        return _certificate(name, key, issuer, issuer_key, **options)  # type: ignore[arg-type]
+
+    def document(self) -> bytes:
+        return _document(self.leaf_key, self.leaf, [self.root, self.a, self.b])
+
+    @property
+    def root_pem(self) -> bytes:
+        return self.root.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_well_formed_chain_verifies() -> None:
+    chain = Chain()
+    parsed = verify_attestation(chain.document(), root=chain.root_pem, at=NOW)
+    assert parsed.module_id == "i-test-enc0"
+    assert parsed.public_key is None and parsed.nonce is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"b": {"ca": False, "path_length": None}}, "not a CA"),
+        ({"b": {"ca": None, "path_length": None}}, "not a CA"),
+        ({"a": {"path_length": 0}}, "path length"),
+        ({"b": {"usage": _usage(cert_sign=False)}}, "keyCertSign"),
+        ({"b": {"usage": None}}, "keyCertSign"),
+        ({"leaf": {"usage": _usage(cert_sign=False, digital_signature=False)}}, "digitalSignature"),
+        ({"leaf": {"usage": None}}, "digitalSignature"),
+        ({"leaf": {"ca": True}}, "leaf certificate is a CA"),
+        ({"a": {"not_after": NOW - timedelta(seconds=1)}}, "not valid at"),
+        ({"b": {"not_before": NOW + timedelta(seconds=1)}}, "not valid at"),
+        ({"root": {"not_after": NOW - DAY / 2}}, "not valid at"),
+    ],
+)
+def test_each_broken_rule_is_refused(overrides: dict[str, dict[str, object]], reason: str) -> None:
+    chain = Chain(**overrides)
+    with pytest.raises(CertificateChainError, match=reason):
+        verify_attestation(chain.document(), root=chain.root_pem, at=NOW)
+
+
+def test_cabundle_out_of_order_is_refused() -> None:
+    chain = Chain()
+    document = _document(chain.leaf_key, chain.leaf, [chain.root, chain.b, chain.a])
+    with pytest.raises(CertificateChainError, match="not issued by"):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+def test_leaf_signed_by_another_key_is_refused() -> None:
+    chain = Chain()
+    forged = _certificate(
+        "leaf", chain.leaf_key, "b", _key(), ca=False, usage=_usage(cert_sign=False)
+    )
+    document = _document(chain.leaf_key, forged, [chain.root, chain.a, chain.b])
+    with pytest.raises(CertificateChainError, match="not issued by"):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+def test_document_signed_by_another_key_is_refused() -> None:
+    chain = Chain()
+    document = _document(_key(), chain.leaf, [chain.root, chain.a, chain.b])
+    with pytest.raises(SignatureError):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+def test_leaf_with_a_p256_key_is_refused() -> None:
+    chain = Chain()
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leaf")]))
+        .issuer_name(chain.b.subject)
+        .public_key(p256.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + DAY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_usage(cert_sign=False), critical=True)
+        .sign(chain.b_key, hashes.SHA384())
+    )
+    document = _document(chain.leaf_key, leaf, [chain.root, chain.a, chain.b])
+    with pytest.raises(SignatureError, match="P-384"):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+def test_garbage_certificate_bytes_are_refused() -> None:
+    chain = Chain()
+    payload_fields = cbor2.loads(cbor2.loads(chain.document())[2])
+    payload_fields["cabundle"][1] = b"\x30\x03\x02\x01\x00"
+    protected = cbor2.dumps({1: -35})
+    document = cbor2.dumps([protected, {}, cbor2.dumps(payload_fields), bytes(96)])
+    with pytest.raises(CertificateChainError, match="not valid DER"):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("digest", "SHA256", "digest"),
+        ("timestamp", -1, "timestamp"),
+        ("timestamp", 1.5, "timestamp"),
+        ("pcrs", {0: b"short"}, "PCR0"),
+        ("pcrs", {40: bytes(48)}, "PCR index"),
+        ("pcrs", {}, "pcrs"),
+        ("module_id", "", "module_id"),
+        ("nonce", b"x" * 1025, "nonce"),
+        ("user_data", "text", "user_data"),
+        ("certificate", None, "certificate"),
+        ("cabundle", [b""], "cabundle"),
+    ],
+)
+def test_bad_fields_are_named(field: str, value: object, reason: str) -> None:
+    chain = Chain()
+    fields = cbor2.loads(cbor2.loads(chain.document())[2])
+    fields[field] = value
+    document = cbor2.dumps([cbor2.dumps({1: -35}), {}, cbor2.dumps(fields), bytes(96)])
+    with pytest.raises(MalformedDocumentError, match=reason):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+def test_wrong_cose_algorithm_is_refused() -> None:
+    chain = Chain()
+    message = cbor2.loads(chain.document())
+    message[0] = cbor2.dumps({1: -7})  # ES256
+    with pytest.raises(MalformedDocumentError, match="ES384"):
+        verify_attestation(cbor2.dumps(message), root=chain.root_pem, at=NOW)
+
+
+def test_indefinite_length_payload_map_is_accepted() -> None:
+    chain = Chain()
+    message = cbor2.loads(chain.document())
+    fields = cbor2.loads(message[2])
+    # Re-encode the payload map with indefinite length (0xBF ... 0xFF), then re-sign.
+    body = b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in fields.items())
+    payload = b"\xbf" + body + b"\xff"
+    protected = message[0]
+    signed = cbor2.dumps(["Signature1", protected, b"", payload])
+    r, s = decode_dss_signature(chain.leaf_key.sign(signed, ec.ECDSA(hashes.SHA384())))
+    document = cbor2.dumps([protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")])
+    assert verify_attestation(document, root=chain.root_pem, at=NOW).module_id == "i-test-enc0"
