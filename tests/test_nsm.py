@@ -232,12 +232,15 @@ def test_simulated_nsm_announces_itself() -> None:
     from enclave_common.logs import configure_logging
 
     stream = io.StringIO()
+    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
     configure_logging("info", stream=stream, process="test")
     try:
         SimulatedNsm.create()
     finally:
-        structlog.reset_defaults()
+        # Put back whatever logging set-up the rest of the suite runs with.
+        structlog.configure(**saved[0])
         structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**saved[1])
     assert "NOT a real Nitro Secure Module" in stream.getvalue()
     assert '"level": "warning"' in stream.getvalue()
 

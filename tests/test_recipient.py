@@ -48,6 +48,7 @@ def test_no_plaintext_or_key_reaches_the_logs() -> None:
     from enclave_common.logs import configure_logging
 
     stream = io.StringIO()
+    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
     configure_logging("debug", stream=stream, process="test")
     try:
         marker = b"PLAINTEXT-MARKER-7f3a"
@@ -61,8 +62,10 @@ def test_no_plaintext_or_key_reaches_the_logs() -> None:
         except CmsError as exc:
             assert marker.decode() not in str(exc)
     finally:
-        structlog.reset_defaults()
+        # Put back whatever logging set-up the rest of the suite runs with.
+        structlog.configure(**saved[0])
         structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**saved[1])
     logged = stream.getvalue()
     assert "NOT a real" in logged  # the stream did receive the simulated NSM's warning
     private_pem = key._private_key.private_bytes(
