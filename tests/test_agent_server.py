@@ -6,13 +6,14 @@ import base64
 import io
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h11
 import pytest
+import structlog
 import trio
 
 from enclave_agent.config import AccessConfig, Limits
@@ -20,6 +21,16 @@ from enclave_agent.kms import KmsError
 from enclave_agent.server import AppServer
 from enclave_common.address import TcpAddress, UnixAddress, listener_address, open_listener
 from enclave_common.logs import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """These tests capture the agent's logs; put back the suite's set-up afterwards."""
+    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
+    yield
+    structlog.configure(**saved[0])
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**saved[1])
 
 
 @dataclass
