@@ -41,6 +41,7 @@ log_level = "debug"
 [simulated_nsm]
 ca_dir = "ca"
 pcrs = {{ 0 = "{"ab" * 48}" }}
+fail_with = "InternalError"
 
 [listen]
 socket = "agent.sock"
@@ -72,6 +73,7 @@ ciphertext_file = "blob.bin"
     assert config.ca_bundle == str(tmp_path / "ca.pem")
     assert config.simulated_nsm.ca_dir == tmp_path / "ca"
     assert config.simulated_nsm.pcrs == {0: b"\xab" * 48}
+    assert config.simulated_nsm.fail_with == "InternalError"
     assert config.listen.socket == str(tmp_path / "agent.sock")
     assert config.listen.socket_mode == 0o600
     assert config.listen.tcp == TcpAddress("127.0.0.1", 9000)
