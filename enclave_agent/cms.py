@@ -275,8 +275,8 @@ def _dotted(oid: bytes) -> str:
 
 
 def _integer(tlv: _Tlv, what: str) -> int:
-    if tlv.constructed or not tlv.contents:
-        raise CmsError(f"{what} is not an INTEGER")
+    if tlv.constructed or not 0 < len(tlv.contents) <= 8:
+        raise CmsError(f"{what} is not a small INTEGER")
     return int.from_bytes(_expect(tlv, _INTEGER, what).contents, "big", signed=True)
 
 
