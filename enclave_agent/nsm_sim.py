@@ -192,6 +192,14 @@ class SimulatedNsm(NsmClient):
         key = serialization.load_pem_private_key((ca_dir / ISSUER_KEY_FILE).read_bytes(), None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{ca_dir / ISSUER_KEY_FILE} is not an EC private key")
+        # Intermediates live 20 days, like AWS's: a CA directory kept longer than that
+        # would issue documents every verifier refuses, so say so here instead.
+        expiry = min(c.not_valid_after_utc for c in [root, *intermediates])
+        if expiry - datetime.now(UTC) < LEAF_LIFETIME:
+            raise ValueError(
+                f"the simulated NSM CA in {ca_dir} expires at {expiry.isoformat()}; "
+                "create a new one with `python -m enclave_agent.nsm_sim init-ca DIR`"
+            )
         return cls(root=root, intermediates=intermediates, issuer_key=key, pcrs=pcrs)
 
     def save_ca(self, ca_dir: Path) -> None:

@@ -338,3 +338,14 @@ def test_request_bytes_reach_the_kernel_unchanged() -> None:
     request = cbor2.dumps("GetRandom")
     assert exchange_raw(5, request, kernel) == cbor2.dumps({"GetRandom": {"random": b"\x07" * 32}})
     assert seen == [request]
+
+
+def test_loading_an_expiring_simulated_ca_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from enclave_agent import nsm_sim
+
+    monkeypatch.setattr(nsm_sim, "INTERMEDIATE_LIFETIME", timedelta(hours=1))
+    SimulatedNsm.create().save_ca(tmp_path)
+    with pytest.raises(ValueError, match="init-ca"):
+        SimulatedNsm.load(tmp_path)
