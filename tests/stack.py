@@ -121,6 +121,24 @@ class FaultStack(DevStack):
                 argv += ["--listen", self.proxy_listen]
         return super()._spawn(name, argv, env)
 
+    def _retire_log(self, name: str) -> None:
+        # The devstack waits for "listening"/"ready" in <name>.log: a restarted process
+        # must not find its predecessor's event there. Old logs stay as <name>.log.N.
+        path = self.log_path(name)
+        if path.exists():
+            number = 1
+            while path.with_name(f"{path.name}.{number}").exists():
+                number += 1
+            path.rename(path.with_name(f"{path.name}.{number}"))
+
+    def stop_process(self, name: str) -> None:
+        super().stop_process(name)
+        self._retire_log(name)
+
+    def all_logs(self) -> dict[str, bytes]:
+        """Every log file of the run, current and retired."""
+        return {p.name: p.read_bytes() for p in sorted(self.work_dir.glob("*.log*"))}
+
     def pid(self, name: str) -> int:
         return next(p.popen.pid for p in self.processes if p.name == name)
 
@@ -130,6 +148,7 @@ class FaultStack(DevStack):
             process.popen.kill()
             process.popen.wait(timeout=20)
             self.processes.remove(process)
+        self._retire_log(name)
 
 
 def agent_config(
