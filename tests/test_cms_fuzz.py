@@ -77,3 +77,64 @@ def test_mutated_real_envelope_with_its_key(vectors_dir: Path, data: st.DataObje
 def test_nasty_inputs(envelope: bytes) -> None:
     with pytest.raises(CmsError):
         FRESH.open(envelope)
+
+
+# --- the BER reader against asn1crypto's, on generated trees ---------------------
+
+
+def _encode_length(length: int, long_form: bool) -> bytes:
+    if length < 0x80 and not long_form:
+        return bytes([length])
+    body = length.to_bytes(max(1, (length.bit_length() + 7) // 8), "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+@st.composite
+def ber_trees(draw: st.DrawFn, depth: int = 0) -> bytes:
+    cls = draw(st.integers(0, 3))
+    tag = draw(st.sampled_from([1, 2, 4, 5, 6, 16, 17, 30]))
+    long_form = draw(st.booleans())
+    if depth >= 4 or draw(st.booleans()):
+        contents = draw(st.binary(max_size=40))
+        return bytes([cls << 6 | tag]) + _encode_length(len(contents), long_form) + contents
+    children = draw(st.lists(ber_trees(depth + 1), max_size=4))
+    body = b"".join(children)
+    if draw(st.booleans()):
+        return bytes([cls << 6 | 0x20 | tag, 0x80]) + body + b"\x00\x00"
+    return bytes([cls << 6 | 0x20 | tag]) + _encode_length(len(body), long_form) + body
+
+
+def _ours(tlv: object) -> object:
+    from enclave_agent import cms as cms_module
+
+    assert isinstance(tlv, cms_module._Tlv)
+    if not tlv.constructed:
+        return (tlv.cls, tlv.tag, tlv.contents)
+    return (tlv.cls, tlv.tag, [_ours(c) for c in cms_module._children(tlv, "x")])
+
+
+def _theirs(encoded: bytes) -> tuple[object, int]:
+    from asn1crypto import parser
+
+    cls, method, tag, header, contents, trailer = parser.parse(encoded)
+    size = len(header) + len(contents) + len(trailer)
+    if not method:
+        return (cls, tag, contents), size
+    children, pointer = [], 0
+    while pointer < len(contents):
+        child, used = _theirs(contents[pointer:])
+        children.append(child)
+        pointer += used
+    return (cls, tag, children), size
+
+
+@FUZZ
+@given(ber_trees(), st.binary(max_size=4))
+def test_ber_reader_agrees_with_asn1crypto(encoded: bytes, trailing: bytes) -> None:
+    from enclave_agent import cms as cms_module
+
+    data = encoded + trailing
+    tlv, end = cms_module._read(data, 0, len(data), 0)
+    expected, size = _theirs(data)
+    assert end == size == len(encoded)
+    assert _ours(tlv) == expected
