@@ -75,6 +75,14 @@ class SecretStore:
                 except OSError as exc:
                     failures[secret.name] = f"cannot write {secret.file}: {exc.strerror}"
                     return
+                fstype = filesystem_type(secret.file)
+                if fstype not in MEMORY_FILESYSTEMS:
+                    log.warning(
+                        "secret_file_not_in_memory",
+                        name=secret.name,
+                        path=str(secret.file),
+                        fstype=fstype,
+                    )
             self._values[secret.name] = value
             log.info("secret_loaded", name=secret.name, file=str(secret.file or "") or None)
 
@@ -88,6 +96,32 @@ class SecretStore:
                 "could not fetch secret(s): "
                 + "; ".join(f"{name} ({reason})" for name, reason in sorted(failures.items()))
             )
+
+
+# Filesystems that live in memory only. An enclave's root is an initramfs (rootfs);
+# anywhere else (a development machine's disk) a copy may outlive the process.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "rootfs"})
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the filesystem holding ``path``, from /proc/self/mounts."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # Mount points escape spaces as \040.
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):
+            best = (len(point), fields[2])
+    return best[1] if best else None
 
 
 def write_secret_file(path: Path, value: bytes) -> None:

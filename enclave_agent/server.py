@@ -278,6 +278,12 @@ class AppServer:
             if event is h11.NEED_DATA:
                 if request_deadline is None and conn.their_state is not h11.IDLE:
                     request_deadline = trio.current_time() + limits.header_timeout
+                if conn.they_are_waiting_for_100_continue:
+                    # curl sends "Expect: 100-continue" for larger bodies and would
+                    # otherwise wait a second before sending them.
+                    await stream.send_all(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
                 deadline = request_deadline if request_deadline is not None else idle_deadline
                 with trio.move_on_at(deadline):
                     data = await stream.receive_some(_RECEIVE_SIZE)

@@ -7,7 +7,13 @@ import pytest
 
 from enclave_agent.config import SecretConfig
 from enclave_agent.kms import KmsError
-from enclave_agent.secrets import SecretError, SecretStore, decrypt_request, write_secret_file
+from enclave_agent.secrets import (
+    SecretError,
+    SecretStore,
+    decrypt_request,
+    filesystem_type,
+    write_secret_file,
+)
 
 
 class Gateway:
@@ -74,3 +80,18 @@ def test_secret_file_is_replaced_atomically(tmp_path: Path) -> None:
 
 def test_decrypt_request_shape() -> None:
     assert decrypt_request(SecretConfig("n", b"\x00")) == {"CiphertextBlob": "AA=="}
+
+
+def test_filesystem_type_picks_the_innermost_latest_mount() -> None:
+    mounts = (
+        "overlay / overlay rw 0 0\n"
+        "tmpfs /run tmpfs rw 0 0\n"
+        "tmpfs /run/my\\040secrets tmpfs rw 0 0\n"
+        "/dev/sda1 /run/disk ext4 rw 0 0\n"
+        "proc /proc proc rw 0 0\n"
+    )
+    assert filesystem_type(Path("/run/secrets/a"), mounts) == "tmpfs"
+    assert filesystem_type(Path("/run/my secrets/a"), mounts) == "tmpfs"
+    assert filesystem_type(Path("/run/disk/a"), mounts) == "ext4"
+    assert filesystem_type(Path("/runner/a"), mounts) == "overlay"
+    assert filesystem_type(Path("/x"), "") is None

@@ -343,3 +343,23 @@ async def test_boto3_over_tcp_listener(running: Running) -> None:
     plaintext, message = await trio.to_thread.run_sync(use_boto3)
     assert plaintext == b"plain"
     assert message == "PCR0 does not match"
+
+
+async def test_expect_100_continue(running: Running) -> None:
+    body = json.dumps({"CiphertextBlob": "AAAA"}).encode()
+    head = (
+        "POST / HTTP/1.1\r\nHost: a\r\nX-Amz-Target: TrentService.Decrypt\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    ).encode()
+    stream = await trio.open_unix_socket(running.socket)
+    async with stream:
+        await stream.send_all(head)
+        with trio.fail_after(10):
+            interim = await stream.receive_some(1000)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        await stream.send_all(body)
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ")
