@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import select
 import shutil
+import signal
 import socket
 import ssl
 import tempfile
@@ -210,10 +212,18 @@ def test_a_caller_uid_not_allowed_is_refused(stack: Stack) -> None:
     os.close(write_end)
     try:
         outcome = b""
-        while chunk := os.read(read_end, 1024):
+        # Bounded: a child forked from a threaded process could in theory hang.
+        while select.select([read_end], [], [], 30)[0]:
+            chunk = os.read(read_end, 1024)
+            if not chunk:
+                break
             outcome += chunk
     finally:
         os.close(read_end)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         os.waitpid(pid, 0)
     assert outcome == b"AccessDeniedException"
     refused = [
