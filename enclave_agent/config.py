@@ -22,6 +22,7 @@ Shape (every key optional except where noted)::
     [listen]
     socket = "/run/enclave-agent/agent.sock"
     socket_mode = "0660"
+    socket_group = 1000                   # optional: the socket file's group (numeric gid)
     tcp = "tcp:127.0.0.1:9000"            # optional, loopback only, for boto3 endpoint_url
 
     [access]                              # default: the agent's own uid and root
@@ -87,6 +88,7 @@ class SimulatedNsmConfig:
 class ListenConfig:
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
+    socket_group: int | None = None  # chown the socket file to this gid (apps' group)
     tcp: TcpAddress | None = None
 
 
@@ -147,7 +149,7 @@ _TOP_KEYS = {
     "secrets",
 }
 _SIMULATED_KEYS = {"ca_dir", "pcrs", "fail_with"}
-_LISTEN_KEYS = {"socket", "socket_mode", "tcp"}
+_LISTEN_KEYS = {"socket", "socket_mode", "socket_group", "tcp"}
 _ACCESS_KEYS = {"allowed_uids", "allowed_gids"}
 _SECRET_KEYS = {"ciphertext", "ciphertext_file", "key_id", "encryption_context", "file"}
 _LIMIT_KEYS: dict[str, type] = {
@@ -325,7 +327,12 @@ def _listen(value: Any, base: Path, source: str) -> ListenConfig:
                 f"tcp:127.0.0.1:9000 (it has no caller check), got {tcp_text!r}"
             )
         tcp = address
-    return ListenConfig(socket=socket_path, socket_mode=mode, tcp=tcp)
+    group = table.get("socket_group")
+    if group is not None and (
+        isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < 2**32
+    ):
+        raise ConfigError(f"{source}: listen.socket_group must be a numeric gid")
+    return ListenConfig(socket=socket_path, socket_mode=mode, socket_group=group, tcp=tcp)
 
 
 def _is_loopback(host: str) -> bool:

@@ -93,6 +93,9 @@ async def run_agent(
                 UnixAddress(socket_path), unix_mode=config.listen.socket_mode
             )
             bound_socket = True  # from here on the socket file is ours to remove
+            if config.listen.socket_group is not None:
+                # The apps' group may connect (mode 0660) without being root's group.
+                os.chown(socket_path, -1, config.listen.socket_group)
             listeners.push_async_callback(unix_listener.aclose)
             tcp_listener = None
             tcp_address: TcpAddress | None = None

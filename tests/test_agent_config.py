@@ -46,6 +46,7 @@ fail_with = "InternalError"
 [listen]
 socket = "agent.sock"
 socket_mode = "0600"
+socket_group = 1000
 tcp = "tcp:127.0.0.1:9000"
 
 [access]
@@ -76,6 +77,7 @@ ciphertext_file = "blob.bin"
     assert config.simulated_nsm.fail_with == "InternalError"
     assert config.listen.socket == str(tmp_path / "agent.sock")
     assert config.listen.socket_mode == 0o600
+    assert config.listen.socket_group == 1000
     assert config.listen.tcp == TcpAddress("127.0.0.1", 9000)
     assert config.access.allowed_uids == {0, 1000}
     assert config.access.allowed_gids == {50}
@@ -120,6 +122,7 @@ def test_unknown_keys_are_named(text: str, names: list[str]) -> None:
         + '"}',
         'region = "us-east-1"\n[listen]\nsocket_mode = "0666"',
         'region = "us-east-1"\n[listen]\nsocket_mode = "rw"',
+        'region = "us-east-1"\n[listen]\nsocket_group = "staff"',
         'region = "us-east-1"\n[listen]\ntcp = "tcp:0.0.0.0:9000"',
         'region = "us-east-1"\n[listen]\ntcp = "unix:/x"',
         'region = "us-east-1"\n[access]\nallowed_uids = ["root"]',

@@ -16,6 +16,8 @@ import pytest
 from enclave_agent import init
 
 REPO = Path(__file__).resolve().parent.parent
+# chown to a group we are in needs no privilege; root may pick any.
+SOCKET_GROUP = 4242 if os.geteuid() == 0 else os.getegid()
 
 
 def write_config(tmp_path: Path) -> Path:
@@ -29,6 +31,7 @@ def write_config(tmp_path: Path) -> Path:
             nsm = "simulated"
             [listen]
             socket = "{tmp_path / "agent.sock"}"
+            socket_group = {SOCKET_GROUP}
             """
         )
     )
@@ -50,6 +53,7 @@ def start_run(tmp_path: Path, script: str) -> subprocess.Popen[bytes]:
             sys.executable,
             str(child),
             str(tmp_path),
+            str(SOCKET_GROUP),
         ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -79,6 +83,9 @@ def test_run_starts_the_child_with_the_socket_and_returns_its_status(tmp_path: P
         import os, sys
         from enclave_agent.client import AgentClient
         assert os.environ["ENCLAVE_AGENT_SOCKET"].endswith("agent.sock")
+        info = os.stat(os.environ["ENCLAVE_AGENT_SOCKET"])
+        assert info.st_mode & 0o777 == 0o660, oct(info.st_mode)
+        assert info.st_gid == int(sys.argv[2]), info.st_gid
         assert AgentClient().health() == {"status": "ok"}
         assert len(AgentClient().attestation(nonce=b"n")) > 1000
         sys.exit(7)
