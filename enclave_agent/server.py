@@ -159,7 +159,8 @@ class AppServer:
             request, body = read
             started = time.monotonic()
             method = request.method.decode("ascii", "replace")
-            path = request.target.decode("ascii", "replace").split("?", 1)[0]
+            # Logged: the path only (no query), cut short so a huge target cannot flood logs.
+            path = request.target.decode("ascii", "replace").split("?", 1)[0][:200]
             operation: str | None = None
             if not allowed:
                 log.warning(
