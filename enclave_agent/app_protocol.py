@@ -116,7 +116,9 @@ def _require_method(method: str, allowed: str, path: str) -> None:
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body.decode("utf-8")) if body.strip() else {}
-    except (UnicodeDecodeError, ValueError) as exc:
+    # RecursionError: nesting deeper than the interpreter's stack (e.g. 50,000 "["),
+    # which json raises instead of ValueError.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise AppProtocolError("SerializationException", "the body is not valid JSON") from exc
     if not isinstance(value, dict):
         raise AppProtocolError("SerializationException", "the body must be a JSON object")
