@@ -170,11 +170,14 @@ class KmsGateway:
             outcome["reason"] = exc.message
             raise
         # A bug of ours must still reach the app in KMS's shape (the contract: KmsError
-        # for everything); the class name only, as its text could quote request data.
+        # for everything). The log gets the class name only, as its text could quote
+        # request data; the app not even that (no internals reach a client).
         except Exception as exc:
             name = type(exc).__name__
             outcome = {"outcome": "error", "error_type": "KMSInternalException", "bug": name}
-            raise KmsError("KMSInternalException", f"the agent failed: {name}", 500) from exc
+            raise KmsError(
+                "KMSInternalException", "internal error in the agent (its log names it)", 500
+            ) from exc
         else:
             outcome = {"outcome": "ok"}
             return answer

@@ -251,12 +251,12 @@ class AppServer:
                 operation,
             )
         except Exception as exc:  # noqa: BLE001 - one failed request must not end the connection
-            # An agent bug or an NSM failure: the type only, never the details, which
-            # could quote request data.
+            # An agent bug: the log gets the type only, never the details, which could
+            # quote request data; the app gets neither (no internals reach a client).
             log.error("request_failed", path=path, operation=operation, error=type(exc).__name__)
             return (
                 app_protocol.error_response(
-                    "KMSInternalException", f"the agent failed: {type(exc).__name__}", 500
+                    "KMSInternalException", "internal error in the agent (its log names it)", 500
                 ),
                 operation,
             )
