@@ -1,0 +1,202 @@
+"""Key material and secrets stay out of every log, error message and exception text.
+
+The agent runs in this process (``service.run_agent``) so the test can hold what no
+other process ever sees: the recipient private key generated at start-up. The local
+KMS and the proxy are real subprocesses (devstack). The run goes through the success
+paths (named secret, Decrypt, GenerateDataKey, GenerateDataKeyPair, GenerateRandom,
+attestation) and the failure paths (policy denial, garbage ciphertext, bad input,
+absent secret, KMS faults); then the agent's captured log, the KMS's and proxy's
+log files, every error message the app got and the text and repr of every exception
+raised are searched for each secret, data key, credential and the private key, raw,
+base64 and hex.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import secrets
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import trio
+from cryptography.hazmat.primitives import serialization
+from stack import find_leaks
+
+from devtools.devstack import DevStack, create_enclave_key, direct_kms_client
+from devtools.local_kms.admin_client import set_faults
+from enclave_agent import service
+from enclave_agent.client import AgentClient, AgentError
+from enclave_agent.config import load_config
+from enclave_agent.recipient import RecipientKey
+from enclave_common.logs import configure_logging
+
+SECRET = b"named-secret-" + secrets.token_hex(16).encode()
+PLAINTEXT = b"decrypted-" + secrets.token_hex(16).encode()
+
+
+@pytest.fixture(scope="module")
+def dev() -> Iterator[DevStack]:
+    work = Path(tempfile.mkdtemp(prefix="hostile-secrets-"))
+    stack = DevStack(work_dir=work)
+    try:
+        stack.make_ca()
+        stack.start_kms()
+        stack.start_proxy()
+        yield stack
+    finally:
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _variants(label: str, value: bytes) -> dict[str, bytes]:
+    return {
+        label: value,
+        f"{label} (base64)": base64.b64encode(value),
+        f"{label} (hex)": value.hex().encode(),
+    }
+
+
+def _key_needles(key: RecipientKey) -> dict[str, bytes]:
+    private = key._private_key
+    numbers = private.private_numbers()
+    needles: dict[str, bytes] = {}
+    for name, number in (("d", numbers.d), ("p", numbers.p), ("q", numbers.q)):
+        needles.update(_variants(f"private {name}", number.to_bytes(256, "big").lstrip(b"\0")))
+        needles[f"private {name} (decimal)"] = str(number).encode()
+    der = private.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    needles.update(_variants("private key DER", der))
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    needles["private key PEM body"] = pem.splitlines()[5]  # a line from inside the PEM
+    return needles
+
+
+async def test_no_key_or_secret_in_logs_errors_or_exceptions(
+    dev: DevStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = {**dev.state(), "agent_socket": ""}
+    kms = direct_kms_client(state)
+    key_id = create_enclave_key(kms, state["account_id"], dev.pcrs()["0"])
+    denied_key = create_enclave_key(kms, state["account_id"], "ab" * 48)
+    blob = kms.encrypt(KeyId=key_id, Plaintext=PLAINTEXT)["CiphertextBlob"]
+    denied_blob = kms.encrypt(KeyId=denied_key, Plaintext=PLAINTEXT)["CiphertextBlob"]
+    secret_blob = kms.encrypt(KeyId=key_id, Plaintext=SECRET)["CiphertextBlob"]
+    config_path = dev.write_agent_config(
+        name="agent-inprocess",
+        secrets_toml=(
+            f'\n[secrets.db]\nciphertext = "{base64.b64encode(secret_blob).decode()}"\n'
+            f'file = "{dev.work_dir / "tmpfs" / "db"}"\n'
+        ),
+    )
+    config = load_config(config_path)
+
+    keys: list[RecipientKey] = []
+    generate = RecipientKey.generate.__func__  # type: ignore[attr-defined]
+
+    def keep(cls: type[RecipientKey]) -> RecipientKey:
+        key: RecipientKey = generate(cls)
+        keys.append(key)
+        return key
+
+    monkeypatch.setattr(RecipientKey, "generate", classmethod(keep))
+    captured = io.StringIO()
+    configure_logging("debug", stream=captured, process="enclave-agent")
+    handled: dict[str, bytes] = {}
+    texts: list[str] = []  # every error message and exception text the run produced
+    try:
+        async with trio.open_nursery() as nursery:
+            ready = await nursery.start(service.run_agent, config)
+            await trio.to_thread.run_sync(
+                _app_session, ready.socket, blob, denied_blob, key_id, dev, handled, texts
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        structlog.reset_defaults()
+
+    assert len(keys) == 1
+    port = dev.proxy_address.rsplit(":", 1)[1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/credentials", timeout=10) as answer:
+        creds = json.loads(answer.read())
+    needles = {
+        **_key_needles(keys[0]),
+        **_variants("named secret", SECRET),
+        **_variants("decrypted plaintext", PLAINTEXT),
+        "root secret key": state["aws_secret_access_key"].encode(),
+        "session secret key": creds["SecretAccessKey"].encode(),
+        "session token": creds["Token"].encode(),
+    }
+    for label, value in handled.items():
+        needles.update(_variants(label, value))
+    logs = captured.getvalue().encode()
+    assert b'"event": "ready"' in logs and b'"event": "kms_call"' in logs
+    blobs = {
+        "agent log (in process)": logs,
+        "kms log": dev.log_path("kms").read_bytes(),
+        "proxy log": dev.log_path("proxy").read_bytes(),
+        "errors and exceptions": "\n".join(texts).encode(),
+    }
+    assert len(texts) >= 8
+    assert find_leaks(needles, blobs) == []
+
+
+def _app_session(
+    socket_path: str,
+    blob: bytes,
+    denied_blob: bytes,
+    key_id: str,
+    dev: DevStack,
+    handled: dict[str, bytes],
+    texts: list[str],
+) -> None:
+    """What an app does, successes and failures; runs in a worker thread."""
+
+    def failing(call: Any) -> None:
+        try:
+            call()
+        except AgentError as exc:
+            texts.extend([exc.message, str(exc), repr(exc)])
+        else:
+            raise AssertionError("expected a failure")
+
+    with AgentClient(socket_path, timeout=30) as client:
+        assert client.secret("db") == SECRET
+        assert client.decrypt(blob) == PLAINTEXT
+        data_key = client.generate_data_key(key_id)
+        handled["data key"] = data_key.plaintext
+        pair = client.kms("GenerateDataKeyPair", {"KeyId": key_id, "KeyPairSpec": "RSA_2048"})
+        handled["data key pair private key"] = base64.b64decode(pair["PrivateKeyPlaintext"])
+        handled["random"] = client.generate_random(32)
+        document = client.attestation(nonce=b"n" * 16)
+        assert len(document) > 1000
+        failing(lambda: client.decrypt(denied_blob))
+        failing(lambda: client.decrypt(b"\x01" * 64))
+        failing(lambda: client.kms("Decrypt", {"CiphertextBlob": "!!"}))
+        failing(lambda: client.kms("GenerateRandom", {"NumberOfBytes": 5000}))
+        failing(lambda: client.secret("absent"))
+        failing(lambda: client.attestation(nonce=b"x" * 2000))
+        state_file = Path(dev.kms["state_file"])
+        set_faults(state_file, "internal", count=50)
+        try:
+            failing(lambda: client.decrypt(blob))
+        finally:
+            set_faults(state_file, "internal", count=0)
+        set_faults(state_file, "throttle", count=50)
+        try:
+            failing(lambda: client.generate_data_key(key_id))
+        finally:
+            set_faults(state_file, "internal", count=0)
