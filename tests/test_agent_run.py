@@ -255,3 +255,67 @@ def test_serve_stops_on_sigterm_and_never_takes_a_live_socket(tmp_path: Path) ->
         code, log = finish(first)
     assert code == 0, log
     assert not (tmp_path / "agent.sock").exists()
+
+
+def test_run_as_pid_1_in_fresh_namespaces(tmp_path: Path) -> None:
+    """The enclave's situation: the agent is PID 1 and `lo` starts down.
+
+    A new PID and network namespace (unshare) gives both on this machine: the child
+    sees its parent as PID 1 and reaches the agent's loopback TCP listener, which only
+    works once the agent has brought `lo` up.
+    """
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            region = "us-east-1"
+            proxy = "tcp:127.0.0.1:9"
+            nsm = "simulated"
+            [listen]
+            socket = "{tmp_path / "agent.sock"}"
+            tcp = "tcp:127.0.0.1:0"
+            """
+        )
+    )
+    child = tmp_path / "child.py"
+    child.write_text(
+        textwrap.dedent(
+            """
+            import json, os, sys, urllib.request
+            assert os.getppid() == 1, os.getppid()
+            url = os.environ["ENCLAVE_AGENT_ENDPOINT"] + "/healthz"
+            assert json.load(urllib.request.urlopen(url, timeout=10)) == {"status": "ok"}
+            sys.exit(5)
+            """
+        )
+    )
+    argv = [
+        "unshare",
+        "--net",
+        "--pid",
+        "--fork",
+        sys.executable,
+        "-m",
+        "enclave_agent.cli",
+        "run",
+        "--config",
+        str(config),
+        "--",
+        sys.executable,
+        str(child),
+    ]
+    try:
+        result = subprocess.run(
+            argv,
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    log = result.stderr.decode(errors="replace")
+    if result.returncode != 5 and log.startswith("unshare"):
+        pytest.skip(f"cannot create namespaces here: {log.strip()}")
+    assert result.returncode == 5, log
+    assert any(e["event"] == "loopback_up" for e in events(log))
