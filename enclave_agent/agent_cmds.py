@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from enclave_agent.client import SOCKET_ENV, AgentClient, AgentError
 from enclave_agent.config import AgentConfig, ConfigError, load_config
 from enclave_agent.nsm import NsmError
 from enclave_agent.secrets import SecretError
-from enclave_agent.service import run_agent
+from enclave_agent.service import AgentReady, run_agent
 from enclave_common.logs import configure_logging, get_logger
 
 DEFAULT_CONFIG = "/etc/enclave-agent/agent.toml"
@@ -117,15 +118,47 @@ def _no_core_dumps() -> None:
         log.warning("core_dumps_not_disabled", reason="prctl(PR_SET_DUMPABLE) failed")
 
 
+async def _start(
+    nursery: trio.Nursery, config: AgentConfig, signals: AsyncIterator[int]
+) -> AgentReady | int:
+    """Start the agent in ``nursery``; an exit code instead if it cannot start or a
+    SIGTERM/SIGINT comes first (fetching secrets can take a KMS deadline or more)."""
+    log = get_logger()
+    ready: AgentReady | None = None
+    stopped_by: list[int] = []
+    async with trio.open_nursery() as startup:
+
+        async def watch() -> None:
+            async for signum in signals:
+                if signum != signal.SIGCHLD:  # no child yet: nothing to reap
+                    stopped_by.append(signum)
+                    startup.cancel_scope.cancel()
+                    return
+
+        startup.start_soon(watch)
+        try:
+            ready = await nursery.start(run_agent, config)
+        except STARTUP_ERRORS as exc:
+            log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
+            startup.cancel_scope.cancel()
+            return 1
+        startup.cancel_scope.cancel()
+    if stopped_by or ready is None:
+        # (A signal may also land just as the start finished: it still means stop.)
+        name = signal.Signals(stopped_by[0]).name if stopped_by else "cancelled"
+        log.info("stopped_before_ready", signal=name)
+        return 128 + stopped_by[0] if stopped_by else 1
+    return ready
+
+
 async def _serve_async(config: AgentConfig) -> int:
     log = get_logger()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(run_agent, config)
-            except STARTUP_ERRORS as exc:
-                log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
-                return 1
+            started = await _start(nursery, config, signals)
+            if isinstance(started, int):
+                nursery.cancel_scope.cancel()
+                return started
             async for signum in signals:
                 log.info("stopping", signal=signal.Signals(signum).name)
                 break
@@ -158,18 +191,20 @@ async def _run_async(config: AgentConfig, command: list[str]) -> int:
         log.warning("loopback_not_set", reason=str(exc))
     if not init.become_subreaper():
         log.warning("not_a_subreaper", reason="orphans will be reaped by another process")
-    async with trio.open_nursery() as nursery:
-        try:
-            ready = await nursery.start(run_agent, config)
-        except STARTUP_ERRORS as exc:
-            log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
-            return 1
-        env = dict(os.environ)
-        env[SOCKET_ENV] = ready.socket
-        if ready.tcp is not None:
-            env[ENDPOINT_ENV] = f"http://{ready.tcp.host}:{ready.tcp.port}"
-        status = await init.supervise(command, env)
-        nursery.cancel_scope.cancel()
+    # One receiver for the whole run, opened first: a signal during start-up stops
+    # the start, and one arriving as CMD starts waits here for the supervisor.
+    with trio.open_signal_receiver(*init.SUPERVISED_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            started = await _start(nursery, config, signals)
+            if isinstance(started, int):
+                nursery.cancel_scope.cancel()
+                return started
+            env = dict(os.environ)
+            env[SOCKET_ENV] = started.socket
+            if started.tcp is not None:
+                env[ENDPOINT_ENV] = f"http://{started.tcp.host}:{started.tcp.port}"
+            status = await init.supervise(command, env, signals)
+            nursery.cancel_scope.cancel()
     return status
 
 

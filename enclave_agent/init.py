@@ -26,7 +26,7 @@ import resource
 import signal
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
 
@@ -43,6 +43,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+SUPERVISED_SIGNALS = (signal.SIGCHLD, *FORWARDED_SIGNALS)
 
 
 class InitError(Exception):
@@ -119,34 +120,47 @@ def reap(main_pid: int) -> int | None:
     return result
 
 
-async def supervise(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    """Start ``argv``, forward signals to it, reap everything, return its exit code."""
+async def supervise(
+    argv: Sequence[str], env: Mapping[str, str], signals: AsyncIterator[int] | None = None
+) -> int:
+    """Start ``argv``, forward signals to it, reap everything, return its exit code.
+
+    ``signals``: a receiver for ``SUPERVISED_SIGNALS`` the caller opened earlier (so
+    none is lost between start-up and here); by default one is opened now.
+    """
     if not argv:
         raise InitError("no command to run")
-    signals = (signal.SIGCHLD, *FORWARDED_SIGNALS)
-    # Open the receiver before spawning, so the child's SIGCHLD cannot be missed.
-    with trio.open_signal_receiver(*signals) as receiver:
-        try:
-            # posix_spawn is a vfork+exec: it returns as soon as the child exists.
-            pid = os.posix_spawnp(argv[0], list(argv), dict(env))  # noqa: ASYNC221
-        except OSError as exc:
-            code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
-            log.error("command_failed_to_start", command=argv[0], error=exc.strerror)
-            return code
-        log.info("command_started", command=argv[0], pid=pid)
-        status = reap(pid)
-        if status is None:
-            async for signum in receiver:
-                if signum == signal.SIGCHLD:
-                    status = reap(pid)
-                    if status is not None:
-                        break
-                else:
-                    log.info("signal_forwarded", signal=signal.Signals(signum).name, pid=pid)
-                    try:
-                        os.kill(pid, signum)
-                    except ProcessLookupError:
-                        pass
-        log.info("command_exited", pid=pid, status=status)
-        assert status is not None
-        return status
+    if signals is None:
+        # Open the receiver before spawning, so the child's SIGCHLD cannot be missed.
+        with trio.open_signal_receiver(*SUPERVISED_SIGNALS) as receiver:
+            return await _supervise(argv, env, receiver)
+    return await _supervise(argv, env, signals)
+
+
+async def _supervise(
+    argv: Sequence[str], env: Mapping[str, str], receiver: AsyncIterator[int]
+) -> int:
+    try:
+        # posix_spawn is a vfork+exec: it returns as soon as the child exists.
+        pid = os.posix_spawnp(argv[0], list(argv), dict(env))  # noqa: ASYNC221
+    except OSError as exc:
+        code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+        log.error("command_failed_to_start", command=argv[0], error=exc.strerror)
+        return code
+    log.info("command_started", command=argv[0], pid=pid)
+    status = reap(pid)
+    if status is None:
+        async for signum in receiver:
+            if signum == signal.SIGCHLD:
+                status = reap(pid)
+                if status is not None:
+                    break
+            else:
+                log.info("signal_forwarded", signal=signal.Signals(signum).name, pid=pid)
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+    log.info("command_exited", pid=pid, status=status)
+    assert status is not None
+    return status

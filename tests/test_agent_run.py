@@ -319,3 +319,57 @@ def test_run_as_pid_1_in_fresh_namespaces(tmp_path: Path) -> None:
         pytest.skip(f"cannot create namespaces here: {log.strip()}")
     assert result.returncode == 5, log
     assert any(e["event"] == "loopback_up" for e in events(log))
+
+
+def test_sigterm_during_startup_stops_without_starting_the_command(tmp_path: Path) -> None:
+    # A "proxy" that accepts and never answers: fetching the named secret hangs until
+    # the KMS deadline (60 s here), far longer than this test waits.
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            textwrap.dedent(
+                f"""
+                region = "us-east-1"
+                proxy = "tcp:127.0.0.1:{silent.getsockname()[1]}"
+                nsm = "simulated"
+                [listen]
+                socket = "{tmp_path / "agent.sock"}"
+                [limits]
+                kms_call_timeout = 60
+                [secrets.never]
+                ciphertext = "AAAA"
+                """
+            )
+        )
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "enclave_agent.cli",
+                "run",
+                "--config",
+                str(config),
+                "--",
+                "touch",
+                str(tmp_path / "must-not-exist"),
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (tmp_path / "agent.sock").exists():  # bound: now fetching secrets
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+        finally:
+            code, log = finish(process, timeout=20)
+    finally:
+        silent.close()
+    assert code == 128 + signal.SIGTERM, log
+    assert not (tmp_path / "must-not-exist").exists()
+    assert any(e["event"] == "stopped_before_ready" for e in events(log))
