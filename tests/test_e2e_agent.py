@@ -145,6 +145,20 @@ def test_generate_data_key_and_random(stack: Stack) -> None:
         stack.plaintexts.append(random)
 
 
+def test_generate_data_key_pair_through_the_chain(stack: Stack) -> None:
+    with stack.client() as client:
+        answer = client.kms(
+            "GenerateDataKeyPair", {"KeyId": stack.key_id, "KeyPairSpec": "RSA_2048"}
+        )
+    private_der = base64.b64decode(answer["PrivateKeyPlaintext"])
+    stack.plaintexts.append(private_der)
+    from cryptography.hazmat.primitives import serialization
+
+    private = serialization.load_der_private_key(private_der, None)
+    public = serialization.load_der_public_key(base64.b64decode(answer["PublicKey"]))
+    assert private.public_key().public_numbers() == public.public_numbers()  # type: ignore[union-attr]
+
+
 def test_named_secret_served_from_memory_and_file(stack: Stack) -> None:
     with stack.client() as client:
         assert client.secret("marker") == MARKER
