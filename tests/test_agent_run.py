@@ -130,32 +130,26 @@ def test_run_reaps_orphans(tmp_path: Path) -> None:
         tmp_path,
         """
         import os, sys, time
+        read_end, write_end = os.pipe()
         middle = os.fork()
         if middle == 0:
             grandchild = os.fork()
             if grandchild == 0:
-                time.sleep(1.0)
+                time.sleep(0.5)
                 os._exit(0)
+            os.write(write_end, str(grandchild).encode())
             os._exit(0)
+        os.close(write_end)
+        orphan = int(os.read(read_end, 32))
         os.waitpid(middle, 0)
-        deadline = time.monotonic() + 15
-        # The orphan: a process whose parent is our parent (the agent), other than us.
-        agent = os.getppid()
-        seen = set()
+        # Now the orphan's parent is the agent. Once it exits, only the agent can
+        # reap it: it must vanish from /proc rather than stay a zombie ("Z").
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            orphans = []
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
-                try:
-                    fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == agent and int(entry) != os.getpid():
-                    orphans.append((int(entry), fields[0]))
-            seen.update(pid for pid, _ in orphans)
-            if seen and not orphans:
-                sys.exit(0)  # it was adopted, then reaped: no zombie left
+            try:
+                stat = open(f"/proc/{orphan}/stat").read().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                sys.exit(0)
             time.sleep(0.05)
         sys.exit(3)
         """,
