@@ -44,6 +44,9 @@ _HEAD_PIECE = 1024
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
 
+_LOGGED_TOKEN = 32
+_LOGGED_TARGET = 300
+
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -91,10 +94,11 @@ class _Record:
     reason: str | None = None
 
     def emit(self) -> None:
+        # Method and target are client-chosen: cap them so one request cannot bloat the log.
         fields: dict[str, Any] = {
             "peer": self.peer,
-            "method": self.method,
-            "target": self.target,
+            "method": self.method[:_LOGGED_TOKEN] if self.method else None,
+            "target": self.target[:_LOGGED_TARGET] if self.target else None,
             "status": self.status,
             "outcome": self.outcome,
             "duration_s": round(trio.current_time() - self.started, 6),
