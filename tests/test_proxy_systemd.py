@@ -64,7 +64,7 @@ def test_unit_essentials() -> None:
         "WatchdogSec=",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "--config /etc/enclave-proxy/proxy.toml",
-        "RestrictAddressFamilies=AF_VSOCK AF_INET AF_INET6 AF_UNIX",
+        "RestrictAddressFamilies=AF_VSOCK AF_INET AF_INET6 AF_UNIX AF_NETLINK",
     ):
         assert line in text
 
