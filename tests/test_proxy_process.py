@@ -248,3 +248,33 @@ def test_check_config(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "bad.toml" in done.stderr and ("max_tunels" in done.stderr or "*.com" in done.stderr)
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_VSOCK"), reason="no AF_VSOCK")
+async def test_listens_on_vsock(tmp_path: Path) -> None:
+    """Binding is all this does on vsock: nothing ever connects to a CID on this machine."""
+    import random
+
+    try:
+        probe = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        probe.close()
+    except OSError:
+        pytest.skip("AF_VSOCK sockets unavailable here")
+    for _ in range(3):
+        port = random.randint(20000, 60000)
+        with start_proxy(
+            tmp_path, "--listen", f"vsock:ANY:{port}", "--region", "us-east-1"
+        ) as proxy:
+            with trio.fail_after(20):
+                while proxy.process.poll() is None and not any(
+                    e.get("event") in ("listening", "listen_failed") for e in proxy.events()
+                ):
+                    await trio.sleep(0.05)
+            if any(e.get("event") == "listen_failed" for e in proxy.events()):
+                continue
+            event = await proxy.wait_event("listening")
+            assert event["address"] == f"vsock:ANY:{port}"
+            proxy.process.send_signal(signal.SIGTERM)
+            assert await proxy.wait_exit() == 0
+            return
+    pytest.fail("could not bind a vsock port in three tries")
