@@ -70,8 +70,10 @@ class CredentialSource:
         assume_role_arn: str | None = None,
         sts_endpoint: str | None = None,
         session_factory: Callable[[], Any] = botocore.session.Session,
+        fetch_timeout: float = 20.0,
     ) -> None:
         self.region = region
+        self.fetch_timeout = fetch_timeout
         self.assume_role_arn = assume_role_arn
         self.sts_endpoint = sts_endpoint
         self._session_factory = session_factory
@@ -83,14 +85,27 @@ class CredentialSource:
         self._lock = trio.Lock()
 
     async def get(self) -> AwsCredentials:
+        # botocore has no timeout of its own for e.g. a hung credential_process: give up
+        # on the request (the thread is abandoned) rather than hold every caller.
+        try:
+            with trio.fail_after(self.fetch_timeout):
+                return await self._get()
+        except trio.TooSlowError:
+            raise CredentialsUnavailable(
+                f"credential lookup did not finish within {self.fetch_timeout:g} s"
+            ) from None
+
+    async def _get(self) -> AwsCredentials:
         async with self._lock:
             base = await self._base_credentials()
             if self.assume_role_arn is None:
-                return await trio.to_thread.run_sync(self._freeze, base)
+                return await trio.to_thread.run_sync(self._freeze, base, abandon_on_cancel=True)
             now = dt.datetime.now(dt.UTC)
             role = self._role
             if role is None or role.expiration is None or role.expiration - now < _RENEW_BEFORE:
-                role = self._role = await trio.to_thread.run_sync(self._assume_role, base)
+                role = self._role = await trio.to_thread.run_sync(
+                    self._assume_role, base, abandon_on_cancel=True
+                )
             return role
 
     async def _base_credentials(self) -> Any:
@@ -99,7 +114,7 @@ class CredentialSource:
         if trio.current_time() < self._failed_until:
             raise CredentialsUnavailable(self._failure)
         try:
-            self._base = await trio.to_thread.run_sync(self._resolve)
+            self._base = await trio.to_thread.run_sync(self._resolve, abandon_on_cancel=True)
         except CredentialsUnavailable as e:
             # Remember the failure briefly: each lookup may wait on IMDS timeouts.
             self._failure = str(e)

@@ -232,3 +232,12 @@ def test_credentials_json_shape() -> None:
     doc = AwsCredentials("A", "S", None, expiry).to_json("us-east-1")
     assert doc == json.loads(json.dumps(doc))
     assert doc["Expiration"] == "2026-11-29T01:00:00Z" and doc["Token"] is None
+
+
+async def test_hung_credential_process_times_out(clean_aws_env: Path) -> None:
+    (clean_aws_env / "config").write_text(
+        f"[default]\ncredential_process = {sys.executable} -c 'import time; time.sleep(1.5)'\n"
+    )
+    source = CredentialSource(region="us-east-1", fetch_timeout=0.3)
+    with pytest.raises(CredentialsUnavailable, match="did not finish within 0.3 s"):
+        await source.get()
