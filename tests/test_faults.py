@@ -30,7 +30,7 @@ from devtools.local_kms.admin_client import set_faults
 from enclave_agent.client import AgentClient, AgentError
 
 CALL_TIMEOUT = 4.0
-CREDENTIAL_TTL = 6
+CREDENTIAL_TTL = 4
 UNRESOLVABLE = "kms.nowhere.invalid"
 # Generous slack over the deadline for process scheduling on a loaded 2-core machine;
 # the claim tested is "bounded by the deadline", not a latency figure.
