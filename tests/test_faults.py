@@ -173,6 +173,7 @@ def test_credentials_expiring_during_the_run_are_refreshed(stack: Stack) -> None
 def test_proxy_killed_and_restarted_while_calls_are_in_flight(stack: Stack) -> None:
     dev = stack.dev
     agent_pid = dev.pid("agent")
+    before = len(log_events(dev.log_path("agent")))
     results: list[object] = []
     lock = threading.Lock()
 
@@ -201,6 +202,10 @@ def test_proxy_killed_and_restarted_while_calls_are_in_flight(stack: Stack) -> N
     assert not any(t.is_alive() for t in threads), "a call caught in the break hangs"
     stack.clear_faults()
     assert len(results) == 6
+    # The break was really hit: every caught call was retried or failed.
+    caught = _kms_calls(stack, before)
+    assert len(caught) == 6
+    assert all(c["attempts"] > 1 or c["outcome"] == "error" for c in caught), caught
     for outcome in results:
         if isinstance(outcome, AgentError):  # failed cleanly, in KMS's shape
             assert outcome.status >= 500 and outcome.error_type.endswith("Exception")
