@@ -377,6 +377,9 @@ async def test_expired_session_credentials_are_replaced_once(
         }
 
     state_file = Path(local_kms["state_file"])
+    # Read the clock before minting: Expiration is written in whole seconds (cut, not
+    # rounded), so a clock read after minting may already be past it.
+    frozen = datetime.now(UTC)
     async with trio.open_nursery() as nursery:
         relay = Relay(credentials=proxy_shape(mint_credentials(state_file, ttl=1)))
         await relay.serve(nursery)
@@ -388,7 +391,6 @@ async def test_expired_session_credentials_are_replaced_once(
         )
         gateway = KmsGateway(settings, SimulatedNsm.load(enclave_ca), RecipientKey.generate())
         # an agent whose clock says the credentials are still good (skew)
-        frozen = datetime.now(UTC)
         gateway.credentials = CredentialsProvider(
             proxy_fetcher(parse_address(relay.address)), clock=lambda: frozen
         )
