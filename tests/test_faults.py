@@ -290,3 +290,18 @@ def test_kms_down_is_a_clear_error_and_the_agent_keeps_serving(stack: Stack) -> 
     with stack.client() as client:
         assert client.health()
         assert client.secret("db") == SECRET  # named secrets stay served from memory
+
+
+def test_simulated_nsm_fail_with_config_knob() -> None:
+    """The knob the NSM fault test uses: only with the simulated NSM, a string."""
+    from enclave_agent.config import ConfigError, parse_config
+
+    base = 'region = "us-east-1"\nnsm = "simulated"\n[simulated_nsm]\n'
+    assert parse_config(base + 'fail_with = "InternalError"\n').simulated_nsm.fail_with == (
+        "InternalError"
+    )
+    assert parse_config(base).simulated_nsm.fail_with is None
+    with pytest.raises(ConfigError, match="fail_with"):
+        parse_config(base + "fail_with = 5\n")
+    with pytest.raises(ConfigError, match="simulated"):
+        parse_config('region = "us-east-1"\n[simulated_nsm]\nfail_with = "InternalError"\n')
