@@ -115,6 +115,7 @@ async def test_no_key_or_secret_in_logs_errors_or_exceptions(
 
     monkeypatch.setattr(RecipientKey, "generate", classmethod(keep))
     captured = io.StringIO()
+    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
     configure_logging("debug", stream=captured, process="enclave-agent")
     handled: dict[str, bytes] = {}
     texts: list[str] = []  # every error message and exception text the run produced
@@ -126,7 +127,10 @@ async def test_no_key_or_secret_in_logs_errors_or_exceptions(
             )
             nursery.cancel_scope.cancel()
     finally:
-        structlog.reset_defaults()
+        # Put back whatever logging set-up the rest of the suite runs with.
+        structlog.configure(**saved[0])
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**saved[1])
 
     assert len(keys) == 1
     port = dev.proxy_address.rsplit(":", 1)[1]
