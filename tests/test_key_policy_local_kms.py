@@ -4,7 +4,8 @@ The simulated NSM's PCRs stand in for nitro-cli's measurements: written in
 nitro-cli's output shape, turned into a policy by the real command, given to
 CreateKey through boto3. Then Decrypt with a Recipient document from a simulated
 enclave with those PCRs succeeds, and is denied (AccessDeniedException) for an
-enclave whose PCR0 or PCR1 differs and for a call without any attestation.
+enclave whose PCR0 or PCR1 differs and for a call without any attestation. The
+README's upgrade flow (old image, old + new, new only) runs through PutKeyPolicy.
 
 What this does not show: the stand-in does not evaluate Principal (it has a single
 caller standing for every principal), so the role half of the policy is checked
@@ -178,20 +179,34 @@ def test_printed_policy_admits_the_measured_enclave_only(
     assert json.loads(stored) == json.loads(policy)
 
 
-def test_upgrade_policy_admits_old_and_new_image_only(
+def test_upgrade_flow_of_the_guide(
     tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
 ) -> None:
+    """README 'Upgrading': old image only -> old and new -> new only, with PutKeyPolicy."""
     old = SimulatedNsm.load(enclave_ca)
     new = SimulatedNsm.load(enclave_ca, pcrs={**old.pcrs, 0: _other_pcr("new image")})
     third = SimulatedNsm.load(enclave_ca, pcrs={**old.pcrs, 0: _other_pcr("third image")})
     client = _client(local_kms)
-    policy = _printed_policy(tmp_path, local_kms["account_id"], old, new)
-    key_id = client.create_key(Policy=policy)["KeyMetadata"]["KeyId"]
+    account = local_kms["account_id"]
+    key_id = client.create_key(Policy=_printed_policy(tmp_path, account, old))["KeyMetadata"][
+        "KeyId"
+    ]
     blob = client.encrypt(
         KeyId=key_id, Plaintext=b"rolling", EncryptionContext={"app": "enclave-kms-example"}
     )["CiphertextBlob"]
-    assert _decrypt_in(old, client, blob) == b"rolling"
-    assert _decrypt_in(new, client, blob) == b"rolling"
-    with pytest.raises(ClientError) as denied:
-        _decrypt_in(third, client, blob)
-    assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
+
+    def admitted(enclave: SimulatedNsm) -> bool:
+        try:
+            return _decrypt_in(enclave, client, blob) == b"rolling"
+        except ClientError as error:
+            assert error.response["Error"]["Code"] == "AccessDeniedException"
+            return False
+
+    assert [admitted(e) for e in (old, new, third)] == [True, False, False]
+    both = _printed_policy(tmp_path, account, old, new)
+    client.put_key_policy(KeyId=key_id, PolicyName="default", Policy=both)
+    assert [admitted(e) for e in (old, new, third)] == [True, True, False]
+    client.put_key_policy(
+        KeyId=key_id, PolicyName="default", Policy=_printed_policy(tmp_path, account, new)
+    )
+    assert [admitted(e) for e in (old, new, third)] == [False, True, False]
