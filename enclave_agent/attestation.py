@@ -37,6 +37,9 @@ SIGNATURE_BYTES = 96  # ES384: r‖s, 48 bytes each
 COSE_ALG_ES384 = -35
 COSE_SIGN1_TAG = 18
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The only extensions this verifier processes; a certificate that marks any other
+# extension critical must be refused (RFC 5280 §4.2): we cannot honour its meaning.
+_UNDERSTOOD_CRITICAL = (x509.BasicConstraints, x509.KeyUsage)
 
 
 class AttestationError(Exception):
@@ -262,6 +265,7 @@ def _verify_chain(
             raise CertificateChainError(f"{what} is not valid DER") from None
 
     for position, certificate in enumerate(chain):
+        _check_critical_extensions(certificate)
         if not certificate.not_valid_before_utc <= at <= certificate.not_valid_after_utc:
             raise CertificateChainError(
                 f"certificate {_describe(certificate)!r} is not valid at {at.isoformat()} "
@@ -289,6 +293,15 @@ def _extension(certificate: x509.Certificate, kind: type[Any]) -> Any:
         return certificate.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
+
+
+def _check_critical_extensions(certificate: x509.Certificate) -> None:
+    for extension in certificate.extensions:
+        if extension.critical and not isinstance(extension.value, _UNDERSTOOD_CRITICAL):
+            raise CertificateChainError(
+                f"certificate {_describe(certificate)!r} has a critical extension this "
+                f"verifier does not process ({extension.oid.dotted_string})"
+            )
 
 
 def _check_leaf(leaf: x509.Certificate) -> None:

@@ -48,6 +48,7 @@ def _certificate(
     usage: x509.KeyUsage | None,
     not_before: datetime = NOW - DAY,
     not_after: datetime = NOW + DAY,
+    unknown_critical: bool = False,
 ) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
@@ -64,6 +65,11 @@ def _certificate(
         )
     if usage is not None:
         builder = builder.add_extension(usage, critical=True)
+    if unknown_critical:
+        unknown = x509.UnrecognizedExtension(
+            x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00"
+        )
+        builder = builder.add_extension(unknown, critical=True)
     return builder.sign(issuer_key, hashes.SHA384())
 
 
@@ -151,6 +157,8 @@ def test_a_well_formed_chain_verifies() -> None:
         ({"a": {"not_after": NOW - timedelta(seconds=1)}}, "not valid at"),
         ({"b": {"not_before": NOW + timedelta(seconds=1)}}, "not valid at"),
         ({"root": {"not_after": NOW - DAY / 2}}, "not valid at"),
+        ({"leaf": {"unknown_critical": True}}, "critical extension"),
+        ({"b": {"unknown_critical": True}}, "critical extension"),
     ],
 )
 def test_each_broken_rule_is_refused(overrides: dict[str, dict[str, object]], reason: str) -> None:
