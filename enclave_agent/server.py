@@ -9,8 +9,9 @@ once its first byte has come, and a kept-alive connection may idle at most
 ``idle_timeout``, so idle or trickling clients are cut off instead of pinning
 tasks. Bodies above ``max_body_bytes`` get 413 before they are read.
 
-On the Unix socket the caller's SO_PEERCRED decides; a refused caller gets KMS's
-``AccessDeniedException`` and a ``caller_refused`` log event. The TCP listener is
+On the Unix socket the caller's SO_PEERCRED decides, on every connection, before
+any of its bytes are read or a connection slot is taken; a refused caller gets
+KMS's ``AccessDeniedException`` at once and a ``caller_refused`` log event. The TCP listener is
 loopback only (the config insists) and has no caller check: it exists for SDK
 apps that can only speak TCP.
 
@@ -24,7 +25,6 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import h11
@@ -63,12 +63,6 @@ class SecretLookup(Protocol):
 
 
 Attester = Callable[[bytes | None, bytes | None, bytes | None], Awaitable[bytes]]
-
-
-@dataclass(frozen=True)
-class _Caller:
-    name: str
-    cred: PeerCred | None
 
 
 class _ReadError(Exception):
@@ -114,6 +108,18 @@ class AppServer:
 
     async def handle_connection(self, stream: trio.SocketStream, *, check_peer: bool) -> None:
         async with stream:
+            cred: PeerCred | None = None
+            if check_peer:
+                # Who is calling is decided before a byte of the request is read or a
+                # connection slot is taken: a refused caller's request is never parsed
+                # and cannot hold slots that allowed apps need.
+                try:
+                    cred = peer_credentials(stream.socket)
+                except PeerCredError:
+                    cred = None
+                if cred is None or not is_allowed(cred, self._access):
+                    await self._refuse(stream, cred)
+                    return
             try:
                 self._slots.acquire_nowait()
             except trio.WouldBlock:
@@ -126,27 +132,35 @@ class AppServer:
                 )
                 return
             try:
-                await self._connection(stream, check_peer)
+                await self._connection(stream, cred)
             finally:
                 self._slots.release()
 
-    async def _connection(self, stream: trio.SocketStream, check_peer: bool) -> None:
-        cred: PeerCred | None = None
-        allowed = True
-        if check_peer:
-            try:
-                cred = peer_credentials(stream.socket)
-            except PeerCredError:
-                cred = None
-            allowed = cred is not None and is_allowed(cred, self._access)
-        caller = _Caller(f"uid={cred.uid},pid={cred.pid}" if cred else describe_peer(stream), cred)
+    async def _refuse(self, stream: trio.SocketStream, cred: PeerCred | None) -> None:
+        log.warning(
+            "caller_refused",
+            uid=cred.uid if cred else None,
+            gid=cred.gid if cred else None,
+            pid=cred.pid if cred else None,
+        )
+        await _send_raw(
+            stream,
+            app_protocol.error_response(
+                "AccessDeniedException",
+                "this process is not allowed to use the enclave agent",
+                403,
+            ),
+        )
+
+    async def _connection(self, stream: trio.SocketStream, cred: PeerCred | None) -> None:
+        caller = f"uid={cred.uid},pid={cred.pid}" if cred else describe_peer(stream)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         first = True
         while True:
             try:
                 read = await self._read_request(conn, stream, first)
             except _ReadError as exc:
-                log.info("request_rejected", caller=caller.name, reason=exc.reason)
+                log.info("request_rejected", caller=caller, reason=exc.reason)
                 if exc.response is not None:
                     await self._send(conn, stream, exc.response, close=True)
                     await _drain_and_close(stream)
@@ -161,32 +175,17 @@ class AppServer:
             method = request.method.decode("ascii", "replace")
             # Logged: the path only (no query), cut short so a huge target cannot flood logs.
             path = request.target.decode("ascii", "replace").split("?", 1)[0][:200]
-            operation: str | None = None
-            if not allowed:
-                log.warning(
-                    "caller_refused",
-                    uid=cred.uid if cred else None,
-                    gid=cred.gid if cred else None,
-                    pid=cred.pid if cred else None,
-                    path=path,
-                )
-                response = app_protocol.error_response(
-                    "AccessDeniedException",
-                    "this process is not allowed to use the enclave agent",
-                    403,
-                )
-            else:
-                headers = {
-                    name.decode("ascii").lower(): value.decode("latin-1")
-                    for name, value in request.headers
-                }
-                response, operation = await self._respond(method, path, request, headers, body)
+            headers = {
+                name.decode("ascii").lower(): value.decode("latin-1")
+                for name, value in request.headers
+            }
+            response, operation = await self._respond(method, path, request, headers, body)
             error_type = None
             if response.status >= 400:
                 error_type = _error_type(response)
             log.info(
                 "request",
-                caller=caller.name,
+                caller=caller,
                 method=method,
                 path=path,
                 operation=operation,
@@ -195,11 +194,8 @@ class AppServer:
                 duration_ms=round((time.monotonic() - started) * 1000, 2),
             )
             try:
-                await self._send(conn, stream, response, close=not allowed)
+                await self._send(conn, stream, response, close=False)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not allowed:
-                await _drain_and_close(stream)
                 return
             if conn.our_state is h11.MUST_CLOSE:
                 return

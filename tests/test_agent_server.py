@@ -252,6 +252,30 @@ async def test_caller_not_allowed_is_refused(nursery: trio.Nursery, tmp_path: Pa
     assert status == 200
 
 
+async def test_refused_caller_is_answered_before_its_request_and_holds_no_slot(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    other = os.getuid() + 4242
+    running = await start(
+        nursery,
+        tmp_path,
+        access=AccessConfig(allowed_uids=frozenset({other})),
+        limits=Limits(max_connections=1, header_timeout=60, idle_timeout=60),
+    )
+    # A refused caller that sends nothing is answered at once (its request is never
+    # read), and while it stays connected an allowed app still gets the one slot.
+    silent = await trio.open_unix_socket(running.socket)
+    async with silent:
+        with trio.fail_after(10):
+            answer = await silent.receive_some(65536)
+        assert answer.startswith(b"HTTP/1.1 403 ")
+        assert b"AccessDeniedException" in answer
+        stream = await trio.open_tcp_stream("127.0.0.1", running.tcp_port)
+        async with stream:
+            [(status, _, _)] = await send_and_read(stream, request("GET", "/healthz"))
+        assert status == 200
+
+
 async def test_body_limit(nursery: trio.Nursery, tmp_path: Path) -> None:
     running = await start(nursery, tmp_path, limits=Limits(max_body_bytes=100))
     [(status, _, body)] = await unix_exchange(
