@@ -170,3 +170,32 @@ def test_recipient_checker_raises_only_recipient_error(
     raw = {"AttestationDocument": document, "KeyEncryptionAlgorithm": algorithm}
     with pytest.raises(RecipientError):
         verify_recipient(raw, [nsm.root_pem], datetime.now(UTC))
+
+
+def _key_with_policy(kms: LocalKms, policy: dict[str, Any]) -> str:
+    status, answer = call(kms, "CreateKey", {"Policy": json.dumps(policy)})
+    assert status == 200, answer
+    return str(answer["KeyMetadata"]["KeyId"])
+
+
+def test_reencrypt_is_decided_by_the_ciphertexts_key_not_a_named_source(kms: LocalKms) -> None:
+    # The attested key lets the account Encrypt and ReEncryptTo but never take its
+    # ciphertext out; the open key allows everything.
+    locked = _key_with_policy(
+        kms,
+        {"Statement": [{"Effect": "Allow", "Action": ["kms:Encrypt", "kms:ReEncryptTo"]}]},
+    )
+    opened = _make_key(kms)
+    status, answer = call(kms, "Encrypt", {"KeyId": locked, "Plaintext": "c2VjcmV0"})
+    assert status == 200, answer
+    blob = answer["CiphertextBlob"]
+    # Naming the open key as the source must not let the locked key's ciphertext move
+    # to the open key (from where Decrypt would give it to anyone).
+    status, answer = call(
+        kms,
+        "ReEncrypt",
+        {"CiphertextBlob": blob, "SourceKeyId": opened, "DestinationKeyId": opened},
+    )
+    assert (status, answer["__type"]) == (400, "IncorrectKeyException")
+    status, answer = call(kms, "ReEncrypt", {"CiphertextBlob": blob, "DestinationKeyId": opened})
+    assert (status, answer["__type"]) == (400, "AccessDeniedException")

@@ -210,25 +210,34 @@ class LocalKms:
             if isinstance(value, str):
                 references.append((action, self.moto.key(value)))
 
-        def by_ciphertext(action: str) -> None:
+        def by_ciphertext(action: str, named: str) -> None:
+            # The key that will decrypt is the one the ciphertext names, whatever key the
+            # request names: that key's policy decides (moto's ReEncrypt ignores
+            # SourceKeyId, so deciding by it would let any allowed key unlock any blob).
             value = body.get("CiphertextBlob")
-            if isinstance(value, str):
-                try:
-                    blob = base64.b64decode(value, validate=True)
-                except (binascii.Error, ValueError):
-                    return
-                references.append((action, self.moto.key_for_ciphertext(blob)))
+            if not isinstance(value, str):
+                return
+            try:
+                blob = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                return
+            key = self.moto.key_for_ciphertext(blob)
+            reference = body.get(named)
+            if key is not None and isinstance(reference, str):
+                named_key = self.moto.key(reference)
+                if named_key is not None and named_key.key_id != key.key_id:
+                    raise KmsError(
+                        400,
+                        "IncorrectKeyException",
+                        "The key ID in the request does not identify a CMK that can perform "
+                        "this operation.",
+                    )
+            references.append((action, key))
 
         if operation == "Decrypt":
-            if "KeyId" in body:
-                by_reference("kms:Decrypt", "KeyId")
-            else:
-                by_ciphertext("kms:Decrypt")
+            by_ciphertext("kms:Decrypt", "KeyId")
         elif operation == "ReEncrypt":
-            if "SourceKeyId" in body:
-                by_reference("kms:ReEncryptFrom", "SourceKeyId")
-            else:
-                by_ciphertext("kms:ReEncryptFrom")
+            by_ciphertext("kms:ReEncryptFrom", "SourceKeyId")
             by_reference("kms:ReEncryptTo", "DestinationKeyId")
         elif operation in ("CreateAlias", "UpdateAlias"):
             by_reference(f"kms:{operation}", "TargetKeyId")
