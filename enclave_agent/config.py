@@ -50,6 +50,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -371,14 +372,16 @@ def _limits(value: Any, source: str) -> Limits:
             continue
         item = table[key]
         ok_type = isinstance(item, int | float) if kind is float else isinstance(item, int)
-        if isinstance(item, bool) or not ok_type or item <= 0:
-            raise ConfigError(f"{source}: limits.{key} must be a positive number")
+        # TOML has nan and inf: nan passes "<= 0" and inf disables a timeout.
+        if isinstance(item, bool) or not ok_type or not math.isfinite(item) or item <= 0:
+            raise ConfigError(f"{source}: limits.{key} must be a positive, finite number")
         values[key] = kind(item)
     return Limits(**values)
 
 
 def _secrets(value: Any, base: Path, source: str) -> dict[str, SecretConfig]:
     result: dict[str, SecretConfig] = {}
+    files: dict[Path, str] = {}
     for name, entry in _table(value, source, "[secrets]").items():
         where = f"secrets.{name}"
         if not SECRET_NAME.match(name):
@@ -411,6 +414,11 @@ def _secrets(value: Any, base: Path, source: str) -> dict[str, SecretConfig]:
             raise ConfigError(f"{source}: {where}.encryption_context values must be strings")
         file_text = _string(table, "file", source, where)
         file_path = _resolve(base, file_text) if file_text else None
+        if file_path is not None and file_path in files:
+            # Two secrets racing to rename onto one path: which one an app reads is luck.
+            raise ConfigError(f"{source}: {where}.file is also {files[file_path]}'s file")
+        if file_path is not None:
+            files[file_path] = name
         result[name] = SecretConfig(
             name=name,
             ciphertext=ciphertext,

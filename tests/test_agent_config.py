@@ -128,6 +128,10 @@ def test_unknown_keys_are_named(text: str, names: list[str]) -> None:
         'region = "us-east-1"\n[access]\nallowed_uids = ["root"]',
         'region = "us-east-1"\n[limits]\nmax_body_bytes = 0',
         'region = "us-east-1"\n[limits]\nmax_body_bytes = true',
+        'region = "us-east-1"\n[limits]\nheader_timeout = nan',
+        'region = "us-east-1"\n[limits]\nidle_timeout = inf',
+        f'region = "us-east-1"\n[secrets.a]\nciphertext = "{BLOB}"\nfile = "/run/s/x"\n'
+        f'[secrets.b]\nciphertext = "{BLOB}"\nfile = "/run/s/x"',
         'region = "us-east-1"\n[secrets.a]\nkey_id = "k"',
         'region = "us-east-1"\n[secrets.a]\nciphertext = "!!!"',
         f'region = "us-east-1"\n[secrets."../x"]\nciphertext = "{BLOB}"',
