@@ -202,3 +202,33 @@ def test_fault_plan_parser_raises_only_fault_error(json_document: Any) -> None:
     except FaultError:
         return
     assert plan.kind in ("internal", "throttle", "delay") and 0 <= plan.count <= 10_000
+
+
+def _signed_over(request: Request, signed_headers: tuple[str, ...]) -> Request:
+    """``request`` re-signed (correctly, with SECRET) over only ``signed_headers``."""
+    import hashlib
+    import hmac
+
+    from devtools.local_kms.sigv4 import Authorization, canonical_request, signing_key
+
+    when = request.headers["x-amz-date"]
+    auth = Authorization(KEY_ID, when[:8], "us-east-1", "kms", signed_headers, "0" * 64)
+    digest = hashlib.sha256(canonical_request(request, auth).encode()).hexdigest()
+    to_sign = f"AWS4-HMAC-SHA256\n{when}\n{auth.scope}\n{digest}"
+    signature = hmac.new(signing_key(SECRET, auth), to_sign.encode(), hashlib.sha256).hexdigest()
+    value = (
+        f"AWS4-HMAC-SHA256 Credential={KEY_ID}/{auth.scope}, "
+        f"SignedHeaders={';'.join(signed_headers)}, Signature={signature}"
+    )
+    return Request("POST", "/", dict(request.headers, authorization=value), request.body)
+
+
+def test_host_and_x_amz_date_must_be_signed() -> None:
+    request = botocore_signed(b"{}")
+    check(_signed_over(request, ("host", "x-amz-date")))  # the helper signs correctly
+    with pytest.raises(SignatureError, match="'Host' must be a 'SignedHeader'"):
+        check(_signed_over(request, ("x-amz-date",)))
+    # AWS: a request dated by X-Amz-Date must list it in SignedHeaders.
+    with pytest.raises(SignatureError, match="'X-Amz-Date' must be a 'SignedHeader'") as caught:
+        check(_signed_over(request, ("host",)))
+    assert caught.value.error_type == "InvalidSignatureException"

@@ -178,6 +178,11 @@ def check_signature(
         raise SignatureError(
             "InvalidSignatureException", "'Host' must be a 'SignedHeader' in the AWS Authorization."
         )
+    if "x-amz-date" not in auth.signed_headers:
+        raise SignatureError(
+            "InvalidSignatureException",
+            "'X-Amz-Date' must be a 'SignedHeader' in the AWS Authorization.",
+        )
     if abs(now - when) > MAX_CLOCK_SKEW:
         raise SignatureError(
             "InvalidSignatureException",
