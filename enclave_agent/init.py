@@ -44,6 +44,7 @@ PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 SUPERVISED_SIGNALS = (signal.SIGCHLD, *FORWARDED_SIGNALS)
+CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class InitError(Exception):
@@ -142,7 +143,11 @@ async def _supervise(
 ) -> int:
     try:
         # posix_spawn is a vfork+exec: it returns as soon as the child exists.
-        pid = os.posix_spawnp(argv[0], list(argv), dict(env))  # noqa: ASYNC221
+        # Python ignores SIGPIPE and SIGXFSZ at start-up and exec keeps ignored
+        # signals ignored: give CMD the defaults back, as subprocess does.
+        pid = os.posix_spawnp(  # noqa: ASYNC221
+            argv[0], list(argv), dict(env), setsigdef=CHILD_DEFAULT_SIGNALS
+        )
     except OSError as exc:
         code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
         log.error("command_failed_to_start", command=argv[0], error=exc.strerror)

@@ -182,6 +182,29 @@ def test_run_reports_signal_deaths_and_missing_commands(tmp_path: Path) -> None:
     assert missing.returncode == 127
 
 
+def test_run_gives_the_command_default_sigpipe(tmp_path: Path) -> None:
+    # Python ignores SIGPIPE; the command must not inherit that (a shell pipeline
+    # such as `producer | head` would then never stop its producer).
+    shell = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "enclave_agent.cli",
+            "run",
+            "--config",
+            str(write_config(tmp_path)),
+            "--",
+            "/bin/sh",
+            "-c",
+            "kill -PIPE $$; exit 7",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=30,
+    )
+    assert shell.returncode == 128 + signal.SIGPIPE, shell.stderr.decode(errors="replace")
+
+
 def test_run_without_command_or_with_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('region = "us-east-1"\nsocket = "x"\n')
