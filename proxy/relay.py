@@ -114,30 +114,64 @@ def _open_pipe() -> tuple[int, int]:
     return r, w
 
 
+def _keep_urgent_inline(sock: trio.socket.SocketType) -> None:
+    # TCP urgent (MSG_OOB) bytes would otherwise be cut out of the byte stream by
+    # read(2); a byte relay passes them on in place like any other byte.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    except OSError:
+        pass  # a family without urgent data has nothing to keep inline
+
+
+def _read_now(fd: int) -> bytes | None:
+    """One non-blocking read(2): the bytes, b"" at EOF, None when nothing is there."""
+    try:
+        return os.read(fd, _CHUNK)
+    except BlockingIOError:
+        return None
+
+
 async def _splice_sockets(
     src: trio.socket.SocketType, dst: trio.socket.SocketType, tunnel: _Tunnel, forward: bool
 ) -> None:
     src_fd, dst_fd = src.fileno(), dst.fileno()
+    _keep_urgent_inline(src)
     # The pipe is created on the first readable event, so idle tunnels hold no pipes.
     await trio.lowlevel.wait_readable(src_fd)
     r, w = _open_pipe()
     try:
         pending = 0
         cycles = 0
+        woken = True  # src was just reported readable
         while True:
             if pending == 0:
                 try:
                     n = os.splice(src_fd, w, _CHUNK, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(src_fd)
-                    continue
+                    n = -1
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
                     await _copy_sockets(src, dst, tunnel, forward)
                     return
-                if n == 0:
-                    break
+                if n == 0 or (n < 0 and woken):
+                    # splice(2) stops at a TCP urgent mark: there it answers EAGAIN
+                    # although the socket polls readable (waiting again would spin
+                    # forever), or 0 once the peer has shut down (not yet the end).
+                    # read(2) steps past the mark and tells a real EOF apart.
+                    data = _read_now(src_fd)
+                    if data == b"":
+                        break
+                    if data:
+                        await _send_all_socket(dst, data)
+                        _count(tunnel, forward, len(data))
+                        woken = False
+                        continue
+                if n <= 0:
+                    await trio.lowlevel.wait_readable(src_fd)
+                    woken = True
+                    continue
+                woken = False
                 pending = n
                 tunnel.result.spliced = True
             try:

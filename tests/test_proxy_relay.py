@@ -110,3 +110,59 @@ async def test_reset_ends_the_tunnel() -> None:
             await relay(a, b, idle_timeout=30, result=result)
     assert result.outcome == "reset"
     await client.aclose()
+
+
+async def _tcp_pairs() -> tuple[
+    trio.SocketStream, trio.SocketStream, trio.SocketStream, trio.SocketStream
+]:
+    """Like _socket_pairs, but TCP over loopback (urgent data exists only in TCP)."""
+
+    async def pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        near = trio.socket.socket()
+        await near.connect(listener.getsockname())
+        far, _ = await listener.accept()
+        listener.close()
+        return trio.SocketStream(near), trio.SocketStream(far)
+
+    c, a = await pair()
+    b, u = await pair()
+    return c, a, b, u
+
+
+@pytest.mark.parametrize("eof_after", [False, True])
+async def test_tcp_urgent_data_is_relayed_inline(eof_after: bool) -> None:
+    """splice(2) stops at a TCP urgent mark: it answers EAGAIN while the socket stays
+    readable (a busy loop that never moves another byte) or 0 once the peer has shut
+    down (a false EOF that drops the rest). Every byte, the urgent ones included, must
+    still arrive in order."""
+    client, a, b, upstream = await _tcp_pairs()
+    result = RelayResult()
+    expected = b"abc!defXghi"
+
+    async def client_side() -> None:
+        await client.send_all(b"abc")
+        await client.socket.send(b"!", socket.MSG_OOB)
+        await client.send_all(b"def")
+        await client.socket.send(b"X", socket.MSG_OOB)
+        await client.send_all(b"ghi")
+        got = b""
+        while len(got) < len(expected):
+            got += await upstream.receive_some(65536)
+        assert got == expected
+        if eof_after:
+            await client.send_eof()
+            assert await upstream.receive_some(10) == b""
+            await upstream.send_eof()
+            assert await client.receive_some(10) == b""
+        else:
+            await client.aclose()
+            await upstream.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client_side)
+            await relay(a, b, idle_timeout=30, result=result)
+    assert result.bytes_a_to_b == len(expected)
