@@ -483,6 +483,10 @@ def test_malformed_http_is_answered_and_the_server_keeps_serving(
             return b"".join(chunks)
 
     assert exchange(b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    # HEAD gets the status and headers a GET would, and no body (h11 refuses one).
+    answer = exchange(b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404 ") and answer.endswith(b"\r\n\r\n")
+    assert b'"connection_failed"' not in stand_in["log"].read_bytes()
     huge = b"x" * (1 << 20 | 1)
     head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(huge)
     assert exchange(head + huge).startswith(b"HTTP/1.1 413 ")

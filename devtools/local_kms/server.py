@@ -132,7 +132,10 @@ class KmsHttpServer:
             if not isinstance(event, h11.Request):
                 return
             started = time.monotonic()
-            body = await self._body(conn, stream)
+            # A client that announces a body and never sends it must not hold the
+            # connection (and its task) forever.
+            with trio.fail_after(IDLE_TIMEOUT):
+                body = await self._body(conn, stream)
             request = Request(
                 method=event.method.decode("ascii", "replace"),
                 target=event.target.decode("ascii", "replace"),
@@ -140,7 +143,7 @@ class KmsHttpServer:
                 body=body,
             )
             reply = await self._dispatch(request)
-            await self._send(conn, stream, reply)
+            await self._send(conn, stream, reply, head=request.method == "HEAD")
             log.info(
                 "request",
                 peer=peer,
@@ -188,7 +191,12 @@ class KmsHttpServer:
                 raise _BadRequest(400, "connection ended inside a request body")
 
     async def _send(
-        self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream], reply: Reply
+        self,
+        conn: h11.Connection,
+        stream: trio.SSLStream[trio.SocketStream],
+        reply: Reply,
+        *,
+        head: bool = False,
     ) -> None:
         headers = [
             ("Content-Type", JSON_CONTENT_TYPE),
@@ -197,7 +205,8 @@ class KmsHttpServer:
             *reply.headers,
         ]
         data = conn.send(h11.Response(status_code=reply.status, headers=headers))
-        data += conn.send(h11.Data(data=reply.body)) or b""
+        if not head:  # a HEAD answer carries the headers of the GET answer, no body
+            data += conn.send(h11.Data(data=reply.body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         await stream.send_all(data or b"")
 
