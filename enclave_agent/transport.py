@@ -130,7 +130,8 @@ async def _read_body(
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in {what} answer")
 
 
-def _error_reason(body: bytes, fallback: str) -> str:
+def proxy_error_reason(body: bytes, fallback: str) -> str:
+    """The proxy's `{"error": ...}` text, printable and cut short, else ``fallback``."""
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -177,7 +178,7 @@ async def establish_tunnel(
         if not 200 <= event.status_code < 300:  # any 2xx opens the tunnel (RFC 9110)
             fallback = "".join(c for c in event.reason.decode("latin-1") if c.isprintable())
             body, _ = await _read_body(conn, raw, _MAX_ERROR_BODY, "proxy CONNECT")
-            reason = _error_reason(body, fallback)
+            reason = proxy_error_reason(body, fallback)
             raise TransportError(
                 f"proxy refused CONNECT {target}: {event.status_code} {reason}",
                 # 502/503/504 are the proxy's transient answers (upstream down, over
@@ -266,6 +267,14 @@ class _Connection:
                 f"connection to KMS at {self.authority} broke: {exc or type(exc).__name__}",
                 retryable=True,
                 stale=reused and not got_answer,
+            ) from None
+        except (h11.LocalProtocolError, UnicodeEncodeError):
+            # Our own request could not be written (a header value h11 refuses). Its
+            # text would quote the value, which may be a credential: never repeat it.
+            raise TransportError(
+                f"the request to KMS at {self.authority} is not valid HTTP (a header value "
+                "h11 refuses); nothing was sent",
+                retryable=False,
             ) from None
         except h11.ProtocolError as exc:
             raise TransportError(

@@ -188,6 +188,21 @@ async def test_oversized_answer_is_an_error(kms_and_relay: tuple[FakeKms, Relay,
     await pool.aclose()
 
 
+@pytest.mark.parametrize("value", ["secret-token\r\nX-Injected: 1", "secr\u00e9t-token"])
+async def test_a_header_h11_refuses_is_not_echoed(
+    kms_and_relay: tuple[FakeKms, Relay, str], value: str
+) -> None:
+    """A header value that cannot be sent (e.g. a junk session token) fails without
+    quoting the value: the message goes to the app and the log."""
+    kms, _, _ = kms_and_relay
+    pool = pool_for(kms_and_relay)
+    with pytest.raises(TransportError) as info:
+        await pool.request("POST", "/", [*HEADERS, ("X-Amz-Security-Token", value)], b"{}")
+    assert "secr" not in info.value.message and not info.value.retryable
+    assert kms.seen == [] and pool.idle_connections == 0
+    await pool.aclose()
+
+
 async def test_wrong_ca_fails_before_any_byte_is_sent(
     kms_and_relay: tuple[FakeKms, Relay, str], tmp_path: Path
 ) -> None:
