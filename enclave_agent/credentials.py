@@ -15,6 +15,7 @@ once they have expired, the failure is the caller's.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,10 +23,14 @@ from typing import Any
 
 import trio
 
-from enclave_agent.transport import TransportError, http_get
+from enclave_agent.transport import TransportError, http_get, proxy_error_reason
 from enclave_common.address import Address
 
 CREDENTIALS_PATH = "/v1/credentials"
+# AWS documents access key ids up to 128 characters; session tokens have no stated
+# maximum (a few KiB with session tags), so the token's bound is generous.
+_CREDENTIAL_LIMITS = {"AccessKeyId": 128, "SecretAccessKey": 256, "Token": 16384}
+_HEADER_SAFE = re.compile(r"[!-~]+")
 REFRESH_MARGIN = timedelta(minutes=5)
 
 
@@ -90,6 +95,15 @@ def parse_credentials(body: bytes, *, now: datetime | None = None) -> Credential
     token = document.get("Token")
     if token is not None and not isinstance(token, str):
         raise CredentialsError("credentials from the proxy: Token must be a string or null")
+    # The proxy is untrusted: these go into HTTP headers, so anything but visible ASCII
+    # (CR/LF, spaces, non-ASCII) or an absurd size is refused here, by name and without
+    # quoting the value, instead of failing later in the HTTP layer.
+    for name, limit in _CREDENTIAL_LIMITS.items():
+        value = document.get(name)
+        if value and (len(value) > limit or not _HEADER_SAFE.fullmatch(value)):
+            raise CredentialsError(
+                f"credentials from the proxy: {name} is not 1..{limit} visible ASCII characters"
+            )
     region = document.get("Region")
     return Credentials(
         access_key_id=document["AccessKeyId"],
@@ -110,13 +124,7 @@ def proxy_fetcher(proxy: Address) -> Callable[[], Awaitable[Credentials]]:
         except TransportError as exc:
             raise CredentialsError(f"credentials: {exc.message}", retryable=exc.retryable) from None
         if response.status != 200:
-            reason = response.reason
-            try:
-                detail = json.loads(response.body).get("error")
-                if isinstance(detail, str):
-                    reason = detail[:200]
-            except (ValueError, UnicodeDecodeError, AttributeError):
-                pass
+            reason = proxy_error_reason(response.body, response.reason)
             raise CredentialsError(
                 f"proxy has no credentials for us: {response.status} {reason}",
                 retryable=response.status >= 500,

@@ -67,6 +67,11 @@ def test_parse_contract_shape() -> None:
         b'{"AccessKeyId":"A","SecretAccessKey":"S","Token":5}',
         b'{"AccessKeyId":"A","SecretAccessKey":"S","Expiration":"tomorrow"}',
         b'{"AccessKeyId":"A","SecretAccessKey":"S","Expiration":12}',
+        b'{"AccessKeyId":"A","SecretAccessKey":"S","Token":"t\\r\\nX-Injected: 1"}',
+        b'{"AccessKeyId":"A","SecretAccessKey":"s\\u00e9cret"}',
+        b'{"AccessKeyId":"A B","SecretAccessKey":"S"}',
+        b'{"AccessKeyId":"' + b"A" * 129 + b'","SecretAccessKey":"S"}',
+        b'{"AccessKeyId":"A","SecretAccessKey":"S","Token":"' + b"t" * 16385 + b'"}',
     ],
 )
 def test_parse_rejects(body: bytes) -> None:

@@ -427,3 +427,31 @@ async def test_real_kms_envelope_is_opened_into_the_answer(stack: Stack, vectors
         await other.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
     await other.aclose()
     assert info.value.message.startswith("could not open CiphertextForRecipient from KMS: ")
+
+
+@pytest.mark.parametrize(
+    ("member", "junk"),
+    [
+        ("Token", "tok\r\nX-Injected: 1"),
+        ("Token", "t\u00f6ken"),
+        ("SecretAccessKey", "s\u00e9cret"),
+        ("AccessKeyId", "AKID/with/slash and space"),
+        ("Token", "t" * 20000),
+    ],
+)
+async def test_junk_credentials_from_the_proxy_are_refused_clearly(
+    stack: Stack, member: str, junk: str
+) -> None:
+    """The proxy is untrusted: credentials that cannot go into an HTTP header are an
+    answered error naming the member, never an internal error, never sent, never echoed."""
+    stack.relay.credentials[member] = junk
+    gateway = stack.gateway_with(max_attempts=1)
+    try:
+        with pytest.raises(KmsError) as info:
+            await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    finally:
+        await gateway.aclose()
+    assert info.value.error_type == "KMSInternalException"
+    assert member in info.value.message and "proxy" in info.value.message
+    assert junk not in info.value.message
+    assert stack.kms.seen == []
