@@ -1,7 +1,8 @@
 """moto's KMS, in process: the keys, aliases, policies and ciphertexts behind the stand-in.
 
-moto is called through its own WSGI app (``moto.moto_server``), so requests get moto's
-parameter validation and error shapes exactly as its server mode gives them. Only the
+moto is called through its own request dispatch (``KmsResponse.dispatch`` on a normalized
+request, what its in-process mock mode does; its server mode adds Flask around the same
+call), so requests get moto's parameter validation and error shapes. Only the
 few things the stand-in needs to decide a call before moto does it (which key a call
 concerns, that key's policy) are read from moto's backend objects directly.
 """
@@ -14,10 +15,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from moto.core.request import Request as MotoRequest
 from moto.kms.models import kms_backends
+from moto.kms.responses import KmsResponse
 from moto.kms.utils import KEY_ID_LEN
-from moto.moto_server.werkzeug_app import create_backend_app
-from werkzeug.test import Client
+from werkzeug.exceptions import HTTPException
 
 from devtools.local_kms.policy import default_policy
 
@@ -92,7 +94,7 @@ class MotoBackendError(Exception):
 class MotoKms:
     def __init__(self, region: str) -> None:
         self.region = region
-        self._client = Client(create_backend_app("kms"))
+        self._url = f"https://kms.{region}.amazonaws.com/"
         self._authorization = (
             f"AWS4-HMAC-SHA256 Credential={_ACCESS_KEY}/20000101/{region}/kms/aws4_request, "
             "SignedHeaders=host, Signature=0"
@@ -110,20 +112,26 @@ class MotoKms:
         """Run one KMS operation in moto; raise MotoBackendError if moto itself breaks."""
         with self._lock:
             try:
-                response = self._client.post(
-                    "/",
-                    data=json.dumps(body),
-                    headers={
+                request = MotoRequest.from_primitives(
+                    "POST",
+                    self._url,
+                    {
                         "X-Amz-Target": f"TrentService.{operation}",
                         "Content-Type": "application/x-amz-json-1.1",
                         "Authorization": self._authorization,
                         "Host": f"kms.{self.region}.amazonaws.com",
                         "x-moto-account-id": self.account_id,
                     },
+                    json.dumps(body).encode(),
                 )
+                try:
+                    status, _headers, raw = KmsResponse.dispatch(
+                        request, request.raw_url, request.headers
+                    )
+                except HTTPException as exc:  # moto's KMS errors (JsonRESTError)
+                    status, raw = exc.code or 500, exc.get_body()
             except Exception as exc:  # moto bugs and gaps surface as any exception type
                 raise MotoBackendError(f"moto failed on {operation}: {type(exc).__name__}") from exc
-            raw = response.get_data()
         try:
             decoded = json.loads(raw) if raw else {}
         except ValueError as exc:
@@ -132,7 +140,7 @@ class MotoKms:
             decoded = {}  # moto answers some operations with "null" or a JSON empty string
         if not isinstance(decoded, dict):
             raise MotoBackendError(f"moto answered {operation} with a non-object")
-        return MotoReply(response.status_code, decoded)
+        return MotoReply(int(status), decoded)
 
     def key(self, reference: str) -> KeyInfo | None:
         """The key a key id, key ARN, alias name or alias ARN names, or None if none."""
