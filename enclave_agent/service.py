@@ -15,6 +15,7 @@ everything and removes the socket file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -57,6 +58,29 @@ def open_nsm(config: AgentConfig) -> Nsm:
     return NsmDevice.open(config.nsm)
 
 
+def check_socket_directory(directory: Path) -> None:
+    """Refuse a socket directory where someone else could swap the socket.
+
+    Why: whoever can rename or unlink entries in the directory can put their own
+    socket at the path after we bind; apps would then take "plaintext" and data
+    keys from an impostor. The directory must belong to us or root and be writable
+    by nobody else, unless sticky (as /tmp is: others cannot remove our entry).
+    """
+    info = os.stat(directory)
+    if info.st_uid not in (0, os.geteuid()):
+        raise OSError(
+            errno.EPERM,
+            f"socket directory {directory} belongs to uid {info.st_uid}: "
+            "its owner could replace the agent's socket",
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        raise OSError(
+            errno.EPERM,
+            f"socket directory {directory} is writable by others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}): they could replace the agent's socket",
+        )
+
+
 def kms_settings(config: AgentConfig) -> KmsSettings:
     return KmsSettings(
         region=config.region,
@@ -86,6 +110,7 @@ async def run_agent(
 
     socket_path = config.listen.socket
     Path(socket_path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    check_socket_directory(Path(socket_path).parent)
     bound_socket = False
     try:
         async with contextlib.AsyncExitStack() as listeners:

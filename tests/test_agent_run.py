@@ -205,6 +205,32 @@ def test_run_gives_the_command_default_sigpipe(tmp_path: Path) -> None:
     assert shell.returncode == 128 + signal.SIGPIPE, shell.stderr.decode(errors="replace")
 
 
+def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    # Anyone who can write the directory could swap the socket for their own.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(str(tmp_path / "agent.sock"), str(shared / "a")))
+    argv = [sys.executable, "-m", "enclave_agent.cli", "serve", "--config", str(config)]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30)
+    log = result.stderr.decode(errors="replace")
+    assert result.returncode == 1, log
+    assert "writable by others" in log and not (shared / "a").exists()
+    # Sticky (as /tmp is), others cannot remove our entry: accepted.
+    shared.chmod(0o1777)
+    process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (shared / "a").exists() and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        code, log = finish(process)
+    assert code == 0, log
+
+
 def test_run_without_command_or_with_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('region = "us-east-1"\nsocket = "x"\n')
