@@ -249,7 +249,10 @@ class KmsGateway:
     async def _attestation(self) -> bytes:
         call = functools.partial(self._nsm.attestation, public_key=self._recipient.public_key_der)
         try:
-            return await trio.to_thread.run_sync(call)
+            # Abandoned on cancellation so a hung ioctl cannot hold the call past its
+            # deadline; the thread keeps its limiter token until the ioctl returns,
+            # so hung calls stay bounded by trio's thread limit.
+            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
         # The NSM is whatever implements the protocol (device or simulator); any
         # failure of it is reported as an NSM error, by its NSM error name when it has one.
         except Exception as exc:  # noqa: BLE001

@@ -167,6 +167,29 @@ async def test_deadline_covers_retries(stack: Stack) -> None:
     assert gateway.pool.idle_connections == 0  # the abandoned connection was not kept
 
 
+async def test_deadline_holds_while_the_nsm_hangs(stack: Stack) -> None:
+    """A blocking NSM ioctl that never returns must not hold the app past its deadline."""
+    import threading
+
+    release = threading.Event()
+
+    class HangingNsm(FakeNsm):
+        def attestation(self, **fields: bytes | None) -> bytes:
+            release.wait(15)
+            return super().attestation(**fields)
+
+    gateway = KmsGateway(stack.settings(call_timeout=0.3), HangingNsm(), FakeRecipient())
+    try:
+        with trio.fail_after(10):
+            with pytest.raises(KmsError) as info:
+                await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    finally:
+        release.set()
+        await gateway.aclose()
+    assert info.value.error_type == "DependencyTimeoutException"
+    assert stack.kms.seen == []
+
+
 async def test_expired_token_refetches_credentials_once(stack: Stack) -> None:
     stack.kms.script.append(kms_error("ExpiredTokenException", "The security token expired"))
     answer = await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
