@@ -89,27 +89,34 @@ async def _race(
     winner: tuple[trio.SocketStream, SockAddr] | None = None
     errors: list[OSError] = []
 
-    async with trio.open_nursery() as nursery:
+    try:
+        async with trio.open_nursery() as nursery:
 
-        async def attempt(family: int, sockaddr: SockAddr, failed: trio.Event) -> None:
-            nonlocal winner
-            try:
-                stream = await connector(family, sockaddr)
-            except OSError as e:
-                errors.append(e)
-                failed.set()
-                return
-            if winner is None:
-                winner = (stream, sockaddr)
-                nursery.cancel_scope.cancel()
-            else:
-                await trio.aclose_forcefully(stream)
+            async def attempt(family: int, sockaddr: SockAddr, failed: trio.Event) -> None:
+                nonlocal winner
+                try:
+                    stream = await connector(family, sockaddr)
+                except OSError as e:
+                    errors.append(e)
+                    failed.set()
+                    return
+                if winner is None:
+                    winner = (stream, sockaddr)
+                    nursery.cancel_scope.cancel()
+                else:
+                    await trio.aclose_forcefully(stream)
 
-        for family, sockaddr in addresses:
-            failed = trio.Event()
-            nursery.start_soon(attempt, family, sockaddr, failed)
-            with trio.move_on_after(HAPPY_EYEBALLS_DELAY):
-                await failed.wait()
+            for family, sockaddr in addresses:
+                failed = trio.Event()
+                nursery.start_soon(attempt, family, sockaddr, failed)
+                with trio.move_on_after(HAPPY_EYEBALLS_DELAY):
+                    await failed.wait()
+    except BaseException:
+        # Cancelled from outside (deadline, drain) just as an attempt won: nobody will
+        # ever use that connection, so it must not outlive this call.
+        if winner is not None:
+            winner[0].socket.close()
+        raise
 
     if winner is not None:
         return winner
@@ -130,8 +137,11 @@ async def open_upstream(
     """Connect to an allowlisted target; returns the stream and the address used.
 
     Raises UpstreamError: 502 unresolvable or refused, 403 when every resolved
-    address is a guarded one, 504 when no connection succeeded within ``connect_timeout``.
+    address is a guarded one, 504 when resolution and connect together took longer
+    than ``connect_timeout``.
     """
+    # One deadline for resolution and connect together, as connect_timeout promises.
+    deadline = trio.current_time() + connect_timeout
     if target.ip is not None:
         family = socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET
         sockaddr: SockAddr = (target.host, target.port)
@@ -140,7 +150,7 @@ async def open_upstream(
         candidates: list[Resolved] = [(family, sockaddr)]
     else:
         try:
-            with trio.fail_after(connect_timeout):
+            with trio.fail_at(deadline):
                 resolved = await resolver(target.host, target.port)
         except trio.TooSlowError:
             raise UpstreamError(504, "name resolution timed out") from None
@@ -156,7 +166,7 @@ async def open_upstream(
             if resolved:
                 raise UpstreamError(403, "target resolves only to addresses that are refused")
             raise UpstreamError(502, "upstream name could not be resolved")
-    with trio.move_on_after(connect_timeout):
+    with trio.move_on_at(deadline):
         stream, used = await _race(_interleave(candidates), connector)
         return stream, format_sockaddr(used)
     raise UpstreamError(504, "upstream connect timed out")
