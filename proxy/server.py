@@ -26,7 +26,20 @@ from .upstream import Connector, Resolver, connect_tcp, system_resolver
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_BACKOFF = 0.1
 
+# vsock CIDs 0-3 are never an enclave: the hypervisor, the local loopback (a process on
+# this very instance), the host, and the parent itself (nitro-cli gives enclaves 4 and
+# up). Without an explicit allowed_cids they are refused, so a local user of the parent
+# cannot take the instance's credentials or tunnels through a vsock loopback connection.
+_FIRST_ENCLAVE_CID = 4
+
 log = get_logger()
+
+
+def vsock_peer_allowed(cid: int, allowed_cids: frozenset[int] | None) -> bool:
+    """May this vsock peer use the proxy? Listed CIDs only, or any enclave CID."""
+    if allowed_cids is not None:
+        return cid in allowed_cids
+    return cid >= _FIRST_ENCLAVE_CID
 
 
 class ProxyServer:
@@ -66,15 +79,14 @@ class ProxyServer:
             idle.cancel()
 
     def _peer_allowed(self, stream: trio.SocketStream) -> bool:
-        cids = self.ctx.config.allowed_cids
         vsock = getattr(socket, "AF_VSOCK", None)
-        if cids is None or vsock is None or stream.socket.family != vsock:
+        if vsock is None or stream.socket.family != vsock:
             return True
         try:
             cid = int(stream.socket.getpeername()[0])
         except OSError:
             return False
-        return cid in cids
+        return vsock_peer_allowed(cid, self.ctx.config.allowed_cids)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.ctx.active_connections += 1

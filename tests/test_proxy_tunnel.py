@@ -442,6 +442,20 @@ def test_vsock_peer_cid_allowlist() -> None:
     assert server._peer_allowed(peer(socket.AF_INET, 17))  # the list applies to vsock only
 
 
+def test_vsock_peers_that_are_not_enclaves_are_refused_by_default() -> None:
+    """CIDs 0-3 (hypervisor, local loopback, host, the parent itself) are not enclaves:
+    a local user of the parent connecting over vsock loopback gets nothing, unless an
+    explicit allowed_cids names the CID."""
+    from proxy.server import vsock_peer_allowed
+
+    for cid in (0, 1, 2, 3):
+        assert not vsock_peer_allowed(cid, None)
+    for cid in (4, 16, 0xFFFFFFFE):
+        assert vsock_peer_allowed(cid, None)
+    assert vsock_peer_allowed(1, frozenset({1}))
+    assert not vsock_peer_allowed(16, frozenset({1}))
+
+
 def _answer_for(raw: bytes) -> tuple[int | None, bool]:
     """Run a fresh proxy, send ``raw``, return (status or None if closed, still serving)."""
 
