@@ -35,6 +35,7 @@ MAX_PCRS = 32
 PCR_LENGTHS = (32, 48, 64)
 SIGNATURE_BYTES = 96  # ES384: r‖s, 48 bytes each
 COSE_ALG_ES384 = -35
+COSE_HEADER_CRIT = 2
 COSE_SIGN1_TAG = 18
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The only extensions this verifier processes; a certificate that marks any other
@@ -130,12 +131,74 @@ def _parse(document: bytes) -> tuple[_CoseSign1, AttestationDocument]:
         raise MalformedDocumentError(f"malformed document: {type(exc).__name__}") from None
 
 
-def _decode_one(data: bytes, what: str) -> Any:
+def _decode_one(data: bytes, what: str, *, plain: bool = False) -> Any:
+    """Decode exactly one CBOR item. ``plain``: the signed parts (protected header,
+    payload), which must carry no CBOR tags and no map with a repeated key."""
     decoder = cbor2.CBORDecoder(io.BytesIO(data))
     value = decoder.decode()
     if decoder.fp.tell() != len(data):
         raise MalformedDocumentError(f"unexpected bytes after the {what}")
+    # cbor2 keeps the last of repeated keys; another reader may keep the first, so a
+    # repeated key would let two verifiers read different fields from one signed text.
+    if plain and _encoded_map_sizes(data) != _decoded_map_sizes(value, []):
+        raise MalformedDocumentError(f"the {what} repeats a map key")
     return value
+
+
+def _encoded_map_sizes(data: bytes) -> list[int]:
+    """Entry counts of every map in ``data`` (one well-formed CBOR item), in pre-order.
+    Refuses tags: nothing in the signed parts of a document is tagged."""
+    sizes: list[int] = []
+
+    def item(pointer: int, depth: int) -> int:
+        if depth > 16:
+            raise MalformedDocumentError("CBOR nested too deeply")
+        initial = data[pointer]
+        major, info = initial >> 5, initial & 0x1F
+        pointer += 1
+        argument = info
+        if 24 <= info <= 27:
+            width = 1 << (info - 24)
+            argument = int.from_bytes(data[pointer : pointer + width], "big")
+            pointer += width
+        indefinite = info == 31
+        if major == 6:
+            raise MalformedDocumentError("CBOR tag inside a signed part of the document")
+        if major in (0, 1, 7):
+            return pointer
+        if major in (2, 3):
+            if not indefinite:
+                return pointer + argument
+            while data[pointer] != 0xFF:
+                pointer = item(pointer, depth + 1)
+            return pointer + 1
+        slot = len(sizes)
+        if major == 5:
+            sizes.append(0)
+        count = 0
+        while (data[pointer] != 0xFF) if indefinite else count < argument:
+            pointer = item(pointer, depth + 1)
+            if major == 5:
+                pointer = item(pointer, depth + 1)
+            count += 1
+        if major == 5:
+            sizes[slot] = count
+        return pointer + 1 if indefinite else pointer
+
+    item(0, 0)
+    return sizes
+
+
+def _decoded_map_sizes(value: Any, sizes: list[int]) -> list[int]:
+    if isinstance(value, Mapping):
+        sizes.append(len(value))
+        for key, entry in value.items():
+            _decoded_map_sizes(key, sizes)
+            _decoded_map_sizes(entry, sizes)
+    elif isinstance(value, list | tuple):
+        for entry in value:
+            _decoded_map_sizes(entry, sizes)
+    return sizes
 
 
 def _read_cose(data: bytes) -> _CoseSign1:
@@ -158,14 +221,17 @@ def _read_cose(data: bytes) -> _CoseSign1:
         raise MalformedDocumentError("COSE payload is not a byte string")
     if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
         raise MalformedDocumentError(f"COSE signature is not {SIGNATURE_BYTES} bytes (ES384)")
-    header = _decode_one(protected, "protected header") if protected else {}
+    header = _decode_one(protected, "protected header", plain=True) if protected else {}
     if not isinstance(header, dict) or header.get(1) != COSE_ALG_ES384:
         raise MalformedDocumentError("COSE protected header does not name ES384 (alg -35)")
+    if COSE_HEADER_CRIT in header:
+        # crit names parameters the verifier must understand; it understands only alg
+        raise MalformedDocumentError("COSE protected header has critical parameters (crit)")
     return _CoseSign1(protected, payload, signature)
 
 
 def _read_payload(payload: bytes) -> AttestationDocument:
-    fields = _decode_one(payload, "payload")
+    fields = _decode_one(payload, "payload", plain=True)
     if not isinstance(fields, dict) or not all(isinstance(key, str) for key in fields):
         raise MalformedDocumentError("payload is not a map with text keys")
 

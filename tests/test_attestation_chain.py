@@ -266,3 +266,81 @@ def test_indefinite_length_payload_map_is_accepted() -> None:
     r, s = decode_dss_signature(chain.leaf_key.sign(signed, ec.ECDSA(hashes.SHA384())))
     document = cbor2.dumps([protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")])
     assert verify_attestation(document, root=chain.root_pem, at=NOW).module_id == "i-test-enc0"
+
+
+def _signed(chain: Chain, protected: bytes, payload: bytes) -> bytes:
+    signed = cbor2.dumps(["Signature1", protected, b"", payload])
+    r, s = decode_dss_signature(chain.leaf_key.sign(signed, ec.ECDSA(hashes.SHA384())))
+    return cbor2.dumps([protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")])
+
+
+def _entries(fields: dict[object, object]) -> bytes:
+    return b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in fields.items())
+
+
+def test_repeated_payload_key_is_refused_even_when_signed() -> None:
+    """cbor2 keeps the last of two "pcrs" entries; another reader would keep the first."""
+    chain = Chain()
+    fields = cbor2.loads(cbor2.loads(chain.document())[2])
+    other_pcrs = {i: b"\x11" * 48 for i in range(16)}
+    payload = bytes([0xA0 + len(fields) + 1]) + _entries(fields) + _entries({"pcrs": other_pcrs})
+    document = _signed(chain, cbor2.dumps({1: -35}), payload)
+    with pytest.raises(MalformedDocumentError, match="repeats a map key"):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+def test_repeated_pcr_index_is_refused_even_when_signed() -> None:
+    chain = Chain()
+    fields = cbor2.loads(cbor2.loads(chain.document())[2])
+    pcrs = b"\xa3" + _entries({0: bytes(48), 1: bytes(48)}) + _entries({0: b"\x22" * 48})
+    del fields["pcrs"]
+    payload = bytes([0xA0 + len(fields) + 1]) + _entries(fields) + cbor2.dumps("pcrs") + pcrs
+    document = _signed(chain, cbor2.dumps({1: -35}), payload)
+    with pytest.raises(MalformedDocumentError, match="repeats a map key"):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+def test_repeated_protected_header_key_is_refused_even_when_signed() -> None:
+    chain = Chain()
+    fields = cbor2.loads(cbor2.loads(chain.document())[2])
+    protected = b"\xa2" + _entries({1: -7}) + _entries({1: -35})  # ES256, then ES384
+    with pytest.raises(MalformedDocumentError, match="repeats a map key"):
+        verify_attestation(_signed(chain, protected, cbor2.dumps(fields)), root=chain.root_pem)
+
+
+def test_tag_inside_the_payload_is_refused_even_when_signed() -> None:
+    chain = Chain()
+    fields = cbor2.loads(cbor2.loads(chain.document())[2])
+    fields["user_data"] = cbor2.CBORTag(24, cbor2.dumps(b"embedded"))
+    document = _signed(chain, cbor2.dumps({1: -35}), cbor2.dumps(fields))
+    with pytest.raises(MalformedDocumentError, match="tag"):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+def test_critical_protected_header_parameters_are_refused_even_when_signed() -> None:
+    chain = Chain()
+    fields = cbor2.loads(cbor2.loads(chain.document())[2])
+    document = _signed(chain, cbor2.dumps({1: -35, 2: [99]}), cbor2.dumps(fields))
+    with pytest.raises(MalformedDocumentError, match="crit"):
+        verify_attestation(document, root=chain.root_pem, at=NOW)
+
+
+def test_bytes_after_the_cose_array_are_refused() -> None:
+    chain = Chain()
+    with pytest.raises(MalformedDocumentError, match="unexpected bytes after"):
+        verify_attestation(chain.document() + b"\x00", root=chain.root_pem, at=NOW)
+
+
+def test_signed_parts_with_every_cbor_shape_still_parse() -> None:
+    """The key-count check walks every CBOR form (indefinite strings and arrays,
+    floats, simple values) that a payload could carry in a field we ignore."""
+    chain = Chain()
+    fields = cbor2.loads(cbor2.loads(chain.document())[2])
+    extra = (
+        b"\x9f\x01\x39\x01\x00\xf9\x3c\x00\xfb" + bytes(8) + b"\xf5\xf6\xf7"  # [_ 1, -257, ...
+        b"\x5f\x41\x00\xff\x7f\x61\x61\xff"  # (_ h'00'), (_ "a")
+        b"\xa1\x61\x6b\x1b" + bytes(8) + b"\xff"  # {"k": 0 (8-byte)}]
+    )
+    payload = bytes([0xA0 + len(fields) + 1]) + _entries(fields) + cbor2.dumps("extra") + extra
+    document = _signed(chain, cbor2.dumps({1: -35}), payload)
+    assert verify_attestation(document, root=chain.root_pem, at=NOW).module_id == "i-test-enc0"
