@@ -24,16 +24,24 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from devtools.devstack import REPO_ROOT, create_enclave_key, direct_kms_client, log_events
+from devtools.devstack import (
+    REPO_ROOT,
+    DevStackError,
+    create_enclave_key,
+    direct_kms_client,
+    log_events,
+    read_json_object,
+    spawn,
+    stop_process,
+    wait_for,
+)
 
 START_TIMEOUT = 120.0
 
@@ -52,7 +60,8 @@ def detail(text: str) -> None:
 
 def start_devstack(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     state_file = work / "devstack.json"
-    process = subprocess.Popen(
+    log_path = work / "devstack.err"
+    process = spawn(
         [
             sys.executable,
             "-m",
@@ -62,35 +71,26 @@ def start_devstack(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]
             "--work-dir",
             str(work / "stack"),
         ],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=open(work / "devstack.err", "wb"),  # noqa: SIM115 - the child owns it
+        log_path,
+        {**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if state_file.exists():
-            try:
-                return process, json.loads(state_file.read_text())
-            except ValueError:
-                pass
-        if process.poll() is not None:
-            raise DemoFailed(
-                "the stack did not start:\n" + (work / "devstack.err").read_text(errors="replace")
-            )
-        time.sleep(0.1)
-    raise DemoFailed(f"the stack was not ready within {START_TIMEOUT:.0f} s")
+    try:
+        state = wait_for(
+            process,
+            lambda: read_json_object(state_file),
+            name="the stack",
+            what="its state file",
+            log_path=log_path,
+            timeout=START_TIMEOUT,
+        )
+    except DevStackError as exc:
+        stop_devstack(process)
+        raise DemoFailed(str(exc)) from exc
+    return process, state
 
 
 def stop_devstack(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, timeout=30)
 
 
 def run_demo(work: Path) -> None:

@@ -31,14 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+T = TypeVar("T")
 
 
 class DevStackError(Exception):
@@ -79,6 +80,170 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+# --- processes: the one copy of start / wait / stop that the stack, the demo and the
+# --- tests share -----------------------------------------------------------------
+
+
+def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in the repository with stdout and stderr appended to ``log_path``."""
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            list(argv),
+            cwd=REPO_ROOT,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C on the terminal reaches us, not them
+        )
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_for(
+    popen: subprocess.Popen[bytes],
+    check: Callable[[], T | None],
+    *,
+    name: str,
+    what: str,
+    log_path: Path,
+    timeout: float = READY_TIMEOUT,
+) -> T:
+    """Poll ``check()`` until it gives a value; DevStackError (with the end of the log)
+    if the process exits first or ``timeout`` passes. The process is left running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        if popen.poll() is not None:
+            raise DevStackError(
+                f"{name} exited with status {popen.returncode} before {what}; "
+                f"end of {log_path}:\n{tail(log_path)}"
+            )
+        time.sleep(0.05)
+    raise DevStackError(
+        f"{name}: no {what} within {timeout:.0f} s; end of {log_path}:\n{tail(log_path)}"
+    )
+
+
+def stop_process(popen: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; always reaps. The exit status."""
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(signal.SIGTERM)
+        try:
+            return popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                popen.kill()
+    return popen.wait()
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None while it is absent (written atomically, so
+    never half-written by its writer)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass
+class LocalKmsProcess:
+    """A running ``python -m devtools.local_kms``; ``state`` is its state file's content
+    plus ``"state_file"`` (the path, for the credential_process and admin client)."""
+
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    state: dict[str, Any]
+
+    def stop(self) -> int:
+        return stop_process(self.popen)
+
+
+def start_local_kms(
+    state_file: Path,
+    *args: str,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    python: str = sys.executable,
+) -> LocalKmsProcess:
+    """Start the local KMS stand-in and wait for its state file (DevStackError, with the
+    end of its log, if it does not come up; the process is then stopped and reaped)."""
+    state_file.unlink(missing_ok=True)  # a stale file from an earlier run is not readiness
+    popen = spawn(
+        [python, "-m", "devtools.local_kms", "--state-file", str(state_file), *args],
+        log_path,
+        env if env is not None else python_env(),
+    )
+    try:
+        state = wait_for(
+            popen,
+            lambda: read_json_object(state_file),
+            name="local KMS",
+            what="its state file",
+            log_path=log_path,
+        )
+    except BaseException:
+        stop_process(popen)
+        raise
+    state["state_file"] = str(state_file)
+    return LocalKmsProcess(popen, log_path, state)
+
+
+@contextlib.contextmanager
+def running_local_kms(
+    state_file: Path, *args: str, log_path: Path, env: Mapping[str, str] | None = None
+) -> Iterator[LocalKmsProcess]:
+    """``start_local_kms`` for a ``with`` block; stopped and reaped on the way out."""
+    kms = start_local_kms(state_file, *args, log_path=log_path, env=env)
+    try:
+        yield kms
+    finally:
+        kms.stop()
+
+
+def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment without AWS settings, for a child run from the repository."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("AWS_") and key != "ENCLAVE_AGENT_SOCKET"
+    }
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    # Never let botocore probe the instance metadata address from a development box.
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    env.update(extra or {})
+    return env
+
+
+def local_kms_client(kms_state: Mapping[str, Any], **overrides: Any) -> Any:
+    """boto3 straight to the local KMS (its state file's content) with its long-term
+    credentials, without retries (each answer is seen as given); ``overrides`` replace
+    any ``boto3.client`` argument."""
+    import boto3
+    from botocore.config import Config
+
+    settings: dict[str, Any] = {
+        "region_name": kms_state["region"],
+        "endpoint_url": kms_state["endpoint"],
+        "verify": kms_state["ca_bundle"],
+        "aws_access_key_id": kms_state["aws_access_key_id"],
+        "aws_secret_access_key": kms_state["aws_secret_access_key"],
+        "config": Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+    }
+    settings.update(overrides)
+    return boto3.client("kms", **settings)
+
+
 @dataclass
 class DevStack:
     work_dir: Path
@@ -106,59 +271,25 @@ class DevStack:
     # --- starting ---------------------------------------------------------------
 
     def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("AWS_") and key != "ENCLAVE_AGENT_SOCKET"
-        }
-        env["PYTHONPATH"] = str(REPO_ROOT)
-        env["PYTHONUNBUFFERED"] = "1"
-        # Never let botocore probe the instance metadata address from a development box.
-        env["AWS_EC2_METADATA_DISABLED"] = "true"
-        env.update(extra or {})
-        return env
+        return python_env(extra)
 
     def _spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> _Process:
         log_path = self.log_path(name)
-        with open(log_path, "ab") as log_file:
-            popen = subprocess.Popen(
-                list(argv),
-                cwd=REPO_ROOT,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C on the terminal reaches us, not them
-            )
-        process = _Process(name, popen, log_path)
+        process = _Process(name, spawn(argv, log_path, env), log_path)
         self.processes.append(process)
         return process
 
     def _wait(
         self, process: _Process, what: str, check: Any, timeout: float = READY_TIMEOUT
     ) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = check()
-            if result:
-                return result
-            if process.popen.poll() is not None:
-                raise DevStackError(
-                    f"{process.name} exited with status {process.popen.returncode} before {what}; "
-                    f"end of {process.log_path}:\n{self._tail(process.log_path)}"
-                )
-            time.sleep(0.05)
-        raise DevStackError(
-            f"{process.name}: no {what} within {timeout:.0f} s; end of {process.log_path}:\n"
-            f"{self._tail(process.log_path)}"
+        return wait_for(
+            process.popen,
+            check,
+            name=process.name,
+            what=what,
+            log_path=process.log_path,
+            timeout=timeout,
         )
-
-    @staticmethod
-    def _tail(path: Path, lines: int = 15) -> str:
-        try:
-            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def _event(self, process: _Process, name: str) -> dict[str, Any] | None:
         for event in log_events(process.log_path):
@@ -177,32 +308,18 @@ class DevStack:
         )
 
     def start_kms(self) -> dict[str, Any]:
-        state_file = self.work_dir / "kms-state.json"
-        process = self._spawn(
-            "kms",
-            [
-                self.python,
-                "-m",
-                "devtools.local_kms",
-                "--state-file",
-                str(state_file),
-                "--region",
-                self.region,
-                "--simulated-nsm-ca",
-                str(self.ca_dir),
-            ],
-            self._env(),
+        kms = start_local_kms(
+            self.work_dir / "kms-state.json",
+            "--region",
+            self.region,
+            "--simulated-nsm-ca",
+            str(self.ca_dir),
+            log_path=self.log_path("kms"),
+            env=self._env(),
+            python=self.python,
         )
-
-        def ready() -> dict[str, Any] | None:
-            try:
-                value = json.loads(state_file.read_text())
-            except (OSError, ValueError):
-                return None
-            return value if isinstance(value, dict) else None
-
-        self.kms = self._wait(process, "its state file", ready)
-        self.kms["state_file"] = str(state_file)
+        self.processes.append(_Process("kms", kms.popen, kms.log_path))
+        self.kms = kms.state
         return self.kms
 
     def start_proxy(self, allow: str | None = None) -> str:
@@ -340,16 +457,7 @@ class DevStack:
 
     @staticmethod
     def _stop(process: _Process) -> None:
-        popen = process.popen
-        if popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                popen.send_signal(signal.SIGTERM)
-            try:
-                popen.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    popen.kill()
-                popen.wait()
+        stop_process(process.popen)
 
     def stop(self) -> None:
         """Stop everything started, newest first (agent, proxy, KMS), and reap it."""
@@ -363,15 +471,15 @@ class DevStack:
 def direct_kms_client(state: Mapping[str, Any]) -> Any:
     """boto3 straight to the local KMS with the stack's credentials: what the parent
     instance (or anyone holding the role's credentials) can do without an enclave."""
-    import boto3
-
-    return boto3.client(
-        "kms",
-        region_name=state["region"],
-        endpoint_url=state["kms_endpoint"],
-        verify=state["kms_ca_bundle"],
-        aws_access_key_id=state["aws_access_key_id"],
-        aws_secret_access_key=state["aws_secret_access_key"],
+    return local_kms_client(
+        {
+            "region": state["region"],
+            "endpoint": state["kms_endpoint"],
+            "ca_bundle": state["kms_ca_bundle"],
+            "aws_access_key_id": state["aws_access_key_id"],
+            "aws_secret_access_key": state["aws_secret_access_key"],
+        },
+        config=None,  # botocore's default retries, as an operator's client has
     )
 
 

@@ -17,19 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from devtools.devstack import local_kms_client, running_local_kms
 from enclave_agent.nsm_sim import SimulatedNsm
 from enclave_agent.recipient import RecipientKey
 
@@ -48,52 +45,11 @@ def enclave_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def local_kms(
     tmp_path_factory: pytest.TempPathFactory, enclave_ca: Path
 ) -> Iterator[dict[str, Any]]:
-    state_file = tmp_path_factory.mktemp("local-kms") / "state.json"
-    log = (state_file.parent / "kms.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "devtools.local_kms",
-            "--state-file",
-            str(state_file),
-            "--simulated-nsm-ca",
-            str(enclave_ca),
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not state_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                output = (state_file.parent / "kms.log").read_text(errors="replace")
-                pytest.fail(f"local KMS did not start (exit {process.returncode}):\n{output}")
-            time.sleep(0.05)
-        yield json.loads(state_file.read_text())
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
-
-
-def _client(state: dict[str, Any]) -> Any:
-    return boto3.client(
-        "kms",
-        region_name=state["region"],
-        endpoint_url=state["endpoint"],
-        verify=state["ca_bundle"],
-        aws_access_key_id=state["aws_access_key_id"],
-        aws_secret_access_key=state["aws_secret_access_key"],
-        config=Config(retries={"max_attempts": 1}),
-    )
+    work = tmp_path_factory.mktemp("local-kms")
+    with running_local_kms(
+        work / "state.json", "--simulated-nsm-ca", str(enclave_ca), log_path=work / "kms.log"
+    ) as kms:
+        yield kms.state
 
 
 def _printed_policy(tmp_path: Path, account_id: str, *enclaves: SimulatedNsm) -> str:
@@ -147,7 +103,7 @@ def test_printed_policy_admits_the_measured_enclave_only(
     tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
 ) -> None:
     enclave = SimulatedNsm.load(enclave_ca)
-    client = _client(local_kms)
+    client = local_kms_client(local_kms)
     policy = _printed_policy(tmp_path, local_kms["account_id"], enclave)
     key_id = client.create_key(Policy=policy, Description="key-policy test")["KeyMetadata"]["KeyId"]
 
@@ -186,7 +142,7 @@ def test_upgrade_flow_of_the_guide(
     old = SimulatedNsm.load(enclave_ca)
     new = SimulatedNsm.load(enclave_ca, pcrs={**old.pcrs, 0: _other_pcr("new image")})
     third = SimulatedNsm.load(enclave_ca, pcrs={**old.pcrs, 0: _other_pcr("third image")})
-    client = _client(local_kms)
+    client = local_kms_client(local_kms)
     account = local_kms["account_id"]
     key_id = client.create_key(Policy=_printed_policy(tmp_path, account, old))["KeyMetadata"][
         "KeyId"

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from devtools.devstack import local_kms_client, running_local_kms, start_local_kms
 from devtools.local_kms.admin_client import set_faults
 from enclave_agent.cms import decrypt_for_recipient
 from enclave_agent.key_policy import Measurements, build_key_policy
@@ -30,36 +30,6 @@ from tests.test_local_kms_envelope import openssl_decrypt
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = b"local-kms-plaintext-marker-7f3a"
-START_TIMEOUT = 60.0
-
-
-def start_local_kms(
-    state_file: Path, *args: str, log: Path
-) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "devtools.local_kms", "--state-file", str(state_file), *args],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    deadline = time.monotonic() + START_TIMEOUT
-    while not state_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            pytest.fail(f"local KMS did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.05)
-    return proc, json.loads(state_file.read_text())
-
-
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -73,29 +43,15 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stand_in(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[dict[str, Any]]:
     work = tmp_path_factory.mktemp("local-kms")
     log = work / "local-kms.log"
-    proc, state = start_local_kms(work / "state.json", "--simulated-nsm-ca", str(ca_dir), log=log)
-    try:
-        yield {**state, "log": log, "work": work}
-    finally:
-        stop(proc)
-
-
-def client(state: dict[str, Any], **overrides: Any) -> Any:
-    settings: dict[str, Any] = {
-        "endpoint_url": state["endpoint"],
-        "region_name": state["region"],
-        "verify": state["ca_bundle"],
-        "aws_access_key_id": state["aws_access_key_id"],
-        "aws_secret_access_key": state["aws_secret_access_key"],
-        "config": Config(retries={"total_max_attempts": 1, "mode": "standard"}),
-    }
-    settings.update(overrides)
-    return boto3.client("kms", **settings)
+    with running_local_kms(
+        work / "state.json", "--simulated-nsm-ca", str(ca_dir), log_path=log
+    ) as kms:
+        yield {**kms.state, "log": log, "work": work}
 
 
 @pytest.fixture(scope="module")
 def kms(stand_in: dict[str, Any]) -> Any:
-    return client(stand_in)
+    return local_kms_client(stand_in)
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +164,11 @@ def test_recipient_without_a_usable_key_or_algorithm_is_refused(
 
 def test_bad_signature_and_unknown_key_are_refused(stand_in: dict[str, Any]) -> None:
     with pytest.raises(ClientError) as caught:
-        client(stand_in, aws_secret_access_key="not-the-secret").list_keys()
+        local_kms_client(stand_in, aws_secret_access_key="not-the-secret").list_keys()
     assert error_code(caught) == "InvalidSignatureException"
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
     with pytest.raises(ClientError) as caught:
-        client(stand_in, aws_access_key_id="AKIAUNKNOWNUNKNOWN00").list_keys()
+        local_kms_client(stand_in, aws_access_key_id="AKIAUNKNOWNUNKNOWN00").list_keys()
     assert error_code(caught) == "UnrecognizedClientException"
 
 
@@ -344,7 +300,7 @@ def test_minted_credentials_via_credential_process_and_expiry(
     assert session.get_credentials().get_frozen_credentials().token
 
     short = boto3.Session(profile_name="short").get_credentials().get_frozen_credentials()
-    expiring = client(
+    expiring = local_kms_client(
         stand_in,
         aws_access_key_id=short.access_key,
         aws_secret_access_key=short.secret_key,
@@ -372,7 +328,7 @@ def test_injected_faults(stand_in: dict[str, Any], kms: Any) -> None:
     kms.list_keys()
     # botocore's own retries ride over throttling, as they do on AWS.
     set_faults(state_file, "throttle", count=2)
-    retrying = client(
+    retrying = local_kms_client(
         stand_in, config=Config(retries={"total_max_attempts": 3, "mode": "standard"})
     )
     retrying.list_keys()
@@ -451,15 +407,17 @@ def test_logs_hold_no_secret(stand_in: dict[str, Any], kms: Any, attested_key: s
 
 def test_second_instance_other_region_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     state_file = tmp_path / "state.json"
-    proc, state = start_local_kms(state_file, "--region", "eu-west-1", log=tmp_path / "log")
+    kms = start_local_kms(state_file, "--region", "eu-west-1", log_path=tmp_path / "log")
+    state = kms.state
     try:
-        assert state["pid"] == proc.pid and state["region"] == "eu-west-1"
+        assert state["pid"] == kms.popen.pid and state["region"] == "eu-west-1"
         assert Path(state["ca_bundle"]).read_text().startswith("-----BEGIN CERTIFICATE-----")
-        listed = client(state).list_keys()
+        listed = local_kms_client(state).list_keys()
         assert listed["ResponseMetadata"]["HTTPStatusCode"] == 200
     finally:
-        assert stop(proc) == 0
+        assert kms.stop() == 0
     assert not state_file.exists()
+    assert not Path(state["ca_bundle"]).exists()
 
 
 def test_malformed_http_is_answered_and_the_server_keeps_serving(
