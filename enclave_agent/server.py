@@ -133,6 +133,13 @@ class AppServer:
                 return
             try:
                 await self._connection(stream, cred)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                # The client went away or stopped reading: its connection ends here.
+                pass
+            except Exception as exc:  # noqa: BLE001
+                # trio.serve_listeners lets a handler's exception end the whole server:
+                # one connection's failure must never stop the agent for every app.
+                log.error("connection_failed", error=type(exc).__name__)
             finally:
                 self._slots.release()
 
@@ -165,8 +172,6 @@ class AppServer:
                     await self._send(conn, stream, exc.response, close=True)
                     await _drain_and_close(stream)
                 return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
             if read is None:
                 return
             first = False
@@ -193,10 +198,7 @@ class AppServer:
                 error_type=error_type,
                 duration_ms=round((time.monotonic() - started) * 1000, 2),
             )
-            try:
-                await self._send(conn, stream, response, close=False)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+            await self._send(conn, stream, response, close=False)
             if conn.our_state is h11.MUST_CLOSE:
                 return
             try:
@@ -334,7 +336,10 @@ class AppServer:
             data += conn.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
             return
-        await stream.send_all(data)
+        # A client that sends requests but never reads the answers would otherwise
+        # block here for good, holding its connection slot.
+        with trio.fail_after(self._limits.idle_timeout):
+            await stream.send_all(data)
 
 
 def _malformed(status: int, reason: str) -> _ReadError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -315,6 +316,49 @@ async def test_malformed_requests_get_4xx(running: Running, raw: bytes, expected
     # ... and the server keeps serving others.
     [(status, _, _)] = await unix_exchange(running.socket, request("GET", "/healthz"))
     assert status == 200
+
+
+async def test_clients_that_vanish_before_their_answer_do_not_stop_the_server(
+    running: Running,
+) -> None:
+    # The answer to each of these meets a closed socket (EPIPE); that once escaped the
+    # connection's task and ended the whole server.
+    for raw in (b"NOT HTTP AT ALL\r\n\r\n", request("GET", "/healthz", close=False)):
+        for _ in range(20):
+            stream = await trio.open_unix_socket(running.socket)
+            await stream.send_all(raw)
+            await stream.aclose()
+    [(status, _, _)] = await unix_exchange(running.socket, request("GET", "/healthz"))
+    assert status == 200
+
+
+async def test_a_client_that_never_reads_its_answers_loses_its_slot(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    running = await start(nursery, tmp_path, limits=Limits(max_connections=1, idle_timeout=0.5))
+    nonce = json.dumps({"nonce": base64.b64encode(b"n" * 1024).decode()}).encode()
+    one = request("POST", "/v1/attestation", nonce, close=False)
+    stuck = await trio.open_unix_socket(running.socket)
+    async with stuck, trio.open_nursery() as pipeline:
+
+        async def flood() -> None:
+            # Far more answers than the socket buffers hold, never read.
+            with contextlib.suppress(trio.BrokenResourceError):
+                for _ in range(1000):
+                    await stuck.send_all(one)
+
+        pipeline.start_soon(flood)
+        seen: list[int] = []
+        with trio.fail_after(20):
+            # First the stuck client holds the one slot (503), then it is cut off (200).
+            while seen[-1:] != [200] or 503 not in seen:
+                stream = await trio.open_tcp_stream("127.0.0.1", running.tcp_port)
+                async with stream:
+                    [(status, _, _)] = await send_and_read(stream, request("GET", "/healthz"))
+                if status == 503 or 503 in seen:
+                    seen.append(status)
+                await trio.sleep(0.05)
+        pipeline.cancel_scope.cancel()
 
 
 async def test_slow_and_idle_clients_are_cut_off(nursery: trio.Nursery, tmp_path: Path) -> None:
