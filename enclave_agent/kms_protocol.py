@@ -241,12 +241,38 @@ def parse_error_type(raw: str) -> str:
     return raw.rsplit("#", 1)[-1].split(":", 1)[0].strip()
 
 
+class _RepeatedMember(ValueError):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        # json keeps the last of repeated members: {"Plaintext": "…", "Plaintext": null}
+        # would slip past the Plaintext refusal below.
+        raise _RepeatedMember
+    return document
+
+
+def _load_answer(body: bytes) -> Any:
+    """The answer's JSON, or None when it is not JSON (too deep counts as not JSON)."""
+    try:
+        return json.loads(body, object_pairs_hook=_no_repeats)
+    except _RepeatedMember:
+        raise KmsProtocolError(
+            "KMS answered with a JSON object that repeats a member",
+            error_type="KMSInternalException",
+            status=502,
+        ) from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
 def read_failure(status: int, headers: Sequence[tuple[str, str]], body: bytes) -> KmsFailure:
     """KMS's error answer (any status but 200)."""
-    document: Any = None
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        document = _load_answer(body)
+    except KmsProtocolError:
         document = None
     error_type = ""
     message = ""
@@ -276,10 +302,7 @@ def read_response(
     _operation_shapes(operation)
     if status != 200:
         return read_failure(status, headers, body)
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        document = None
+    document = _load_answer(body)
     if not isinstance(document, dict):
         raise KmsProtocolError(
             f"KMS answered {operation} with a body that is not a JSON object",

@@ -158,13 +158,32 @@ def test_answer_is_shaped_like_kms_without_recipient() -> None:
     assert kp.finish_answer(shared, b"s") == {"SharedSecret": "cw=="}
 
 
+@pytest.mark.parametrize("operation", kp.OPERATIONS)
 @pytest.mark.parametrize("member", ["Plaintext", "PrivateKeyPlaintext", "SharedSecret"])
-def test_plaintext_members_in_a_recipient_answer_are_refused(member: str) -> None:
+def test_plaintext_members_in_a_recipient_answer_are_refused(operation: str, member: str) -> None:
     body = json.dumps({"CiphertextForRecipient": "ZW52", member: "c2VjcmV0"}).encode()
     with pytest.raises(kp.KmsProtocolError) as info:
-        kp.read_response("Decrypt", 200, [], body)
+        kp.read_response(operation, 200, [], body)
     assert member in info.value.message and "refused" in info.value.message
     assert "c2VjcmV0" not in info.value.message
+
+
+@pytest.mark.parametrize("member", ["Plaintext", "PrivateKeyPlaintext", "SharedSecret"])
+def test_a_plaintext_member_hidden_by_a_repeat_is_refused(member: str) -> None:
+    body = b'{"CiphertextForRecipient":"ZW52","%s":"c2VjcmV0","%s":null}' % (
+        member.encode(),
+        member.encode(),
+    )
+    with pytest.raises(kp.KmsProtocolError, match="repeats a member") as info:
+        kp.read_response("Decrypt", 200, [], body)
+    assert info.value.error_type == "KMSInternalException"
+
+
+def test_deeply_nested_answers_are_protocol_errors() -> None:
+    with pytest.raises(kp.KmsProtocolError, match="not a JSON object"):
+        kp.read_response("Decrypt", 200, [], b"[" * 100000)
+    failure = kp.read_response("Decrypt", 500, [], b"[" * 100000)
+    assert isinstance(failure, kp.KmsFailure) and failure.error_type == "KMSInternalException"
 
 
 @pytest.mark.parametrize(
