@@ -24,6 +24,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _MAX_NAME = 253
+_NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0x[0-9a-f]+)$")
 
 # Addresses a resolved name may never point at unless listed verbatim: the parent's
 # own loopback, link-local (IPv4 169.254/16 holds IMDS at 169.254.169.254), the IPv6
@@ -93,8 +94,9 @@ def _normalize_name(name: str, original: str, *, pattern: bool) -> str:
     if pattern and "*" in labels and len(labels) - labels.count("*") < 2:
         # "*.com" would open a whole top-level domain; demand a registrable suffix.
         raise AllowlistError(f"{original!r}: a pattern needs at least two labels besides '*'")
-    if labels[-1].isdigit():
-        # "127.1" or "10.1" are addresses to getaddrinfo, not names: never treat them as names.
+    if _NUMERIC_LABEL.match(labels[-1]):
+        # "127.1", "2130706433" or "0x7f000001" are addresses to getaddrinfo (inet_aton
+        # forms), not names: never treat them as names.
         raise AllowlistError(f"{original!r}: looks like a numeric address, not a host name")
     return name
 
@@ -105,6 +107,9 @@ def _parse(text: str, *, pattern: bool) -> Target:
         if end < 0 or text[end + 1 : end + 2] != ":":
             raise AllowlistError(f"{text!r}: expected [IPv6]:PORT")
         host, port_text = text[1:end], text[end + 2 :]
+        if "%" in host:
+            # A zone id picks one of the parent's own interfaces: not a target to accept.
+            raise AllowlistError(f"{text!r}: IPv6 zone ids (%...) are not accepted")
         try:
             ip: IPAddress | None = ipaddress.IPv6Address(host)
         except ValueError:

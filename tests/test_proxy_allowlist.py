@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 from hypothesis import given
@@ -51,6 +52,28 @@ def test_matching(entries: list[str], target: str, expected: bool | None) -> Non
             allows(entries, target)
     else:
         assert allows(entries, target) is expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "127.1:443",
+        "2130706433:443",
+        "0x7f.1:443",
+        "0x7f000001:443",
+        "0X7F000001:443",
+        "017700000001:443",
+        "[fe80::1%eth0]:443",
+        "[::1%lo]:443",
+    ],
+)
+def test_address_forms_getaddrinfo_would_accept_are_never_names(text: str) -> None:
+    """inet_aton reads 0x7f000001, 2130706433, 127.1 as 127.0.0.1: such a "name" must
+    not be listed or requested as one. Zone ids pick an interface of the parent: refused."""
+    with pytest.raises(AllowlistError):
+        parse_target(text)
+    with pytest.raises(AllowlistError):
+        parse_entry(text)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +149,7 @@ _label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
 def test_pattern_with_wildcards_matches_its_instances(
     labels: list[str], port: int, data: st.DataObject
 ) -> None:
-    if labels[-1].isdigit():
+    if re.fullmatch(r"[0-9]+|0x[0-9a-f]+", labels[-1]):  # numeric: an address, not a name
         labels[-1] = labels[-1] + "x"
     name = ".".join(labels)
     # Replace some non-final labels with '*' while keeping two literal ones.
