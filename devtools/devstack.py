@@ -74,6 +74,11 @@ def log_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
+def first_event(path: Path, name: str) -> dict[str, Any] | None:
+    """The first JSON log event called ``name`` in ``path``, if any yet."""
+    return next((e for e in log_events(path) if e.get("event") == name), None)
+
+
 def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text, encoding="utf-8")
@@ -292,10 +297,7 @@ class DevStack:
         )
 
     def _event(self, process: _Process, name: str) -> dict[str, Any] | None:
-        for event in log_events(process.log_path):
-            if event.get("event") == name:
-                return event
-        return None
+        return first_event(process.log_path, name)
 
     def make_ca(self) -> None:
         subprocess.run(

@@ -11,41 +11,27 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
+from devtools.devstack import (
+    first_event,
+    local_kms_client,
+    python_env,
+    running_local_kms,
+    spawn,
+    stop_process,
+    wait_for,
+)
 from devtools.local_kms.admin_client import set_faults
 from enclave_agent.kms import KmsError, KmsGateway, KmsSettings
 from enclave_agent.nsm_sim import SimulatedNsm
 from enclave_agent.recipient import RecipientKey
 from enclave_common.address import parse_address
-
-REPO = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT = 60.0
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _fail_start(what: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    output = log_path.read_text(errors="replace")[-4000:]
-    pytest.fail(f"{what} did not start (exit {process.poll()}):\n{output}")
 
 
 @pytest.fixture(scope="module")
@@ -60,52 +46,10 @@ def local_kms(
     tmp_path_factory: pytest.TempPathFactory, enclave_ca: Path
 ) -> Iterator[dict[str, Any]]:
     workdir = tmp_path_factory.mktemp("local-kms")
-    state_file = workdir / "state.json"
-    log_path = workdir / "kms.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "devtools.local_kms",
-                "--state-file",
-                str(state_file),
-                "--simulated-nsm-ca",
-                str(enclave_ca),
-            ],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while not state_file.exists():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    _fail_start("local KMS", process, log_path)
-                time.sleep(0.05)
-            state = json.loads(state_file.read_text())
-            state["state_file"] = str(state_file)
-            yield state
-        finally:
-            _stop(process)
-
-
-def _wait_listening(process: subprocess.Popen[bytes], stream: IO[bytes], log_path: Path) -> str:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    with log_path.open("ab") as log:
-        while time.monotonic() < deadline:
-            line = stream.readline()
-            if not line:
-                break
-            log.write(line)
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "listening":
-                return str(event["address"])
-    _fail_start("enclave-proxy", process, log_path)
-    raise AssertionError("unreachable")
+    with running_local_kms(
+        workdir / "state.json", "--simulated-nsm-ca", str(enclave_ca), log_path=workdir / "kms.log"
+    ) as kms:
+        yield kms.state
 
 
 @pytest.fixture(scope="module")
@@ -118,15 +62,14 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, local_kms: dict[str, Any]) -
         f"credential_process = {sys.executable} -m devtools.local_kms.credential_process "
         f"--state-file {local_kms['state_file']} --ttl 900\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        AWS_CONFIG_FILE=str(config),
-        AWS_SHARED_CREDENTIALS_FILE=str(workdir / "no-credentials"),
-        AWS_EC2_METADATA_DISABLED="true",
-        PYTHONPATH=str(REPO),
+    env = python_env(
+        {
+            "AWS_CONFIG_FILE": str(config),
+            "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "no-credentials"),
+        }
     )
     log_path = workdir / "proxy.log"
-    process = subprocess.Popen(
+    process = spawn(
         [
             sys.executable,
             "-m",
@@ -138,32 +81,26 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, local_kms: dict[str, Any]) -
             "--region",
             local_kms["region"],
         ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        log_path,
+        env,
     )
     try:
-        assert process.stderr is not None
-        yield _wait_listening(process, process.stderr, log_path)
+        event = wait_for(
+            process,
+            lambda: first_event(log_path, "listening"),
+            name="enclave-proxy",
+            what="'listening' event",
+            log_path=log_path,
+        )
+        yield str(event["address"])
     finally:
-        _stop(process)
-        if process.stderr is not None:
-            process.stderr.close()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
 def kms_client(local_kms: dict[str, Any]) -> Any:
     """boto3 straight to the stand-in, as the key's administrator (no enclave)."""
-    return boto3.client(
-        "kms",
-        region_name=local_kms["region"],
-        endpoint_url=local_kms["endpoint"],
-        verify=local_kms["ca_bundle"],
-        aws_access_key_id=local_kms["aws_access_key_id"],
-        aws_secret_access_key=local_kms["aws_secret_access_key"],
-        config=Config(retries={"max_attempts": 1}),
-    )
+    return local_kms_client(local_kms)
 
 
 @pytest.fixture
