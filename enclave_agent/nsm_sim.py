@@ -216,7 +216,9 @@ class SimulatedNsm(NsmClient):
             serialization.NoEncryption(),
         )
         key_path = ca_dir / ISSUER_KEY_FILE
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        # The mode given to open applies only to a new file: an older, wider one is narrowed.
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as key_file:
             key_file.write(key_pem)
 

@@ -224,6 +224,15 @@ def test_simulated_ca_saved_and_loaded(tmp_path: Path, simulated: SimulatedNsm) 
     assert key_files and all(p.stat().st_mode & 0o077 == 0 for p in key_files)
 
 
+def test_saving_over_a_readable_key_file_narrows_its_mode(
+    tmp_path: Path, simulated: SimulatedNsm
+) -> None:
+    (tmp_path / "issuer-key.pem").write_bytes(b"old")
+    (tmp_path / "issuer-key.pem").chmod(0o644)
+    simulated.save_ca(tmp_path)
+    assert (tmp_path / "issuer-key.pem").stat().st_mode & 0o777 == 0o600
+
+
 def test_simulated_nsm_announces_itself() -> None:
     import io
 
