@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import json
 import os
 import signal
@@ -238,23 +239,38 @@ def _write_out(data: bytes, output: Path | None) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # The mode given to open() applies only to a new file: an existing one keeps its
+    # own (perhaps world-readable) mode unless narrowed before the plaintext goes in,
+    # and a symlink planted at the path must not redirect it.
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)
         handle.write(data)
 
 
 def _decrypt(args: argparse.Namespace) -> int:
-    if args.ciphertext_base64 is not None:
-        blob = base64.b64decode(args.ciphertext_base64)
-    elif str(args.ciphertext_file) == "-":
-        blob = sys.stdin.buffer.read()
-    else:
-        blob = args.ciphertext_file.read_bytes()
+    try:
+        if args.ciphertext_base64 is not None:
+            blob = base64.b64decode(args.ciphertext_base64, validate=True)
+        elif str(args.ciphertext_file) == "-":
+            blob = sys.stdin.buffer.read()
+        else:
+            blob = args.ciphertext_file.read_bytes()
+    except (binascii.Error, ValueError):
+        print("enclave-agent: --ciphertext-base64 is not valid base64", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"enclave-agent: cannot read the ciphertext: {exc}", file=sys.stderr)
+        return 2
     context = _context(args.encryption_context)
 
     def action(client: AgentClient) -> int:
         plaintext = client.decrypt(blob, key_id=args.key_id, encryption_context=context or None)
-        _write_out(plaintext, args.output)
+        try:
+            _write_out(plaintext, args.output)
+        except OSError as exc:
+            print(f"enclave-agent: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+            return 1
         return 0
 
     return _client_call(args, action)

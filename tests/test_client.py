@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,7 +123,9 @@ async def test_client_uses_the_environment_socket(monkeypatch: pytest.MonkeyPatc
         client.secret("x")
 
 
-async def cli(socket_path: str, *argv: str, stdin: bytes = b"") -> trio.CompletedProcess[bytes]:
+async def cli(
+    socket_path: str, *argv: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
     return await trio.run_process(
         [sys.executable, "-m", "enclave_agent.cli", *argv, "--socket", socket_path],
         stdin=stdin,
@@ -154,6 +157,23 @@ async def test_cli_verbs(socket_path: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0 and out.read_bytes() == b"plain:q"
     assert out.stat().st_mode & 0o777 == 0o600
+    # An existing world-readable file is narrowed before the plaintext goes in; a
+    # symlink at the path is not followed.
+    out.chmod(0o644)
+    result = await cli(socket_path, "decrypt", "--ciphertext-base64", "cg==", "--output", str(out))
+    assert result.returncode == 0 and out.read_bytes() == b"plain:r"
+    assert out.stat().st_mode & 0o777 == 0o600
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    result = await cli(socket_path, "decrypt", "--ciphertext-base64", "cg==", "--output", str(link))
+    assert result.returncode == 1 and target.read_bytes() == b""
+    assert b"cannot write" in result.stderr
+    result = await cli(socket_path, "decrypt", "--ciphertext-base64", "not base64!")
+    assert result.returncode == 2 and b"not valid base64" in result.stderr
+    result = await cli(socket_path, "decrypt", "--ciphertext-file", str(tmp_path / "absent"))
+    assert result.returncode == 2 and b"cannot read the ciphertext" in result.stderr
 
     result = await cli(
         socket_path, "generate-data-key", "--key-id", "alias/x", "--number-of-bytes", "16"
