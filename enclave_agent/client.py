@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,8 @@ class AgentClient:
     # --- the app-facing verbs ---------------------------------------------------
 
     def secret(self, name: str) -> bytes:
-        return self._request("GET", f"/v1/secrets/{name}", b"", {})
+        # Quoted: a name holding "?" or "/" must not reach another secret or path.
+        return self._request("GET", f"/v1/secrets/{urllib.parse.quote(name, safe='')}", b"", {})
 
     def decrypt(
         self,

@@ -96,6 +96,10 @@ async def test_client_verbs(socket_path: str) -> None:
                 client.secret("absent")
             assert info.value.error_type == "NotFoundException"
             assert info.value.status == 404
+            for name in ("db?x", "db#x", "../healthz"):
+                with pytest.raises(AgentError) as info:
+                    client.secret(name)
+                assert info.value.error_type == "ValidationException"
 
     await trio.to_thread.run_sync(use)
 
