@@ -39,6 +39,7 @@ from enclave_agent.credentials import (
     CredentialsProvider,
     proxy_fetcher,
 )
+from enclave_agent.nsm import Attester
 from enclave_agent.transport import KmsConnectionPool, TransportError, make_ssl_context
 from enclave_common.address import Address, VsockAddress
 from enclave_common.logs import get_logger
@@ -49,18 +50,6 @@ _BACKOFF_CAP = 2.0
 _MAX_MESSAGE = 300  # error messages from elsewhere are cut, so nothing large is echoed
 
 _log = get_logger()
-
-
-class Attester(Protocol):
-    """What the gateway needs from the NSM (``enclave_agent.nsm.Nsm`` provides it)."""
-
-    def attestation(
-        self,
-        *,
-        user_data: bytes | None = None,
-        nonce: bytes | None = None,
-        public_key: bytes | None = None,
-    ) -> bytes: ...
 
 
 class Recipient(Protocol):

@@ -53,8 +53,8 @@ class NsmError(Exception):
         super().__init__(f"{error_name}: {message}" if message else error_name)
 
 
-class Nsm(Protocol):
-    """What the agent needs from an NSM; blocking calls (run them in a worker thread)."""
+class Attester(Protocol):
+    """An NSM's attestation call alone (what the KMS gateway needs); blocking."""
 
     def attestation(
         self,
@@ -63,6 +63,10 @@ class Nsm(Protocol):
         nonce: bytes | None = None,
         public_key: bytes | None = None,
     ) -> bytes: ...
+
+
+class Nsm(Attester, Protocol):
+    """What the agent needs from an NSM; blocking calls (run them in a worker thread)."""
 
     def get_random(self) -> bytes: ...
 

@@ -144,13 +144,16 @@ def proxy_error_reason(body: bytes, fallback: str) -> str:
 
 async def open_tunnel(proxy: Address, host: str, port: int) -> trio.abc.Stream:
     """A raw byte stream to ``host:port`` through the proxy's CONNECT."""
+    return await establish_tunnel(await _open_proxy(proxy), str(proxy), host, port)
+
+
+async def _open_proxy(proxy: Address) -> trio.abc.Stream:
     try:
-        raw = await open_stream(proxy)
+        return await open_stream(proxy)
     except OSError as exc:
         raise TransportError(
             f"cannot reach the proxy at {proxy}: {exc.strerror or exc}", retryable=True
         ) from None
-    return await establish_tunnel(raw, str(proxy), host, port)
 
 
 async def establish_tunnel(
@@ -399,12 +402,7 @@ async def _drop(conn: _Connection) -> None:
 
 async def http_get(address: Address, target: str, *, max_body: int = 65536) -> HttpResponse:
     """One plain-HTTP GET on a fresh connection (the proxy's /v1/credentials)."""
-    try:
-        stream = await open_stream(address)
-    except OSError as exc:
-        raise TransportError(
-            f"cannot reach the proxy at {address}: {exc.strerror or exc}", retryable=True
-        ) from None
+    stream = await _open_proxy(address)
     try:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
         headers = [
