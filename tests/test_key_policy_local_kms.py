@@ -19,37 +19,18 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
-from devtools.devstack import local_kms_client, running_local_kms
+from devtools.devstack import local_kms_client
 from enclave_agent.nsm_sim import SimulatedNsm
 from enclave_agent.recipient import RecipientKey
 
 REPO = Path(__file__).resolve().parent.parent
 ROLE_NAME = "enclave-parent"
-
-
-@pytest.fixture(scope="module")
-def enclave_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ca_dir = tmp_path_factory.mktemp("simulated-nsm-ca")
-    SimulatedNsm.create().save_ca(ca_dir)
-    return ca_dir
-
-
-@pytest.fixture(scope="module")
-def local_kms(
-    tmp_path_factory: pytest.TempPathFactory, enclave_ca: Path
-) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("local-kms")
-    with running_local_kms(
-        work / "state.json", "--simulated-nsm-ca", str(enclave_ca), log_path=work / "kms.log"
-    ) as kms:
-        yield kms.state
 
 
 def _printed_policy(tmp_path: Path, account_id: str, *enclaves: SimulatedNsm) -> str:

@@ -22,7 +22,6 @@ from devtools.devstack import (
     first_event,
     local_kms_client,
     python_env,
-    running_local_kms,
     spawn,
     stop_process,
     wait_for,
@@ -32,24 +31,6 @@ from enclave_agent.kms import KmsError, KmsGateway, KmsSettings
 from enclave_agent.nsm_sim import SimulatedNsm
 from enclave_agent.recipient import RecipientKey
 from enclave_common.address import parse_address
-
-
-@pytest.fixture(scope="module")
-def enclave_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ca_dir = tmp_path_factory.mktemp("nsm-ca")
-    SimulatedNsm.create().save_ca(ca_dir)
-    return ca_dir
-
-
-@pytest.fixture(scope="module")
-def local_kms(
-    tmp_path_factory: pytest.TempPathFactory, enclave_ca: Path
-) -> Iterator[dict[str, Any]]:
-    workdir = tmp_path_factory.mktemp("local-kms")
-    with running_local_kms(
-        workdir / "state.json", "--simulated-nsm-ca", str(enclave_ca), log_path=workdir / "kms.log"
-    ) as kms:
-        yield kms.state
 
 
 @pytest.fixture(scope="module")

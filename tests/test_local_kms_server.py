@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from devtools.devstack import local_kms_client, running_local_kms, start_local_kms
+from devtools.devstack import local_kms_client, start_local_kms
 from devtools.local_kms.admin_client import set_faults
 from enclave_agent.cms import decrypt_for_recipient
 from enclave_agent.key_policy import Measurements, build_key_policy
@@ -33,25 +32,8 @@ MARKER = b"local-kms-plaintext-marker-7f3a"
 
 
 @pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("nsm-ca")
-    SimulatedNsm.create().save_ca(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory: pytest.TempPathFactory, ca_dir: Path) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("local-kms")
-    log = work / "local-kms.log"
-    with running_local_kms(
-        work / "state.json", "--simulated-nsm-ca", str(ca_dir), log_path=log
-    ) as kms:
-        yield {**kms.state, "log": log, "work": work}
-
-
-@pytest.fixture(scope="module")
-def kms(stand_in: dict[str, Any]) -> Any:
-    return local_kms_client(stand_in)
+def kms(local_kms: dict[str, Any]) -> Any:
+    return local_kms_client(local_kms)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +65,10 @@ def attested_key(kms: Any) -> str:
 
 
 def test_decrypt_needs_a_matching_attestation(
-    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+    kms: Any,
+    attested_key: str,
+    enclave_ca: Path,
+    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
 ) -> None:
     blob = kms.encrypt(KeyId=attested_key, Plaintext=MARKER)["CiphertextBlob"]
     with pytest.raises(ClientError) as caught:
@@ -91,7 +76,9 @@ def test_decrypt_needs_a_matching_attestation(
     assert error_code(caught) == "AccessDeniedException"
 
     _private, key = enclave_key
-    answer = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.load(ca_dir), key))
+    answer = kms.decrypt(
+        CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.load(enclave_ca), key)
+    )
     assert "Plaintext" not in answer
     assert answer["KeyId"].endswith(attested_key)
     assert answer["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
@@ -101,25 +88,30 @@ def test_decrypt_needs_a_matching_attestation(
 def test_openssl_and_crypto_core_open_the_answer(
     kms: Any,
     attested_key: str,
-    ca_dir: Path,
+    enclave_ca: Path,
     enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
     tmp_path: Path,
 ) -> None:
     private, key = enclave_key
     blob = kms.encrypt(KeyId=attested_key, Plaintext=MARKER * 3)["CiphertextBlob"]
     envelope = kms.decrypt(
-        CiphertextBlob=blob, KeyId=attested_key, Recipient=recipient(SimulatedNsm.load(ca_dir), key)
+        CiphertextBlob=blob,
+        KeyId=attested_key,
+        Recipient=recipient(SimulatedNsm.load(enclave_ca), key),
     )["CiphertextForRecipient"]
     assert openssl_decrypt(tmp_path, envelope, private) == MARKER * 3
     assert decrypt_for_recipient(envelope, private) == MARKER * 3
 
 
 def test_pcr_mismatch_is_denied(
-    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+    kms: Any,
+    attested_key: str,
+    enclave_ca: Path,
+    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
 ) -> None:
     blob = kms.encrypt(KeyId=attested_key, Plaintext=b"x")["CiphertextBlob"]
     other_image = {**DEFAULT_SIMULATED_PCRS, 1: bytes.fromhex("11" * 48)}
-    nsm = SimulatedNsm.load(ca_dir, pcrs=other_image)
+    nsm = SimulatedNsm.load(enclave_ca, pcrs=other_image)
     with pytest.raises(ClientError) as caught:
         kms.decrypt(CiphertextBlob=blob, Recipient=recipient(nsm, enclave_key[1]))
     assert error_code(caught) == "AccessDeniedException"
@@ -137,9 +129,12 @@ def test_document_from_another_root_is_refused(
 
 
 def test_recipient_without_a_usable_key_or_algorithm_is_refused(
-    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+    kms: Any,
+    attested_key: str,
+    enclave_ca: Path,
+    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
 ) -> None:
-    nsm = SimulatedNsm.load(ca_dir)
+    nsm = SimulatedNsm.load(enclave_ca)
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
     small_der = small.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -162,21 +157,24 @@ def test_recipient_without_a_usable_key_or_algorithm_is_refused(
         assert error_code(caught) == "ValidationException"
 
 
-def test_bad_signature_and_unknown_key_are_refused(stand_in: dict[str, Any]) -> None:
+def test_bad_signature_and_unknown_key_are_refused(local_kms: dict[str, Any]) -> None:
     with pytest.raises(ClientError) as caught:
-        local_kms_client(stand_in, aws_secret_access_key="not-the-secret").list_keys()
+        local_kms_client(local_kms, aws_secret_access_key="not-the-secret").list_keys()
     assert error_code(caught) == "InvalidSignatureException"
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
     with pytest.raises(ClientError) as caught:
-        local_kms_client(stand_in, aws_access_key_id="AKIAUNKNOWNUNKNOWN00").list_keys()
+        local_kms_client(local_kms, aws_access_key_id="AKIAUNKNOWNUNKNOWN00").list_keys()
     assert error_code(caught) == "UnrecognizedClientException"
 
 
 def test_generate_data_key_for_recipient_round_trips(
-    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+    kms: Any,
+    attested_key: str,
+    enclave_ca: Path,
+    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
 ) -> None:
     key = enclave_key[1]
-    nsm = SimulatedNsm.load(ca_dir)
+    nsm = SimulatedNsm.load(enclave_ca)
     answer = kms.generate_data_key(
         KeyId=attested_key, KeySpec="AES_256", Recipient=recipient(nsm, key)
     )
@@ -191,10 +189,13 @@ def test_generate_data_key_for_recipient_round_trips(
 
 
 def test_generate_random_and_key_pair_for_recipient(
-    kms: Any, attested_key: str, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+    kms: Any,
+    attested_key: str,
+    enclave_ca: Path,
+    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
 ) -> None:
     key = enclave_key[1]
-    nsm = SimulatedNsm.load(ca_dir)
+    nsm = SimulatedNsm.load(enclave_ca)
     answer = kms.generate_random(NumberOfBytes=48, Recipient=recipient(nsm, key))
     assert "Plaintext" not in answer
     assert len(key.open(answer["CiphertextForRecipient"])) == 48
@@ -237,7 +238,7 @@ def test_plain_kms_without_recipient_still_works(kms: Any) -> None:
 
 
 def test_explicit_deny_and_malformed_policies(
-    kms: Any, ca_dir: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+    kms: Any, enclave_ca: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
 ) -> None:
     image = DEFAULT_SIMULATED_PCRS[0].hex()
     key_id = kms.create_key()["KeyMetadata"]["KeyId"]
@@ -266,7 +267,7 @@ def test_explicit_deny_and_malformed_policies(
         kms.decrypt(CiphertextBlob=blob)
     assert "explicit deny" in caught.value.response["Error"]["Message"]
     answer = kms.decrypt(
-        CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.load(ca_dir), enclave_key[1])
+        CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.load(enclave_ca), enclave_key[1])
     )
     assert enclave_key[1].open(answer["CiphertextForRecipient"]) == b"deny wins"
     with pytest.raises(ClientError) as caught:
@@ -275,15 +276,15 @@ def test_explicit_deny_and_malformed_policies(
 
 
 def test_minted_credentials_via_credential_process_and_expiry(
-    stand_in: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    local_kms: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    state_file = stand_in["work"] / "state.json"
+    state_file = Path(local_kms["state_file"])
     command = f"{sys.executable} -m devtools.local_kms.credential_process --state-file {state_file}"
     config = tmp_path / "config"
     config.write_text(
-        f"[profile local]\nregion = {stand_in['region']}\n"
+        f"[profile local]\nregion = {local_kms['region']}\n"
         f"credential_process = {command} --ttl 900\n"
-        f"[profile short]\nregion = {stand_in['region']}\n"
+        f"[profile short]\nregion = {local_kms['region']}\n"
         f"credential_process = {command} --ttl 1\n"
     )
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
@@ -294,14 +295,14 @@ def test_minted_credentials_via_credential_process_and_expiry(
     cfg = Config(retries={"total_max_attempts": 1})
     session = boto3.Session(profile_name="local")
     kms = session.client(
-        "kms", endpoint_url=stand_in["endpoint"], verify=stand_in["ca_bundle"], config=cfg
+        "kms", endpoint_url=local_kms["endpoint"], verify=local_kms["ca_bundle"], config=cfg
     )
     kms.list_keys()
     assert session.get_credentials().get_frozen_credentials().token
 
     short = boto3.Session(profile_name="short").get_credentials().get_frozen_credentials()
     expiring = local_kms_client(
-        stand_in,
+        local_kms,
         aws_access_key_id=short.access_key,
         aws_secret_access_key=short.secret_key,
         aws_session_token=short.token,
@@ -312,8 +313,8 @@ def test_minted_credentials_via_credential_process_and_expiry(
     assert error_code(caught) == "ExpiredTokenException"
 
 
-def test_injected_faults(stand_in: dict[str, Any], kms: Any) -> None:
-    state_file = stand_in["work"] / "state.json"
+def test_injected_faults(local_kms: dict[str, Any], kms: Any) -> None:
+    state_file = Path(local_kms["state_file"])
     assert set_faults(state_file, "internal", count=1) == 1
     with pytest.raises(ClientError) as caught:
         kms.list_keys()
@@ -329,23 +330,23 @@ def test_injected_faults(stand_in: dict[str, Any], kms: Any) -> None:
     # botocore's own retries ride over throttling, as they do on AWS.
     set_faults(state_file, "throttle", count=2)
     retrying = local_kms_client(
-        stand_in, config=Config(retries={"total_max_attempts": 3, "mode": "standard"})
+        local_kms, config=Config(retries={"total_max_attempts": 3, "mode": "standard"})
     )
     retrying.list_keys()
 
 
-def test_admin_routes_need_the_token(stand_in: dict[str, Any]) -> None:
+def test_admin_routes_need_the_token(local_kms: dict[str, Any]) -> None:
     import http.client
     import ssl
 
-    context = ssl.create_default_context(cafile=stand_in["ca_bundle"])
-    conn = http.client.HTTPSConnection(stand_in["host"], stand_in["port"], context=context)
+    context = ssl.create_default_context(cafile=local_kms["ca_bundle"])
+    conn = http.client.HTTPSConnection(local_kms["host"], local_kms["port"], context=context)
     try:
         conn.request("POST", "/_local_kms/faults", body=json.dumps({"kind": "internal"}))
         response = conn.getresponse()
         assert response.status == 403
         response.read()
-        token = {"X-Local-Kms-Admin-Token": stand_in["admin_token"]}
+        token = {"X-Local-Kms-Admin-Token": local_kms["admin_token"]}
         for bad in ({"ttl": 1e300}, {"ttl": 0}, {"ttl": "soon"}):
             conn.request("POST", "/_local_kms/credentials", body=json.dumps(bad), headers=token)
             response = conn.getresponse()
@@ -364,18 +365,18 @@ def test_admin_routes_need_the_token(stand_in: dict[str, Any]) -> None:
 
 
 @pytest.mark.skipif(shutil.which("aws") is None, reason="AWS CLI not installed")
-def test_aws_cli_works_against_it(stand_in: dict[str, Any]) -> None:
+def test_aws_cli_works_against_it(local_kms: dict[str, Any]) -> None:
     env = dict(
         os.environ,
-        AWS_ACCESS_KEY_ID=stand_in["aws_access_key_id"],
-        AWS_SECRET_ACCESS_KEY=stand_in["aws_secret_access_key"],
-        AWS_DEFAULT_REGION=stand_in["region"],
+        AWS_ACCESS_KEY_ID=local_kms["aws_access_key_id"],
+        AWS_SECRET_ACCESS_KEY=local_kms["aws_secret_access_key"],
+        AWS_DEFAULT_REGION=local_kms["region"],
         AWS_CONFIG_FILE="/dev/null",
         AWS_SHARED_CREDENTIALS_FILE="/dev/null",
     )
     env.pop("AWS_PROFILE", None)
     env.pop("AWS_SESSION_TOKEN", None)
-    args = ["aws", "--endpoint-url", stand_in["endpoint"], "--ca-bundle", stand_in["ca_bundle"]]
+    args = ["aws", "--endpoint-url", local_kms["endpoint"], "--ca-bundle", local_kms["ca_bundle"]]
     try:
         result = subprocess.run(
             [*args, "kms", "generate-random", "--number-of-bytes", "16", "--output", "json"],
@@ -391,16 +392,16 @@ def test_aws_cli_works_against_it(stand_in: dict[str, Any]) -> None:
     assert len(base64.b64decode(json.loads(result.stdout)["Plaintext"])) == 16
 
 
-def test_logs_hold_no_secret(stand_in: dict[str, Any], kms: Any, attested_key: str) -> None:
+def test_logs_hold_no_secret(local_kms: dict[str, Any], kms: Any, attested_key: str) -> None:
     kms.encrypt(KeyId=attested_key, Plaintext=MARKER)
-    text = stand_in["log"].read_bytes()
+    text = local_kms["log"].read_bytes()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert any(line.get("event") == "request" and line.get("operation") for line in lines)
     for secret in (
         MARKER,
         base64.b64encode(MARKER),
-        stand_in["aws_secret_access_key"].encode(),
-        stand_in["admin_token"].encode(),
+        local_kms["aws_secret_access_key"].encode(),
+        local_kms["admin_token"].encode(),
     ):
         assert secret not in text
 
@@ -421,18 +422,18 @@ def test_second_instance_other_region_stops_cleanly_on_sigterm(tmp_path: Path) -
 
 
 def test_malformed_http_is_answered_and_the_server_keeps_serving(
-    stand_in: dict[str, Any], kms: Any
+    local_kms: dict[str, Any], kms: Any
 ) -> None:
     import socket
     import ssl
 
-    context = ssl.create_default_context(cafile=stand_in["ca_bundle"])
+    context = ssl.create_default_context(cafile=local_kms["ca_bundle"])
 
     def exchange(payload: bytes) -> bytes:
-        address = (stand_in["host"], stand_in["port"])
+        address = (local_kms["host"], local_kms["port"])
         with (
             socket.create_connection(address, timeout=10) as raw,
-            context.wrap_socket(raw, server_hostname=stand_in["host"]) as tls,
+            context.wrap_socket(raw, server_hostname=local_kms["host"]) as tls,
         ):
             tls.sendall(payload)
             chunks = []
@@ -444,12 +445,12 @@ def test_malformed_http_is_answered_and_the_server_keeps_serving(
     # HEAD gets the status and headers a GET would, and no body (h11 refuses one).
     answer = exchange(b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 404 ") and answer.endswith(b"\r\n\r\n")
-    assert b'"connection_failed"' not in stand_in["log"].read_bytes()
+    assert b'"connection_failed"' not in local_kms["log"].read_bytes()
     huge = b"x" * (1 << 20 | 1)
     head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(huge)
     assert exchange(head + huge).startswith(b"HTTP/1.1 413 ")
     # Plain HTTP on the TLS port: the handshake fails, nothing is served.
-    with socket.create_connection((stand_in["host"], stand_in["port"]), timeout=10) as raw:
+    with socket.create_connection((local_kms["host"], local_kms["port"]), timeout=10) as raw:
         raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert not raw.recv(65536).startswith(b"HTTP/1.1 200")
     assert kms.list_keys()["ResponseMetadata"]["HTTPStatusCode"] == 200
