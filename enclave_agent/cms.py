@@ -388,7 +388,12 @@ _ACCEPTED_OAEP = _accepted_oaep_identifiers()
 def _check_key_encryption(tlv: _Tlv) -> None:
     # Fast path: the exact DER forms KMS and OpenSSL write; anything else (other
     # parameters, BER forms) goes through the full check below.
-    if tlv.cls == _UNIVERSAL and tlv.tag == _SEQUENCE and tlv.contents in _ACCEPTED_OAEP:
+    if (
+        tlv.cls == _UNIVERSAL
+        and tlv.tag == _SEQUENCE
+        and tlv.constructed
+        and tlv.contents in _ACCEPTED_OAEP
+    ):
         return
     _check_oaep_structure(tlv)
 

@@ -108,6 +108,18 @@ def test_damaged_wrapped_key_is_refused(vectors_dir: Path) -> None:
         decrypt_for_recipient(bytes(damaged), key)
 
 
+def test_primitive_key_encryption_sequence_is_refused(vectors_dir: Path) -> None:
+    """The fast path for known OAEP identifiers accepts only what the full check does:
+    a SEQUENCE encoded as primitive (0x10) is malformed however its contents read."""
+    blob, key, _ = _enclaver(vectors_dir)
+    oaep = blob.index(bytes.fromhex("06092a864886f70d010107"))  # rsaes-oaep OID
+    assert blob[oaep - 2] == 0x30
+    damaged = bytearray(blob)
+    damaged[oaep - 2] = 0x10
+    with pytest.raises(CmsError, match="not a constructed value"):
+        decrypt_for_recipient(bytes(damaged), key)
+
+
 def test_not_bytes_is_refused() -> None:
     key = RecipientKey.generate()
     with pytest.raises(CmsError):
