@@ -8,6 +8,7 @@ boundary (DESIGN.md section 2).
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -20,6 +21,10 @@ _UCRED = struct.Struct("iII")  # pid_t (signed), uid_t, gid_t
 # Linux's value; the socket module exposes it on Linux, the fallback keeps mypy and
 # other platforms honest about where it comes from.
 SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
+# Linux 4.13+: the peer's supplementary groups as of connect(); Python has no name for it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_GID = struct.Struct("I")
+_MAX_GROUPS = 65536  # NGROUPS_MAX
 
 
 class PeerCredError(OSError):
@@ -35,6 +40,7 @@ class PeerCred:
     pid: int
     uid: int
     gid: int
+    groups: frozenset[int] = frozenset()  # supplementary groups (empty if unknown)
 
 
 def peer_credentials(sock: _HasGetsockopt) -> PeerCred:
@@ -45,12 +51,30 @@ def peer_credentials(sock: _HasGetsockopt) -> PeerCred:
     if len(raw) != _UCRED.size:
         raise PeerCredError(f"SO_PEERCRED returned {len(raw)} bytes, expected {_UCRED.size}")
     pid, uid, gid = _UCRED.unpack(raw)
-    return PeerCred(pid=pid, uid=uid, gid=gid)
+    return PeerCred(pid=pid, uid=uid, gid=gid, groups=peer_groups(sock))
+
+
+def peer_groups(sock: _HasGetsockopt) -> frozenset[int]:
+    """The peer's supplementary groups (SO_PEERGROUPS); empty where the kernel has
+    none to give, so a gid rule then matches the primary gid only (fails closed)."""
+    for count in (64, _MAX_GROUPS):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, count * _GID.size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:  # more groups than the buffer holds
+                continue
+            return frozenset()
+        usable = len(raw) - len(raw) % _GID.size
+        return frozenset(gid for (gid,) in _GID.iter_unpack(raw[:usable]))
+    return frozenset()
 
 
 def is_allowed(cred: PeerCred, access: AccessConfig, *, own_uid: int | None = None) -> bool:
     """With no rule configured, only the agent's own uid and root may ask; otherwise
-    the caller's uid or primary gid must be listed (root is not implied)."""
+    the caller's uid, primary gid or one of its supplementary groups must be listed
+    (root is not implied)."""
     if not access.allowed_uids and not access.allowed_gids:
         return cred.uid in (0, os.getuid() if own_uid is None else own_uid)
-    return cred.uid in access.allowed_uids or cred.gid in access.allowed_gids
+    if cred.uid in access.allowed_uids or cred.gid in access.allowed_gids:
+        return True
+    return not access.allowed_gids.isdisjoint(cred.groups)

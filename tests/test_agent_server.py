@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,6 +276,39 @@ async def test_refused_caller_is_answered_before_its_request_and_holds_no_slot(
         async with stream:
             [(status, _, _)] = await send_and_read(stream, request("GET", "/healthz"))
         assert status == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a child other groups needs root")
+async def test_a_callers_supplementary_group_is_allowed(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # The socket's mode lets a supplementary member of socket_group connect; the gid
+    # rule must then admit it too (SO_PEERCRED alone names only the primary gid).
+    running = await start(
+        nursery,
+        tmp_path,
+        access=AccessConfig(
+            allowed_uids=frozenset({os.getuid() + 4242}), allowed_gids=frozenset({4243})
+        ),
+    )
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect(sys.argv[1])\n"
+        "s.sendall(b'GET /healthz HTTP/1.1\\r\\nHost: a\\r\\nConnection: close\\r\\n\\r\\n')\n"
+        "print(s.recv(100).split()[1].decode())\n"
+    )
+
+    async def status_with(groups: list[int]) -> str:
+        result = await trio.run_process(
+            [sys.executable, "-c", script, running.socket],
+            capture_stdout=True,
+            extra_groups=groups,
+        )
+        return str(result.stdout.decode().strip())
+
+    assert await status_with([4244, 4243]) == "200"
+    assert await status_with([4244]) == "403"
 
 
 async def test_body_limit(nursery: trio.Nursery, tmp_path: Path) -> None:
