@@ -135,7 +135,6 @@ async def run(args: argparse.Namespace) -> int:
     port = listeners[0].socket.getsockname()[1]
     state_file: Path = args.state_file.resolve()
     ca_file = ca_path_for(state_file)
-    _write_atomically(ca_file, ca.cert_pem.bytes().decode())
     host_in_url = f"[{args.host}]" if ":" in args.host else args.host
     state = {
         "endpoint": f"https://{host_in_url}:{port}",
@@ -154,6 +153,8 @@ async def run(args: argparse.Namespace) -> int:
     # soon as it appears still stops the stand-in cleanly.
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            # Written here so that it is removed in every case it was written in.
+            _write_atomically(ca_file, ca.cert_pem.bytes().decode())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.serve, listeners)
                 _write_atomically(state_file, json.dumps(state, indent=2) + "\n")

@@ -62,10 +62,10 @@ def _post(state_file: Path, path: str, document: dict[str, Any]) -> dict[str, An
         answer = json.loads(raw)
     except ValueError as exc:
         raise AdminError(f"local KMS answered {response.status} with non-JSON") from exc
+    if not isinstance(answer, dict):
+        raise AdminError(f"local KMS answered {response.status} with a non-object")
     if response.status != 200:
         raise AdminError(f"local KMS refused ({response.status}): {answer.get('error')}")
-    if not isinstance(answer, dict):
-        raise AdminError("local KMS answered with a non-object")
     return answer
 
 
