@@ -195,16 +195,17 @@ class _Connection:
         data += self.h11.send(h11.EndOfMessage())
         await self.stream.send_all(data)
 
-    async def _drain_body(self, record: _Record) -> None:
+    async def _drain_body(self) -> bool:
+        """Read and drop the request body; False when it is larger than we tolerate."""
         received = 0
         while True:
             event = await self._next_event()
             if isinstance(event, h11.EndOfMessage):
-                return
+                return True
             if isinstance(event, h11.Data):
                 received += len(event.data)
                 if received > _MAX_IGNORED_BODY:
-                    await self._fail(record, 400, "request body not expected")
+                    return False
 
     async def serve(self) -> None:
         while True:
@@ -281,10 +282,17 @@ class _Connection:
             await self._fail(record, 404, "no such path")
 
     async def _drain_body_or_fail(self, record: _Record) -> None:
+        # The head's time limit applies to the body too: a body trickled in byte by
+        # byte must not hold the connection (and its place under max_tunnels) for ever.
         try:
-            await self._drain_body(record)
+            with trio.fail_after(self.ctx.config.header_timeout):
+                complete = await self._drain_body()
+        except trio.TooSlowError:
+            await self._fail(record, 408, "request body not received in time")
         except h11.RemoteProtocolError:
             await self._fail(record, 400, "malformed request body")
+        if not complete:
+            await self._fail(record, 400, "request body not expected")
 
     async def _credentials(self, record: _Record) -> None:
         try:

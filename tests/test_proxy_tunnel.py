@@ -401,6 +401,19 @@ async def test_408_for_a_slow_head_and_quiet_close_when_idle() -> None:
         await quiet.aclose()
 
 
+@pytest.mark.parametrize("method", [b"GET /healthz", b"CONNECT echo.test:443"])
+async def test_408_for_a_request_body_that_never_ends(method: bytes) -> None:
+    """header_timeout covers the whole request: a body trickled in (or never sent)
+    must not hold a connection, and a place under max_tunnels, for ever."""
+    async with running_proxy(("echo.test:443",), header_timeout=0.3) as proxy:
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        await stream.send_all(method + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        with trio.fail_after(10):
+            status, _, _ = await read_head(stream)
+        assert status == 408
+        await stream.aclose()
+
+
 async def test_shutdown_closes_idle_keep_alive_connections_at_once() -> None:
     async with running_proxy((), header_timeout=60, drain_timeout=60) as proxy:
         stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
