@@ -410,14 +410,16 @@ class DevStack:
             self.agent_tcp_endpoint = f"http://{host_port}"
         return self.agent_socket
 
-    def start(self) -> dict[str, Any]:
-        """CA, local KMS, proxy, agent; returns the state (also what FILE gets)."""
+    def start(self, *, agent: bool = True) -> dict[str, Any]:
+        """CA, local KMS, proxy and (unless ``agent`` is false) the agent; returns the
+        state (also what FILE gets). What started is stopped if a part fails."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.make_ca()
             self.start_kms()
             self.start_proxy()
-            self.start_agent()
+            if agent:
+                self.start_agent()
         except BaseException:
             self.stop()
             raise
