@@ -18,22 +18,27 @@ from enclave_agent import init
 REPO = Path(__file__).resolve().parent.parent
 # chown to a group we are in needs no privilege; root may pick any.
 SOCKET_GROUP = 4242 if os.geteuid() == 0 else os.getegid()
+AGENT = [sys.executable, "-m", "enclave_agent.cli"]
 
 
-def write_config(tmp_path: Path) -> Path:
-    # No secrets and no KMS call: the proxy address is never dialled in these tests.
+def write_config(
+    tmp_path: Path, *, proxy: str = "tcp:127.0.0.1:9", listen: str = "", extra: str = ""
+) -> Path:
+    # By default no secrets and no KMS call: the proxy address is never dialled.
     config = tmp_path / "agent.toml"
     config.write_text(
         textwrap.dedent(
             f"""
             region = "us-east-1"
-            proxy = "tcp:127.0.0.1:9"
+            proxy = "{proxy}"
             nsm = "simulated"
             [listen]
             socket = "{tmp_path / "agent.sock"}"
             socket_group = {SOCKET_GROUP}
             """
         )
+        + listen
+        + extra
     )
     return config
 
@@ -43,9 +48,7 @@ def start_run(tmp_path: Path, script: str) -> subprocess.Popen[bytes]:
     child.write_text(textwrap.dedent(script))
     return subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "enclave_agent.cli",
+            *AGENT,
             "run",
             "--config",
             str(write_config(tmp_path)),
@@ -166,9 +169,7 @@ def test_run_reports_signal_deaths_and_missing_commands(tmp_path: Path) -> None:
 
     missing = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "enclave_agent.cli",
+            *AGENT,
             "run",
             "--config",
             str(write_config(tmp_path)),
@@ -187,9 +188,7 @@ def test_run_gives_the_command_default_sigpipe(tmp_path: Path) -> None:
     # such as `producer | head` would then never stop its producer).
     shell = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "enclave_agent.cli",
+            *AGENT,
             "run",
             "--config",
             str(write_config(tmp_path)),
@@ -212,7 +211,7 @@ def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     shared.chmod(0o777)
     config = write_config(tmp_path)
     config.write_text(config.read_text().replace(str(tmp_path / "agent.sock"), str(shared / "a")))
-    argv = [sys.executable, "-m", "enclave_agent.cli", "serve", "--config", str(config)]
+    argv = [*AGENT, "serve", "--config", str(config)]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30)
     log = result.stderr.decode(errors="replace")
     assert result.returncode == 1, log
@@ -239,7 +238,7 @@ def test_run_without_command_or_with_bad_config(tmp_path: Path) -> None:
         (["run", "--config", str(write_config(tmp_path))], "give the command"),
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "enclave_agent.cli", *argv],
+            [*AGENT, *argv],
             cwd=REPO,
             capture_output=True,
             timeout=30,
@@ -277,7 +276,7 @@ def test_interface_up_in_a_fresh_network_namespace() -> None:
 
 def test_serve_stops_on_sigterm_and_never_takes_a_live_socket(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    argv = [sys.executable, "-m", "enclave_agent.cli", "serve", "--config", str(config)]
+    argv = [*AGENT, "serve", "--config", str(config)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE)
     try:
@@ -307,19 +306,7 @@ def test_run_as_pid_1_in_fresh_namespaces(tmp_path: Path) -> None:
     sees its parent as PID 1 and reaches the agent's loopback TCP listener, which only
     works once the agent has brought `lo` up.
     """
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            region = "us-east-1"
-            proxy = "tcp:127.0.0.1:9"
-            nsm = "simulated"
-            [listen]
-            socket = "{tmp_path / "agent.sock"}"
-            tcp = "tcp:127.0.0.1:0"
-            """
-        )
-    )
+    config = write_config(tmp_path, listen='tcp = "tcp:127.0.0.1:0"\n')
     child = tmp_path / "child.py"
     child.write_text(
         textwrap.dedent(
@@ -337,9 +324,7 @@ def test_run_as_pid_1_in_fresh_namespaces(tmp_path: Path) -> None:
         "--net",
         "--pid",
         "--fork",
-        sys.executable,
-        "-m",
-        "enclave_agent.cli",
+        *AGENT,
         "run",
         "--config",
         str(config),
@@ -371,27 +356,14 @@ def test_sigterm_during_startup_stops_without_starting_the_command(tmp_path: Pat
 
     silent = socket.create_server(("127.0.0.1", 0))
     try:
-        config = tmp_path / "agent.toml"
-        config.write_text(
-            textwrap.dedent(
-                f"""
-                region = "us-east-1"
-                proxy = "tcp:127.0.0.1:{silent.getsockname()[1]}"
-                nsm = "simulated"
-                [listen]
-                socket = "{tmp_path / "agent.sock"}"
-                [limits]
-                kms_call_timeout = 60
-                [secrets.never]
-                ciphertext = "AAAA"
-                """
-            )
+        config = write_config(
+            tmp_path,
+            proxy=f"tcp:127.0.0.1:{silent.getsockname()[1]}",
+            extra='[limits]\nkms_call_timeout = 60\n[secrets.never]\nciphertext = "AAAA"\n',
         )
         process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "enclave_agent.cli",
+                *AGENT,
                 "run",
                 "--config",
                 str(config),
