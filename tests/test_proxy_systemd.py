@@ -103,3 +103,23 @@ def test_install_proxy_twice_into_a_root(tmp_path: Path) -> None:
         [str(script), "--root", str(root), "--skip-venv"], check=True, capture_output=True
     )
     assert config.read_text() == 'region = "eu-west-1"\n'
+
+
+@pytest.mark.skipif(shutil.which("systemctl") is None, reason="systemctl not installed")
+def test_install_proxy_keeps_a_config_symlink_whose_target_is_missing(tmp_path: Path) -> None:
+    """A config managed elsewhere (a symlink, target not there yet) is never replaced."""
+    root = tmp_path / "root"
+    confdir = root / "etc/enclave-proxy"
+    confdir.mkdir(parents=True)
+    link = confdir / "proxy.toml"
+    link.symlink_to("/nonexistent/managed/proxy.toml")
+    done = subprocess.run(
+        [str(REPO / "scripts" / "install-proxy"), "--root", str(root), "--skip-venv"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink()
+    assert str(link.readlink()) == "/nonexistent/managed/proxy.toml"
+    assert "keeping existing" in done.stderr
