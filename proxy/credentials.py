@@ -9,7 +9,10 @@ the narrower role's credentials are handed out instead, renewed 15 minutes befor
 they expire.
 
 botocore is blocking (files, subprocesses, HTTP), so every call into it runs in
-trio.to_thread; one lock keeps refreshes from running twice at the same time.
+trio.to_thread; one lock keeps refreshes from running twice at the same time. Those
+threads come from a limiter of their own: trio's default one is shared with
+getaddrinfo, whose abandoned lookups may hold every token while DNS is down, and a DNS
+outage must not also take the credentials away (nor a hung credential_process the DNS).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import trio
 _RENEW_BEFORE = dt.timedelta(minutes=15)
 _NEGATIVE_CACHE_SECONDS = 5.0
 _ROLE_SESSION_NAME = "enclave-proxy"
+# Calls into botocore are serialized by the lock; the spare tokens let a new lookup run
+# while a few hung ones (abandoned after fetch_timeout) are still stuck in their threads.
+_THREADS = 4
 
 
 class CredentialsUnavailable(Exception):
@@ -83,6 +89,7 @@ class CredentialSource:
         self._failure = ""
         self._role: AwsCredentials | None = None
         self._lock = trio.Lock()
+        self._threads = trio.CapacityLimiter(_THREADS)
 
     async def get(self) -> AwsCredentials:
         # botocore has no timeout of its own for e.g. a hung credential_process: give up
@@ -99,12 +106,14 @@ class CredentialSource:
         async with self._lock:
             base = await self._base_credentials()
             if self.assume_role_arn is None:
-                return await trio.to_thread.run_sync(self._freeze, base, abandon_on_cancel=True)
+                return await trio.to_thread.run_sync(
+                    self._freeze, base, abandon_on_cancel=True, limiter=self._threads
+                )
             now = dt.datetime.now(dt.UTC)
             role = self._role
             if role is None or role.expiration is None or role.expiration - now < _RENEW_BEFORE:
                 role = self._role = await trio.to_thread.run_sync(
-                    self._assume_role, base, abandon_on_cancel=True
+                    self._assume_role, base, abandon_on_cancel=True, limiter=self._threads
                 )
             return role
 
@@ -114,7 +123,9 @@ class CredentialSource:
         if trio.current_time() < self._failed_until:
             raise CredentialsUnavailable(self._failure)
         try:
-            self._base = await trio.to_thread.run_sync(self._resolve, abandon_on_cancel=True)
+            self._base = await trio.to_thread.run_sync(
+                self._resolve, abandon_on_cancel=True, limiter=self._threads
+            )
         except CredentialsUnavailable as e:
             # Remember the failure briefly: each lookup may wait on IMDS timeouts.
             self._failure = str(e)

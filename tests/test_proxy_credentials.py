@@ -241,3 +241,23 @@ async def test_hung_credential_process_times_out(clean_aws_env: Path) -> None:
     source = CredentialSource(region="us-east-1", fetch_timeout=0.3)
     with pytest.raises(CredentialsUnavailable, match="did not finish within 0.3 s"):
         await source.get()
+
+
+async def test_credentials_do_not_wait_for_threads_stuck_in_name_lookups(
+    clean_aws_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """getaddrinfo runs in trio's default worker threads and, when DNS hangs, abandoned
+    lookups hold them until glibc gives up. Credentials must not queue behind them."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    source = CredentialSource(region="us-east-1", fetch_timeout=5)
+    default = trio.to_thread.current_default_thread_limiter()
+    borrowers = [object() for _ in range(int(default.total_tokens))]
+    for borrower in borrowers:
+        default.acquire_on_behalf_of_nowait(borrower)
+    try:
+        credentials = await source.get()
+    finally:
+        for borrower in borrowers:
+            default.release_on_behalf_of(borrower)
+    assert credentials.access_key_id == "AKIDEXAMPLE"
