@@ -79,9 +79,8 @@ def stack() -> Iterator[Stack]:
         work_dir=work, credentials="process", proxy_args=["--allow", f"{UNRESOLVABLE}:443"]
     )
     try:
-        dev.make_ca()
-        kms_state = dev.start_kms()
-        dev.start_proxy()
+        dev.start(agent=False)
+        kms_state = dev.kms
         state = dev.state()
         kms = direct_kms_client(state)
         key_id = create_enclave_key(kms, state["account_id"], dev.pcrs()["0"])

@@ -85,9 +85,7 @@ def stack() -> Iterator[Stack]:
     )
     dev = FaultStack(work_dir=work, proxy_args=["--config", str(proxy_config)])
     try:
-        dev.make_ca()
-        dev.start_kms()
-        dev.start_proxy()
+        dev.start(agent=False)
         state = dev.state()
         kms = direct_kms_client(state)
         key_id = create_enclave_key(kms, state["account_id"], dev.pcrs()["0"])

@@ -47,9 +47,7 @@ def dev() -> Iterator[DevStack]:
     work = Path(tempfile.mkdtemp(prefix="hostile-secrets-"))
     stack = DevStack(work_dir=work)
     try:
-        stack.make_ca()
-        stack.start_kms()
-        stack.start_proxy()
+        stack.start(agent=False)
         yield stack
     finally:
         stack.stop()

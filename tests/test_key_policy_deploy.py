@@ -24,11 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
-from devtools.devstack import DevStack
+from devtools.devstack import DevStack, local_kms_client
 from enclave_agent.config import parse_config
 from enclave_common.address import VsockAddress
 
@@ -87,9 +85,7 @@ def _local_config(stack: DevStack, work: Path, ciphertext: bytes, pcr0: bytes | 
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     stack = DevStack(work_dir=tmp_path_factory.mktemp("deploy-stack"), credentials="static")
     try:
-        stack.make_ca()
-        stack.start_kms()
-        stack.start_proxy()
+        stack.start(agent=False)
         yield stack
     finally:
         stack.stop()
@@ -141,15 +137,7 @@ def test_example_app_reads_its_secret_and_proves_its_pcrs(stack: DevStack, tmp_p
     printed = _cli("key-policy", "--measurements", str(measurements), "--role-arn", role)
     assert printed.returncode == 0, printed.stderr
 
-    kms: Any = boto3.client(
-        "kms",
-        region_name=stack.region,
-        endpoint_url=stack.kms["endpoint"],
-        verify=stack.kms["ca_bundle"],
-        aws_access_key_id=stack.kms["aws_access_key_id"],
-        aws_secret_access_key=stack.kms["aws_secret_access_key"],
-        config=Config(retries={"max_attempts": 1}),
-    )
+    kms: Any = local_kms_client(stack.kms)
     key_id = kms.create_key(Policy=printed.stdout.decode())["KeyMetadata"]["KeyId"]
     kms.create_alias(AliasName=ALIAS, TargetKeyId=key_id)
     secret = os.urandom(24)
@@ -203,14 +191,7 @@ def test_example_app_fails_loudly_without_agent(tmp_path: Path) -> None:
 def test_held_app_stays_up_until_sigterm_and_unknown_secret_fails(
     stack: DevStack, tmp_path: Path
 ) -> None:
-    kms: Any = boto3.client(
-        "kms",
-        region_name=stack.region,
-        endpoint_url=stack.kms["endpoint"],
-        verify=stack.kms["ca_bundle"],
-        aws_access_key_id=stack.kms["aws_access_key_id"],
-        aws_secret_access_key=stack.kms["aws_secret_access_key"],
-    )
+    kms: Any = local_kms_client(stack.kms)
     # A key the simulated enclave may use: its own PCRs, through the command.
     pcrs = stack.pcrs()
     measurements = tmp_path / "m.json"
