@@ -109,7 +109,7 @@ class AgentClient:
             request["EncryptionContext"] = dict(encryption_context)
         if encryption_algorithm:
             request["EncryptionAlgorithm"] = encryption_algorithm
-        return base64.b64decode(self.kms("Decrypt", request)["Plaintext"])
+        return _blob(self.kms("Decrypt", request), "Plaintext")
 
     def generate_data_key(
         self,
@@ -128,14 +128,14 @@ class AgentClient:
             request["EncryptionContext"] = dict(encryption_context)
         answer = self.kms("GenerateDataKey", request)
         return DataKey(
-            plaintext=base64.b64decode(answer["Plaintext"]),
-            ciphertext_blob=base64.b64decode(answer["CiphertextBlob"]),
+            plaintext=_blob(answer, "Plaintext"),
+            ciphertext_blob=_blob(answer, "CiphertextBlob"),
             key_id=str(answer.get("KeyId", key_id)),
         )
 
     def generate_random(self, number_of_bytes: int) -> bytes:
         answer = self.kms("GenerateRandom", {"NumberOfBytes": number_of_bytes})
-        return base64.b64decode(answer["Plaintext"])
+        return _blob(answer, "Plaintext")
 
     def attestation(
         self,
@@ -165,7 +165,11 @@ class AgentClient:
             "Content-Type": _KMS_CONTENT_TYPE,
             "X-Amz-Target": f"TrentService.{operation}",
         }
-        answer = json.loads(self._request("POST", "/", json.dumps(request).encode(), headers))
+        data = self._request("POST", "/", json.dumps(request).encode(), headers)
+        try:
+            answer = json.loads(data)
+        except ValueError as exc:
+            raise AgentError("InvalidResponse", "the agent did not answer JSON", 200) from exc
         if not isinstance(answer, dict):
             raise AgentError("InvalidResponse", "the agent did not answer a JSON object", 200)
         return answer
@@ -197,6 +201,13 @@ class AgentClient:
                 raise _error_from(response.status, data)
             return data
         raise AssertionError("unreachable")
+
+
+def _blob(answer: Mapping[str, Any], member: str) -> bytes:
+    try:
+        return base64.b64decode(answer[member], validate=True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AgentError("InvalidResponse", f"the answer has no base64 {member}", 200) from exc
 
 
 def _error_from(status: int, data: bytes) -> AgentError:

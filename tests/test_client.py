@@ -127,6 +127,31 @@ async def test_client_uses_the_environment_socket(monkeypatch: pytest.MonkeyPatc
         client.secret("x")
 
 
+@pytest.mark.parametrize(
+    "body", [b"not json", b"[1]", b'{"KeyId": "k"}', b'{"Plaintext": "!!"}', b'{"Plaintext": 1}']
+)
+async def test_a_garbled_answer_is_an_agent_error(
+    nursery: trio.Nursery, tmp_path: Path, body: bytes
+) -> None:
+    path = str(tmp_path / "fake.sock")
+    listener = await open_listener(UnixAddress(path))
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n"
+            await stream.send_all(head.encode() + body)
+
+    await nursery.start(trio.serve_listeners, answer, [listener])
+
+    def use() -> str:
+        with AgentClient(path) as client, pytest.raises(AgentError) as info:
+            client.decrypt(b"x")
+        return info.value.error_type
+
+    assert await trio.to_thread.run_sync(use) == "InvalidResponse"
+
+
 async def cli(
     socket_path: str, *argv: str, stdin: bytes = b""
 ) -> subprocess.CompletedProcess[bytes]:
