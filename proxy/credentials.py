@@ -26,7 +26,13 @@ import botocore.exceptions
 import botocore.session
 import trio
 
+from enclave_common.logs import get_logger
+
 _RENEW_BEFORE = dt.timedelta(minutes=15)
+# A failed renewal still hands out the cached role credentials while this much is left.
+_STILL_USABLE = dt.timedelta(minutes=5)
+
+log = get_logger()
 _NEGATIVE_CACHE_SECONDS = 5.0
 _ROLE_SESSION_NAME = "enclave-proxy"
 # Calls into botocore are serialized by the lock; the spare tokens let a new lookup run
@@ -112,9 +118,18 @@ class CredentialSource:
             now = dt.datetime.now(dt.UTC)
             role = self._role
             if role is None or role.expiration is None or role.expiration - now < _RENEW_BEFORE:
-                role = self._role = await trio.to_thread.run_sync(
-                    self._assume_role, base, abandon_on_cancel=True, limiter=self._threads
-                )
+                try:
+                    role = self._role = await trio.to_thread.run_sync(
+                        self._assume_role, base, abandon_on_cancel=True, limiter=self._threads
+                    )
+                except CredentialsUnavailable as e:
+                    # Renewal starts early; until the old ones are nearly spent, an STS
+                    # hiccup is no reason to leave the enclave without credentials.
+                    if role is None or role.expiration is None:
+                        raise
+                    if role.expiration - now < _STILL_USABLE:
+                        raise
+                    log.warning("assume_role_renewal_failed", reason=str(e), kept=True)
             return role
 
     async def _base_credentials(self) -> Any:

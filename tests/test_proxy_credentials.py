@@ -261,3 +261,36 @@ async def test_credentials_do_not_wait_for_threads_stuck_in_name_lookups(
         for borrower in borrowers:
             default.release_on_behalf_of(borrower)
     assert credentials.access_key_id == "AKIDEXAMPLE"
+
+
+async def test_assume_role_renewal_failure_keeps_still_valid_credentials(
+    clean_aws_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renewal starts 15 min before expiry; an STS hiccup then must not turn credentials
+    that are still good for minutes into a 503. Only nearly expired ones are dropped."""
+    from dataclasses import replace
+
+    from moto.server import ThreadedMotoServer
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDBASE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        source = CredentialSource(
+            region="us-east-1",
+            assume_role_arn="arn:aws:iam::123456789012:role/enclave-narrow",
+            sts_endpoint=f"http://{host}:{port}",
+        )
+        first = await source.get()
+    finally:
+        server.stop()
+    now = dt.datetime.now(dt.UTC)
+    source._role = replace(first, expiration=now + dt.timedelta(minutes=10))
+    kept = await source.get()
+    assert kept.access_key_id == first.access_key_id
+    source._role = replace(first, expiration=now + dt.timedelta(seconds=60))
+    with pytest.raises(CredentialsUnavailable, match="AssumeRole"):
+        await source.get()
