@@ -17,6 +17,7 @@ import json
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -281,6 +282,18 @@ class Relay:
             return
         finally:
             await trio.aclose_forcefully(stream)
+
+
+async def start_kms_and_relay(tmp_path: Path, nursery: trio.Nursery) -> tuple[FakeKms, Relay, Path]:
+    """A FakeKms with a fresh trustme CA (its PEM written under ``tmp_path``) and a Relay."""
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    kms = FakeKms(ca)
+    await kms.serve(nursery)
+    relay = Relay()
+    await relay.serve(nursery)
+    return kms, relay, ca_path
 
 
 class FakeNsm:

@@ -13,7 +13,14 @@ import trustme
 
 from enclave_agent.kms import KmsError, KmsGateway, KmsSettings, endpoint_host_port
 from enclave_common.address import parse_address
-from tests.test_kms_fakes import FakeKms, FakeNsm, FakeRecipient, Relay, kms_error
+from tests.test_kms_fakes import (
+    FakeKms,
+    FakeNsm,
+    FakeRecipient,
+    Relay,
+    kms_error,
+    start_kms_and_relay,
+)
 
 CIPHERTEXT = base64.b64encode(b"ciphertext blob").decode()
 
@@ -42,13 +49,7 @@ class Stack:
 
 @pytest.fixture
 async def stack(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Stack]:
-    ca = trustme.CA()
-    ca_path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    kms = FakeKms(ca)
-    await kms.serve(nursery)
-    relay = Relay()
-    await relay.serve(nursery)
+    kms, relay, ca_path = await start_kms_and_relay(tmp_path, nursery)
     nsm = FakeNsm()
     s = Stack(kms, relay, nsm, None, ca_path)  # type: ignore[arg-type]
     s.gateway = s.gateway_with()

@@ -23,7 +23,7 @@ from enclave_agent.transport import (
     open_tunnel,
 )
 from enclave_common.address import parse_address
-from tests.test_kms_fakes import FakeKms, Relay
+from tests.test_kms_fakes import FakeKms, Relay, start_kms_and_relay
 
 HEADERS = [("X-Amz-Target", "TrentService.GenerateRandom")]
 
@@ -117,13 +117,7 @@ async def test_ipv6_connect_target(nursery: trio.Nursery) -> None:
 
 @pytest.fixture
 async def kms_and_relay(tmp_path: Path, nursery: trio.Nursery) -> tuple[FakeKms, Relay, str]:
-    ca = trustme.CA()
-    ca_path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    kms = FakeKms(ca)
-    await kms.serve(nursery)
-    relay = Relay()
-    await relay.serve(nursery)
+    kms, relay, ca_path = await start_kms_and_relay(tmp_path, nursery)
     return kms, relay, str(ca_path)
 
 
