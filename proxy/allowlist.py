@@ -175,8 +175,11 @@ class Allowlist:
 
     def permits_address(self, ip: IPAddress, port: int) -> bool:
         """May a connection go to this resolved address? Guarded ranges need a verbatim entry."""
-        ip = _unmap(ip)
-        return not is_guarded(ip) or (ip, port) in self._ips
+        return not is_guarded(ip) or self.lists_address(ip, port)
+
+    def lists_address(self, ip: IPAddress, port: int) -> bool:
+        """Is exactly this address and port an entry of its own?"""
+        return (_unmap(ip), port) in self._ips
 
     def describe(self) -> list[str]:
         return [str(e) for e in self.entries]

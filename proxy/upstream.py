@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from .allowlist import Allowlist, Target
+from .allowlist import Allowlist, IPAddress, Target
 
 SockAddr = tuple[Any, ...]
 Resolved = tuple[int, SockAddr]  # (address family, sockaddr)
@@ -59,7 +59,7 @@ async def connect_tcp(family: int, sockaddr: SockAddr) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
-def _ip_of(sockaddr: SockAddr) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _ip_of(sockaddr: SockAddr) -> IPAddress:
     # IPv6 link-local results may carry a zone ("fe80::1%eth0"); the address is what matters.
     return ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
 
@@ -168,5 +168,27 @@ async def open_upstream(
             raise UpstreamError(502, "upstream name could not be resolved")
     with trio.move_on_at(deadline):
         stream, used = await _race(_interleave(candidates), connector)
+        this_host = _address_of_this_host(stream)
+        if this_host is not None and not allowlist.lists_address(*this_host):
+            await trio.aclose_forcefully(stream)
+            raise UpstreamError(403, "target resolves to an address of this host")
         return stream, format_sockaddr(used)
     raise UpstreamError(504, "upstream connect timed out")
+
+
+def _address_of_this_host(stream: trio.SocketStream) -> tuple[IPAddress, int] | None:
+    """The peer's address and port when the connection leads back to this host, else None.
+
+    The guarded ranges cannot name the parent's own VPC addresses (they differ per
+    instance), yet a listed name rebound to one would reach every service the parent
+    runs. The kernel answers that for us: a connection to one of this host's own
+    addresses is made *from* that same address. Checked on the live socket, so what is
+    refused is exactly where the connection went.
+    """
+    try:
+        local = _ip_of(tuple(stream.socket.getsockname()))
+        peer_address = tuple(stream.socket.getpeername())
+        peer = _ip_of(peer_address)
+    except (OSError, ValueError):
+        return None
+    return (peer, int(peer_address[1])) if local == peer else None

@@ -256,7 +256,8 @@ async def test_guarded_addresses_are_skipped_but_others_used() -> None:
             return await trio.open_tcp_stream("127.0.0.1", port)
 
         async with running_proxy(
-            ("mixed.test:443",),
+            # The connector lands on this host's loopback: that address must be listed.
+            ("mixed.test:443", f"127.0.0.1:{port}"),
             names={"mixed.test": ["169.254.169.254", "192.0.2.10"]},
             connector=record,
         ) as proxy:
