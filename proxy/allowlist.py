@@ -27,18 +27,25 @@ _MAX_NAME = 253
 _NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0x[0-9a-f]+)$")
 
 # Addresses a resolved name may never point at unless listed verbatim: the parent's
-# own loopback, link-local (IPv4 169.254/16 holds IMDS at 169.254.169.254), the IPv6
-# IMDS address, and "this host" (0.0.0.0 / ::, which connect to the local machine).
+# own loopback, link-local (IPv4 169.254/16 holds IMDS at 169.254.169.254, the Amazon
+# DNS at .253 and time sync at .123), the IPv6 forms of those three instance services,
+# "this host" (0.0.0.0 / ::, which connect to the local machine), and multicast and
+# broadcast, which no tunnel has any business with.
 _GUARDED_NETWORKS = tuple(
     ipaddress.ip_network(n)
     for n in (
         "127.0.0.0/8",
         "169.254.0.0/16",
         "0.0.0.0/8",
+        "224.0.0.0/4",
+        "255.255.255.255/32",
         "::1/128",
         "::/128",
         "fe80::/10",
+        "ff00::/8",
         "fd00:ec2::254/128",
+        "fd00:ec2::253/128",
+        "fd00:ec2::123/128",
     )
 )
 

@@ -124,7 +124,14 @@ def test_bad_entries(entry: str) -> None:
         ("10.0.0.1", False),
         ("52.94.1.1", False),
         ("2600:1f18::1", False),
-        ("fd00:ec2::253", False),
+        ("fd00:ec2::253", True),  # Amazon DNS (IPv6), like 169.254.169.253
+        ("fd00:ec2::123", True),  # Amazon Time Sync (IPv6), like 169.254.169.123
+        ("fd00:ec2::1", False),
+        ("224.0.0.1", True),
+        ("239.255.255.250", True),
+        ("255.255.255.255", True),
+        ("ff02::1", True),
+        ("::ffff:224.0.0.1", True),
     ],
 )
 def test_guarded_addresses(address: str, guarded: bool) -> None:
