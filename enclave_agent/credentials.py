@@ -85,7 +85,7 @@ def parse_credentials(body: bytes, *, now: datetime | None = None) -> Credential
     """The proxy's JSON answer (contract in CONTRACTS.md, section A)."""
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise CredentialsError("credentials from the proxy are not JSON") from None
     if not isinstance(document, dict):
         raise CredentialsError("credentials from the proxy are not a JSON object")

@@ -131,15 +131,16 @@ async def _read_body(
 
 
 def proxy_error_reason(body: bytes, fallback: str) -> str:
-    """The proxy's `{"error": ...}` text, printable and cut short, else ``fallback``."""
+    """The proxy's `{"error": ...}` text, else ``fallback``; printable and cut short,
+    as the proxy is not trusted to write our messages."""
+    text = fallback
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return fallback
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        document = None
     if isinstance(document, dict) and isinstance(document.get("error"), str):
-        # the proxy is not trusted to write our messages: printable text, cut short
-        return "".join(c for c in document["error"] if c.isprintable())[:200]
-    return fallback
+        text = document["error"]
+    return "".join(c for c in text if c.isprintable())[:200]
 
 
 async def open_tunnel(proxy: Address, host: str, port: int) -> trio.abc.Stream:
@@ -179,9 +180,8 @@ async def establish_tunnel(
         if not isinstance(event, h11.Response):
             raise TransportError(f"proxy at {proxy} answered CONNECT oddly", retryable=True)
         if not 200 <= event.status_code < 300:  # any 2xx opens the tunnel (RFC 9110)
-            fallback = "".join(c for c in event.reason.decode("latin-1") if c.isprintable())
             body, _ = await _read_body(conn, raw, _MAX_ERROR_BODY, "proxy CONNECT")
-            reason = proxy_error_reason(body, fallback)
+            reason = proxy_error_reason(body, event.reason.decode("latin-1"))
             raise TransportError(
                 f"proxy refused CONNECT {target}: {event.status_code} {reason}",
                 # 502/503/504 are the proxy's transient answers (upstream down, over

@@ -62,6 +62,7 @@ def test_parse_contract_shape() -> None:
     [
         b"nope",
         b"[]",
+        b"[" * 50000,  # deeper than json's recursion limit
         b'{"AccessKeyId":"A"}',
         b'{"AccessKeyId":"A","SecretAccessKey":""}',
         b'{"AccessKeyId":"A","SecretAccessKey":"S","Token":5}',
@@ -221,3 +222,15 @@ async def test_fetch_from_proxy(nursery: trio.Nursery) -> None:
     assert info.value.retryable
     with pytest.raises(CredentialsError, match="cannot reach the proxy"):
         await proxy_fetcher(parse_address("tcp:127.0.0.1:1"))()
+
+
+async def test_deeply_nested_proxy_error_body_is_a_credentials_error(
+    nursery: trio.Nursery,
+) -> None:
+    relay = Relay()
+    await relay.serve(nursery)
+    relay.credentials_body = b"[" * 50000
+    for status in (503, 200):
+        relay.credentials_status = status
+        with pytest.raises(CredentialsError, match="503|not JSON"):
+            await proxy_fetcher(parse_address(relay.address))()

@@ -193,6 +193,7 @@ class Relay:
         }
     )
     credentials_status: int = 200
+    credentials_body: bytes | None = None  # sent as is (with credentials_status) when set
     refuse_connect: tuple[int, str] | None = None
     credential_requests: int = 0
     tunnels: int = 0
@@ -211,9 +212,13 @@ class Relay:
         return f"tcp:127.0.0.1:{self.port}"
 
     async def _answer(
-        self, stream: trio.SocketStream, conn: h11.Connection, status: int, body: dict[str, Any]
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        status: int,
+        body: dict[str, Any] | bytes,
     ) -> None:
-        data = json.dumps(body).encode()
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         out = conn.send(
             h11.Response(
                 status_code=status,
@@ -238,7 +243,9 @@ class Relay:
                 pass
             if event.method == b"GET" and event.target == b"/v1/credentials":
                 self.credential_requests += 1
-                if self.credentials_status != 200:
+                if self.credentials_body is not None:
+                    await self._answer(stream, conn, self.credentials_status, self.credentials_body)
+                elif self.credentials_status != 200:
                     await self._answer(
                         stream, conn, self.credentials_status, {"error": "no credentials"}
                     )

@@ -85,6 +85,16 @@ async def test_tunnel_keeps_bytes_that_came_with_the_connect_answer(nursery: tri
             "504 Gateway Timeout",
             True,
         ),
+        (
+            b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 4000\r\n\r\n" + b"[" * 4000,
+            "502 Bad Gateway",
+            True,
+        ),
+        (
+            b"HTTP/1.1 403 \x85Forbidden\r\nContent-Length: 0\r\n\r\n",
+            "403 Forbidden",
+            False,
+        ),
     ],
 )
 async def test_connect_failures(
