@@ -356,6 +356,11 @@ def test_admin_routes_need_the_token(local_kms: dict[str, Any]) -> None:
         response = conn.getresponse()
         assert response.status == 400
         response.read()
+        nested = b"[" * 100_000  # deeper than json can parse: RecursionError
+        conn.request("POST", "/_local_kms/faults", body=nested, headers=token)
+        response = conn.getresponse()
+        assert response.status == 400
+        response.read()
         conn.request("POST", "/", body=b"{}", headers={"X-Amz-Target": "Nope"})
         response = conn.getresponse()
         assert response.status == 400

@@ -239,7 +239,7 @@ class KmsHttpServer:
             return _json_reply(405, {"error": "admin routes take POST"})
         try:
             document = json.loads(request.body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             return _json_reply(400, {"error": "body is not JSON"})
         if path == ADMIN_PREFIX + "faults":
             try:
