@@ -104,7 +104,8 @@ class _Record:
             "duration_s": round(trio.current_time() - self.started, 6),
         }
         if self.reason is not None:
-            fields["reason"] = self.reason
+            # Reasons may quote the client's target (a bad CONNECT target): capped too.
+            fields["reason"] = self.reason[:_LOGGED_TARGET]
         if self.upstream is not None:
             fields["upstream"] = self.upstream
         if self.relay is not None:

@@ -527,3 +527,17 @@ def test_any_bytes_get_a_clear_answer_and_the_proxy_keeps_serving(raw: bytes) ->
     assert healthy
     # Never a crash (500) and never a tunnel: echo.test resolves to nothing here.
     assert status is None or status in (200, 400, 403, 404, 405, 408, 431, 502), status
+
+
+async def test_client_chosen_text_is_capped_in_the_log_event() -> None:
+    """A 12 KB CONNECT target must not become a 12 KB log line (target nor reason)."""
+    logs = capture_logs()
+    long_name = ".".join(["a" * 60] * 200)
+    async with running_proxy(("echo.test:443",)) as proxy:
+        status, _, _ = await request(
+            proxy.port, f"CONNECT {long_name}:443 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+    assert status == 400
+    (event,) = [e for e in log_events(logs) if e.get("event") == "request"]
+    assert len(event["target"]) <= 300
+    assert len(event["reason"]) <= 300
