@@ -285,6 +285,12 @@ class _Connection:
     async def _drain_body_or_fail(self, record: _Record) -> None:
         # The head's time limit applies to the body too: a body trickled in byte by
         # byte must not hold the connection (and its place under max_tunnels) for ever.
+        if record.method != "CONNECT" and self.h11.they_are_waiting_for_100_continue:
+            # The client holds its body back until told to go on: tell it. (Not before a
+            # CONNECT's answer: a tunnel client expects the 200 as the first line.)
+            await self.stream.send_all(
+                self.h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
         try:
             with trio.fail_after(self.ctx.config.header_timeout):
                 complete = await self._drain_body()

@@ -541,3 +541,19 @@ async def test_client_chosen_text_is_capped_in_the_log_event() -> None:
     (event,) = [e for e in log_events(logs) if e.get("event") == "request"]
     assert len(event["target"]) <= 300
     assert len(event["reason"]) <= 300
+
+
+async def test_expect_100_continue_is_answered() -> None:
+    """A client that sends Expect: 100-continue waits for the 100 before its body."""
+    async with running_proxy((), header_timeout=2.0) as proxy:
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        await stream.send_all(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        with trio.fail_after(10):
+            status, _, rest = await read_head(stream)
+            assert status == 100 and rest == b""
+            await stream.send_all(b"{}")
+            status, _, _ = await read_head(stream)
+        assert status == 200
+        await stream.aclose()
