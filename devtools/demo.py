@@ -37,10 +37,8 @@ from devtools.devstack import (
     create_enclave_key,
     direct_kms_client,
     log_events,
-    read_json_object,
-    spawn,
+    start_with_state_file,
     stop_process,
-    wait_for,
 )
 
 START_TIMEOUT = 120.0
@@ -60,33 +58,18 @@ def detail(text: str) -> None:
 
 def start_devstack(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     state_file = work / "devstack.json"
-    log_path = work / "devstack.err"
-    process = spawn(
-        [
-            sys.executable,
-            "-m",
-            "devtools.devstack",
-            "--state-file",
-            str(state_file),
-            "--work-dir",
-            str(work / "stack"),
-        ],
-        log_path,
-        {**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
+    argv = [sys.executable, "-m", "devtools.devstack", "--state-file", str(state_file)]
     try:
-        state = wait_for(
-            process,
-            lambda: read_json_object(state_file),
-            name="the stack",
-            what="its state file",
-            log_path=log_path,
+        return start_with_state_file(
+            "the stack",
+            [*argv, "--work-dir", str(work / "stack")],
+            state_file,
+            log_path=work / "devstack.err",
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             timeout=START_TIMEOUT,
         )
     except DevStackError as exc:
-        stop_devstack(process)
         raise DemoFailed(str(exc)) from exc
-    return process, state
 
 
 def stop_devstack(process: subprocess.Popen[bytes]) -> None:

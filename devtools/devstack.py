@@ -173,6 +173,35 @@ class LocalKmsProcess:
         return stop_process(self.popen)
 
 
+def start_with_state_file(
+    name: str,
+    argv: Sequence[str],
+    state_file: Path,
+    *,
+    log_path: Path,
+    env: Mapping[str, str],
+    timeout: float = READY_TIMEOUT,
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start ``argv``, which writes ``state_file`` (a JSON object) when ready, and wait
+    for it. DevStackError (with the end of the log) if it does not come up; the process
+    is then stopped and reaped."""
+    state_file.unlink(missing_ok=True)  # a stale file from an earlier run is not readiness
+    popen = spawn(argv, log_path, env)
+    try:
+        state = wait_for(
+            popen,
+            lambda: read_json_object(state_file),
+            name=name,
+            what="its state file",
+            log_path=log_path,
+            timeout=timeout,
+        )
+    except BaseException:
+        stop_process(popen)
+        raise
+    return popen, state
+
+
 def start_local_kms(
     state_file: Path,
     *args: str,
@@ -180,25 +209,15 @@ def start_local_kms(
     env: Mapping[str, str] | None = None,
     python: str = sys.executable,
 ) -> LocalKmsProcess:
-    """Start the local KMS stand-in and wait for its state file (DevStackError, with the
-    end of its log, if it does not come up; the process is then stopped and reaped)."""
-    state_file.unlink(missing_ok=True)  # a stale file from an earlier run is not readiness
-    popen = spawn(
+    """Start the local KMS stand-in (``args``: its options after ``--state-file``) and
+    wait for its state file, as ``start_with_state_file``."""
+    popen, state = start_with_state_file(
+        "local KMS",
         [python, "-m", "devtools.local_kms", "--state-file", str(state_file), *args],
-        log_path,
-        env if env is not None else python_env(),
+        state_file,
+        log_path=log_path,
+        env=env if env is not None else python_env(),
     )
-    try:
-        state = wait_for(
-            popen,
-            lambda: read_json_object(state_file),
-            name="local KMS",
-            what="its state file",
-            log_path=log_path,
-        )
-    except BaseException:
-        stop_process(popen)
-        raise
     state["state_file"] = str(state_file)
     return LocalKmsProcess(popen, log_path, state)
 
