@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from devtools.devstack import DevStack, _Process, log_events
+from devtools.devstack import DevStack, _Process, log_events, spawn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,14 +87,9 @@ def start_proxy(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None
 ) -> Iterator[ProxyProcess]:
     log_path = tmp_path / f"proxy-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", *args],
-            cwd=REPO,
-            env=env or proxy_env(tmp_path),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process = spawn(
+        [sys.executable, "-m", "proxy.cli", *args], log_path, env or proxy_env(tmp_path)
+    )
     try:
         yield ProxyProcess(process, log_path)
     finally:
