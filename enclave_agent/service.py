@@ -61,24 +61,27 @@ def open_nsm(config: AgentConfig) -> Nsm:
 def check_socket_directory(directory: Path) -> None:
     """Refuse a socket directory where someone else could swap the socket.
 
-    Why: whoever can rename or unlink entries in the directory can put their own
-    socket at the path after we bind; apps would then take "plaintext" and data
-    keys from an impostor. The directory must belong to us or root and be writable
-    by nobody else, unless sticky (as /tmp is: others cannot remove our entry).
+    Why: whoever can rename or unlink entries in the directory, or in any directory
+    above it, can put their own socket at the path after we bind; apps would then
+    take "plaintext" and data keys from an impostor. Each of them must belong to us
+    or root and be writable by nobody else, unless sticky (as /tmp is: others
+    cannot remove or rename our entry).
     """
-    info = os.stat(directory)
-    if info.st_uid not in (0, os.geteuid()):
-        raise OSError(
-            errno.EPERM,
-            f"socket directory {directory} belongs to uid {info.st_uid}: "
-            "its owner could replace the agent's socket",
-        )
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
-        raise OSError(
-            errno.EPERM,
-            f"socket directory {directory} is writable by others (mode "
-            f"{stat.S_IMODE(info.st_mode):04o}): they could replace the agent's socket",
-        )
+    resolved = directory.resolve()
+    for place in (resolved, *resolved.parents):
+        info = os.stat(place)
+        if info.st_uid not in (0, os.geteuid()):
+            raise OSError(
+                errno.EPERM,
+                f"socket directory {place} belongs to uid {info.st_uid}: "
+                "its owner could replace the agent's socket",
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+            raise OSError(
+                errno.EPERM,
+                f"socket directory {place} is writable by others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}): they could replace the agent's socket",
+            )
 
 
 def kms_settings(config: AgentConfig) -> KmsSettings:

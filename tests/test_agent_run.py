@@ -205,20 +205,26 @@ def test_run_gives_the_command_default_sigpipe(tmp_path: Path) -> None:
 
 
 def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
-    # Anyone who can write the directory could swap the socket for their own.
+    # Anyone who can write the directory, or one above it, could swap the socket.
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    config = write_config(tmp_path)
-    config.write_text(config.read_text().replace(str(tmp_path / "agent.sock"), str(shared / "a")))
-    argv = [*AGENT, "serve", "--config", str(config)]
-    result = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30)
-    log = result.stderr.decode(errors="replace")
-    assert result.returncode == 1, log
-    assert "writable by others" in log and not (shared / "a").exists()
+    (shared / "inner").mkdir(mode=0o755)
+
+    def serve_at(socket_path: Path) -> list[str]:
+        config = write_config(tmp_path)
+        text = config.read_text().replace(str(tmp_path / "agent.sock"), str(socket_path))
+        config.write_text(text)
+        return [*AGENT, "serve", "--config", str(config)]
+
+    for socket_path in (shared / "a", shared / "inner" / "a"):
+        result = subprocess.run(serve_at(socket_path), cwd=REPO, capture_output=True, timeout=30)
+        log = result.stderr.decode(errors="replace")
+        assert result.returncode == 1, log
+        assert "writable by others" in log and not socket_path.exists()
     # Sticky (as /tmp is), others cannot remove our entry: accepted.
     shared.chmod(0o1777)
-    process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE)
+    process = subprocess.Popen(serve_at(shared / "a"), cwd=REPO, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while not (shared / "a").exists() and process.poll() is None:
