@@ -7,7 +7,10 @@ around KMS calls (the gateway bounds its own pool). A connection is kept alive
 for further requests. Each request must arrive whole within ``header_timeout``
 once its first byte has come, and a kept-alive connection may idle at most
 ``idle_timeout``, so idle or trickling clients are cut off instead of pinning
-tasks. Bodies above ``max_body_bytes`` get 413 before they are read.
+tasks; an answer the client does not take within ``idle_timeout`` ends the
+connection too. Bodies above ``max_body_bytes`` get 413 before they are read. A
+failure in one connection ends that connection only (``trio.serve_listeners``
+would otherwise let it end the whole server).
 
 On the Unix socket the caller's SO_PEERCRED decides, on every connection, before
 any of its bytes are read or a connection slot is taken; a refused caller gets
