@@ -48,6 +48,7 @@ class SecretStore:
     def __init__(self, secrets: Mapping[str, SecretConfig]) -> None:
         self._configs = dict(secrets)
         self._values: dict[str, bytes] = {}
+        self._written: dict[Path, tuple[int, int]] = {}  # file copy -> (st_dev, st_ino)
 
     def __len__(self) -> int:
         return len(self._values)
@@ -71,7 +72,8 @@ class SecretStore:
                 return
             if secret.file is not None:
                 try:
-                    await trio.to_thread.run_sync(write_secret_file, secret.file, value)
+                    written = await trio.to_thread.run_sync(write_secret_file, secret.file, value)
+                    self._written[secret.file] = written
                 except OSError as exc:
                     failures[secret.name] = f"cannot write {secret.file}: {exc.strerror}"
                     return
@@ -90,12 +92,28 @@ class SecretStore:
             for secret in self._configs.values():
                 nursery.start_soon(one, secret)
         if failures:
+            # The agent will not start: the copies already written go with it.
+            self.remove_files()
             for name, reason in sorted(failures.items()):
                 log.error("secret_failed", name=name, reason=reason)
             raise SecretError(
                 "could not fetch secret(s): "
                 + "; ".join(f"{name} ({reason})" for name, reason in sorted(failures.items()))
             )
+
+    def remove_files(self) -> None:
+        """Delete the file copies this store wrote, when the agent stops.
+
+        Why: in an enclave they vanish with its memory anyway, but on a development
+        machine's disk a plaintext copy would outlive the agent. A path that now
+        holds another file (not the one written) is left alone.
+        """
+        for path, identity in list(self._written.items()):
+            with contextlib.suppress(OSError):
+                info = os.lstat(path)
+                if (info.st_dev, info.st_ino) == identity:
+                    os.unlink(path)
+            del self._written[path]
 
 
 # Filesystems that live in memory only. An enclave's root is an initramfs (rootfs);
@@ -124,8 +142,9 @@ def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
     return best[1] if best else None
 
 
-def write_secret_file(path: Path, value: bytes) -> None:
-    """Write ``value`` to ``path`` with mode 0400, atomically (temp file + rename)."""
+def write_secret_file(path: Path, value: bytes) -> tuple[int, int]:
+    """Write ``value`` to ``path`` with mode 0400, atomically (temp file + rename);
+    returns the new file's (st_dev, st_ino)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -134,8 +153,10 @@ def write_secret_file(path: Path, value: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(value)
+            info = os.fstat(handle.fileno())
         os.rename(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+    return info.st_dev, info.st_ino

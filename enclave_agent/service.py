@@ -101,6 +101,9 @@ async def run_agent(
     *,
     task_status: trio.TaskStatus[AgentReady] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    socket_path = config.listen.socket
+    Path(socket_path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    check_socket_directory(Path(socket_path).parent)
     nsm = open_nsm(config)
     recipient = RecipientKey.generate()
     gateway = KmsGateway(kms_settings(config), nsm, recipient)
@@ -111,9 +114,7 @@ async def run_agent(
             lambda: nsm.attestation(nonce=nonce, user_data=user_data, public_key=key)
         )
 
-    socket_path = config.listen.socket
-    Path(socket_path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    check_socket_directory(Path(socket_path).parent)
+    store = SecretStore(config.secrets)
     bound_socket = False
     try:
         async with contextlib.AsyncExitStack() as listeners:
@@ -135,7 +136,6 @@ async def run_agent(
                 tcp_address = bound
 
             # Apps may connect from now on; they wait in the backlog until secrets are in.
-            store = SecretStore(config.secrets)
             await store.load(gateway)
 
             server = AppServer(
@@ -159,6 +159,7 @@ async def run_agent(
                 )
                 task_status.started(AgentReady(socket_path, tcp_address, len(store)))
     finally:
+        store.remove_files()
         with trio.CancelScope(shield=True):
             await gateway.aclose()
         if bound_socket:

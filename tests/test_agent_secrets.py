@@ -70,6 +70,27 @@ async def test_a_refused_secret_stops_the_start_naming_it() -> None:
     assert "good" not in message
 
 
+async def test_file_copies_go_when_the_agent_stops_or_fails_to_start(tmp_path: Path) -> None:
+    kept, replaced = tmp_path / "kept", tmp_path / "replaced"
+    store = SecretStore(
+        {"a": SecretConfig("a", b"one", file=kept), "b": SecretConfig("b", b"two", file=replaced)}
+    )
+    await store.load(Gateway())
+    assert kept.exists() and replaced.exists()
+    other = tmp_path / "other"
+    other.write_bytes(b"someone else's file")
+    other.replace(replaced)  # not ours any more: left alone
+    store.remove_files()
+    assert not kept.exists() and replaced.read_bytes() == b"someone else's file"
+
+    failing = SecretStore(
+        {"good": SecretConfig("good", b"one", file=kept), "bad": SecretConfig("bad", b"refused")}
+    )
+    with pytest.raises(SecretError):
+        await failing.load(Gateway())
+    assert not kept.exists()
+
+
 def test_secret_file_is_replaced_atomically(tmp_path: Path) -> None:
     path = tmp_path / "s"
     write_secret_file(path, b"first")
