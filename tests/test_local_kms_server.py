@@ -32,6 +32,12 @@ MARKER = b"local-kms-plaintext-marker-7f3a"
 
 
 @pytest.fixture(scope="module")
+def nsm(enclave_ca: Path) -> SimulatedNsm:
+    """A simulated enclave (default PCRs) under the CA the stand-in trusts."""
+    return SimulatedNsm.load(enclave_ca)
+
+
+@pytest.fixture(scope="module")
 def kms(local_kms: dict[str, Any]) -> Any:
     return local_kms_client(local_kms)
 
@@ -67,7 +73,7 @@ def attested_key(kms: Any) -> str:
 def test_decrypt_needs_a_matching_attestation(
     kms: Any,
     attested_key: str,
-    enclave_ca: Path,
+    nsm: SimulatedNsm,
     enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
 ) -> None:
     blob = kms.encrypt(KeyId=attested_key, Plaintext=MARKER)["CiphertextBlob"]
@@ -76,9 +82,7 @@ def test_decrypt_needs_a_matching_attestation(
     assert error_code(caught) == "AccessDeniedException"
 
     _private, key = enclave_key
-    answer = kms.decrypt(
-        CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.load(enclave_ca), key)
-    )
+    answer = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(nsm, key))
     assert "Plaintext" not in answer
     assert answer["KeyId"].endswith(attested_key)
     assert answer["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
@@ -88,7 +92,7 @@ def test_decrypt_needs_a_matching_attestation(
 def test_openssl_and_crypto_core_open_the_answer(
     kms: Any,
     attested_key: str,
-    enclave_ca: Path,
+    nsm: SimulatedNsm,
     enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
     tmp_path: Path,
 ) -> None:
@@ -97,7 +101,7 @@ def test_openssl_and_crypto_core_open_the_answer(
     envelope = kms.decrypt(
         CiphertextBlob=blob,
         KeyId=attested_key,
-        Recipient=recipient(SimulatedNsm.load(enclave_ca), key),
+        Recipient=recipient(nsm, key),
     )["CiphertextForRecipient"]
     assert openssl_decrypt(tmp_path, envelope, private) == MARKER * 3
     assert decrypt_for_recipient(envelope, private) == MARKER * 3
@@ -131,10 +135,9 @@ def test_document_from_another_root_is_refused(
 def test_recipient_without_a_usable_key_or_algorithm_is_refused(
     kms: Any,
     attested_key: str,
-    enclave_ca: Path,
+    nsm: SimulatedNsm,
     enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
 ) -> None:
-    nsm = SimulatedNsm.load(enclave_ca)
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
     small_der = small.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -170,11 +173,10 @@ def test_bad_signature_and_unknown_key_are_refused(local_kms: dict[str, Any]) ->
 def test_generate_data_key_for_recipient_round_trips(
     kms: Any,
     attested_key: str,
-    enclave_ca: Path,
+    nsm: SimulatedNsm,
     enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
 ) -> None:
     key = enclave_key[1]
-    nsm = SimulatedNsm.load(enclave_ca)
     answer = kms.generate_data_key(
         KeyId=attested_key, KeySpec="AES_256", Recipient=recipient(nsm, key)
     )
@@ -191,11 +193,10 @@ def test_generate_data_key_for_recipient_round_trips(
 def test_generate_random_and_key_pair_for_recipient(
     kms: Any,
     attested_key: str,
-    enclave_ca: Path,
+    nsm: SimulatedNsm,
     enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
 ) -> None:
     key = enclave_key[1]
-    nsm = SimulatedNsm.load(enclave_ca)
     answer = kms.generate_random(NumberOfBytes=48, Recipient=recipient(nsm, key))
     assert "Plaintext" not in answer
     assert len(key.open(answer["CiphertextForRecipient"])) == 48
@@ -238,7 +239,7 @@ def test_plain_kms_without_recipient_still_works(kms: Any) -> None:
 
 
 def test_explicit_deny_and_malformed_policies(
-    kms: Any, enclave_ca: Path, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+    kms: Any, nsm: SimulatedNsm, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
 ) -> None:
     image = DEFAULT_SIMULATED_PCRS[0].hex()
     key_id = kms.create_key()["KeyMetadata"]["KeyId"]
@@ -266,9 +267,7 @@ def test_explicit_deny_and_malformed_policies(
     with pytest.raises(ClientError) as caught:
         kms.decrypt(CiphertextBlob=blob)
     assert "explicit deny" in caught.value.response["Error"]["Message"]
-    answer = kms.decrypt(
-        CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.load(enclave_ca), enclave_key[1])
-    )
+    answer = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(nsm, enclave_key[1]))
     assert enclave_key[1].open(answer["CiphertextForRecipient"]) == b"deny wins"
     with pytest.raises(ClientError) as caught:
         kms.create_key(Policy=json.dumps({"Statement": [{"Effect": "Allow"}]}))
