@@ -4,8 +4,9 @@ The agent reports ready only after every configured secret has been decrypted
 (``SecretStore.load``), so an app started by ``enclave-agent run`` finds them all;
 a secret that cannot be decrypted stops the start-up with its name and KMS's error
 type. Optional file copies (for apps that only read files) are written mode 0400
-through a temporary name and a rename, so an app never reads half a secret. Put
-them on a tmpfs: the enclave has no disk, but a development machine does.
+through a temporary name and a rename, so an app never reads half a secret, and
+deleted when the agent stops. Put them on a tmpfs: the enclave has no disk, but a
+development machine does.
 """
 
 from __future__ import annotations
