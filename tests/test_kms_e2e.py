@@ -84,18 +84,26 @@ def kms_client(local_kms: dict[str, Any]) -> Any:
     return local_kms_client(local_kms)
 
 
+def make_gateway(
+    local_kms: dict[str, Any], proxy: str, enclave_ca: Path, **settings: Any
+) -> KmsGateway:
+    """A gateway to the stand-in through ``proxy``, as a simulated enclave under
+    ``enclave_ca``; ``settings`` override KmsSettings fields."""
+    fields: dict[str, Any] = {
+        "region": local_kms["region"],
+        "proxy": parse_address(proxy),
+        "endpoint": local_kms["endpoint"],
+        "ca_bundle": local_kms["ca_bundle"],
+        **settings,
+    }
+    return KmsGateway(KmsSettings(**fields), SimulatedNsm.load(enclave_ca), RecipientKey.generate())
+
+
 @pytest.fixture
 async def gateway(
     local_kms: dict[str, Any], proxy: str, enclave_ca: Path
 ) -> AsyncIterator[KmsGateway]:
-    settings = KmsSettings(
-        region=local_kms["region"],
-        proxy=parse_address(proxy),
-        endpoint=local_kms["endpoint"],
-        ca_bundle=local_kms["ca_bundle"],
-        call_timeout=20.0,
-    )
-    gateway = KmsGateway(settings, SimulatedNsm.load(enclave_ca), RecipientKey.generate())
+    gateway = make_gateway(local_kms, proxy, enclave_ca, call_timeout=20.0)
     yield gateway
     await gateway.aclose()
 
@@ -204,13 +212,9 @@ async def test_retries_through_injected_faults(
 async def test_endpoint_not_on_the_allowlist_is_refused_by_the_proxy(
     local_kms: dict[str, Any], proxy: str, enclave_ca: Path
 ) -> None:
-    settings = KmsSettings(
-        region=local_kms["region"],
-        proxy=parse_address(proxy),
-        endpoint=f"https://localhost:{local_kms['port']}",
-        ca_bundle=local_kms["ca_bundle"],
+    gateway = make_gateway(
+        local_kms, proxy, enclave_ca, endpoint=f"https://localhost:{local_kms['port']}"
     )
-    gateway = KmsGateway(settings, SimulatedNsm.load(enclave_ca), RecipientKey.generate())
     with pytest.raises(KmsError) as info:
         await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
     await gateway.aclose()
@@ -241,14 +245,7 @@ async def test_many_concurrent_calls(gateway: KmsGateway, kms_client: Any) -> No
 async def test_deadline_with_a_stalled_kms(
     local_kms: dict[str, Any], proxy: str, enclave_ca: Path
 ) -> None:
-    settings = KmsSettings(
-        region=local_kms["region"],
-        proxy=parse_address(proxy),
-        endpoint=local_kms["endpoint"],
-        ca_bundle=local_kms["ca_bundle"],
-        call_timeout=1.0,
-    )
-    gateway = KmsGateway(settings, SimulatedNsm.load(enclave_ca), RecipientKey.generate())
+    gateway = make_gateway(local_kms, proxy, enclave_ca, call_timeout=1.0)
     set_faults(Path(local_kms["state_file"]), "delay", count=1, delay=3.0)
     with pytest.raises(KmsError) as info:
         await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
@@ -261,10 +258,7 @@ async def test_kms_certificate_not_trusted_by_the_bundle(
 ) -> None:
     # certifi's bundle does not hold the stand-in's trustme CA: exactly what a man in
     # the middle with a certificate from any other CA looks like to the agent.
-    settings = KmsSettings(
-        region=local_kms["region"], proxy=parse_address(proxy), endpoint=local_kms["endpoint"]
-    )
-    gateway = KmsGateway(settings, SimulatedNsm.load(enclave_ca), RecipientKey.generate())
+    gateway = make_gateway(local_kms, proxy, enclave_ca, ca_bundle=None)
     with pytest.raises(KmsError) as info:
         await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
     await gateway.aclose()
@@ -301,13 +295,7 @@ async def test_expired_session_credentials_are_replaced_once(
     async with trio.open_nursery() as nursery:
         relay = Relay(credentials=proxy_shape(mint_credentials(state_file, ttl=1)))
         await relay.serve(nursery)
-        settings = KmsSettings(
-            region=local_kms["region"],
-            proxy=parse_address(relay.address),
-            endpoint=local_kms["endpoint"],
-            ca_bundle=local_kms["ca_bundle"],
-        )
-        gateway = KmsGateway(settings, SimulatedNsm.load(enclave_ca), RecipientKey.generate())
+        gateway = make_gateway(local_kms, relay.address, enclave_ca)
         # an agent whose clock says the credentials are still good (skew)
         gateway.credentials = CredentialsProvider(
             proxy_fetcher(parse_address(relay.address)), clock=lambda: frozen
