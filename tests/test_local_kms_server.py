@@ -479,3 +479,41 @@ def test_bad_command_lines_fail_with_a_reason(tmp_path: Path) -> None:
         assert result.returncode != 0
         assert reason in result.stderr.decode()
     assert not (tmp_path / "s.json").exists()
+
+
+async def test_a_body_that_never_arrives_does_not_hold_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ssl
+
+    import trio
+    import trustme
+
+    from devtools.local_kms import server as server_module
+    from devtools.local_kms.credentials import CredentialStore
+    from devtools.local_kms.faults import FaultInjector
+    from devtools.local_kms.service import LocalKms
+
+    monkeypatch.setattr(server_module, "IDLE_TIMEOUT", 0.3)
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    credentials = CredentialStore()
+    kms = LocalKms(region="us-east-1", roots=[], credentials=credentials)
+    admin = server_module.Admin("token", FaultInjector(), credentials)
+    http = server_module.KmsHttpServer(kms, admin, server_context)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(http.serve, listeners)
+        stream = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", port, ssl_context=client_context, https_compatible=True
+        )
+        await stream.send_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        with trio.fail_after(30):  # without the limit the server waits for ever
+            while await stream.receive_some(65536):
+                pass
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
