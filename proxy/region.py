@@ -1,9 +1,9 @@
 """Finding the AWS region when none is configured: ask IMDSv2, briefly.
 
 IMDSv2 needs a session token (PUT) before any read (GET with the token). The endpoint
-follows botocore's ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` so a test or an unusual
-network can point it elsewhere; ``AWS_EC2_METADATA_DISABLED=true`` turns it off.
-urllib is blocking, so the lookup runs in trio.to_thread with a short timeout.
+follows botocore's ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` (and ``..._ENDPOINT_MODE=IPv6``)
+so a test, an IPv6-only instance or an unusual network can point it elsewhere;
+``AWS_EC2_METADATA_DISABLED=true`` turns it off. urllib is blocking, so the lookup runs in trio.to_thread with a short timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import trio
 
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+# botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6 (IPv6-only instances).
+IPV6_IMDS_ENDPOINT = "http://[fd00:ec2::254]"
 _REGION = re.compile(r"^[a-z]{2,}(?:-[a-z]+)+-\d{1,2}$")
 
 
@@ -25,7 +27,11 @@ class RegionError(Exception):
 
 
 def _imds_endpoint(environ: Mapping[str, str]) -> str:
-    endpoint = environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", DEFAULT_IMDS_ENDPOINT)
+    # The same choice botocore makes for the credentials: an explicit endpoint first,
+    # then the endpoint mode.
+    ipv6 = environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "").lower() == "ipv6"
+    default = IPV6_IMDS_ENDPOINT if ipv6 else DEFAULT_IMDS_ENDPOINT
+    endpoint = environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", default)
     if not endpoint.startswith("http://"):
         raise RegionError(f"AWS_EC2_METADATA_SERVICE_ENDPOINT must be http://..., got {endpoint!r}")
     return endpoint.rstrip("/")

@@ -294,3 +294,23 @@ async def test_assume_role_renewal_failure_keeps_still_valid_credentials(
     source._role = replace(first, expiration=now + dt.timedelta(seconds=60))
     with pytest.raises(CredentialsUnavailable, match="AssumeRole"):
         await source.get()
+
+
+def test_region_lookup_follows_botocore_imds_ipv6_mode() -> None:
+    """botocore fetches the credentials from IMDS over IPv6 when
+    AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6 (IPv6-only instances); the region
+    lookup must ask the same endpoint, not an IPv4 address that is not there."""
+    from proxy.region import _imds_endpoint
+
+    assert _imds_endpoint({}) == "http://169.254.169.254"
+    assert _imds_endpoint({"AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6"}) == (
+        "http://[fd00:ec2::254]"
+    )
+    assert _imds_endpoint({"AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "ipv4"}) == (
+        "http://169.254.169.254"
+    )
+    explicit = {
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9/",
+    }
+    assert _imds_endpoint(explicit) == "http://127.0.0.1:9"
