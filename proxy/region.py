@@ -3,7 +3,8 @@
 IMDSv2 needs a session token (PUT) before any read (GET with the token). The endpoint
 follows botocore's ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` (and ``..._ENDPOINT_MODE=IPv6``)
 so a test, an IPv6-only instance or an unusual network can point it elsewhere;
-``AWS_EC2_METADATA_DISABLED=true`` turns it off. urllib is blocking, so the lookup runs in trio.to_thread with a short timeout.
+``AWS_EC2_METADATA_DISABLED=true`` turns it off. urllib is blocking, so the lookup
+runs in trio.to_thread with a short timeout.
 """
 
 from __future__ import annotations
