@@ -23,7 +23,7 @@ from .allowlist import Allowlist, AllowlistError, parse_entry
 DEFAULT_LISTEN = "vsock:ANY:8000"
 DEFAULT_CONFIG_PATH = "/etc/enclave-proxy/proxy.toml"
 
-_REGION = re.compile(r"^[a-z]{2,}(?:-[a-z]+)+-\d{1,2}$")
+REGION_NAME = re.compile(r"^[a-z]{2,}(?:-[a-z]+)+-\d{1,2}$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 
 
@@ -80,7 +80,7 @@ def _string(value: Any, key: str) -> str:
 
 
 def check_region(region: str, key: str = "region") -> str:
-    if not _REGION.match(region):
+    if not REGION_NAME.match(region):
         raise ConfigError(f"{key}: {region!r} is not an AWS region name such as us-east-1")
     return region
 

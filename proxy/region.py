@@ -10,17 +10,17 @@ runs in trio.to_thread with a short timeout.
 from __future__ import annotations
 
 import os
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 
 import trio
 
+from .config import REGION_NAME
+
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
 # botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6 (IPv6-only instances).
 IPV6_IMDS_ENDPOINT = "http://[fd00:ec2::254]"
-_REGION = re.compile(r"^[a-z]{2,}(?:-[a-z]+)+-\d{1,2}$")
 
 
 class RegionError(Exception):
@@ -72,6 +72,6 @@ async def discover_region(
             f"no region configured and the instance metadata service at {endpoint} did not "
             f"answer ({type(e).__name__}): {hint}"
         ) from None
-    if not _REGION.match(region):
+    if not REGION_NAME.match(region):
         raise RegionError(f"instance metadata returned an invalid region {region[:40]!r}: {hint}")
     return region
