@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import stat
 from dataclasses import dataclass
@@ -84,6 +85,17 @@ def check_socket_directory(directory: Path) -> None:
             )
 
 
+def require_loopback(listener: trio.SocketListener) -> None:
+    """The TCP listener has no caller check: it must not be reachable from off the
+    enclave. The config admits only loopback literals and ``localhost``; this checks
+    what ``localhost`` actually resolved to."""
+    host = str(listener.socket.getsockname()[0])
+    if not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+        raise OSError(
+            errno.EADDRNOTAVAIL, f"listen.tcp is bound to {host}, which is not a loopback address"
+        )
+
+
 def kms_settings(config: AgentConfig) -> KmsSettings:
     return KmsSettings(
         region=config.region,
@@ -131,6 +143,7 @@ async def run_agent(
             if config.listen.tcp is not None:
                 tcp_listener = await open_listener(config.listen.tcp)
                 listeners.push_async_callback(tcp_listener.aclose)
+                require_loopback(tcp_listener)
                 bound = listener_address(tcp_listener, config.listen.tcp)
                 assert isinstance(bound, TcpAddress)
                 tcp_address = bound

@@ -394,3 +394,24 @@ def test_sigterm_during_startup_stops_without_starting_the_command(tmp_path: Pat
     assert code == 128 + signal.SIGTERM, log
     assert not (tmp_path / "must-not-exist").exists()
     assert any(e["event"] == "stopped_before_ready" for e in events(log))
+
+
+def test_the_tcp_listener_must_end_up_on_loopback() -> None:
+    from enclave_agent.service import require_loopback
+
+    class Bound:
+        def __init__(self, host: str) -> None:
+            self.host = host
+
+        def getsockname(self) -> tuple[str, int]:
+            return (self.host, 9000)
+
+    class Listener:
+        def __init__(self, host: str) -> None:
+            self.socket = Bound(host)
+
+    for host in ("127.0.0.1", "127.8.0.1", "::1"):
+        require_loopback(Listener(host))  # type: ignore[arg-type]
+    for host in ("10.0.0.1", "0.0.0.0", "::"):
+        with pytest.raises(OSError, match="not a loopback"):
+            require_loopback(Listener(host))  # type: ignore[arg-type]
