@@ -89,6 +89,15 @@ def test_run_starts_the_child_with_the_socket_and_returns_its_status(tmp_path: P
         info = os.stat(os.environ["ENCLAVE_AGENT_SOCKET"])
         assert info.st_mode & 0o777 == 0o660, oct(info.st_mode)
         assert info.st_gid == int(sys.argv[2]), info.st_gid
+        # No agent socket (nor the NSM) leaks into the app: with the listening
+        # socket it could accept other apps' connections in the agent's place.
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except FileNotFoundError:  # listdir's own descriptor, closed by now
+                pass
+        assert not [fd for fd in fds if fd.startswith("socket:") or "nsm" in fd], fds
         assert AgentClient().health() == {"status": "ok"}
         assert len(AgentClient().attestation(nonce=b"n")) > 1000
         sys.exit(7)
