@@ -330,7 +330,8 @@ def _listen(value: Any, base: Path, source: str) -> ListenConfig:
         tcp = address
     group = table.get("socket_group")
     if group is not None and (
-        isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < 2**32
+        # 2**32 - 1 is (gid_t)-1, which chown reads as "leave the group alone".
+        isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < 2**32 - 1
     ):
         raise ConfigError(f"{source}: listen.socket_group must be a numeric gid")
     return ListenConfig(socket=socket_path, socket_mode=mode, socket_group=group, tcp=tcp)

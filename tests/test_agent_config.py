@@ -123,6 +123,7 @@ def test_unknown_keys_are_named(text: str, names: list[str]) -> None:
         'region = "us-east-1"\n[listen]\nsocket_mode = "0666"',
         'region = "us-east-1"\n[listen]\nsocket_mode = "rw"',
         'region = "us-east-1"\n[listen]\nsocket_group = "staff"',
+        'region = "us-east-1"\n[listen]\nsocket_group = 4294967295',
         'region = "us-east-1"\n[listen]\ntcp = "tcp:0.0.0.0:9000"',
         'region = "us-east-1"\n[listen]\ntcp = "unix:/x"',
         'region = "us-east-1"\n[access]\nallowed_uids = ["root"]',
