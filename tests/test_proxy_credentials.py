@@ -6,6 +6,7 @@ shared files pointed at the test's own directory.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.server
 import json
@@ -136,9 +137,10 @@ async def test_credential_process_failure_is_503_reason(clean_aws_env: Path) -> 
         await source.get()
 
 
-async def test_assume_role_through_sts(
-    clean_aws_env: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextlib.contextmanager
+def _role_source_via_moto_sts(monkeypatch: pytest.MonkeyPatch) -> Iterator[CredentialSource]:
+    """A CredentialSource assuming a narrow role through moto's STS on loopback, with
+    base credentials from the environment; the STS server stops on leaving."""
     from moto.server import ThreadedMotoServer
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDBASE")
@@ -147,15 +149,21 @@ async def test_assume_role_through_sts(
     server.start()
     try:
         host, port = server.get_host_and_port()
-        source = CredentialSource(
+        yield CredentialSource(
             region="us-east-1",
             assume_role_arn="arn:aws:iam::123456789012:role/enclave-narrow",
             sts_endpoint=f"http://{host}:{port}",
         )
-        first = await source.get()
-        second = await source.get()
     finally:
         server.stop()
+
+
+async def test_assume_role_through_sts(
+    clean_aws_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _role_source_via_moto_sts(monkeypatch) as source:
+        first = await source.get()
+        second = await source.get()
     assert first.access_key_id != "AKIDBASE" and first.token
     assert first.expiration is not None and first.expiration > dt.datetime.now(dt.UTC)
     assert second == first  # cached until 15 minutes before expiry
@@ -270,23 +278,9 @@ async def test_assume_role_renewal_failure_keeps_still_valid_credentials(
     that are still good for minutes into a 503. Only nearly expired ones are dropped."""
     from dataclasses import replace
 
-    from moto.server import ThreadedMotoServer
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDBASE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        source = CredentialSource(
-            region="us-east-1",
-            assume_role_arn="arn:aws:iam::123456789012:role/enclave-narrow",
-            sts_endpoint=f"http://{host}:{port}",
-        )
+    with _role_source_via_moto_sts(monkeypatch) as source:
         first = await source.get()
-    finally:
-        server.stop()
     now = dt.datetime.now(dt.UTC)
     source._role = replace(first, expiration=now + dt.timedelta(minutes=10))
     kept = await source.get()
