@@ -45,15 +45,28 @@ def _certificate(key: RecipientKey, directory: Path) -> Path:
     return path
 
 
-def _openssl_encrypt(certificate: Path, plaintext: bytes, tmp_path: Path, *, stream: bool) -> bytes:
+KMS_KEY_OPTIONS = (
+    "-keyopt", "rsa_padding_mode:oaep",
+    "-keyopt", "rsa_oaep_md:sha256",
+    "-keyopt", "rsa_mgf1_md:sha256",
+)  # fmt: skip
+
+
+def _openssl_encrypt(
+    certificate: Path,
+    plaintext: bytes,
+    tmp_path: Path,
+    *,
+    stream: bool,
+    cipher: str = "-aes-256-cbc",
+    key_options: tuple[str, ...] = KMS_KEY_OPTIONS,
+) -> bytes:
+    """``openssl cms -encrypt`` for ``certificate``; by default in KMS's shape."""
     source = tmp_path / "plaintext.bin"
     source.write_bytes(plaintext)
     command = [
-        "openssl", "cms", "-encrypt", "-binary", "-aes-256-cbc", "-keyid",
-        "-recip", str(certificate),
-        "-keyopt", "rsa_padding_mode:oaep",
-        "-keyopt", "rsa_oaep_md:sha256",
-        "-keyopt", "rsa_mgf1_md:sha256",
+        "openssl", "cms", "-encrypt", "-binary", cipher, "-keyid",
+        "-recip", str(certificate), *key_options,
         "-outform", "DER", "-in", str(source),
     ]  # fmt: skip
     if stream:
@@ -88,44 +101,29 @@ def test_openssl_envelope_for_another_key_is_refused(
         recipient.open(envelope)
 
 
-def test_openssl_envelope_with_pkcs1_padding_is_refused(
-    recipient: RecipientKey, tmp_path: Path
+@pytest.mark.parametrize(
+    ("cipher", "key_options", "reason"),
+    [
+        ("-aes-256-cbc", (), "RSAES-OAEP"),  # PKCS#1 v1.5 key transport
+        ("-aes-128-cbc", KMS_KEY_OPTIONS, "AES-256-CBC"),
+        ("-aes-256-cbc", ("-keyopt", "rsa_padding_mode:oaep"), "sha1"),  # OAEP with SHA-1
+    ],
+    ids=["pkcs1-padding", "aes128", "sha1-oaep"],
+)
+def test_openssl_envelope_not_in_kms_shape_is_refused(
+    recipient: RecipientKey,
+    tmp_path: Path,
+    cipher: str,
+    key_options: tuple[str, ...],
+    reason: str,
 ) -> None:
-    source = tmp_path / "plaintext.bin"
-    source.write_bytes(b"secret")
-    envelope = subprocess.run(
-        ["openssl", "cms", "-encrypt", "-binary", "-aes-256-cbc", "-keyid",
-         "-recip", str(_certificate(recipient, tmp_path)), "-outform", "DER", "-in", str(source)],
-        capture_output=True, timeout=60, check=True,
-    ).stdout  # fmt: skip
-    with pytest.raises(CmsError, match="RSAES-OAEP"):
-        recipient.open(envelope)
-
-
-def test_openssl_envelope_with_aes128_is_refused(recipient: RecipientKey, tmp_path: Path) -> None:
-    source = tmp_path / "plaintext.bin"
-    source.write_bytes(b"secret")
-    envelope = subprocess.run(
-        ["openssl", "cms", "-encrypt", "-binary", "-aes-128-cbc", "-keyid",
-         "-recip", str(_certificate(recipient, tmp_path)),
-         "-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256",
-         "-keyopt", "rsa_mgf1_md:sha256", "-outform", "DER", "-in", str(source)],
-        capture_output=True, timeout=60, check=True,
-    ).stdout  # fmt: skip
-    with pytest.raises(CmsError, match="AES-256-CBC"):
-        recipient.open(envelope)
-
-
-def test_openssl_envelope_with_sha1_oaep_is_refused(
-    recipient: RecipientKey, tmp_path: Path
-) -> None:
-    source = tmp_path / "plaintext.bin"
-    source.write_bytes(b"secret")
-    envelope = subprocess.run(
-        ["openssl", "cms", "-encrypt", "-binary", "-aes-256-cbc", "-keyid",
-         "-recip", str(_certificate(recipient, tmp_path)),
-         "-keyopt", "rsa_padding_mode:oaep", "-outform", "DER", "-in", str(source)],
-        capture_output=True, timeout=60, check=True,
-    ).stdout  # fmt: skip
-    with pytest.raises(CmsError, match="sha1"):
+    envelope = _openssl_encrypt(
+        _certificate(recipient, tmp_path),
+        b"secret",
+        tmp_path,
+        stream=False,
+        cipher=cipher,
+        key_options=key_options,
+    )
+    with pytest.raises(CmsError, match=reason):
         recipient.open(envelope)
