@@ -210,42 +210,29 @@ async def test_startup_errors_are_clear(tmp_path: Path) -> None:
 
 
 def test_check_config(tmp_path: Path) -> None:
-    good = tmp_path / "good.toml"
-    good.write_text('allow = ["kms.*.amazonaws.com:443", "[::1]:8443"]\nregion = "eu-west-1"\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "check-config", str(good)],
-        cwd=REPO,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    def check_config(name: str, text: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / name
+        path.write_text(text)
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "check-config", str(path)],
+            cwd=REPO,
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = check_config(
+        "good.toml", 'allow = ["kms.*.amazonaws.com:443", "[::1]:8443"]\nregion = "eu-west-1"\n'
     )
     assert done.returncode == 0, done.stderr
     assert "kms.*.amazonaws.com:443" in done.stdout and "[::1]:8443" in done.stdout
 
-    region_only = tmp_path / "region.toml"
-    region_only.write_text('region = "cn-north-1"\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "check-config", str(region_only)],
-        cwd=REPO,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = check_config("region.toml", 'region = "cn-north-1"\n')
     assert done.returncode == 0
     assert "kms.cn-north-1.amazonaws.com.cn:443" in done.stdout
 
-    bad = tmp_path / "bad.toml"
-    bad.write_text('allow = ["*.com:443"]\nmax_tunels = 5\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "check-config", str(bad)],
-        cwd=REPO,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = check_config("bad.toml", 'allow = ["*.com:443"]\nmax_tunels = 5\n')
     assert done.returncode == 1
     assert "bad.toml" in done.stderr and ("max_tunels" in done.stderr or "*.com" in done.stderr)
 

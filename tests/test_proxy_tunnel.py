@@ -38,14 +38,7 @@ async def test_tls_through_tunnel_client_verifies_server() -> None:
     ca.configure_trust(client_ctx)
 
     async def tls_echo(stream: trio.SocketStream) -> None:
-        tls = trio.SSLStream(stream, server_ctx, server_side=True)
-        try:
-            async for chunk in tls:
-                await tls.send_all(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(tls)
+        await echo_handler(trio.SSLStream(stream, server_ctx, server_side=True))
 
     logs = capture_logs()
     async with tcp_server(tls_echo) as port:
