@@ -84,13 +84,62 @@ def parse_attestation(document: bytes) -> AttestationDocument:
     return _parse(document)[1]
 
 
+class ChainCache:
+    """Certificate chains already verified, by their exact DER bytes and root.
+
+    For a verifier that sees many documents (the local KMS stand-in): a chain (the
+    leaf, its cabundle and the root) is the same in every document an enclave sends
+    for hours, and checking it is most of the cost of a verification: three P-384
+    certificate signatures. A chain met before is trusted again only inside the
+    validity window of all its certificates, checked at each call; the document's own
+    COSE signature, by the leaf's key, is checked every call. Anything else (a chain
+    not met before, an instant outside the window) takes the full verification.
+    Not thread-safe: one per thread or event loop.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._chains: dict[tuple[bytes, bytes, tuple[bytes, ...]], _VerifiedChain] = {}
+
+    def leaf(
+        self, root_der: bytes, leaf_der: bytes, cabundle: list[bytes], at: datetime
+    ) -> x509.Certificate | None:
+        chain = self._chains.get((root_der, leaf_der, tuple(cabundle)))
+        if chain is not None and chain.valid_from <= at <= chain.valid_until:
+            return chain.leaf
+        return None
+
+    def remember(
+        self, root_der: bytes, leaf_der: bytes, cabundle: list[bytes], chain: list[x509.Certificate]
+    ) -> None:
+        if len(self._chains) >= self.size:
+            self._chains.clear()  # bounded: many distinct chains only cost re-verification
+        self._chains[(root_der, leaf_der, tuple(cabundle))] = _VerifiedChain(
+            leaf=chain[0],
+            valid_from=max(c.not_valid_before_utc for c in chain),
+            valid_until=min(c.not_valid_after_utc for c in chain),
+        )
+
+
+@dataclass(frozen=True)
+class _VerifiedChain:
+    leaf: x509.Certificate
+    valid_from: datetime  # the latest not-before of the chain's certificates
+    valid_until: datetime  # the earliest not-after
+
+
 def verify_attestation(
-    document: bytes, *, root: bytes = AWS_NITRO_ROOT_G1_PEM, at: datetime | None = None
+    document: bytes,
+    *,
+    root: bytes = AWS_NITRO_ROOT_G1_PEM,
+    at: datetime | None = None,
+    chains: ChainCache | None = None,
 ) -> AttestationDocument:
     """Parse ``document`` and check it fully (DESIGN.md §5); return its fields.
 
     ``root`` is the trusted root certificate, PEM or DER (default: AWS Nitro root G1).
     ``at`` is the instant the chain must be valid at (default now; naive means UTC).
+    ``chains``: remember verified certificate chains there (see ChainCache).
     """
     cose, parsed = _parse(document)
     instant = datetime.now(UTC) if at is None else at
@@ -98,7 +147,16 @@ def verify_attestation(
         instant = instant.replace(tzinfo=UTC)
     try:
         root_der = _load_root(root)
-        leaf = _verify_chain(parsed.certificate, parsed.cabundle, root_der, instant)
+        leaf = (
+            None
+            if chains is None
+            else chains.leaf(root_der, parsed.certificate, parsed.cabundle, instant)
+        )
+        if leaf is None:
+            chain = _verify_chain(parsed.certificate, parsed.cabundle, root_der, instant)
+            if chains is not None:
+                chains.remember(root_der, parsed.certificate, parsed.cabundle, chain)
+            leaf = chain[0]
         _verify_signature(cose, leaf)
     except AttestationError:
         raise
@@ -317,7 +375,8 @@ def _describe(certificate: x509.Certificate) -> str:
 
 def _verify_chain(
     leaf_der: bytes, cabundle: list[bytes], root_der: bytes, at: datetime
-) -> x509.Certificate:
+) -> list[x509.Certificate]:
+    """The verified chain, leaf first."""
     if not cabundle:
         raise CertificateChainError("the document has no cabundle: nothing chains to the root")
     if cabundle[0] != root_der:
@@ -351,7 +410,7 @@ def _verify_chain(
                 f"certificate {_describe(child)!r} is not issued by "
                 f"{_describe(certificate)!r}: {exc or type(exc).__name__}"
             ) from None
-    return chain[0]
+    return chain
 
 
 def _extension(certificate: x509.Certificate, kind: type[Any]) -> Any:

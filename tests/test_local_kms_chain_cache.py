@@ -9,7 +9,8 @@ import pytest
 
 from devtools.local_kms import recipient
 from devtools.local_kms.recipient import RecipientError, verify_recipient
-from enclave_agent.attestation import verify_attestation
+from enclave_agent.attestation import ChainCache
+from enclave_agent.attestation import _verify_chain as verify_chain
 from enclave_agent.nsm_sim import SimulatedNsm
 from enclave_agent.recipient import RecipientKey
 
@@ -29,12 +30,12 @@ def test_cached_chain_still_checks_each_signature_and_the_instant(
     roots = [nsm.root_pem]
     full_checks: list[bytes] = []
 
-    def counting(document: bytes, **kwargs: object) -> object:
-        full_checks.append(document)
-        return verify_attestation(document, **kwargs)  # type: ignore[arg-type]
+    def counting(leaf: bytes, *args: object) -> object:
+        full_checks.append(leaf)
+        return verify_chain(leaf, *args)
 
-    monkeypatch.setattr("devtools.local_kms.recipient.verify_attestation", counting)
-    monkeypatch.setattr(recipient, "_CHAINS", recipient._ChainCache())
+    monkeypatch.setattr("enclave_agent.attestation._verify_chain", counting)
+    monkeypatch.setattr(recipient, "_CHAINS", ChainCache())
     now = datetime.now(UTC)
 
     first = nsm.attestation(public_key=key.public_key_der)

@@ -11,19 +11,11 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from cryptography import x509
-
 from devtools.local_kms.envelope import EnvelopeError, load_recipient_key
-from enclave_agent.attestation import (
-    AttestationDocument,
-    AttestationError,
-    _parse,
-    _verify_signature,
-    verify_attestation,
-)
+from enclave_agent.attestation import AttestationError, ChainCache, verify_attestation
 
 KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
 # Distinct (root, cabundle, leaf) chains remembered; one enclave has one leaf at a time.
@@ -62,7 +54,7 @@ def verify_recipient(raw: Any, roots: Sequence[bytes], now: datetime) -> Verifie
     failures = []
     for root in roots:
         try:
-            verified = _CHAINS.verify(document, root, now)
+            verified = verify_attestation(document, root=root, at=now, chains=_CHAINS)
         except AttestationError as exc:
             failures.append(str(exc))
             continue
@@ -78,51 +70,5 @@ def verify_recipient(raw: Any, roots: Sequence[bytes], now: datetime) -> Verifie
     return VerifiedRecipient(verified.public_key, dict(verified.pcrs))
 
 
-@dataclass(frozen=True)
-class _VerifiedChain:
-    leaf: x509.Certificate
-    valid_from: datetime  # the latest not-before of the chain's certificates
-    valid_until: datetime  # the earliest not-after
-
-
-class _ChainCache:
-    """Certificate chains already verified, by their exact DER bytes and root.
-
-    A chain (the leaf, its cabundle and the root) is the same in every document an
-    enclave sends for hours, and checking it is most of the cost of a Recipient: three
-    P-384 certificate signatures. A chain met before is trusted again only inside the
-    validity window of all its certificates, checked at each call; the document's own
-    COSE signature, by the leaf's key, is checked every call. Anything else (a chain
-    not met before, an instant outside the window) takes the full verification.
-    """
-
-    def __init__(self, size: int = CHAIN_CACHE_SIZE) -> None:
-        self.size = size
-        self._chains: dict[tuple[bytes, bytes, tuple[bytes, ...]], _VerifiedChain] = {}
-
-    def verify(self, document: bytes, root: bytes, now: datetime) -> AttestationDocument:
-        if now.tzinfo is None:
-            now = now.replace(tzinfo=UTC)  # naive means UTC, as verify_attestation takes it
-        cose, parsed = _parse(document)
-        key = (root, parsed.certificate, tuple(parsed.cabundle))
-        chain = self._chains.get(key)
-        if chain is not None and chain.valid_from <= now <= chain.valid_until:
-            _verify_signature(cose, chain.leaf)
-            return parsed
-        verified = verify_attestation(document, root=root, at=now)
-        certificates = [
-            x509.load_der_x509_certificate(der)
-            for der in [verified.certificate, *verified.cabundle]
-        ]
-        if len(self._chains) >= self.size:
-            self._chains.clear()  # bounded: many distinct chains only cost re-verification
-        self._chains[key] = _VerifiedChain(
-            leaf=certificates[0],
-            valid_from=max(c.not_valid_before_utc for c in certificates),
-            valid_until=min(c.not_valid_after_utc for c in certificates),
-        )
-        return verified
-
-
 # The stand-in serves on one thread; the cache needs no lock.
-_CHAINS = _ChainCache()
+_CHAINS = ChainCache(CHAIN_CACHE_SIZE)
