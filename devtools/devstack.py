@@ -2,7 +2,7 @@
 
 ``scripts/devstack --state-file FILE`` (this module's ``main``) starts, in order:
 
-1. a simulated NSM CA (``python -m enclave_agent.nsm_sim init-ca DIR``), which the
+1. a simulated NSM CA (``python -m enclave_agent.simulated.nsm init-ca DIR``), which the
    agent signs attestation documents under and the local KMS trusts;
 2. the local KMS stand-in (HTTPS on loopback, moto behind it);
 3. enclave-proxy on ``tcp:127.0.0.1:0`` in place of vsock, allowing only the local
@@ -320,7 +320,7 @@ class DevStack:
 
     def make_ca(self) -> None:
         subprocess.run(
-            [self.python, "-m", "enclave_agent.nsm_sim", "init-ca", str(self.ca_dir)],
+            [self.python, "-m", "enclave_agent.simulated.nsm", "init-ca", str(self.ca_dir)],
             cwd=REPO_ROOT,
             env=self._env(),
             check=True,
@@ -445,7 +445,7 @@ class DevStack:
         return self.state()
 
     def pcrs(self) -> dict[str, str]:
-        from enclave_agent.nsm_sim import DEFAULT_SIMULATED_PCRS
+        from enclave_agent.simulated.nsm import DEFAULT_SIMULATED_PCRS
 
         values = dict(DEFAULT_SIMULATED_PCRS)
         values.update(self.pcr_overrides)
@@ -507,10 +507,10 @@ def direct_kms_client(state: Mapping[str, Any]) -> Any:
 
 
 def enclave_key_policy(account_id: str, pcr0_hex: str) -> dict[str, Any]:
-    """AWS's example policy (enclave_agent.key_policy): the role may Decrypt and
+    """AWS's example policy (enclave_agent.operator.key_policy): the role may Decrypt and
     GenerateDataKey only from an enclave whose image measures ``pcr0_hex``; the
     account keeps administration and Encrypt, never Decrypt."""
-    from enclave_agent.key_policy import Measurements, build_key_policy
+    from enclave_agent.operator.key_policy import Measurements, build_key_policy
 
     return build_key_policy(
         Measurements(pcrs={0: pcr0_hex}),

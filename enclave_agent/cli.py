@@ -9,15 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
-COMMAND_MODULES: tuple[str, ...] = ("key_policy_cmd", "verify_cmd", "agent_cmds")
+from enclave_agent.operator import key_policy_cmd, verify_cmd
+from enclave_agent.runtime import commands
 
-
-def _load(name: str) -> ModuleType:
-    import importlib
-
-    return importlib.import_module(f"enclave_agent.{name}")
+COMMAND_MODULES = (key_policy_cmd, verify_cmd, commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch secrets from AWS KMS inside a Nitro Enclave and serve them to apps.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        _load(name).add_parser(subparsers)
+    for module in COMMAND_MODULES:
+        module.add_parser(subparsers)
     return parser
 
 

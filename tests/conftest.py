@@ -32,7 +32,7 @@ def vectors_dir() -> Path:
 @pytest.fixture(scope="module")
 def enclave_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh simulated-NSM CA directory (one per test module), which ``local_kms`` trusts."""
-    from enclave_agent.nsm_sim import SimulatedNsm
+    from enclave_agent.simulated.nsm import SimulatedNsm
 
     ca_dir = tmp_path_factory.mktemp("simulated-nsm-ca")
     SimulatedNsm.create().save_ca(ca_dir)

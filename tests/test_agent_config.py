@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enclave_agent.config import (
+from enclave_agent.runtime.config import (
     DEFAULT_SOCKET,
     ConfigError,
     load_config,

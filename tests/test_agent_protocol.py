@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enclave_agent.app_protocol import (
+from enclave_agent.runtime.app_protocol import (
     KMS_CONTENT_TYPE,
     AppProtocolError,
     AttestationCall,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from enclave_agent import init
+from enclave_agent.runtime import init
 
 REPO = Path(__file__).resolve().parent.parent
 # chown to a group we are in needs no privilege; root may pick any.
@@ -270,7 +270,7 @@ def test_exit_code_convention() -> None:
 def test_interface_up_in_a_fresh_network_namespace() -> None:
     """A new network namespace starts with lo down, as an enclave does."""
     code = (
-        "from enclave_agent.init import interface_up\n"
+        "from enclave_agent.runtime.init import interface_up\n"
         "assert interface_up('lo') is True\n"
         "assert interface_up('lo') is False\n"
     )
@@ -406,7 +406,7 @@ def test_sigterm_during_startup_stops_without_starting_the_command(tmp_path: Pat
 
 
 def test_the_tcp_listener_must_end_up_on_loopback() -> None:
-    from enclave_agent.service import require_loopback
+    from enclave_agent.runtime.service import require_loopback
 
     class Bound:
         def __init__(self, host: str) -> None:

@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 
-from enclave_agent.config import SecretConfig
-from enclave_agent.kms import KmsError
-from enclave_agent.secrets import (
+from enclave_agent.runtime.config import SecretConfig
+from enclave_agent.runtime.kms import KmsError
+from enclave_agent.runtime.secrets import (
     SecretError,
     SecretStore,
     decrypt_request,

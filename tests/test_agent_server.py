@@ -18,9 +18,9 @@ import pytest
 import structlog
 import trio
 
-from enclave_agent.config import AccessConfig, Limits
-from enclave_agent.kms import KmsError
-from enclave_agent.server import AppServer
+from enclave_agent.runtime.config import AccessConfig, Limits
+from enclave_agent.runtime.kms import KmsError
+from enclave_agent.runtime.server import AppServer
 from enclave_common.address import TcpAddress, UnixAddress, listener_address, open_listener
 from enclave_common.logs import configure_logging
 

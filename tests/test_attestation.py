@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from enclave_agent.attestation import (
+from enclave_agent.operator.attestation import (
     AWS_NITRO_ROOT_G1_PEM,
     AttestationError,
     CertificateChainError,

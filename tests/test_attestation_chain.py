@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from enclave_agent.attestation import (
+from enclave_agent.operator.attestation import (
     CertificateChainError,
     MalformedDocumentError,
     SignatureError,

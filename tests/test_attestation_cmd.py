@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from enclave_agent.cli import main
-from enclave_agent.nsm_sim import SimulatedNsm
+from enclave_agent.simulated.nsm import SimulatedNsm
 
 PRODUCTION = "nitrite_production_2024-09-07.cbor"
 PRODUCTION_AT = "2024-09-07T14:37:40Z"

@@ -10,7 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enclave_agent.attestation import AttestationError, parse_attestation, verify_attestation
+from enclave_agent.operator.attestation import (
+    AttestationError,
+    parse_attestation,
+    verify_attestation,
+)
 
 # Generous deadline: it only catches a hang, never a slow shared machine.
 FUZZ = settings(

@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from enclave_agent.client import AgentClient, AgentError
-from enclave_agent.config import AccessConfig, Limits
-from enclave_agent.kms import KmsError
-from enclave_agent.server import AppServer
+from enclave_agent.runtime.config import AccessConfig, Limits
+from enclave_agent.runtime.kms import KmsError
+from enclave_agent.runtime.server import AppServer
 from enclave_common.address import UnixAddress, open_listener
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from enclave_agent.cms import CmsError, WrongRecipientError, decrypt_for_recipient
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.runtime.cms import CmsError, WrongRecipientError, decrypt_for_recipient
+from enclave_agent.runtime.recipient import RecipientKey
 
 PARSE_ONLY = [
     "sdkc_kms_response_parse_only.ber",

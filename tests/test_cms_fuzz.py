@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enclave_agent.cms import CmsError, decrypt_for_recipient
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.runtime.cms import CmsError, decrypt_for_recipient
+from enclave_agent.runtime.recipient import RecipientKey
 
 FUZZ = settings(
     max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -105,7 +105,7 @@ def ber_trees(draw: st.DrawFn, depth: int = 0) -> bytes:
 
 
 def _ours(tlv: object) -> object:
-    from enclave_agent import cms as cms_module
+    from enclave_agent.runtime import cms as cms_module
 
     assert isinstance(tlv, cms_module._Tlv)
     if not tlv.constructed:
@@ -131,7 +131,7 @@ def _theirs(encoded: bytes) -> tuple[object, int]:
 @FUZZ
 @given(ber_trees(), st.binary(max_size=4))
 def test_ber_reader_agrees_with_asn1crypto(encoded: bytes, trailing: bytes) -> None:
-    from enclave_agent import cms as cms_module
+    from enclave_agent.runtime import cms as cms_module
 
     data = encoded + trailing
     tlv, end = cms_module._read(data, 0, len(data), 0)

@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from enclave_agent.cms import CmsError, WrongRecipientError
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.runtime.cms import CmsError, WrongRecipientError
+from enclave_agent.runtime.recipient import RecipientKey
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not found")
 

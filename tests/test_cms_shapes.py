@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import hashes, padding
 from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from enclave_agent.cms import CmsError, WrongRecipientError, decrypt_for_recipient
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.runtime.cms import CmsError, WrongRecipientError, decrypt_for_recipient
+from enclave_agent.runtime.recipient import RecipientKey
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_oversized_envelope_is_refused(recipient: RecipientKey) -> None:
 
 
 def test_every_fast_path_oaep_form_passes_the_full_check() -> None:
-    from enclave_agent import cms as cms_module
+    from enclave_agent.runtime import cms as cms_module
 
     assert len(cms_module._ACCEPTED_OAEP) == 8
     for contents in cms_module._ACCEPTED_OAEP:

@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclave_agent.credentials import (
+from enclave_agent.runtime.credentials import (
     Credentials,
     CredentialsError,
     CredentialsProvider,

@@ -293,7 +293,7 @@ def test_kms_down_is_a_clear_error_and_the_agent_keeps_serving(stack: Stack) -> 
 
 def test_simulated_nsm_fail_with_config_knob() -> None:
     """The knob the NSM fault test uses: only with the simulated NSM, a string."""
-    from enclave_agent.config import ConfigError, parse_config
+    from enclave_agent.runtime.config import ConfigError, parse_config
 
     base = 'region = "us-east-1"\nnsm = "simulated"\n[simulated_nsm]\n'
     assert parse_config(base + 'fail_with = "InternalError"\n').simulated_nsm.fail_with == (

@@ -474,7 +474,7 @@ def test_agent_runs_without_core_dumps(stack: Stack) -> None:
 def test_disable_core_dumps_makes_the_process_undumpable() -> None:
     import ctypes
 
-    from enclave_agent import init
+    from enclave_agent.runtime import init
 
     read_end, write_end = os.pipe()
     pid = os.fork()

@@ -32,10 +32,10 @@ from stack import find_leaks
 
 from devtools.devstack import DevStack, create_enclave_key, direct_kms_client
 from devtools.local_kms.admin_client import set_faults
-from enclave_agent import service
 from enclave_agent.client import AgentClient, AgentError
-from enclave_agent.config import load_config
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.runtime import service
+from enclave_agent.runtime.config import load_config
+from enclave_agent.runtime.recipient import RecipientKey
 from enclave_common.logs import configure_logging
 
 SECRET = b"named-secret-" + secrets.token_hex(16).encode()

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclave_agent.key_policy import (
+from enclave_agent.operator.key_policy import (
     ADMIN_ACTIONS,
     IMAGE_CONDITION_KEY,
     KeyPolicyError,
@@ -339,8 +339,8 @@ def test_command_prints_policy_and_fails_clearly() -> None:
 
 
 def _verified_fields(path: Path) -> dict[str, object]:
-    from enclave_agent.attestation import parse_attestation, verify_attestation
-    from enclave_agent.verify_cmd import describe
+    from enclave_agent.operator.attestation import parse_attestation, verify_attestation
+    from enclave_agent.operator.verify_cmd import describe
 
     raw = path.read_bytes()
     at = parse_attestation(raw).timestamp
@@ -369,7 +369,7 @@ def test_real_debug_document_is_refused_without_consent(vectors_dir: Path) -> No
 
 
 def test_simulated_document_through_both_commands(tmp_path: Path) -> None:
-    from enclave_agent.nsm_sim import SimulatedNsm
+    from enclave_agent.simulated.nsm import SimulatedNsm
 
     enclave = SimulatedNsm.create()
     enclave.save_ca(tmp_path)

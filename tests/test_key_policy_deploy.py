@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from devtools.devstack import DevStack, local_kms_client
-from enclave_agent.config import parse_config
+from enclave_agent.runtime.config import parse_config
 from enclave_common.address import VsockAddress
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,8 +26,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from devtools.devstack import local_kms_client
-from enclave_agent.nsm_sim import SimulatedNsm
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.runtime.recipient import RecipientKey
+from enclave_agent.simulated.nsm import SimulatedNsm
 
 REPO = Path(__file__).resolve().parent.parent
 ROLE_NAME = "enclave-parent"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from enclave_agent.key_policy import parse_measurements
+from enclave_agent.operator.key_policy import parse_measurements
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"

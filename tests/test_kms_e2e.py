@@ -27,9 +27,9 @@ from devtools.devstack import (
     wait_for,
 )
 from devtools.local_kms.admin_client import set_faults
-from enclave_agent.kms import KmsError, KmsGateway, KmsSettings
-from enclave_agent.nsm_sim import SimulatedNsm
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings
+from enclave_agent.runtime.recipient import RecipientKey
+from enclave_agent.simulated.nsm import SimulatedNsm
 from enclave_common.address import parse_address
 
 
@@ -275,7 +275,7 @@ async def test_expired_session_credentials_are_replaced_once(
     import trio
 
     from devtools.local_kms.admin_client import mint_credentials
-    from enclave_agent.credentials import CredentialsProvider, proxy_fetcher
+    from enclave_agent.runtime.credentials import CredentialsProvider, proxy_fetcher
     from tests.test_kms_fakes import Relay
 
     def proxy_shape(minted: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trustme
 
-from enclave_agent.kms import KmsError, KmsGateway, KmsSettings, endpoint_host_port
+from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings, endpoint_host_port
 from enclave_common.address import parse_address
 from tests.test_kms_fakes import (
     FakeKms,
@@ -429,7 +429,7 @@ async def test_real_kms_envelope_is_opened_into_the_answer(stack: Stack, vectors
     answered by the fake KMS, comes out as the expected Plaintext."""
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from enclave_agent.recipient import RecipientKey
+    from enclave_agent.runtime.recipient import RecipientKey
 
     cms = vectors_dir / "cms"
     private = load_pem_private_key((cms / "enclaver_recipient_key.pem").read_bytes(), None)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclave_agent import kms_protocol as kp
+from enclave_agent.runtime import kms_protocol as kp
 
 B64 = base64.b64encode(b"x" * 40).decode()
 json_values = st.recursive(

@@ -9,10 +9,10 @@ import pytest
 
 from devtools.local_kms import recipient
 from devtools.local_kms.recipient import RecipientError, verify_recipient
-from enclave_agent.attestation import ChainCache
-from enclave_agent.attestation import _verify_chain as verify_chain
-from enclave_agent.nsm_sim import SimulatedNsm
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.operator.attestation import ChainCache
+from enclave_agent.operator.attestation import _verify_chain as verify_chain
+from enclave_agent.runtime.recipient import RecipientKey
+from enclave_agent.simulated.nsm import SimulatedNsm
 
 
 def _raw(document: bytes) -> dict[str, str]:
@@ -34,7 +34,7 @@ def test_cached_chain_still_checks_each_signature_and_the_instant(
         full_checks.append(leaf)
         return verify_chain(leaf, *args)
 
-    monkeypatch.setattr("enclave_agent.attestation._verify_chain", counting)
+    monkeypatch.setattr("enclave_agent.operator.attestation._verify_chain", counting)
     monkeypatch.setattr(recipient, "_CHAINS", ChainCache())
     now = datetime.now(UTC)
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devtools.local_kms.envelope import CONTENT_CHUNK, EnvelopeError, encrypt_for_recipient
-from enclave_agent.cms import decrypt_for_recipient
+from enclave_agent.runtime.cms import decrypt_for_recipient
 
 # Real KMS blob → (its encrypted content length, whether it is chunked-constructed).
 REAL_BLOBS = {

@@ -19,8 +19,8 @@ from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.recipient import RecipientError, verify_recipient
 from devtools.local_kms.service import LocalKms
 from devtools.local_kms.sigv4 import Request
-from enclave_agent.nsm_sim import SimulatedNsm
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.runtime.recipient import RecipientKey
+from enclave_agent.simulated.nsm import SimulatedNsm
 
 REGION = "us-east-1"
 

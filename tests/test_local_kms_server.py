@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from devtools.devstack import local_kms_client, start_local_kms
 from devtools.local_kms.admin_client import mint_credentials, set_faults
-from enclave_agent.cms import decrypt_for_recipient
-from enclave_agent.key_policy import Measurements, build_key_policy
-from enclave_agent.nsm_sim import DEFAULT_SIMULATED_PCRS, SimulatedNsm
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.operator.key_policy import Measurements, build_key_policy
+from enclave_agent.runtime.cms import decrypt_for_recipient
+from enclave_agent.runtime.recipient import RecipientKey
+from enclave_agent.simulated.nsm import DEFAULT_SIMULATED_PCRS, SimulatedNsm
 from tests.test_local_kms_envelope import openssl_decrypt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def error_code(caught: pytest.ExceptionInfo[ClientError]) -> str:
 
 @pytest.fixture(scope="module")
 def attested_key(kms: Any) -> str:
-    """A key whose policy (AWS's example shape, from enclave_agent.key_policy) needs attestation."""
+    """A key whose policy (AWS's example shape, operator.key_policy) needs attestation."""
     pcrs = {i: DEFAULT_SIMULATED_PCRS[i].hex() for i in (0, 1, 2)}
     document = build_key_policy(
         Measurements(pcrs),

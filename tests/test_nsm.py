@@ -14,16 +14,16 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from enclave_agent import nsm as nsm_module
-from enclave_agent.attestation import parse_attestation, verify_attestation
-from enclave_agent.nsm import (
+from enclave_agent.operator.attestation import parse_attestation, verify_attestation
+from enclave_agent.runtime import nsm as nsm_module
+from enclave_agent.runtime.nsm import (
     NSM_IOCTL_REQUEST,
     RESPONSE_BUFFER_BYTES,
     NsmDevice,
     NsmError,
     exchange_raw,
 )
-from enclave_agent.nsm_sim import SimulatedNsm
+from enclave_agent.simulated.nsm import SimulatedNsm
 
 IOVECS = struct.Struct("=QQQQ")
 
@@ -183,7 +183,7 @@ def test_describe_pcr_index_is_checked() -> None:
 
 
 def test_simulated_documents_verify_with_their_root_not_aws(simulated: SimulatedNsm) -> None:
-    from enclave_agent.attestation import AttestationError
+    from enclave_agent.operator.attestation import AttestationError
 
     document = simulated.attestation(public_key=b"pk")
     parsed = verify_attestation(document, root=simulated.root_pem)
@@ -204,7 +204,7 @@ def test_simulated_fail_with(simulated: SimulatedNsm) -> None:
 
 
 def test_simulated_pcrs_are_configurable() -> None:
-    from enclave_agent.nsm_sim import DEFAULT_SIMULATED_PCRS
+    from enclave_agent.simulated.nsm import DEFAULT_SIMULATED_PCRS
 
     assert all(DEFAULT_SIMULATED_PCRS[i] != bytes(48) for i in (0, 1, 2))
     nsm = SimulatedNsm.create(pcrs={3: b"\x33" * 48})
@@ -275,8 +275,8 @@ def test_simulated_chain_is_shaped_like_aws(simulated: SimulatedNsm) -> None:
 
 
 def test_simulated_leaf_expires_and_is_renewed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from enclave_agent import nsm_sim
-    from enclave_agent.attestation import CertificateChainError
+    from enclave_agent.operator.attestation import CertificateChainError
+    from enclave_agent.simulated import nsm as nsm_sim
 
     nsm = SimulatedNsm.create()
     document = nsm.attestation()
@@ -309,7 +309,7 @@ def test_init_ca_command(tmp_path: Path) -> None:
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "enclave_agent.nsm_sim", "init-ca", str(tmp_path / "ca")],
+        [sys.executable, "-m", "enclave_agent.simulated.nsm", "init-ca", str(tmp_path / "ca")],
         capture_output=True,
         timeout=60,
     )
@@ -352,7 +352,7 @@ def test_request_bytes_reach_the_kernel_unchanged() -> None:
 def test_loading_an_expiring_simulated_ca_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from enclave_agent import nsm_sim
+    from enclave_agent.simulated import nsm as nsm_sim
 
     monkeypatch.setattr(nsm_sim, "INTERMEDIATE_LIFETIME", timedelta(hours=1))
     SimulatedNsm.create().save_ca(tmp_path)

@@ -9,14 +9,14 @@ import cbor2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclave_agent.nsm import (
+from enclave_agent.runtime.nsm import (
     NsmError,
     read_attestation,
     read_describe_nsm,
     read_describe_pcr,
     read_random,
 )
-from enclave_agent.nsm_sim import SimulatedNsm
+from enclave_agent.simulated.nsm import SimulatedNsm
 
 FUZZ = settings(max_examples=150, deadline=5000)
 READERS: list[Callable[[bytes], Any]] = [

@@ -7,7 +7,7 @@ import hashlib
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from enclave_agent.recipient import RecipientKey
+from enclave_agent.runtime.recipient import RecipientKey
 
 
 def test_generate_is_rsa_2048_with_standard_exponent() -> None:
@@ -42,9 +42,9 @@ def test_no_plaintext_or_key_reaches_the_logs() -> None:
     import structlog
     from test_cms_shapes import build  # tests/ is on sys.path (rootdir-relative imports)
 
-    from enclave_agent.attestation import verify_attestation
-    from enclave_agent.cms import CmsError
-    from enclave_agent.nsm_sim import SimulatedNsm
+    from enclave_agent.operator.attestation import verify_attestation
+    from enclave_agent.runtime.cms import CmsError
+    from enclave_agent.simulated.nsm import SimulatedNsm
     from enclave_common.logs import configure_logging
 
     stream = io.StringIO()

@@ -14,7 +14,7 @@ import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclave_agent.transport import (
+from enclave_agent.runtime.transport import (
     KmsConnectionPool,
     TransportError,
     establish_tunnel,

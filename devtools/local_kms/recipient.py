@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from devtools.local_kms.envelope import EnvelopeError, load_recipient_key
-from enclave_agent.attestation import AttestationError, ChainCache, verify_attestation
+from enclave_agent.operator.attestation import AttestationError, ChainCache, verify_attestation
 
 KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
 # Distinct (root, cabundle, leaf) chains remembered; one enclave has one leaf at a time.

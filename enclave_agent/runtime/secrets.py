@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 import trio
 
-from enclave_agent.config import SecretConfig
-from enclave_agent.kms import KmsError
+from enclave_agent.runtime.config import SecretConfig
+from enclave_agent.runtime.kms import KmsError
 from enclave_common.logs import get_logger
 
 log = get_logger()

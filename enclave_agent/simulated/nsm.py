@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from enclave_agent.nsm import MAX_PCR_INDEX, NsmClient, NsmError
+from enclave_agent.runtime.nsm import MAX_PCR_INDEX, NsmClient, NsmError
 from enclave_common.logs import get_logger
 
 PCR_BYTES = 48
@@ -198,7 +198,7 @@ class SimulatedNsm(NsmClient):
         if expiry - datetime.now(UTC) < LEAF_LIFETIME:
             raise ValueError(
                 f"the simulated NSM CA in {ca_dir} expires at {expiry.isoformat()}; "
-                "create a new one with `python -m enclave_agent.nsm_sim init-ca DIR`"
+                "create a new one with `python -m enclave_agent.simulated.nsm init-ca DIR`"
             )
         return cls(root=root, intermediates=intermediates, issuer_key=key, pcrs=pcrs)
 
@@ -323,7 +323,7 @@ def _error(name: str) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m enclave_agent.nsm_sim", description="Simulated NSM tooling."
+        prog="python -m enclave_agent.simulated.nsm", description="Simulated NSM tooling."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     init_ca = commands.add_parser("init-ca", help="create a simulated NSM CA and save it to DIR")

@@ -33,8 +33,8 @@ from typing import Any, Protocol
 import h11
 import trio
 
-from enclave_agent import app_protocol
-from enclave_agent.app_protocol import (
+from enclave_agent.runtime import app_protocol
+from enclave_agent.runtime.app_protocol import (
     AppProtocolError,
     AppResponse,
     AttestationCall,
@@ -42,10 +42,10 @@ from enclave_agent.app_protocol import (
     KmsCall,
     SecretCall,
 )
-from enclave_agent.config import AccessConfig, Limits
-from enclave_agent.kms import KmsError
-from enclave_agent.nsm import NsmError
-from enclave_agent.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
+from enclave_agent.runtime.config import AccessConfig, Limits
+from enclave_agent.runtime.kms import KmsError
+from enclave_agent.runtime.nsm import NsmError
+from enclave_agent.runtime.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
 from enclave_common.address import describe_peer
 from enclave_common.logs import get_logger
 

@@ -32,15 +32,15 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
-from enclave_agent import kms_protocol
-from enclave_agent.credentials import (
+from enclave_agent.runtime import kms_protocol
+from enclave_agent.runtime.credentials import (
     Credentials,
     CredentialsError,
     CredentialsProvider,
     proxy_fetcher,
 )
-from enclave_agent.nsm import Attester
-from enclave_agent.transport import KmsConnectionPool, TransportError, make_ssl_context
+from enclave_agent.runtime.nsm import Attester
+from enclave_agent.runtime.transport import KmsConnectionPool, TransportError, make_ssl_context
 from enclave_common.address import Address, VsockAddress
 from enclave_common.logs import get_logger
 
@@ -53,7 +53,7 @@ _log = get_logger()
 
 
 class Recipient(Protocol):
-    """What the gateway needs from our key (``enclave_agent.recipient.RecipientKey``)."""
+    """What the gateway needs from our key (``enclave_agent.runtime.recipient.RecipientKey``)."""
 
     @property
     def public_key_der(self) -> bytes: ...

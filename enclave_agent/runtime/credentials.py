@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from enclave_agent.transport import TransportError, http_get, proxy_error_reason
+from enclave_agent.runtime.transport import TransportError, http_get, proxy_error_reason
 from enclave_common.address import Address
 
 CREDENTIALS_PATH = "/v1/credentials"

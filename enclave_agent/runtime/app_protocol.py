@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from enclave_agent.config import SECRET_NAME
+from enclave_agent.runtime.config import SECRET_NAME
 
 KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "TrentService."

@@ -23,12 +23,12 @@ from typing import Any
 
 import trio
 
-from enclave_agent import init
 from enclave_agent.client import SOCKET_ENV, AgentClient, AgentError
-from enclave_agent.config import AgentConfig, ConfigError, load_config
-from enclave_agent.nsm import NsmError
-from enclave_agent.secrets import SecretError
-from enclave_agent.service import AgentReady, run_agent
+from enclave_agent.runtime import init
+from enclave_agent.runtime.config import AgentConfig, ConfigError, load_config
+from enclave_agent.runtime.nsm import NsmError
+from enclave_agent.runtime.secrets import SecretError
+from enclave_agent.runtime.service import AgentReady, run_agent
 from enclave_common.logs import configure_logging, get_logger
 
 DEFAULT_CONFIG = "/etc/enclave-agent/agent.toml"

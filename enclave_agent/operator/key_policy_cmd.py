@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from enclave_agent.key_policy import (
+from enclave_agent.operator.key_policy import (
     DEFAULT_OPERATIONS,
     MAX_INPUT_BYTES,
     RECIPIENT_OPERATIONS,

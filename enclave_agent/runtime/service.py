@@ -25,12 +25,12 @@ from pathlib import Path
 
 import trio
 
-from enclave_agent.config import NSM_SIMULATED, AgentConfig
-from enclave_agent.kms import KmsGateway, KmsSettings
-from enclave_agent.nsm import Nsm, NsmDevice
-from enclave_agent.recipient import RecipientKey
-from enclave_agent.secrets import SecretStore
-from enclave_agent.server import AppServer
+from enclave_agent.runtime.config import NSM_SIMULATED, AgentConfig
+from enclave_agent.runtime.kms import KmsGateway, KmsSettings
+from enclave_agent.runtime.nsm import Nsm, NsmDevice
+from enclave_agent.runtime.recipient import RecipientKey
+from enclave_agent.runtime.secrets import SecretStore
+from enclave_agent.runtime.server import AppServer
 from enclave_common.address import TcpAddress, UnixAddress, listener_address, open_listener
 from enclave_common.logs import get_logger
 
@@ -46,7 +46,7 @@ class AgentReady:
 
 def open_nsm(config: AgentConfig) -> Nsm:
     if config.nsm == NSM_SIMULATED:
-        from enclave_agent.nsm_sim import SimulatedNsm
+        from enclave_agent.simulated.nsm import SimulatedNsm
 
         pcrs = dict(config.simulated_nsm.pcrs)
         if config.simulated_nsm.ca_dir is not None:

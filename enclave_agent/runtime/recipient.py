@@ -7,7 +7,7 @@ import hashlib
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from enclave_agent.cms import decrypt_for_recipient
+from enclave_agent.runtime.cms import decrypt_for_recipient
 
 KEY_SIZE = 2048
 PUBLIC_EXPONENT = 65537

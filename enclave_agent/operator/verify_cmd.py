@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
-from enclave_agent.attestation import (
+from enclave_agent.operator.attestation import (
     AWS_NITRO_ROOT_G1_PEM,
     MAX_DOCUMENT_BYTES,
     AttestationDocument,

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-from enclave_agent.config import AccessConfig
+from enclave_agent.runtime.config import AccessConfig
 
 _UCRED = struct.Struct("iII")  # pid_t (signed), uid_t, gid_t
 # Linux's value; the socket module exposes it on Linux, the fallback keeps mypy and

@@ -1,0 +1,1 @@
+"""Operator tools, run outside the enclave: key policies and attestation checks."""

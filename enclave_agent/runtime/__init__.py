@@ -1,0 +1,1 @@
+"""The in-enclave agent: everything that runs inside the enclave image."""

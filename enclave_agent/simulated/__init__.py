@@ -1,0 +1,1 @@
+"""The simulated Nitro Secure Module, for development and tests only."""
