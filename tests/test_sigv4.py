@@ -61,6 +61,23 @@ def text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def sign_kms(**changes: Any) -> list[tuple[str, str]]:
+    """Our signer on a small KMS POST, with ``changes`` to any of ``sign``'s arguments."""
+    request: dict[str, Any] = {
+        "method": "POST",
+        "host": "kms.eu-west-1.amazonaws.com",
+        "path": "/",
+        "payload": b"{}",
+        "service": "kms",
+        "region": "eu-west-1",
+        "credentials": Creds(),
+        "instant": AT,
+        "keys": SigningKeyCache(),
+    }
+    request.update(changes)
+    return sign(**request)
+
+
 def ours_for(sent: Any, *, service: str, region: str, creds: Creds) -> dict[str, str]:
     """Sign what botocore sent, from its parts, with our signer: the headers we add."""
     received = {k.lower(): text(v) for k, v in sent.headers.items()}
@@ -320,18 +337,7 @@ def test_query_string_rules() -> None:
 
 def test_s3_path_is_signed_as_sent_and_other_paths_normalised() -> None:
     def authorization(service: str, path: str) -> str:
-        added = sign(
-            method="GET",
-            host="h.example",
-            path=path,
-            payload=b"",
-            service=service,
-            region="eu-west-1",
-            credentials=Creds(),
-            instant=AT,
-            keys=SigningKeyCache(),
-        )
-        return dict(added)["Authorization"]
+        return dict(sign_kms(method="GET", path=path, service=service))["Authorization"]
 
     # Outside S3, dot segments and empty segments do not change the signature...
     assert authorization("kms", "/a/./b//c/../c") == authorization("kms", "/a/b/c")
@@ -346,17 +352,7 @@ def test_signing_key_derived_once_per_day_region_and_service() -> None:
     keys = SigningKeyCache()
 
     def sign_at(instant: datetime, region: str = "eu-west-1", service: str = "kms") -> None:
-        sign(
-            method="POST",
-            host="h",
-            path="/",
-            payload=b"{}",
-            service=service,
-            region=region,
-            credentials=Creds(),
-            instant=instant,
-            keys=keys,
-        )
+        sign_kms(instant=instant, region=region, service=service, keys=keys)
 
     midnight = datetime(2026, 3, 1, tzinfo=UTC)
     sign_at(midnight)
@@ -377,17 +373,7 @@ def test_different_credentials_never_share_a_signing_key() -> None:
     first, second = Creds(secret_access_key="secret-one"), Creds(secret_access_key="secret-two")
     signed = {}
     for creds in (first, second, first, second):
-        added = sign(
-            method="POST",
-            host="kms.eu-west-1.amazonaws.com",
-            path="/",
-            payload=b"{}",
-            service="kms",
-            region="eu-west-1",
-            credentials=creds,
-            instant=AT,
-            keys=keys,
-        )
+        added = sign_kms(credentials=creds, keys=keys)
         request = AWSRequest(method="POST", url="https://kms.eu-west-1.amazonaws.com/", data=b"{}")
         with botocore_clock(AT):
             SigV4Auth(ReadOnlyCredentials(*vars(creds).values()), "kms", "eu-west-1").add_auth(
@@ -445,17 +431,7 @@ def test_key_cache_holds_nothing_printable_of_the_secret() -> None:
 )
 def test_credentials_that_would_forge_the_request_are_refused(creds: Creds, complaint: str) -> None:
     with pytest.raises(SigningError) as info:
-        sign(
-            method="POST",
-            host="kms.eu-west-1.amazonaws.com",
-            path="/",
-            payload=b"{}",
-            service="kms",
-            region="eu-west-1",
-            credentials=creds,
-            instant=AT,
-            keys=SigningKeyCache(),
-        )
+        sign_kms(credentials=creds)
     assert complaint in info.value.args[0].lower()
     assert (creds.token or "\0") not in str(info.value)
 
@@ -482,20 +458,8 @@ def test_credentials_that_would_forge_the_request_are_refused(creds: Creds, comp
     ],
 )
 def test_unsignable_requests_get_a_clear_error(changes: dict[str, Any], complaint: str) -> None:
-    request: dict[str, Any] = {
-        "method": "POST",
-        "host": "kms.eu-west-1.amazonaws.com",
-        "path": "/",
-        "payload": b"{}",
-        "service": "kms",
-        "region": "eu-west-1",
-        "credentials": Creds(),
-        "instant": AT,
-        "keys": SigningKeyCache(),
-    }
-    request.update(changes)
     with pytest.raises(SigningError, match="(?i)" + complaint.replace(" ", r"\s")):
-        sign(**request)
+        sign_kms(**changes)
 
 
 def test_encode_path_refuses_what_cannot_be_encoded() -> None:
