@@ -500,7 +500,7 @@ async def test_a_body_that_never_arrives_does_not_hold_the_connection(
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
-    credentials = CredentialStore()
+    credentials = CredentialStore(["111122223333"])
     kms = LocalKms(region="us-east-1", roots=[], credentials=credentials)
     admin = server_module.Admin("token", FaultInjector(), credentials)
     http = server_module.KmsHttpServer(kms, admin, server_context)
