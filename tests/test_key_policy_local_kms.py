@@ -7,9 +7,9 @@ enclave with those PCRs succeeds, and is denied (AccessDeniedException) for an
 enclave whose PCR0 or PCR1 differs and for a call without any attestation. The
 README's upgrade flow (old image, old + new, new only) runs through PutKeyPolicy.
 
-What this does not show: the stand-in does not evaluate Principal (it has a single
-caller standing for every principal), so the role half of the policy is checked
-only by the shape tests in test_key_policy.py.
+The role half of the policy is enforced too: credentials minted for the named role
+decrypt, credentials of another role of the same account do not (the account's
+default credentials stand for every principal of it, the named role included).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from devtools.devstack import local_kms_client
+from devtools.devstack import local_kms_client, minted_kms_client
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import SimulatedNsm
 
@@ -147,3 +147,26 @@ def test_upgrade_flow_of_the_guide(
         KeyId=key_id, PolicyName="default", Policy=_printed_policy(tmp_path, account, new)
     )
     assert [admitted(e) for e in (old, new, third)] == [False, True, False]
+
+
+def test_printed_policy_admits_the_named_role_only(
+    tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
+) -> None:
+    enclave = SimulatedNsm.load(enclave_ca)
+    account = local_kms["account_id"]
+    admin = local_kms_client(local_kms)
+    key_id = admin.create_key(Policy=_printed_policy(tmp_path, account, enclave))["KeyMetadata"][
+        "KeyId"
+    ]
+    blob = admin.encrypt(
+        KeyId=key_id, Plaintext=b"role half", EncryptionContext={"app": "enclave-kms-example"}
+    )["CiphertextBlob"]
+
+    def as_role(name: str) -> Any:
+        return minted_kms_client(local_kms, principal=f"arn:aws:iam::{account}:role/{name}")
+
+    assert _decrypt_in(enclave, as_role(ROLE_NAME), blob) == b"role half"
+    with pytest.raises(ClientError) as denied:
+        _decrypt_in(enclave, as_role("another-role"), blob)
+    assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert "role/another-role" in denied.value.response["Error"]["Message"]

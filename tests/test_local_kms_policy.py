@@ -300,6 +300,17 @@ def test_parser_raises_only_policy_error(text: str) -> None:
         pass
 
 
+@settings(max_examples=300)
+@given(json_values)
+def test_principal_parser_raises_only_policy_error(principal: Any) -> None:
+    statement = {"Effect": "Allow", "Principal": principal, "Action": "kms:*"}
+    try:
+        document = parse_policy(json.dumps({"Statement": [statement]}))
+    except PolicyError:
+        return
+    document.evaluate("kms:Decrypt", CALLER, {})
+
+
 actions = st.sampled_from(
     ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:GenerateRandom", "kms:DescribeKey"]
 )

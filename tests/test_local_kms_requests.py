@@ -23,7 +23,7 @@ from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import SimulatedNsm
 
 REGION = "us-east-1"
-ACCOUNTS = ["111122223333"]
+ACCOUNTS = ["111122223333", "444455556666"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,21 @@ scalars = (
     | st.booleans()
     | st.integers(-(2**40), 2**40)
     | st.text(max_size=20)
-    | st.sampled_from(["AES_256", "RSA_2048", "alias/x", "AAAA", "not base64!", "kms:*"])
+    | st.sampled_from(
+        [
+            "AES_256",
+            "RSA_2048",
+            "alias/x",
+            "AAAA",
+            "not base64!",
+            "kms:*",
+            "arn:aws:kms:us-east-1:444455556666:alias/x",
+            "arn:aws:kms:us-east-1:1:key/x",
+            "arn:aws:kms:eu-west-1:111122223333:key/x",
+            "arn:",
+            "alias/aws/ebs",
+        ]
+    )
 )
 values = st.recursive(
     scalars,

@@ -468,6 +468,11 @@ def test_bad_command_lines_fail_with_a_reason(tmp_path: Path) -> None:
         (["--state-file", str(tmp_path / "missing" / "s.json")], "no directory"),
         (["--state-file", str(tmp_path / "s.json"), "--trust-root", str(not_pem)], "not a PEM"),
         (["--state-file", str(tmp_path / "s.json"), "--host", "0.0.0.0"], "loopback"),
+        (["--state-file", str(tmp_path / "s.json"), "--account", "12345"], "12 digits"),
+        (
+            ["--state-file", str(tmp_path / "s.json"), *["--account", "444455556666"] * 2],
+            "all different",
+        ),
     ]
     for args, reason in cases:
         result = subprocess.run(
