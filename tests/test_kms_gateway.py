@@ -605,3 +605,18 @@ async def test_a_refused_answer_leaves_no_plaintext_in_the_log(stack: Stack) -> 
     b64 = base64.b64encode
     for secret in ["k" * 32, b64(b"k" * 32).decode(), b64(b"sealed:" + b"k" * 32).decode()]:
         assert secret not in stream.getvalue() and secret not in info.value.message
+
+
+async def test_an_extreme_expiration_is_a_credentials_error_and_retried(stack: Stack) -> None:
+    """9999-12-31T23:59:59-01:00 is past year 9999 in UTC: a malformed answer like any
+    other (named, retried), not an internal error of the agent."""
+    stack.relay.credentials["Expiration"] = "9999-12-31T23:59:59-01:00"
+    gateway = stack.gateway_with(max_attempts=3)
+    try:
+        with pytest.raises(KmsError) as info:
+            await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+    finally:
+        await gateway.aclose()
+    assert (info.value.error_type, info.value.status) == ("KMSInternalException", 502)
+    assert "Expiration" in info.value.message and "out of range" in info.value.message
+    assert stack.relay.credential_requests == 3 and stack.kms.seen == []
