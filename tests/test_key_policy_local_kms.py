@@ -111,6 +111,17 @@ def test_printed_policy_admits_the_measured_enclave_only(
         client.decrypt(CiphertextBlob=blob, EncryptionContext={"app": "enclave-kms-example"})
     assert no_attestation.value.response["Error"]["Code"] == "AccessDeniedException"
 
+    # Only the named role's credentials, not another role's of the same account.
+    def as_role(name: str) -> Any:
+        account = local_kms["account_id"]
+        return minted_kms_client(local_kms, principal=f"arn:aws:iam::{account}:role/{name}")
+
+    assert _decrypt_in(enclave, as_role(ROLE_NAME), blob) == secret
+    with pytest.raises(ClientError) as other_role:
+        _decrypt_in(enclave, as_role("another-role"), blob)
+    assert other_role.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert "role/another-role" in other_role.value.response["Error"]["Message"]
+
     # The key keeps the policy it was given.
     stored = client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
     assert json.loads(stored) == json.loads(policy)
@@ -147,26 +158,3 @@ def test_upgrade_flow_of_the_guide(
         KeyId=key_id, PolicyName="default", Policy=_printed_policy(tmp_path, account, new)
     )
     assert [admitted(e) for e in (old, new, third)] == [False, True, False]
-
-
-def test_printed_policy_admits_the_named_role_only(
-    tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
-) -> None:
-    enclave = SimulatedNsm.load(enclave_ca)
-    account = local_kms["account_id"]
-    admin = local_kms_client(local_kms)
-    key_id = admin.create_key(Policy=_printed_policy(tmp_path, account, enclave))["KeyMetadata"][
-        "KeyId"
-    ]
-    blob = admin.encrypt(
-        KeyId=key_id, Plaintext=b"role half", EncryptionContext={"app": "enclave-kms-example"}
-    )["CiphertextBlob"]
-
-    def as_role(name: str) -> Any:
-        return minted_kms_client(local_kms, principal=f"arn:aws:iam::{account}:role/{name}")
-
-    assert _decrypt_in(enclave, as_role(ROLE_NAME), blob) == b"role half"
-    with pytest.raises(ClientError) as denied:
-        _decrypt_in(enclave, as_role("another-role"), blob)
-    assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
-    assert "role/another-role" in denied.value.response["Error"]["Message"]
