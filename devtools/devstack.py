@@ -553,16 +553,23 @@ def direct_kms_client(state: Mapping[str, Any]) -> Any:
     )
 
 
+def local_operator_arn(account_id: str) -> str:
+    """The IAM identity the local KMS gives its credentials (it names it in its
+    AccessDeniedException messages): the operator who encrypts the stack's secrets."""
+    return f"arn:aws:iam::{account_id}:user/local-kms"
+
+
 def enclave_key_policy(account_id: str, pcr0_hex: str) -> dict[str, Any]:
     """AWS's example policy (enclave_agent.operator.key_policy): the role may Decrypt and
     GenerateDataKey only from an enclave whose image measures ``pcr0_hex``; the
-    account keeps administration and Encrypt, never Decrypt."""
+    account keeps administration, never Decrypt; the operator may Encrypt."""
     from enclave_agent.operator.key_policy import Measurements, build_key_policy
 
     return build_key_policy(
         Measurements(pcrs={0: pcr0_hex}),
         f"arn:aws:iam::{account_id}:role/enclave-parent-instance",
         operations=["Decrypt", "GenerateDataKey", "GenerateDataKeyPair"],
+        encrypt_principal=local_operator_arn(account_id),
     )
 
 

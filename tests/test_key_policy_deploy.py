@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from devtools.devstack import DevStack, local_kms_client
+from devtools.devstack import DevStack, local_kms_client, local_operator_arn
 from enclave_agent.runtime.config import parse_config
 from enclave_common.address import VsockAddress
 
@@ -141,7 +141,9 @@ def test_example_app_reads_its_secret_and_proves_its_pcrs(stack: DevStack, tmp_p
         json.dumps({"Measurements": {f"PCR{i}": pcrs[str(i)] for i in (0, 1, 2)}})
     )
     role = f"arn:aws:iam::{stack.kms['account_id']}:role/enclave-parent"
-    printed = _cli("key-policy", "--measurements", str(measurements), "--role-arn", role)
+    operator = ["--encrypt-principal", local_operator_arn(stack.kms["account_id"])]
+    policy_args = ["--role-arn", role, "--region", stack.region, *operator]
+    printed = _cli("key-policy", "--measurements", str(measurements), *policy_args)
     assert printed.returncode == 0, printed.stderr
 
     kms: Any = local_kms_client(stack.kms)
@@ -171,8 +173,13 @@ def test_example_app_reads_its_secret_and_proves_its_pcrs(stack: DevStack, tmp_p
         stdin=document.encode(),
     )  # fmt: skip
     assert verified.returncode == 0, verified.stderr
-    again = _cli("key-policy", "--measurements", "-", "--role-arn", role, stdin=verified.stdout)
+    again = _cli(
+        "key-policy", "--measurements", "-", *policy_args, "--key-id", key["KeyId"],
+        stdin=verified.stdout,
+    )  # fmt: skip
     assert json.loads(again.stdout) == json.loads(printed.stdout)
+    # and, given the key's id, the trusted_keys line the config above carries
+    assert f'trusted_keys = ["{key["Arn"]}"]' in again.stderr.decode()
 
     # Another image: the agent gets no secret, reports it, and the run fails.
     other = _run_example(
@@ -206,7 +213,11 @@ def test_held_app_stays_up_until_sigterm_and_unknown_secret_fails(
     measurements = tmp_path / "m.json"
     measurements.write_text(json.dumps({f"PCR{i}": pcrs[str(i)] for i in (0, 1, 2)}))
     role = f"arn:aws:iam::{stack.kms['account_id']}:role/enclave-parent"
-    policy = _cli("key-policy", "--measurements", str(measurements), "--role-arn", role).stdout
+    policy = _cli(
+        "key-policy", "--measurements", str(measurements), "--role-arn", role,
+        "--region", stack.region,
+        "--encrypt-principal", local_operator_arn(stack.kms["account_id"]),
+    ).stdout  # fmt: skip
     key = kms.create_key(Policy=policy.decode())["KeyMetadata"]
     blob = kms.encrypt(KeyId=key["KeyId"], Plaintext=b"held", EncryptionContext=CONTEXT)[
         "CiphertextBlob"
