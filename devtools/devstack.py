@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from devtools.local_kms.admin_client import account_credentials, mint_credentials
+from devtools.local_kms.policy import Caller
 from enclave_agent.runtime.trusted_keys import TrustedKeys, account_entry, toml_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -556,7 +557,7 @@ def direct_kms_client(state: Mapping[str, Any]) -> Any:
 def local_operator_arn(account_id: str) -> str:
     """The IAM identity the local KMS gives its credentials (it names it in its
     AccessDeniedException messages): the operator who encrypts the stack's secrets."""
-    return f"arn:aws:iam::{account_id}:user/local-kms"
+    return Caller(account_id).arn
 
 
 def enclave_key_policy(account_id: str, pcr0_hex: str) -> dict[str, Any]:
