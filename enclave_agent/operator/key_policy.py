@@ -99,7 +99,7 @@ ENCRYPT_SID = "EncryptByTheOperator"
 
 _PCR_KEY = re.compile(r"PCR(0|[1-9][0-9]?)")
 _HEX = re.compile(r"[0-9a-fA-F]*")
-_ROLE_ARN = re.compile(r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):role/[\w+=,.@/-]{1,512}")
+# An IAM role or user ARN: (partition, account, "role" | "user").
 _PRINCIPAL_ARN = re.compile(
     r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):(role|user)/[\w+=,.@/-]{1,512}"
 )
@@ -293,8 +293,8 @@ def with_extra_pcrs(measurements: Measurements, extra: Mapping[int, str]) -> Mea
 
 def parse_role_arn(role_arn: str) -> tuple[str, str]:
     """An IAM role ARN → (partition, account id)."""
-    match = _ROLE_ARN.fullmatch(role_arn)
-    if match is None:
+    match = _PRINCIPAL_ARN.fullmatch(role_arn)
+    if match is None or match.group(3) != "role":
         if ":assumed-role/" in role_arn or role_arn.startswith("arn:aws:sts::"):
             raise KeyPolicyError(
                 f"{role_arn!r} is a session ARN; give the role's ARN, "
