@@ -9,7 +9,8 @@
    KMS, with credentials for it from a ``credential_process`` (short-lived, as an
    instance role's are) or from environment variables;
 4. enclave-agent ``serve`` with ``nsm = "simulated"``, talking to KMS through the
-   proxy, its app socket in the work directory.
+   proxy, its app socket in the work directory, trusting every key of the local
+   KMS's account (``trusted_keys = ["arn:aws:kms:REGION:ACCOUNT:key/*"]``).
 
 Each is waited for (state file, "listening" and "ready" log events) before the
 next starts; then FILE is written (atomically) with what a client needs. It runs
@@ -35,6 +36,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from enclave_agent.runtime.trusted_keys import TrustedKeys, account_entry, toml_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
@@ -385,13 +388,22 @@ class DevStack:
         self.proxy_address = str(event["address"])
         return self.proxy_address
 
+    def local_account_entry(self) -> str:
+        """The ``trusted_keys`` entry for every key of the local KMS's account."""
+        return str(account_entry("aws", self.region, str(self.kms["account_id"])))
+
     def write_agent_config(
         self,
         *,
         kms_endpoint: str | None = None,
         secrets_toml: str = "",
         name: str = "agent",
+        trusted_keys: Sequence[str] | None = None,
     ) -> Path:
+        """The agent's config; ``trusted_keys`` default: the local account
+        (``arn:aws:kms:REGION:ACCOUNT:key/*``), ``[]`` for none."""
+        if trusted_keys is None:
+            trusted_keys = [self.local_account_entry()]
         socket_path = self.work_dir / f"{name}.sock"
         lines = [
             f"region = {_toml_string(self.region)}",
@@ -399,6 +411,10 @@ class DevStack:
             f"kms_endpoint = {_toml_string(kms_endpoint or self.kms['endpoint'])}",
             f"ca_bundle = {_toml_string(self.kms['ca_bundle'])}",
             'nsm = "simulated"',
+        ]
+        if trusted_keys:
+            lines.append(toml_line(TrustedKeys.parse(trusted_keys).entries))
+        lines += [
             "",
             "[simulated_nsm]",
             f"ca_dir = {_toml_string(str(self.ca_dir))}",
@@ -506,16 +522,23 @@ def direct_kms_client(state: Mapping[str, Any]) -> Any:
     )
 
 
+def local_operator_arn(account_id: str) -> str:
+    """The IAM identity the local KMS gives its credentials (it names it in its
+    AccessDeniedException messages): the operator who encrypts the stack's secrets."""
+    return f"arn:aws:iam::{account_id}:user/local-kms"
+
+
 def enclave_key_policy(account_id: str, pcr0_hex: str) -> dict[str, Any]:
     """AWS's example policy (enclave_agent.operator.key_policy): the role may Decrypt and
     GenerateDataKey only from an enclave whose image measures ``pcr0_hex``; the
-    account keeps administration and Encrypt, never Decrypt."""
+    account keeps administration, never Decrypt; the operator may Encrypt."""
     from enclave_agent.operator.key_policy import Measurements, build_key_policy
 
     return build_key_policy(
         Measurements(pcrs={0: pcr0_hex}),
         f"arn:aws:iam::{account_id}:role/enclave-parent-instance",
         operations=["Decrypt", "GenerateDataKey", "GenerateDataKeyPair"],
+        encrypt_principal=local_operator_arn(account_id),
     )
 
 

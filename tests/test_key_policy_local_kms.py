@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from devtools.devstack import local_kms_client
+from devtools.devstack import local_kms_client, local_operator_arn
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import SimulatedNsm
 
@@ -33,8 +33,12 @@ REPO = Path(__file__).resolve().parent.parent
 ROLE_NAME = "enclave-parent"
 
 
-def _printed_policy(tmp_path: Path, account_id: str, *enclaves: SimulatedNsm) -> str:
-    arguments: list[str] = []
+def _printed_policy(
+    tmp_path: Path, account_id: str, *enclaves: SimulatedNsm, encrypt: bool = True
+) -> str:
+    arguments = ["--region", "us-east-1"]
+    if encrypt:
+        arguments += ["--encrypt-principal", local_operator_arn(account_id)]
     for number, enclave in enumerate(enclaves):
         measurements = {
             "Measurements": {
@@ -89,7 +93,7 @@ def test_printed_policy_admits_the_measured_enclave_only(
     key_id = client.create_key(Policy=policy, Description="key-policy test")["KeyMetadata"]["KeyId"]
 
     secret = os.urandom(32)
-    # The account may encrypt (the admin statement allows kms:Encrypt) ...
+    # The operator may encrypt (--encrypt-principal) ...
     blob = client.encrypt(
         KeyId=key_id, Plaintext=secret, EncryptionContext={"app": "enclave-kms-example"}
     )["CiphertextBlob"]
@@ -147,3 +151,18 @@ def test_upgrade_flow_of_the_guide(
         KeyId=key_id, PolicyName="default", Policy=_printed_policy(tmp_path, account, new)
     )
     assert [admitted(e) for e in (old, new, third)] == [False, True, False]
+
+
+def test_without_an_encrypt_principal_nobody_may_encrypt(
+    tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
+) -> None:
+    """The account root no longer grants kms:Encrypt: the key refuses it unless the
+    policy names an operator (so the parent's role cannot plant a valid ciphertext)."""
+    enclave = SimulatedNsm.load(enclave_ca)
+    client = local_kms_client(local_kms)
+    policy = _printed_policy(tmp_path, local_kms["account_id"], enclave, encrypt=False)
+    key_id = client.create_key(Policy=policy)["KeyMetadata"]["KeyId"]
+    with pytest.raises(ClientError) as denied:
+        client.encrypt(KeyId=key_id, Plaintext=b"planted value")
+    assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert "kms:Encrypt" in denied.value.response["Error"]["Message"]

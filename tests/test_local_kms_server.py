@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from devtools.devstack import local_kms_client, start_local_kms
+from devtools.devstack import local_kms_client, local_operator_arn, start_local_kms
 from devtools.local_kms.admin_client import mint_credentials, set_faults
 from enclave_agent.operator.key_policy import Measurements, build_key_policy
 from enclave_agent.runtime.cms import decrypt_for_recipient
@@ -65,8 +65,9 @@ def attested_key(kms: Any) -> str:
         Measurements(pcrs),
         "arn:aws:iam::111122223333:role/enclave-parent",
         operations=["Decrypt", "GenerateDataKey", "GenerateDataKeyPair"],
+        encrypt_principal=local_operator_arn("111122223333"),
     )
-    # The administrative statement lets the account encrypt, never decrypt.
+    # The operator (the stand-in's caller) may encrypt; nobody may decrypt unattested.
     return str(kms.create_key(Policy=json.dumps(document))["KeyMetadata"]["KeyId"])
 
 
