@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -485,6 +486,33 @@ async def test_junk_credentials_from_the_proxy_are_refused_clearly(
     assert member in info.value.message and "proxy" in info.value.message
     assert junk not in info.value.message
     assert stack.kms.seen == []
+
+
+@pytest.mark.parametrize("key_id", ["AKID/20990101/us-east-1/kms", "AKID,SignedHeaders=host"])
+async def test_access_key_id_that_would_rewrite_the_signature_is_refused(
+    stack: Stack, key_id: str
+) -> None:
+    """Visible ASCII, so fine as a header, but "/" or "," would change the meaning of
+    the Authorization header (its credential scope, its fields): refused, never sent."""
+    stack.relay.credentials["AccessKeyId"] = key_id
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
+    assert info.value.error_type == "KMSInternalException"
+    assert info.value.status == 502
+    assert "cannot sign the KMS request with the proxy's credentials" in info.value.message
+    assert key_id not in info.value.message
+    assert stack.kms.seen == []
+
+
+async def test_signing_key_is_derived_once_for_many_calls(stack: Stack) -> None:
+    first_day = datetime.now(UTC).date()
+    for _ in range(3):
+        await stack.gateway.call("GenerateRandom", {"NumberOfBytes": 16})
+    assert len(stack.kms.seen) == 3
+    # One date, region, service and secret: one derivation (a second one only if the
+    # calls straddled midnight UTC, when the new date needs its own key).
+    new_day = datetime.now(UTC).date() != first_day
+    assert stack.gateway.signing_keys.derivations == 1 + new_day
 
 
 # --- trusted keys: a lying parent chooses the key; the agent checks who answered ------

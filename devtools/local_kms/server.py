@@ -1,4 +1,4 @@
-"""The stand-in's HTTPS edge: TLS, HTTP/1.1 (h11, keep-alive), routing, faults, logs.
+"""The stand-in's HTTPS edge: TLS, HTTP/1.1 (enclave_common.http_server), faults, logs.
 
 Routes:
 - ``POST /`` with ``X-Amz-Target: TrentService.<Op>``: a KMS call (service.LocalKms);
@@ -12,16 +12,15 @@ The two admin routes need ``X-Local-Kms-Admin-Token`` equal to the state file's
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import ssl
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import h11
 import trio
 
 from devtools.local_kms.credentials import CredentialStore
@@ -34,6 +33,8 @@ from devtools.local_kms.service import (
     new_request_id,
 )
 from devtools.local_kms.sigv4 import Request
+from enclave_common import http_server
+from enclave_common.http_server import Answer, HttpServer, Limits, Report
 from enclave_common.logs import get_logger
 
 MAX_BODY = 1 << 20
@@ -44,13 +45,6 @@ ADMIN_TOKEN_HEADER = "x-local-kms-admin-token"
 ADMIN_PREFIX = "/_local_kms/"
 
 log = get_logger()
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 @dataclass
@@ -71,145 +65,42 @@ class KmsHttpServer:
         self.ssl_context = ssl_context
 
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
+        limits = Limits(
+            max_head_bytes=MAX_HEADERS,
+            max_body_bytes=MAX_BODY,
+            header_timeout=IDLE_TIMEOUT,
+            idle_timeout=IDLE_TIMEOUT,
+        )
+        http = HttpServer(limits, errors=_bad_http)
         ssl_listeners = [
             trio.SSLListener(listener, self.ssl_context, https_compatible=True)
             for listener in listeners
         ]
-        await trio.serve_listeners(self._connection, ssl_listeners)
+        await trio.serve_listeners(functools.partial(self._connection, http), ssl_listeners)
 
-    async def _connection(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def _connection(
+        self, http: HttpServer, stream: trio.SSLStream[trio.SocketStream]
+    ) -> None:
         peer = "?"
         try:
             address = stream.transport_stream.socket.getpeername()
             peer = f"{address[0]}:{address[1]}"
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
-            await self._requests(stream, peer)
-        except (
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            trio.TooSlowError,
-            ssl.SSLError,
-        ) as exc:
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
             log.debug("connection_closed", peer=peer, reason=type(exc).__name__)
-        except Exception as exc:  # noqa: BLE001 - one broken connection must not stop the server
-            log.error("connection_failed", peer=peer, error=type(exc).__name__)
-        finally:
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                await stream.aclose()
+            await trio.aclose_forcefully(stream)
+            return
+        await http.serve(stream, self._handle, report=functools.partial(_log, peer))
 
-    async def _requests(self, stream: trio.SSLStream[trio.SocketStream], peer: str) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
-        try:
-            await self._cycle(conn, stream, peer)
-        except _BadRequest as exc:
-            # The reason may quote received bytes: it goes to the client, not to the log.
-            log.info("bad_http", peer=peer, status=exc.status)
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                body = json.dumps({"error": exc.reason}).encode()
-                response = h11.Response(
-                    status_code=exc.status,
-                    headers=[
-                        ("Content-Type", "application/json"),
-                        ("Content-Length", str(len(body))),
-                        ("Connection", "close"),
-                    ],
-                )
-                await stream.send_all(
-                    conn.send(response)
-                    + conn.send(h11.Data(data=body))
-                    + conn.send(h11.EndOfMessage())
-                )
-
-    async def _cycle(
-        self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream], peer: str
-    ) -> None:
-        while True:
-            with trio.move_on_after(IDLE_TIMEOUT) as idle:
-                event = await self._next_event(conn, stream)
-            if idle.cancelled_caught or isinstance(event, h11.ConnectionClosed):
-                return
-            if not isinstance(event, h11.Request):
-                return
-            started = time.monotonic()
-            # A client that announces a body and never sends it must not hold the
-            # connection (and its task) forever.
-            with trio.fail_after(IDLE_TIMEOUT):
-                body = await self._body(conn, stream)
-            request = Request(
-                method=event.method.decode("ascii", "replace"),
-                target=event.target.decode("ascii", "replace"),
-                headers=_headers(event.headers),
-                body=body,
-            )
-            reply = await self._dispatch(request)
-            await self._send(conn, stream, reply, head=request.method == "HEAD")
-            log.info(
-                "request",
-                peer=peer,
-                method=request.method,
-                path=request.target.partition("?")[0],
-                operation=reply.operation,
-                status=reply.status,
-                error=reply.error_type,
-                ms=round((time.monotonic() - started) * 1000, 1),
-            )
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
-
-    async def _next_event(
-        self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream]
-    ) -> Any:
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _BadRequest(exc.error_status_hint, str(exc)) from exc
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                conn.receive_data(bytes(data))
-                continue
-            return event
-
-    async def _body(self, conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream]) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            event = await self._next_event(conn, stream)
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > MAX_BODY:
-                    raise _BadRequest(413, "request body too large")
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
-            else:
-                raise _BadRequest(400, "connection ended inside a request body")
-
-    async def _send(
-        self,
-        conn: h11.Connection,
-        stream: trio.SSLStream[trio.SocketStream],
-        reply: Reply,
-        *,
-        head: bool = False,
-    ) -> None:
-        headers = [
-            ("Content-Type", JSON_CONTENT_TYPE),
-            ("Content-Length", str(len(reply.body))),
-            ("x-amzn-RequestId", new_request_id()),
-            *reply.headers,
-        ]
-        data = conn.send(h11.Response(status_code=reply.status, headers=headers))
-        if not head:  # a HEAD answer carries the headers of the GET answer, no body
-            data += conn.send(h11.Data(data=reply.body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data or b"")
+    async def _handle(self, http_request: http_server.Request) -> Answer:
+        request = Request(
+            method=http_request.method,
+            target=http_request.target,
+            headers=_headers(http_request.headers),
+            body=await http_request.body(),
+        )
+        return _answer(await self._dispatch(request))
 
     async def _dispatch(self, request: Request) -> Reply:
         if request.target.startswith(ADMIN_PREFIX):
@@ -260,11 +151,46 @@ class KmsHttpServer:
         return _json_reply(404, {"error": "no such admin route"})
 
 
-def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+def _answer(reply: Reply) -> Answer:
+    headers = [
+        ("Content-Type", JSON_CONTENT_TYPE),
+        ("x-amzn-RequestId", new_request_id()),
+        *reply.headers,
+    ]
+    note = {"operation": reply.operation, "error": reply.error_type}
+    return Answer(reply.status, headers, reply.body, note=note)
+
+
+def _bad_http(status: int, reason: str) -> Answer:
+    # The reason may quote received bytes: it goes to the client, not to the log.
+    body = json.dumps({"error": reason}).encode()
+    return Answer(status, [("Content-Type", "application/json")], body)
+
+
+def _log(peer: str, report: Report) -> None:
+    """One event per request, with its outcome and never a body."""
+    if report.outcome == "answered" and report.request is not None:
+        log.info(
+            "request",
+            peer=peer,
+            method=report.request.method,
+            path=report.request.target.partition("?")[0],
+            operation=report.note.get("operation"),
+            status=report.status,
+            error=report.note.get("error"),
+            ms=round((trio.current_time() - report.started) * 1000, 1),
+        )
+    elif report.outcome == "rejected":
+        log.info("bad_http", peer=peer, status=report.status)
+    elif report.outcome == "failed":
+        log.error("connection_failed", peer=peer, error=report.reason)
+    else:
+        log.debug("connection_closed", peer=peer, reason=report.outcome)
+
+
+def _headers(raw: Iterable[tuple[str, str]]) -> dict[str, str]:
     headers: dict[str, str] = {}
-    for name, value in raw:
-        key = name.decode("ascii", "replace").lower()
-        text = value.decode("latin-1")
+    for key, text in raw:
         headers[key] = f"{headers[key]},{text}" if key in headers else text
     return headers
 

@@ -2,7 +2,7 @@
 
 Each call: validate the app's body → a fresh attestation document carrying our
 public key (the NSM, in a worker thread: it is a blocking ioctl) → ``Recipient``
-added → SigV4 with botocore's signer and the proxy's credentials → HTTPS through
+added → SigV4 (``sigv4``) with the proxy's credentials → HTTPS through
 the proxy's CONNECT tunnel on a pooled connection → KMS's answer read →
 ``CiphertextForRecipient`` opened with our private key → the answer KMS gives the
 same call without ``Recipient``. Before the envelope is opened, the key that
@@ -26,15 +26,13 @@ import functools
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import trio
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import ReadOnlyCredentials
 
-from enclave_agent.runtime import kms_protocol
+from enclave_agent.runtime import kms_protocol, sigv4
 from enclave_agent.runtime.credentials import (
     Credentials,
     CredentialsError,
@@ -148,7 +146,7 @@ class KmsGateway:
             pool_size=settings.pool_size,
         )
         self.credentials = CredentialsProvider(proxy_fetcher(settings.proxy))
-        self._url = f"https://{self.pool.authority}/"
+        self.signing_keys = sigv4.SigningKeyCache()
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -256,16 +254,27 @@ class KmsGateway:
             raise KmsError("KMSInternalException", f"NSM error: {name}", 500) from None
 
     def _sign(self, creds: Credentials, operation: str, body: bytes) -> list[tuple[str, str]]:
-        headers = {"Host": self.pool.authority}
-        headers.update(kms_protocol.request_headers(operation))
-        request = AWSRequest(method="POST", url=self._url, data=body, headers=headers)
-        signer = SigV4Auth(
-            ReadOnlyCredentials(creds.access_key_id, creds.secret_access_key, creds.token),
-            "kms",
-            self._settings.region,
-        )
-        signer.add_auth(request)
-        return [(str(k), str(v)) for k, v in request.headers.items()]
+        headers = kms_protocol.request_headers(operation)
+        try:
+            added = sigv4.sign(
+                method="POST",
+                host=self.pool.authority,
+                path="/",
+                headers=headers,
+                payload=body,
+                service="kms",
+                region=self._settings.region,
+                credentials=creds,
+                instant=datetime.now(UTC),
+                keys=self.signing_keys,
+            )
+        # Only what the proxy sent can be unsignable (an access key id with "/" or ",").
+        except sigv4.SigningError as exc:
+            message = f"cannot sign the KMS request with the proxy's credentials: {exc}"
+            raise _AttemptFailed(
+                KmsError("KMSInternalException", message, 502), retryable=False
+            ) from None
+        return [("Host", self.pool.authority), *headers, *added]
 
     async def _attempt(
         self, validated: kms_protocol.ValidatedRequest, record: _CallRecord

@@ -1,4 +1,4 @@
-"""HTTPS to KMS through the parent's proxy: CONNECT, TLS inside the tunnel, h11, a pool.
+"""HTTPS to KMS through the parent's proxy: CONNECT, TLS inside the tunnel, a pool.
 
 Why TLS starts here and not at the proxy: the parent instance is untrusted, and
 ``CiphertextForRecipient`` has no authenticity of its own, so the agent must verify
@@ -6,27 +6,25 @@ KMS's certificate chain and host name itself (DESIGN.md §2). The proxy only eve
 sees the CONNECT line and TLS records.
 
 Theory of operation: a connection is proxy stream → ``CONNECT host:port`` answered
-200 → ``trio.SSLStream`` (CA bundle, host name checked) → an h11 client connection,
-one request at a time. ``KmsConnectionPool`` keeps at most ``pool_size`` such
-connections (busy plus idle); idle ones are reused last-in first-out so the warm ones
-stay warm, and a connection is dropped on any error, when the server closes or asks
-to close, or after ``idle_timeout``. Every failure is a ``TransportError`` saying
-what broke and whether trying again may help.
+200 → ``trio.SSLStream`` (CA bundle, host name checked) → an HTTP/1.1 client
+connection (``enclave_common.http1``), one request at a time. ``KmsConnectionPool``
+keeps at most ``pool_size`` such connections (busy plus idle); idle ones are reused
+last-in first-out so the warm ones stay warm, and a connection is dropped on any
+error, when the server closes or asks to close, or after ``idle_timeout``. Every
+failure is a ``TransportError`` saying what broke and whether trying again may help.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
-from dataclasses import dataclass
 
 import certifi
-import h11
 import trio
 
 from enclave_common.address import Address, open_stream
+from enclave_common.http1 import ClientConnection, ExchangeError, Response
 
-_READ_CHUNK = 65536
 _MAX_HEADER_BYTES = 16384
 _MAX_ERROR_BODY = 4096
 
@@ -41,17 +39,6 @@ class TransportError(Exception):
         # A reused connection broke before any byte of an answer came back: the
         # server most likely closed it while idle, so a fresh one is tried at once.
         self.stale = stale
-
-
-@dataclass(frozen=True, repr=False)
-class HttpResponse:
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def __repr__(self) -> str:  # never the body: it may be a secret's envelope
-        return f"HttpResponse(status={self.status}, reason={self.reason!r})"
 
 
 def make_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
@@ -72,62 +59,6 @@ def make_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
 def authority(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"{shown}:{port}"
-
-
-class _PrefixedStream(trio.abc.Stream):
-    """A stream that first returns bytes already read past the CONNECT answer."""
-
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._prefix:
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
-            return chunk
-        return await self._stream.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
-async def _receive_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Event | type:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        data = await stream.receive_some(_READ_CHUNK)
-        if not data and conn.their_state is h11.SEND_RESPONSE:
-            # closed before the status line: h11 would call it a protocol error,
-            # but for a kept-alive connection it is the ordinary idle close
-            return h11.ConnectionClosed()
-        conn.receive_data(bytes(data))
-
-
-async def _read_body(
-    conn: h11.Connection, stream: trio.abc.Stream, limit: int, what: str
-) -> tuple[bytes, bool]:
-    """Body up to ``limit`` bytes; (body, complete)."""
-    body = bytearray()
-    while True:
-        event = await _receive_event(conn, stream)
-        if isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > limit:
-                raise h11.RemoteProtocolError(f"{what} answer body exceeds {limit} bytes")
-        elif isinstance(event, h11.EndOfMessage):
-            return bytes(body), True
-        elif isinstance(event, h11.ConnectionClosed):
-            return bytes(body), False
-        else:
-            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in {what} answer")
 
 
 def proxy_error_reason(body: bytes, fallback: str) -> str:
@@ -165,42 +96,55 @@ async def establish_tunnel(
     On failure ``raw`` is closed and a ``TransportError`` names the proxy's answer.
     """
     target = authority(host, port)
+    conn = ClientConnection(raw, max_head_bytes=_MAX_HEADER_BYTES)
     try:
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
-        request = h11.Request(method="CONNECT", target=target, headers=[("Host", target)])
-        await raw.send_all(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
-        event = await _receive_event(conn, raw)
-        while isinstance(event, h11.InformationalResponse):
-            event = await _receive_event(conn, raw)
-        if isinstance(event, h11.ConnectionClosed):
-            raise TransportError(
-                f"proxy at {proxy} closed the connection before answering CONNECT {target}",
-                retryable=True,
+        try:
+            response = await conn.exchange(
+                "CONNECT", target, [("Host", target)], max_body=_MAX_ERROR_BODY
             )
-        if not isinstance(event, h11.Response):
-            raise TransportError(f"proxy at {proxy} answered CONNECT oddly", retryable=True)
-        if not 200 <= event.status_code < 300:  # any 2xx opens the tunnel (RFC 9110)
-            body, _ = await _read_body(conn, raw, _MAX_ERROR_BODY, "proxy CONNECT")
-            reason = proxy_error_reason(body, event.reason.decode("latin-1"))
+        except ExchangeError as exc:
+            raise _failure(exc, f"proxy at {proxy}", f"CONNECT {target}") from None
+        if not 200 <= response.status < 300:  # any 2xx opens the tunnel (RFC 9110)
+            reason = proxy_error_reason(response.body, response.reason)
             raise TransportError(
-                f"proxy refused CONNECT {target}: {event.status_code} {reason}",
+                f"proxy refused CONNECT {target}: {response.status} {reason}",
                 # 502/503/504 are the proxy's transient answers (upstream down, over
                 # its connection limit, upstream timeout); 4xx will not change.
-                retryable=event.status_code in (502, 503, 504),
+                retryable=response.status in (502, 503, 504),
             )
-        leftover, _closed = conn.trailing_data
-    except TransportError:
-        await trio.aclose_forcefully(raw)
-        raise
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
-        await trio.aclose_forcefully(raw)
-        raise TransportError(
-            f"proxy at {proxy} broke the CONNECT exchange: {exc}", retryable=True
-        ) from None
     except BaseException:
         await trio.aclose_forcefully(raw)
         raise
-    return _PrefixedStream(raw, bytes(leftover)) if leftover else raw
+    return conn.detach()
+
+
+def _failure(
+    exc: ExchangeError, peer: str, request: str, *, reused: bool = False
+) -> TransportError:
+    """What a failed exchange of ``request`` with ``peer`` means for the caller."""
+    if exc.kind == "unsent":
+        # Never the value h11 refused: it may be a credential.
+        return TransportError(
+            f"the {request} to {peer} is not valid HTTP (a header value h11 refuses); "
+            "nothing was sent",
+            retryable=False,
+        )
+    if exc.kind == "no_answer":
+        return TransportError(
+            f"{peer} closed the connection before answering {request}",
+            retryable=True,
+            stale=reused,
+        )
+    if exc.kind == "truncated":
+        return TransportError(
+            f"{peer} closed the connection mid-answer to {request}", retryable=True
+        )
+    method = request.partition(" ")[0]
+    return TransportError(
+        f"{peer} broke the {method} exchange: {exc.detail}",
+        retryable=True,
+        stale=reused and exc.kind == "broken" and not exc.answered,
+    )
 
 
 def _describe_tls_failure(exc: BaseException, host: str) -> TransportError:
@@ -223,77 +167,30 @@ def _describe_tls_failure(exc: BaseException, host: str) -> TransportError:
 
 
 class _Connection:
-    """One TLS connection to KMS carrying one h11 request at a time."""
+    """One TLS connection to KMS carrying one request at a time."""
 
     def __init__(self, stream: trio.SSLStream[trio.abc.Stream], authority: str) -> None:
         self.stream = stream
         self.authority = authority
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
+        self.http = ClientConnection(stream, max_head_bytes=_MAX_HEADER_BYTES)
         self.last_used = trio.current_time()
-        self.requests = 0
 
     async def roundtrip(
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, limit: int
-    ) -> tuple[HttpResponse, bool]:
+    ) -> tuple[Response, bool]:
         """The answer, and whether the connection may carry another request."""
-        reused = self.requests > 0
-        self.requests += 1
-        got_answer = False
+        reused = self.http.requests > 0
+        all_headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        if not any(k.lower() == "host" for k, _ in all_headers):
+            all_headers.insert(0, ("Host", self.authority))
+        all_headers.append(("Content-Length", str(len(body))))
         try:
-            all_headers = [(k, v) for k, v in headers if k.lower() not in ("content-length",)]
-            if not any(k.lower() == "host" for k, _ in all_headers):
-                all_headers.insert(0, ("Host", self.authority))
-            all_headers.append(("Content-Length", str(len(body))))
-            data = self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
-            data = (data or b"") + (self.h11.send(h11.Data(data=body)) or b"")
-            data += self.h11.send(h11.EndOfMessage()) or b""
-            await self.stream.send_all(data)
-            event = await _receive_event(self.h11, self.stream)
-            while isinstance(event, h11.InformationalResponse):
-                event = await _receive_event(self.h11, self.stream)
-            if isinstance(event, h11.ConnectionClosed):
-                raise TransportError(
-                    f"KMS at {self.authority} closed the connection without answering",
-                    retryable=True,
-                    stale=reused,
-                )
-            if not isinstance(event, h11.Response):
-                raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
-            got_answer = True
-            response_body, complete = await _read_body(self.h11, self.stream, limit, "KMS")
-            if not complete:
-                raise TransportError(
-                    f"KMS at {self.authority} closed the connection mid-answer", retryable=True
-                )
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise TransportError(
-                f"connection to KMS at {self.authority} broke: {exc or type(exc).__name__}",
-                retryable=True,
-                stale=reused and not got_answer,
-            ) from None
-        except (h11.LocalProtocolError, UnicodeEncodeError):
-            # Our own request could not be written (a header value h11 refuses). Its
-            # text would quote the value, which may be a credential: never repeat it.
-            raise TransportError(
-                f"the request to KMS at {self.authority} is not valid HTTP (a header value "
-                "h11 refuses); nothing was sent",
-                retryable=False,
-            ) from None
-        except h11.ProtocolError as exc:
-            raise TransportError(
-                f"KMS at {self.authority} sent a malformed HTTP answer: {exc}", retryable=True
-            ) from None
+            response = await self.http.exchange(method, target, all_headers, body, max_body=limit)
+        except ExchangeError as exc:
+            what = f"{method} {target}"
+            raise _failure(exc, f"KMS at {self.authority}", what, reused=reused) from None
         self.last_used = trio.current_time()
-        reusable = self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
-        if reusable:
-            self.h11.start_next_cycle()
-        response = HttpResponse(
-            status=event.status_code,
-            reason=event.reason.decode("latin-1", "replace"),
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
-            body=response_body,
-        )
-        return response, reusable
+        return response, self.http.reusable
 
 
 class KmsConnectionPool:
@@ -358,7 +255,7 @@ class KmsConnectionPool:
 
     async def request(
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
-    ) -> HttpResponse:
+    ) -> Response:
         if self._closed:
             raise TransportError("the KMS connection pool is closed", retryable=False)
         async with self._slots:
@@ -400,41 +297,15 @@ async def _drop(conn: _Connection) -> None:
     await trio.aclose_forcefully(conn.stream)
 
 
-async def http_get(address: Address, target: str, *, max_body: int = 65536) -> HttpResponse:
+async def http_get(address: Address, target: str, *, max_body: int = 65536) -> Response:
     """One plain-HTTP GET on a fresh connection (the proxy's /v1/credentials)."""
     stream = await _open_proxy(address)
+    headers = [("Host", "enclave-proxy"), ("Connection", "close"), ("Accept", "application/json")]
     try:
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEADER_BYTES)
-        headers = [
-            ("Host", "enclave-proxy"),
-            ("Connection", "close"),
-            ("Accept", "application/json"),
-        ]
-        data = conn.send(h11.Request(method="GET", target=target, headers=headers)) or b""
-        await stream.send_all(data + (conn.send(h11.EndOfMessage()) or b""))
-        event = await _receive_event(conn, stream)
-        while isinstance(event, h11.InformationalResponse):
-            event = await _receive_event(conn, stream)
-        if not isinstance(event, h11.Response):
-            raise TransportError(
-                f"proxy at {address} closed the connection before answering GET {target}",
-                retryable=True,
-            )
-        body, complete = await _read_body(conn, stream, max_body, f"GET {target}")
-        if not complete:
-            raise TransportError(
-                f"proxy at {address} closed the connection mid-answer to GET {target}",
-                retryable=True,
-            )
-        return HttpResponse(
-            status=event.status_code,
-            reason=event.reason.decode("latin-1", "replace"),
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers],
-            body=body,
+        return await ClientConnection(stream, max_head_bytes=_MAX_HEADER_BYTES).exchange(
+            "GET", target, headers, max_body=max_body
         )
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
-        raise TransportError(
-            f"GET {target} from the proxy at {address} failed: {exc}", retryable=True
-        ) from None
+    except ExchangeError as exc:
+        raise _failure(exc, f"proxy at {address}", f"GET {target}") from None
     finally:
         await trio.aclose_forcefully(stream)
