@@ -99,8 +99,10 @@ def run_demo(work: Path) -> None:
             shown = ", ".join(a for a in actions if "crypt" in a or "Generate" in a)
             if condition:
                 detail(f"{statement['Sid']}: {shown} only if {', '.join(condition)} matches")
+            elif shown:
+                detail(f"{statement['Sid']}: {shown} for {statement['Principal']['AWS']} only")
             else:
-                detail(f"{statement['Sid']}: administration and {shown}, no Decrypt")
+                detail(f"{statement['Sid']}: administration only, no Encrypt or Decrypt")
         detail(f"key {key_id}")
 
         step(3, "Encrypt a secret with boto3, outside the enclave")

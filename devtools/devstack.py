@@ -9,7 +9,8 @@
    KMS, with credentials for it from a ``credential_process`` (short-lived, as an
    instance role's are) or from environment variables;
 4. enclave-agent ``serve`` with ``nsm = "simulated"``, talking to KMS through the
-   proxy, its app socket in the work directory.
+   proxy, its app socket in the work directory, trusting every key of the local
+   KMS's account (``trusted_keys = ["arn:aws:kms:REGION:ACCOUNT:key/*"]``).
 
 Each is waited for (state file, "listening" and "ready" log events) before the
 next starts; then FILE is written (atomically) with what a client needs. It runs
@@ -35,6 +36,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from devtools.local_kms.admin_client import account_credentials, mint_credentials
+from devtools.local_kms.policy import Caller
+from enclave_agent.runtime.trusted_keys import TrustedKeys, account_entry, toml_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
@@ -249,23 +254,47 @@ def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def local_kms_client(kms_state: Mapping[str, Any], **overrides: Any) -> Any:
-    """boto3 straight to the local KMS (its state file's content) with its long-term
-    credentials, without retries (each answer is seen as given); ``overrides`` replace
-    any ``boto3.client`` argument."""
+def local_kms_client(
+    kms_state: Mapping[str, Any], *, account: str | None = None, **overrides: Any
+) -> Any:
+    """boto3 straight to the local KMS (its state file's content) with the long-term
+    credentials of its primary account or of ``account``, without retries (each answer
+    is seen as given); ``overrides`` replace any ``boto3.client`` argument."""
     import boto3
     from botocore.config import Config
 
+    key_id, secret = (
+        (kms_state["aws_access_key_id"], kms_state["aws_secret_access_key"])
+        if account is None
+        else account_credentials(dict(kms_state), account)
+    )
     settings: dict[str, Any] = {
         "region_name": kms_state["region"],
         "endpoint_url": kms_state["endpoint"],
         "verify": kms_state["ca_bundle"],
-        "aws_access_key_id": kms_state["aws_access_key_id"],
-        "aws_secret_access_key": kms_state["aws_secret_access_key"],
+        "aws_access_key_id": key_id,
+        "aws_secret_access_key": secret,
         "config": Config(retries={"total_max_attempts": 1, "mode": "standard"}),
     }
     settings.update(overrides)
     return boto3.client("kms", **settings)
+
+
+def minted_kms_client(
+    kms_state: Mapping[str, Any], *, account: str | None = None, principal: str | None = None
+) -> Any:
+    """``local_kms_client`` signing with short-lived credentials minted for ``account``
+    (default: the primary) and ``principal`` (an IAM role or user ARN of it; default:
+    any principal of the account)."""
+    minted = json.loads(
+        mint_credentials(Path(kms_state["state_file"]), 900, account=account, principal=principal)
+    )
+    return local_kms_client(
+        kms_state,
+        aws_access_key_id=minted["AccessKeyId"],
+        aws_secret_access_key=minted["SecretAccessKey"],
+        aws_session_token=minted["SessionToken"],
+    )
 
 
 @dataclass
@@ -275,6 +304,11 @@ class DevStack:
     credentials: str = "process"  # or "static"
     agent_tcp: bool = False
     pcr_overrides: Mapping[int, bytes] = field(default_factory=dict)
+    # The local KMS's accounts (its --account flags; none: its one default account) and
+    # the one whose credentials the proxy serves (None: the primary). A parent that
+    # serves the agent another account's credentials is the cross-account attack.
+    accounts: Sequence[str] = ()
+    proxy_account: str | None = None
     python: str = sys.executable
     processes: list[_Process] = field(default_factory=list)
     kms: dict[str, Any] = field(default_factory=dict)
@@ -335,6 +369,7 @@ class DevStack:
             self.region,
             "--simulated-nsm-ca",
             str(self.ca_dir),
+            *(argument for account in self.accounts for argument in ("--account", account)),
             log_path=self.log_path("kms"),
             env=self._env(),
             python=self.python,
@@ -346,18 +381,17 @@ class DevStack:
     def start_proxy(self, allow: str | None = None) -> str:
         """Start the proxy allowing ``allow`` (default: the local KMS's host:port)."""
         allow = allow or f"{self.kms['host']}:{self.kms['port']}"
+        account = self.proxy_account or str(self.kms["account_id"])
         if self.credentials == "static":
-            extra = {
-                "AWS_ACCESS_KEY_ID": self.kms["aws_access_key_id"],
-                "AWS_SECRET_ACCESS_KEY": self.kms["aws_secret_access_key"],
-            }
+            key_id, secret = account_credentials(self.kms, account)
+            extra = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
         else:
             config = self.work_dir / "proxy-aws-config"
             # One hour, as an instance role's: botocore refreshes credentials that expire
             # within 15 minutes, so a shorter lifetime would re-run the process each time.
             command = (
                 f"{self.python} -m devtools.local_kms.credential_process "
-                f"--state-file {self.kms['state_file']} --ttl 3600"
+                f"--state-file {self.kms['state_file']} --ttl 3600 --account {account}"
             )
             config.write_text(
                 f"[default]\nregion = {self.region}\ncredential_process = {command}\n"
@@ -385,13 +419,22 @@ class DevStack:
         self.proxy_address = str(event["address"])
         return self.proxy_address
 
+    def local_account_entry(self) -> str:
+        """The ``trusted_keys`` entry for every key of the local KMS's account."""
+        return str(account_entry("aws", self.region, str(self.kms["account_id"])))
+
     def write_agent_config(
         self,
         *,
         kms_endpoint: str | None = None,
         secrets_toml: str = "",
         name: str = "agent",
+        trusted_keys: Sequence[str] | None = None,
     ) -> Path:
+        """The agent's config; ``trusted_keys`` default: the local account
+        (``arn:aws:kms:REGION:ACCOUNT:key/*``), ``[]`` for none."""
+        if trusted_keys is None:
+            trusted_keys = [self.local_account_entry()]
         socket_path = self.work_dir / f"{name}.sock"
         lines = [
             f"region = {_toml_string(self.region)}",
@@ -399,6 +442,10 @@ class DevStack:
             f"kms_endpoint = {_toml_string(kms_endpoint or self.kms['endpoint'])}",
             f"ca_bundle = {_toml_string(self.kms['ca_bundle'])}",
             'nsm = "simulated"',
+        ]
+        if trusted_keys:
+            lines.append(toml_line(TrustedKeys.parse(trusted_keys).entries))
+        lines += [
             "",
             "[simulated_nsm]",
             f"ca_dir = {_toml_string(str(self.ca_dir))}",
@@ -461,6 +508,7 @@ class DevStack:
             "kms_state_file": self.kms["state_file"],
             "region": self.region,
             "account_id": self.kms.get("account_id"),
+            "proxy_account": self.proxy_account or self.kms.get("account_id"),
             "aws_access_key_id": self.kms["aws_access_key_id"],
             "aws_secret_access_key": self.kms["aws_secret_access_key"],
             "pcrs": self.pcrs(),
@@ -506,16 +554,23 @@ def direct_kms_client(state: Mapping[str, Any]) -> Any:
     )
 
 
+def local_operator_arn(account_id: str) -> str:
+    """The IAM identity the local KMS gives its credentials (it names it in its
+    AccessDeniedException messages): the operator who encrypts the stack's secrets."""
+    return Caller(account_id).arn
+
+
 def enclave_key_policy(account_id: str, pcr0_hex: str) -> dict[str, Any]:
     """AWS's example policy (enclave_agent.operator.key_policy): the role may Decrypt and
     GenerateDataKey only from an enclave whose image measures ``pcr0_hex``; the
-    account keeps administration and Encrypt, never Decrypt."""
+    account keeps administration, never Decrypt; the operator may Encrypt."""
     from enclave_agent.operator.key_policy import Measurements, build_key_policy
 
     return build_key_policy(
         Measurements(pcrs={0: pcr0_hex}),
         f"arn:aws:iam::{account_id}:role/enclave-parent-instance",
         operations=["Decrypt", "GenerateDataKey", "GenerateDataKeyPair"],
+        encrypt_principal=local_operator_arn(account_id),
     )
 
 
@@ -555,6 +610,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "minting short-lived ones (default) or environment variables",
     )
     parser.add_argument("--agent-tcp", action="store_true", help="also a loopback TCP listener")
+    parser.add_argument(
+        "--account",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an account of the local KMS (repeatable, the first is the primary; "
+        "default: its one account 111122223333)",
+    )
+    parser.add_argument(
+        "--proxy-account",
+        metavar="ID",
+        help="serve the agent this account's credentials (default: the primary); "
+        "another account than the image trusts is the cross-account attack",
+    )
     parser.add_argument("--pcr", type=_parse_pcr, action="append", default=[], metavar="N=HEX")
     args = parser.parse_args(argv)
 
@@ -565,6 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         credentials=args.credentials,
         agent_tcp=args.agent_tcp,
         pcr_overrides=dict(args.pcr),
+        accounts=args.account,
+        proxy_account=args.proxy_account,
     )
     stopping: list[int] = []
 

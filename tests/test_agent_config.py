@@ -14,6 +14,7 @@ from enclave_agent.runtime.config import (
 from enclave_common.address import TcpAddress, VsockAddress
 
 BLOB = base64.b64encode(b"\x01\x02ciphertext").decode()
+KEY_ARN = "arn:aws:kms:eu-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 
 
 def test_minimal_config_has_safe_defaults() -> None:
@@ -26,6 +27,7 @@ def test_minimal_config_has_safe_defaults() -> None:
     assert config.listen.tcp is None
     assert config.kms_endpoint is None
     assert not config.secrets
+    assert not config.trusted_keys  # secure by default: no key operation
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -37,6 +39,7 @@ kms_endpoint = "https://127.0.0.1:4443/"
 ca_bundle = "ca.pem"
 nsm = "simulated"
 log_level = "debug"
+trusted_keys = ["{KEY_ARN}", "arn:aws:kms:eu-west-2:444455556666:key/*"]
 
 [simulated_nsm]
 ca_dir = "ca"
@@ -87,6 +90,10 @@ ciphertext_file = "blob.bin"
     assert config.secrets["db"].encryption_context == {"app": "billing"}
     assert config.secrets["db"].file == Path("/run/secrets/db")
     assert config.secrets["api-key"].ciphertext == b"\x00raw"
+    assert [str(entry) for entry in config.trusted_keys.entries] == [
+        KEY_ARN,
+        "arn:aws:kms:eu-west-2:444455556666:key/*",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -157,3 +164,44 @@ def test_arbitrary_text_gives_config_or_config_error(text: str) -> None:
         parse_config(text)
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ('"' + KEY_ARN + '"', "trusted_keys must be a list of key ARNs"),
+        ('["alias/app"]', "trusted_keys[0]: 'alias/app' is an alias"),
+        (
+            '["arn:aws:kms:eu-west-2:111122223333:alias/app"]',
+            "trusted_keys[0]: 'arn:aws:kms:eu-west-2:111122223333:alias/app' is an alias",
+        ),
+        ('["1234abcd-12ab-34cd-56ef-1234567890ab"]', "is a bare key id"),
+        (f'["{KEY_ARN}", "arn:aws:kms:eu-west-2:1111:key/*"]', "trusted_keys[1]: "),
+        ("[3]", "trusted_keys[0]: expected a key ARN"),
+        ('["arn:aws:kms:eu-west-2:111122223333:key/ab*"]', "key/* alone stands for"),
+    ],
+)
+def test_trusted_keys_that_are_not_keys_or_accounts_are_config_errors(value: str, why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'region = "eu-west-2"\ntrusted_keys = {value}\n')
+    assert why in str(info.value)
+
+
+def test_named_secrets_need_trusted_keys() -> None:
+    secret = f'[secrets.db]\nciphertext = "{BLOB}"\nkey_id = "alias/app"\n'
+    for trusted in ("", "trusted_keys = []\n"):
+        with pytest.raises(ConfigError) as info:
+            parse_config(f'region = "eu-west-2"\n{trusted}{secret}')
+        assert "[secrets.db]" in str(info.value) and "need trusted_keys" in str(info.value)
+    config = parse_config(f'region = "eu-west-2"\ntrusted_keys = ["{KEY_ARN}"]\n{secret}')
+    assert config.secrets["db"].key_id == "alias/app"  # its answer's key is checked
+
+
+def test_a_named_secret_under_an_untrusted_key_arn_is_a_config_error() -> None:
+    other = KEY_ARN.replace("111122223333", "999988887777")
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            f'region = "eu-west-2"\ntrusted_keys = ["{KEY_ARN}"]\n'
+            f'[secrets.db]\nciphertext = "{BLOB}"\nkey_id = "{other}"\n'
+        )
+    assert f"secrets.db.key_id: key {other} is not in the agent's trusted_keys" in str(info.value)

@@ -22,7 +22,12 @@ AGENT = [sys.executable, "-m", "enclave_agent.cli"]
 
 
 def write_config(
-    tmp_path: Path, *, proxy: str = "tcp:127.0.0.1:9", listen: str = "", extra: str = ""
+    tmp_path: Path,
+    *,
+    proxy: str = "tcp:127.0.0.1:9",
+    listen: str = "",
+    extra: str = "",
+    trusted_keys: str = "[]",
 ) -> Path:
     # By default no secrets and no KMS call: the proxy address is never dialled.
     config = tmp_path / "agent.toml"
@@ -32,6 +37,7 @@ def write_config(
             region = "us-east-1"
             proxy = "{proxy}"
             nsm = "simulated"
+            trusted_keys = {trusted_keys}
             [listen]
             socket = "{tmp_path / "agent.sock"}"
             socket_group = {SOCKET_GROUP}
@@ -375,6 +381,7 @@ def test_sigterm_during_startup_stops_without_starting_the_command(tmp_path: Pat
             tmp_path,
             proxy=f"tcp:127.0.0.1:{silent.getsockname()[1]}",
             extra='[limits]\nkms_call_timeout = 60\n[secrets.never]\nciphertext = "AAAA"\n',
+            trusted_keys='["arn:aws:kms:us-east-1:111122223333:key/*"]',
         )
         process = subprocess.Popen(
             [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import trio
@@ -68,6 +68,9 @@ def test_parse_contract_shape() -> None:
         b'{"AccessKeyId":"A","SecretAccessKey":"S","Token":5}',
         b'{"AccessKeyId":"A","SecretAccessKey":"S","Expiration":"tomorrow"}',
         b'{"AccessKeyId":"A","SecretAccessKey":"S","Expiration":12}',
+        # Past year 9999 or before year 1 once in UTC: out of datetime's range.
+        b'{"AccessKeyId":"A","SecretAccessKey":"S","Expiration":"9999-12-31T23:59:59-01:00"}',
+        b'{"AccessKeyId":"A","SecretAccessKey":"S","Expiration":"0001-01-01T00:00:00+00:01"}',
         b'{"AccessKeyId":"A","SecretAccessKey":"S","Token":"t\\r\\nX-Injected: 1"}',
         b'{"AccessKeyId":"A","SecretAccessKey":"s\\u00e9cret"}',
         b'{"AccessKeyId":"A B","SecretAccessKey":"S"}',
@@ -93,6 +96,41 @@ def test_parse_fails_only_with_its_own_error(body: bytes) -> None:
         parse_credentials(body)
     except CredentialsError:
         pass
+
+
+offsets = st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda m: timedelta(minutes=m))
+# Any instant, and often one within a day of datetime's limits, where an offset can
+# carry it out of range once converted to UTC.
+moments = (
+    st.datetimes()
+    | st.datetimes(min_value=datetime(9999, 12, 31))
+    | st.datetimes(max_value=datetime(1, 1, 1, 23, 59))
+)
+expirations = st.one_of(
+    st.builds(
+        lambda moment, offset: moment.replace(tzinfo=timezone(offset)).isoformat(),
+        moments,
+        offsets,
+    ),
+    st.datetimes().map(lambda moment: moment.isoformat() + "Z"),
+    st.datetimes().map(datetime.isoformat),
+    st.text(max_size=40),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(expirations)
+def test_any_expiration_is_a_time_or_a_credentials_error(expiration: str) -> None:
+    """The proxy is untrusted: whatever Expiration it sends parses to an instant the
+    provider can schedule a refresh at, or is a CredentialsError (never an overflow)."""
+    body = json.dumps({"AccessKeyId": "A", "SecretAccessKey": "S", "Expiration": expiration})
+    try:
+        parsed = parse_credentials(body.encode())
+    except CredentialsError as exc:
+        assert "Expiration" in exc.message and exc.retryable
+        return
+    assert parsed.expiration is not None and parsed.expiration.tzinfo is UTC
+    parsed.refresh_at()
 
 
 def test_refresh_point() -> None:

@@ -175,6 +175,9 @@ def test_policy_has_aws_example_statement_and_admin_without_decrypt() -> None:
     assert admin["Effect"] == "Allow" and admin["Resource"] == "*"
     assert "kms:PutKeyPolicy" in admin["Action"] and "kms:ScheduleKeyDeletion" in admin["Action"]
     assert not PLAINTEXT_ACTIONS & set(admin["Action"]), "the account must not decrypt"
+    # Nor encrypt: with Encrypt under a key the enclave trusts, any IAM principal of the
+    # account (the parent's role among them) could make a ciphertext of any value.
+    assert "kms:Encrypt" not in admin["Action"]
     assert not any("*" in action for action in ADMIN_ACTIONS)
     assert enclave == {
         "Sid": f"AllowEnclaveImage{PCR0[:16]}",
@@ -301,6 +304,8 @@ def test_command_prints_policy_and_fails_clearly() -> None:
         str(DATA / "nitro_cli_build_enclave.out"),
         "--role-arn",
         ROLE,
+        "--region",
+        "us-east-1",
         "--operation",
         "Decrypt",
         "GenerateDataKey",
@@ -314,7 +319,8 @@ def test_command_prints_policy_and_fails_clearly() -> None:
     assert policy["Statement"][1]["Action"] == ["kms:Decrypt", "kms:GenerateDataKey"]
 
     piped = _cli(
-        "--measurements", "-", "--role-arn", ROLE, "--statement-only", "--include-pcr", "PCR8",
+        "--measurements", "-", "--role-arn", ROLE, "--region", "us-east-1", "--statement-only",
+        "--include-pcr", "PCR8",
         stdin=(DATA / "nitro_cli_build_enclave_signed.json").read_bytes(),
     )  # fmt: skip
     assert piped.returncode == 0, piped.stderr
@@ -325,17 +331,109 @@ def test_command_prints_policy_and_fails_clearly() -> None:
 
     both = _cli(
         "--measurements", str(DATA / "nitro_cli_build_enclave.out"),
-        "--measurements", "-", "--role-arn", ROLE,
+        "--measurements", "-", "--role-arn", ROLE, "--region", "us-east-1",
         stdin=json.dumps({"PCR0": "ef" * 48}).encode(),
     )  # fmt: skip
     assert both.returncode == 0, both.stderr
     assert len(json.loads(both.stdout)["Statement"]) == 3
 
-    missing = _cli("--measurements", "/nonexistent/m.json", "--role-arn", ROLE)
+    missing = _cli(
+        "--measurements", "/nonexistent/m.json", "--role-arn", ROLE, "--region", "us-east-1"
+    )
     assert missing.returncode == 2 and b"cannot read /nonexistent/m.json" in missing.stderr
     assert missing.stdout == b""
-    bad = _cli("--measurements", "-", "--role-arn", ROLE, stdin=b'{"PCR0": "00"}')
+    bad = _cli(
+        "--measurements", "-", "--role-arn", ROLE, "--region", "us-east-1", stdin=b'{"PCR0": "00"}'
+    )
     assert bad.returncode == 2 and b"96 hex digits" in bad.stderr
+
+
+OPERATOR = "arn:aws:iam::111122223333:role/secrets-operator"
+
+
+def test_encrypt_goes_to_the_named_operator_only() -> None:
+    policy = build_key_policy(_measurements(), ROLE)
+    granted = [s for s in policy["Statement"] if "kms:Encrypt" in str(s["Action"])]
+    assert granted == [], "without --encrypt-principal nobody may Encrypt"
+    policy = build_key_policy(_measurements(), ROLE, encrypt_principal=OPERATOR)
+    assert policy["Statement"][-1] == {
+        "Sid": "EncryptByTheOperator",
+        "Effect": "Allow",
+        "Principal": {"AWS": OPERATOR},
+        "Action": "kms:Encrypt",
+        "Resource": "*",
+    }
+    granted = [s for s in policy["Statement"] if "kms:Encrypt" in str(s["Action"])]
+    assert [s["Principal"] for s in granted] == [{"AWS": OPERATOR}]
+    user = "arn:aws:iam::444455556666:user/alice"  # another account's operator is fine
+    assert build_key_policy(_measurements(), ROLE, encrypt_principal=user)["Statement"][-1][
+        "Principal"
+    ] == {"AWS": user}
+
+
+@pytest.mark.parametrize(
+    ("principal", "message"),
+    [
+        (ROLE, "is the enclave's role"),
+        ("arn:aws:iam::111122223333:root", "an account root would let every IAM principal"),
+        ("111122223333", "IAM role or user ARN"),
+        ("arn:aws:sts::111122223333:assumed-role/op/s", "IAM role or user ARN"),
+        ("arn:aws-cn:iam::111122223333:role/op", "partition 'aws-cn'"),
+    ],
+)
+def test_encrypt_principal_that_is_not_an_operator_is_refused(principal: str, message: str) -> None:
+    with pytest.raises(KeyPolicyError, match=message):
+        build_key_policy(_measurements(), ROLE, encrypt_principal=principal)
+
+
+def _trusted_line(stderr: bytes) -> list[str]:
+    """The trusted_keys entries in what the command printed on stderr (pasted as TOML)."""
+    import tomllib
+
+    from enclave_agent.runtime.trusted_keys import TrustedKeys
+
+    entries = tomllib.loads(stderr.decode())["trusted_keys"]
+    return [str(entry) for entry in TrustedKeys.parse(entries).entries]
+
+
+def test_command_prints_the_trusted_keys_line_on_stderr_and_only_json_on_stdout() -> None:
+    measurements = str(DATA / "nitro_cli_build_enclave.out")
+    base = ["--measurements", measurements, "--role-arn", ROLE, "--region", "eu-west-1"]
+    account = _cli(*base)
+    assert account.returncode == 0, account.stderr
+    assert json.loads(account.stdout) == build_key_policy(
+        parse_measurements(Path(measurements).read_bytes()), ROLE
+    )
+    assert _trusted_line(account.stderr) == ["arn:aws:kms:eu-west-1:111122223333:key/*"]
+    assert b"every key of account 111122223333 in eu-west-1" in account.stderr
+    assert b"no principal may kms:Encrypt" in account.stderr
+
+    key = "1234abcd-12ab-34cd-56ef-1234567890ab"
+    exact = _cli(
+        *base, "--key-id", key, "--account-id", "444455556666", "--encrypt-principal", OPERATOR
+    )
+    assert exact.returncode == 0, exact.stderr
+    assert _trusted_line(exact.stderr) == [f"arn:aws:kms:eu-west-1:444455556666:key/{key}"]
+    assert b"every key" not in exact.stderr and b"kms:Encrypt" not in exact.stderr
+    assert json.loads(exact.stdout)["Statement"][-1]["Principal"] == {"AWS": OPERATOR}
+
+    gov = _cli(
+        "--measurements", measurements, "--region", "us-gov-west-1",
+        "--role-arn", "arn:aws-us-gov:iam::111122223333:role/r",
+    )  # fmt: skip
+    assert _trusted_line(gov.stderr) == ["arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/*"]
+
+    for args, message in [
+        (["--region", "useast1"], b"'useast1' is not a region name"),
+        (["--region", "us-east-1", "--key-id", "alias/app"], b"is not a KMS key id"),
+        (["--region", "us-east-1", "--encrypt-principal", ROLE], b"is the enclave's role"),
+    ]:
+        refused = _cli("--measurements", measurements, "--role-arn", ROLE, *args)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert refused.stdout == b""
+    with pytest.raises(SystemExit) as exit_info:
+        _cli("--measurements", measurements, "--role-arn", ROLE)  # no --region
+    assert exit_info.value.code == 2
 
 
 def _verified_fields(path: Path) -> dict[str, object]:
@@ -380,7 +478,9 @@ def test_simulated_document_through_both_commands(tmp_path: Path) -> None:
          "--root", str(tmp_path / "root.pem")],
         capture_output=True, timeout=60, check=True,
     )  # fmt: skip
-    policy = _cli("--measurements", "-", "--role-arn", ROLE, stdin=verified.stdout)
+    policy = _cli(
+        "--measurements", "-", "--role-arn", ROLE, "--region", "us-east-1", stdin=verified.stdout
+    )
     assert policy.returncode == 0, policy.stderr
     conditions = json.loads(policy.stdout)["Statement"][1]["Condition"]["StringEqualsIgnoreCase"]
     assert conditions == {

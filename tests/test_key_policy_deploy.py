@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from devtools.devstack import DevStack, local_kms_client
+from devtools.devstack import DevStack, local_kms_client, local_operator_arn
 from enclave_agent.runtime.config import parse_config
 from enclave_common.address import VsockAddress
 
@@ -46,6 +46,7 @@ def test_shipped_agent_toml_is_what_the_enclave_needs(tmp_path: Path) -> None:
     secret = config.secrets["example"]
     assert secret.ciphertext == b"\x01blob"
     assert secret.key_id == ALIAS and dict(secret.encryption_context) == CONTEXT
+    assert [str(entry) for entry in config.trusted_keys.entries] == [SHIPPED_TRUSTED_KEY]
 
 
 def _replace_once(text: str, old: str, new: str) -> str:
@@ -53,9 +54,15 @@ def _replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def _local_config(stack: DevStack, work: Path, ciphertext: bytes, pcr0: bytes | None) -> Path:
-    """deploy/agent.toml with only the machine-specific lines changed."""
-    text = AGENT_TOML.read_text()
+SHIPPED_TRUSTED_KEY = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def _local_config(
+    stack: DevStack, work: Path, ciphertext: bytes, pcr0: bytes | None, key_arn: str
+) -> Path:
+    """deploy/agent.toml with only the machine-specific lines changed, and the key
+    the operator created in trusted_keys (as the guide says)."""
+    text = _replace_once(AGENT_TOML.read_text(), SHIPPED_TRUSTED_KEY, key_arn)
     text = _replace_once(
         text, 'proxy = "vsock:3:8000"', f"proxy = {json.dumps(stack.proxy_address)}"
     )
@@ -134,16 +141,18 @@ def test_example_app_reads_its_secret_and_proves_its_pcrs(stack: DevStack, tmp_p
         json.dumps({"Measurements": {f"PCR{i}": pcrs[str(i)] for i in (0, 1, 2)}})
     )
     role = f"arn:aws:iam::{stack.kms['account_id']}:role/enclave-parent"
-    printed = _cli("key-policy", "--measurements", str(measurements), "--role-arn", role)
+    operator = ["--encrypt-principal", local_operator_arn(stack.kms["account_id"])]
+    policy_args = ["--role-arn", role, "--region", stack.region, *operator]
+    printed = _cli("key-policy", "--measurements", str(measurements), *policy_args)
     assert printed.returncode == 0, printed.stderr
 
     kms: Any = local_kms_client(stack.kms)
-    key_id = kms.create_key(Policy=printed.stdout.decode())["KeyMetadata"]["KeyId"]
-    kms.create_alias(AliasName=ALIAS, TargetKeyId=key_id)
+    key = kms.create_key(Policy=printed.stdout.decode())["KeyMetadata"]
+    kms.create_alias(AliasName=ALIAS, TargetKeyId=key["KeyId"])
     secret = os.urandom(24)
     blob = kms.encrypt(KeyId=ALIAS, Plaintext=secret, EncryptionContext=CONTEXT)["CiphertextBlob"]
 
-    result = _run_example(_local_config(stack, tmp_path / "good", blob, None))
+    result = _run_example(_local_config(stack, tmp_path / "good", blob, None, key["Arn"]))
     stdout = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()[-3000:]
 
@@ -164,12 +173,19 @@ def test_example_app_reads_its_secret_and_proves_its_pcrs(stack: DevStack, tmp_p
         stdin=document.encode(),
     )  # fmt: skip
     assert verified.returncode == 0, verified.stderr
-    again = _cli("key-policy", "--measurements", "-", "--role-arn", role, stdin=verified.stdout)
+    again = _cli(
+        "key-policy", "--measurements", "-", *policy_args, "--key-id", key["KeyId"],
+        stdin=verified.stdout,
+    )  # fmt: skip
     assert json.loads(again.stdout) == json.loads(printed.stdout)
+    # and, given the key's id, the trusted_keys line the config above carries
+    assert f'trusted_keys = ["{key["Arn"]}"]' in again.stderr.decode()
 
     # Another image: the agent gets no secret, reports it, and the run fails.
     other = _run_example(
-        _local_config(stack, tmp_path / "other", blob, hashlib.sha384(b"other image").digest())
+        _local_config(
+            stack, tmp_path / "other", blob, hashlib.sha384(b"other image").digest(), key["Arn"]
+        )
     )
     assert other.returncode != 0
     assert b"example-app: OK" not in other.stdout
@@ -197,11 +213,17 @@ def test_held_app_stays_up_until_sigterm_and_unknown_secret_fails(
     measurements = tmp_path / "m.json"
     measurements.write_text(json.dumps({f"PCR{i}": pcrs[str(i)] for i in (0, 1, 2)}))
     role = f"arn:aws:iam::{stack.kms['account_id']}:role/enclave-parent"
-    policy = _cli("key-policy", "--measurements", str(measurements), "--role-arn", role).stdout
-    key_id = kms.create_key(Policy=policy.decode())["KeyMetadata"]["KeyId"]
-    blob = kms.encrypt(KeyId=key_id, Plaintext=b"held", EncryptionContext=CONTEXT)["CiphertextBlob"]
-    config = _local_config(stack, tmp_path / "held", blob, None)
-    config.write_text(config.read_text().replace(ALIAS, key_id))
+    policy = _cli(
+        "key-policy", "--measurements", str(measurements), "--role-arn", role,
+        "--region", stack.region,
+        "--encrypt-principal", local_operator_arn(stack.kms["account_id"]),
+    ).stdout  # fmt: skip
+    key = kms.create_key(Policy=policy.decode())["KeyMetadata"]
+    blob = kms.encrypt(KeyId=key["KeyId"], Plaintext=b"held", EncryptionContext=CONTEXT)[
+        "CiphertextBlob"
+    ]
+    config = _local_config(stack, tmp_path / "held", blob, None, key["Arn"])
+    config.write_text(config.read_text().replace(ALIAS, key["KeyId"]))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["AWS_EC2_METADATA_DISABLED"] = "true"

@@ -7,9 +7,9 @@ enclave with those PCRs succeeds, and is denied (AccessDeniedException) for an
 enclave whose PCR0 or PCR1 differs and for a call without any attestation. The
 README's upgrade flow (old image, old + new, new only) runs through PutKeyPolicy.
 
-What this does not show: the stand-in does not evaluate Principal (it has a single
-caller standing for every principal), so the role half of the policy is checked
-only by the shape tests in test_key_policy.py.
+The role half of the policy is enforced too: credentials minted for the named role
+decrypt, credentials of another role of the same account do not (the account's
+default credentials stand for every principal of it, the named role included).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from devtools.devstack import local_kms_client
+from devtools.devstack import local_kms_client, local_operator_arn, minted_kms_client
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import SimulatedNsm
 
@@ -33,8 +33,12 @@ REPO = Path(__file__).resolve().parent.parent
 ROLE_NAME = "enclave-parent"
 
 
-def _printed_policy(tmp_path: Path, account_id: str, *enclaves: SimulatedNsm) -> str:
-    arguments: list[str] = []
+def _printed_policy(
+    tmp_path: Path, account_id: str, *enclaves: SimulatedNsm, encrypt: bool = True
+) -> str:
+    arguments = ["--region", "us-east-1"]
+    if encrypt:
+        arguments += ["--encrypt-principal", local_operator_arn(account_id)]
     for number, enclave in enumerate(enclaves):
         measurements = {
             "Measurements": {
@@ -89,7 +93,7 @@ def test_printed_policy_admits_the_measured_enclave_only(
     key_id = client.create_key(Policy=policy, Description="key-policy test")["KeyMetadata"]["KeyId"]
 
     secret = os.urandom(32)
-    # The account may encrypt (the admin statement allows kms:Encrypt) ...
+    # The operator may encrypt (--encrypt-principal) ...
     blob = client.encrypt(
         KeyId=key_id, Plaintext=secret, EncryptionContext={"app": "enclave-kms-example"}
     )["CiphertextBlob"]
@@ -110,6 +114,17 @@ def test_printed_policy_admits_the_measured_enclave_only(
     with pytest.raises(ClientError) as no_attestation:
         client.decrypt(CiphertextBlob=blob, EncryptionContext={"app": "enclave-kms-example"})
     assert no_attestation.value.response["Error"]["Code"] == "AccessDeniedException"
+
+    # Only the named role's credentials, not another role's of the same account.
+    def as_role(name: str) -> Any:
+        account = local_kms["account_id"]
+        return minted_kms_client(local_kms, principal=f"arn:aws:iam::{account}:role/{name}")
+
+    assert _decrypt_in(enclave, as_role(ROLE_NAME), blob) == secret
+    with pytest.raises(ClientError) as other_role:
+        _decrypt_in(enclave, as_role("another-role"), blob)
+    assert other_role.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert "role/another-role" in other_role.value.response["Error"]["Message"]
 
     # The key keeps the policy it was given.
     stored = client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
@@ -147,3 +162,18 @@ def test_upgrade_flow_of_the_guide(
         KeyId=key_id, PolicyName="default", Policy=_printed_policy(tmp_path, account, new)
     )
     assert [admitted(e) for e in (old, new, third)] == [False, True, False]
+
+
+def test_without_an_encrypt_principal_nobody_may_encrypt(
+    tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
+) -> None:
+    """The account root no longer grants kms:Encrypt: the key refuses it unless the
+    policy names an operator (so the parent's role cannot plant a valid ciphertext)."""
+    enclave = SimulatedNsm.load(enclave_ca)
+    client = local_kms_client(local_kms)
+    policy = _printed_policy(tmp_path, local_kms["account_id"], enclave, encrypt=False)
+    key_id = client.create_key(Policy=policy)["KeyMetadata"]["KeyId"]
+    with pytest.raises(ClientError) as denied:
+        client.encrypt(KeyId=key_id, Plaintext=b"planted value")
+    assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert "kms:Encrypt" in denied.value.response["Error"]["Message"]

@@ -29,6 +29,7 @@ from devtools.devstack import (
 from devtools.local_kms.admin_client import set_faults
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings
 from enclave_agent.runtime.recipient import RecipientKey
+from enclave_agent.runtime.trusted_keys import TrustedKeys, account_entry
 from enclave_agent.simulated.nsm import SimulatedNsm
 from enclave_common.address import parse_address
 
@@ -94,6 +95,10 @@ def make_gateway(
         "proxy": parse_address(proxy),
         "endpoint": local_kms["endpoint"],
         "ca_bundle": local_kms["ca_bundle"],
+        # The stand-in's account, as devtools.devstack writes it into the agent config.
+        "trusted_keys": TrustedKeys(
+            (account_entry("aws", local_kms["region"], local_kms["account_id"]),)
+        ),
         **settings,
     }
     return KmsGateway(KmsSettings(**fields), SimulatedNsm.load(enclave_ca), RecipientKey.generate())

@@ -25,6 +25,9 @@ import trio
 import trustme
 
 SEAL = b"sealed:"
+FAKE_ACCOUNT = "111122223333"
+FAKE_KEY_ARN = f"arn:aws:kms:us-east-1:{FAKE_ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+FAKE_TRUSTED = f"arn:aws:kms:us-east-1:{FAKE_ACCOUNT}:key/*"  # the trusted_keys entry
 
 
 @dataclass
@@ -57,19 +60,19 @@ def decrypt_ok(seen: Seen) -> Reply:
     }[op]
     body: dict[str, Any] = {"CiphertextForRecipient": base64.b64encode(SEAL + secret).decode()}
     if op == "Decrypt":
-        body.update(KeyId="arn:aws:kms:us-east-1:111122223333:key/k1")
+        body.update(KeyId=FAKE_KEY_ARN)
         body.update(EncryptionAlgorithm="SYMMETRIC_DEFAULT", Plaintext=None)
     elif op == "GenerateDataKey":
-        body.update(KeyId="arn:k1", CiphertextBlob=base64.b64encode(b"blob").decode())
+        body.update(KeyId=FAKE_KEY_ARN, CiphertextBlob=base64.b64encode(b"blob").decode())
     elif op == "GenerateDataKeyPair":
         body.update(
-            KeyId="arn:k1",
+            KeyId=FAKE_KEY_ARN,
             KeyPairSpec="ECC_NIST_P256",
             PublicKey=base64.b64encode(b"pub").decode(),
             PrivateKeyCiphertextBlob=base64.b64encode(b"blob").decode(),
         )
     elif op == "DeriveSharedSecret":
-        body.update(KeyId="arn:k1", KeyAgreementAlgorithm="ECDH", KeyOrigin="AWS_KMS")
+        body.update(KeyId=FAKE_KEY_ARN, KeyAgreementAlgorithm="ECDH", KeyOrigin="AWS_KMS")
     return 200, body
 
 
@@ -326,7 +329,11 @@ class FakeNsm:
 class FakeRecipient:
     public_key_der = b"fake-spki"
 
+    def __init__(self) -> None:
+        self.opened = 0  # envelopes it was asked to open (refused answers must add none)
+
     def open(self, ciphertext_for_recipient: bytes) -> bytes:
+        self.opened += 1
         if not ciphertext_for_recipient.startswith(SEAL):
             raise ValueError("not sealed for us")
         return ciphertext_for_recipient[len(SEAL) :]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,8 +13,11 @@ import trio
 import trustme
 
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings, endpoint_host_port
+from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import parse_address
 from tests.test_kms_fakes import (
+    FAKE_KEY_ARN,
+    FAKE_TRUSTED,
     FakeKms,
     FakeNsm,
     FakeRecipient,
@@ -34,8 +37,10 @@ class Stack:
     gateway: KmsGateway
     ca_path: Path
 
+    recipient: FakeRecipient = field(default_factory=FakeRecipient)
+
     def gateway_with(self, **changes: object) -> KmsGateway:
-        return KmsGateway(self.settings(**changes), self.nsm, FakeRecipient())
+        return KmsGateway(self.settings(**changes), self.nsm, self.recipient)
 
     def settings(self, **changes: object) -> KmsSettings:
         fields: dict[str, object] = {
@@ -43,6 +48,7 @@ class Stack:
             "proxy": parse_address(self.relay.address),
             "endpoint": f"https://127.0.0.1:{self.kms.port}",
             "ca_bundle": str(self.ca_path),
+            "trusted_keys": TrustedKeys.parse([FAKE_TRUSTED]),
         }
         fields.update(changes)
         return KmsSettings(**fields)  # type: ignore[arg-type]
@@ -61,7 +67,7 @@ async def stack(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Stack]:
 async def test_decrypt_round_trip(stack: Stack) -> None:
     answer = await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
     assert answer == {
-        "KeyId": "arn:aws:kms:us-east-1:111122223333:key/k1",
+        "KeyId": FAKE_KEY_ARN,
         "Plaintext": base64.b64encode(b"the secret").decode(),
         "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
     }
@@ -97,7 +103,7 @@ async def test_all_five_operations_answer_as_without_recipient(stack: Stack) -> 
     assert answers["GenerateDataKey"] == {
         "CiphertextBlob": b64(b"blob").decode(),
         "Plaintext": b64(b"k" * 32).decode(),
-        "KeyId": "arn:k1",
+        "KeyId": FAKE_KEY_ARN,
     }
     assert answers["GenerateRandom"] == {"Plaintext": b64(b"r" * 16).decode()}
     assert answers["GenerateDataKeyPair"]["PrivateKeyPlaintext"] == b64(b"private key der").decode()
@@ -437,16 +443,16 @@ async def test_real_kms_envelope_is_opened_into_the_answer(stack: Stack, vectors
     recipient = RecipientKey(private)  # type: ignore[arg-type]
     envelope = base64.b64encode((cms / "enclaver_kms_response.ber").read_bytes()).decode()
     stack.kms.script.append(
-        (200, {"KeyId": "arn:k", "CiphertextForRecipient": envelope, "Plaintext": None})
+        (200, {"KeyId": FAKE_KEY_ARN, "CiphertextForRecipient": envelope, "Plaintext": None})
     )
     settings = stack.settings()
     gateway = KmsGateway(settings, stack.nsm, recipient)
     answer = await gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
     await gateway.aclose()
     expected = (cms / "enclaver_expected_plaintext.bin").read_bytes()
-    assert answer == {"KeyId": "arn:k", "Plaintext": base64.b64encode(expected).decode()}
+    assert answer == {"KeyId": FAKE_KEY_ARN, "Plaintext": base64.b64encode(expected).decode()}
     # and another key cannot open it: a clear error, no plaintext
-    stack.kms.script.append((200, {"CiphertextForRecipient": envelope}))
+    stack.kms.script.append((200, {"KeyId": FAKE_KEY_ARN, "CiphertextForRecipient": envelope}))
     other = KmsGateway(settings, stack.nsm, RecipientKey.generate())
     with pytest.raises(KmsError) as info:
         await other.call("Decrypt", {"CiphertextBlob": CIPHERTEXT})
@@ -507,3 +513,138 @@ async def test_signing_key_is_derived_once_for_many_calls(stack: Stack) -> None:
     # calls straddled midnight UTC, when the new date needs its own key).
     new_day = datetime.now(UTC).date() != first_day
     assert stack.gateway.signing_keys.derivations == 1 + new_day
+
+
+# --- trusted keys: a lying parent chooses the key; the agent checks who answered ------
+
+OTHER_ACCOUNT_ARN = FAKE_KEY_ARN.replace("111122223333", "999988887777")
+SAME_ACCOUNT_OTHER_KEY = FAKE_KEY_ARN.replace("1234abcd-12ab", "99999999-12ab")
+KEY_REQUESTS = {
+    "Decrypt": {"CiphertextBlob": CIPHERTEXT},
+    "GenerateDataKey": {"KeyId": "alias/app", "KeySpec": "AES_256"},
+    "GenerateDataKeyPair": {"KeyId": "alias/app", "KeyPairSpec": "ECC_NIST_P256"},
+    "DeriveSharedSecret": {
+        "KeyId": "alias/app",
+        "KeyAgreementAlgorithm": "ECDH",
+        "PublicKey": "cHVi",
+    },
+}
+
+
+def _answering_as(key_id: str | None) -> object:
+    """The fake's normal answer (a sealed envelope that would open), from ``key_id``."""
+    from tests.test_kms_fakes import Seen, decrypt_ok
+
+    def reply(seen: Seen) -> tuple[int, dict[str, object]]:
+        status, body = decrypt_ok(seen)
+        assert isinstance(body, dict)
+        body.pop("KeyId", None)
+        if key_id is not None:
+            body["KeyId"] = key_id
+        return status, body
+
+    return reply
+
+
+@pytest.mark.parametrize("operation", sorted(KEY_REQUESTS))
+@pytest.mark.parametrize(
+    ("key_id", "named"),
+    [
+        (OTHER_ACCOUNT_ARN, OTHER_ACCOUNT_ARN),  # the parent served another account's credentials
+        (SAME_ACCOUNT_OTHER_KEY, SAME_ACCOUNT_OTHER_KEY),  # UpdateAlias to a key of its own
+        ("alias/app", "'alias/app' is not a full key ARN"),
+        (None, "names no KeyId"),
+    ],
+)
+async def test_an_answer_from_an_untrusted_key_is_never_opened(
+    stack: Stack, operation: str, key_id: str | None, named: str
+) -> None:
+    gateway = stack.gateway_with(trusted_keys=TrustedKeys.parse([FAKE_KEY_ARN]))
+    stack.kms.script.append(_answering_as(key_id))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(KmsError) as info:
+            await gateway.call(operation, KEY_REQUESTS[operation])
+    finally:
+        await gateway.aclose()
+    assert (info.value.error_type, info.value.status) == ("AccessDeniedException", 400)
+    assert named in info.value.message and "trusted_keys" in info.value.message
+    assert stack.recipient.opened == 0  # the envelope was never opened
+    assert len(stack.kms.seen) == 1  # and the refusal was not retried
+    # The same answer from the trusted key is opened as usual.
+    gateway = stack.gateway_with(trusted_keys=TrustedKeys.parse([FAKE_KEY_ARN]))
+    answer = await gateway.call(operation, KEY_REQUESTS[operation])
+    await gateway.aclose()
+    assert answer["KeyId"] == FAKE_KEY_ARN and stack.recipient.opened == 1
+
+
+async def test_an_untrusted_key_arn_is_refused_before_any_call(stack: Stack) -> None:
+    with pytest.raises(KmsError) as info:
+        await stack.gateway.call(
+            "GenerateDataKey", {"KeyId": OTHER_ACCOUNT_ARN, "NumberOfBytes": 32}
+        )
+    assert (info.value.error_type, info.value.status) == ("AccessDeniedException", 400)
+    assert OTHER_ACCOUNT_ARN in info.value.message and "trusted_keys" in info.value.message
+    # no attestation, no credentials, no network
+    assert (stack.nsm.calls, stack.relay.credential_requests, stack.kms.seen) == (0, 0, [])
+
+
+async def test_no_trusted_keys_refuses_key_operations_but_not_generate_random(
+    stack: Stack,
+) -> None:
+    gateway = stack.gateway_with(trusted_keys=TrustedKeys())
+    try:
+        for operation, request in KEY_REQUESTS.items():
+            with pytest.raises(KmsError) as info:
+                await gateway.call(operation, request)
+            assert (info.value.error_type, info.value.status) == ("AccessDeniedException", 400)
+            assert "key operations are off" in info.value.message
+            assert "trusted_keys" in info.value.message
+        assert stack.kms.seen == [] and stack.nsm.calls == 0
+        answer = await gateway.call("GenerateRandom", {"NumberOfBytes": 16})
+    finally:
+        await gateway.aclose()
+    assert answer["Plaintext"] == base64.b64encode(b"r" * 16).decode()
+
+
+async def test_a_refused_answer_leaves_no_plaintext_in_the_log(stack: Stack) -> None:
+    import io
+    import json
+
+    import structlog
+
+    from enclave_common.logs import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream, process="test")
+    stack.kms.script.append(_answering_as(OTHER_ACCOUNT_ARN))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(KmsError) as info:
+            await stack.gateway.call("GenerateDataKey", KEY_REQUESTS["GenerateDataKey"])
+    finally:
+        structlog.reset_defaults()
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (call,) = [e for e in events if e["event"] == "kms_call"]
+    assert (call["outcome"], call["error_type"], call["attempts"]) == (
+        "error",
+        "AccessDeniedException",
+        1,
+    )
+    assert OTHER_ACCOUNT_ARN in call["reason"]  # the log names the key that answered
+    b64 = base64.b64encode
+    for secret in ["k" * 32, b64(b"k" * 32).decode(), b64(b"sealed:" + b"k" * 32).decode()]:
+        assert secret not in stream.getvalue() and secret not in info.value.message
+
+
+async def test_an_extreme_expiration_is_a_credentials_error_and_retried(stack: Stack) -> None:
+    """9999-12-31T23:59:59-01:00 is past year 9999 in UTC: a malformed answer like any
+    other (named, retried), not an internal error of the agent."""
+    stack.relay.credentials["Expiration"] = "9999-12-31T23:59:59-01:00"
+    gateway = stack.gateway_with(max_attempts=3)
+    try:
+        with pytest.raises(KmsError) as info:
+            await gateway.call("GenerateRandom", {"NumberOfBytes": 8})
+    finally:
+        await gateway.aclose()
+    assert (info.value.error_type, info.value.status) == ("KMSInternalException", 502)
+    assert "Expiration" in info.value.message and "out of range" in info.value.message
+    assert stack.relay.credential_requests == 3 and stack.kms.seen == []

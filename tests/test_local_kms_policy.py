@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devtools.local_kms.policy import (
+    Caller,
     Decision,
     PolicyError,
     default_policy,
@@ -20,6 +21,8 @@ from devtools.local_kms.policy import (
 PCR0 = bytes.fromhex("ab" * 48)
 PCR3 = bytes.fromhex("cd" * 48)
 RECIPIENT = recipient_context({0: PCR0, 3: PCR3, 1: bytes(48)})
+ACCOUNT = "111122223333"
+CALLER = Caller(ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/data-processing")
 
 
 def aws_example_policy(image: str = PCR0.hex().upper(), pcr3: str = PCR3.hex()) -> str:
@@ -47,17 +50,19 @@ def aws_example_policy(image: str = PCR0.hex().upper(), pcr3: str = PCR3.hex()) 
 
 
 def policy(*statements: dict[str, Any]) -> str:
-    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+    """A key policy of ``statements``; one without a Principal names the account."""
+    named = [{"Principal": {"AWS": ACCOUNT}, **statement} for statement in statements]
+    return json.dumps({"Version": "2012-10-17", "Statement": named})
 
 
 def test_aws_example_allows_only_the_measured_enclave() -> None:
     example = parse_policy(aws_example_policy())
-    assert example.evaluate("kms:Decrypt", RECIPIENT) is Decision.ALLOW
+    assert example.evaluate("kms:Decrypt", CALLER, RECIPIENT) is Decision.ALLOW
     # No Recipient: the recipient keys are absent, so the statement does not match.
-    assert example.evaluate("kms:Decrypt", {}) is Decision.IMPLICIT_DENY
+    assert example.evaluate("kms:Decrypt", CALLER, {}) is Decision.IMPLICIT_DENY
     other = recipient_context({0: PCR0, 3: bytes(48)})
-    assert example.evaluate("kms:Decrypt", other) is Decision.IMPLICIT_DENY
-    assert example.evaluate("kms:Encrypt", RECIPIENT) is Decision.IMPLICIT_DENY
+    assert example.evaluate("kms:Decrypt", CALLER, other) is Decision.IMPLICIT_DENY
+    assert example.evaluate("kms:Encrypt", CALLER, RECIPIENT) is Decision.IMPLICIT_DENY
 
 
 def test_string_equals_is_case_sensitive_and_ignore_case_is_not() -> None:
@@ -70,7 +75,7 @@ def test_string_equals_is_case_sensitive_and_ignore_case_is_not() -> None:
             }
         )
     )
-    assert exact.evaluate("kms:Decrypt", RECIPIENT) is Decision.ALLOW
+    assert exact.evaluate("kms:Decrypt", CALLER, RECIPIENT) is Decision.ALLOW
     upper = parse_policy(
         policy(
             {
@@ -82,7 +87,7 @@ def test_string_equals_is_case_sensitive_and_ignore_case_is_not() -> None:
             }
         )
     )
-    assert upper.evaluate("kms:Decrypt", RECIPIENT) is Decision.IMPLICIT_DENY
+    assert upper.evaluate("kms:Decrypt", CALLER, RECIPIENT) is Decision.IMPLICIT_DENY
 
 
 def test_explicit_deny_wins_and_negated_operators_match_missing_keys() -> None:
@@ -100,10 +105,10 @@ def test_explicit_deny_wins_and_negated_operators_match_missing_keys() -> None:
             },
         )
     )
-    assert document.evaluate("kms:Decrypt", RECIPIENT) is Decision.ALLOW
-    assert document.evaluate("kms:Decrypt", {}) is Decision.EXPLICIT_DENY
-    assert document.evaluate("kms:GenerateDataKeyPair", {}) is Decision.EXPLICIT_DENY
-    assert document.evaluate("kms:Encrypt", {}) is Decision.ALLOW
+    assert document.evaluate("kms:Decrypt", CALLER, RECIPIENT) is Decision.ALLOW
+    assert document.evaluate("kms:Decrypt", CALLER, {}) is Decision.EXPLICIT_DENY
+    assert document.evaluate("kms:GenerateDataKeyPair", CALLER, {}) is Decision.EXPLICIT_DENY
+    assert document.evaluate("kms:Encrypt", CALLER, {}) is Decision.ALLOW
 
 
 def test_action_wildcards_not_action_and_value_lists() -> None:
@@ -118,18 +123,86 @@ def test_action_wildcards_not_action_and_value_lists() -> None:
             },
         )
     )
-    assert document.evaluate("kms:GenerateDataKey", {}) is Decision.ALLOW
-    assert document.evaluate("kms:Encrypt", {}) is Decision.ALLOW
-    assert document.evaluate("kms:DescribeKey", {}) is Decision.IMPLICIT_DENY
-    assert document.evaluate("kms:Decrypt", {}) is Decision.IMPLICIT_DENY
+    assert document.evaluate("kms:GenerateDataKey", CALLER, {}) is Decision.ALLOW
+    assert document.evaluate("kms:Encrypt", CALLER, {}) is Decision.ALLOW
+    assert document.evaluate("kms:DescribeKey", CALLER, {}) is Decision.IMPLICIT_DENY
+    assert document.evaluate("kms:Decrypt", CALLER, {}) is Decision.IMPLICIT_DENY
     ctx = recipient_context({1: bytes.fromhex("11")})
-    assert document.evaluate("kms:Decrypt", ctx) is Decision.ALLOW
+    assert document.evaluate("kms:Decrypt", CALLER, ctx) is Decision.ALLOW
 
 
 def test_default_policy_allows_everything() -> None:
     document = parse_policy(default_policy("111122223333"))
     for action in ("kms:Decrypt", "kms:Encrypt", "kms:PutKeyPolicy", "kms:ScheduleKeyDeletion"):
-        assert document.evaluate(action, {}) is Decision.ALLOW
+        assert document.evaluate(action, CALLER, {}) is Decision.ALLOW
+
+
+OTHER = "444455556666"
+APP_ROLE = f"arn:aws:iam::{ACCOUNT}:role/app"
+
+
+@pytest.mark.parametrize(
+    ("principal", "callers"),
+    [
+        # Everyone, in either spelling.
+        ("*", {"app", "other-role", "account", "other-account", "other-account-role"}),
+        ({"AWS": "*"}, {"app", "other-role", "account", "other-account", "other-account-role"}),
+        # The account, as root ARN or bare id: any principal of it, no one else.
+        ({"AWS": f"arn:aws:iam::{ACCOUNT}:root"}, {"app", "other-role", "account"}),
+        ({"AWS": ACCOUNT}, {"app", "other-role", "account"}),
+        # A role: that role, and the account's default credentials (any of its principals).
+        ({"AWS": APP_ROLE}, {"app", "account"}),
+        (
+            {"AWS": [f"arn:aws:iam::{OTHER}:role/parent", APP_ROLE]},
+            {"app", "account", "other-account"},
+        ),
+        ({"AWS": f"arn:aws:iam::{OTHER}:root"}, {"other-account", "other-account-role"}),
+        ({"AWS": f"arn:aws:iam::{ACCOUNT}:user/alice"}, {"account"}),
+        # No service ever calls the stand-in.
+        ({"Service": "ec2.amazonaws.com"}, set()),
+    ],
+)
+def test_a_statement_applies_only_to_the_callers_its_principal_names(
+    principal: Any, callers: set[str]
+) -> None:
+    every = {
+        "app": Caller(ACCOUNT, APP_ROLE),
+        "other-role": Caller(ACCOUNT, f"arn:aws:iam::{ACCOUNT}:role/other"),
+        "account": Caller(ACCOUNT),
+        "other-account": Caller(OTHER),
+        "other-account-role": Caller(OTHER, f"arn:aws:iam::{OTHER}:role/other"),
+    }
+    document = parse_policy(
+        policy({"Effect": "Allow", "Principal": principal, "Action": "kms:Decrypt"})
+    )
+    allowed = {
+        name
+        for name, caller in every.items()
+        if document.evaluate("kms:Decrypt", caller, {}) is Decision.ALLOW
+    }
+    assert allowed == callers
+
+
+def test_deny_applies_to_its_principals_only_and_caller_account_is_the_callers() -> None:
+    document = parse_policy(
+        policy(
+            {"Effect": "Allow", "Principal": "*", "Action": "kms:*"},
+            {"Effect": "Deny", "Principal": {"AWS": OTHER}, "Action": "kms:Decrypt"},
+            {
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "kms:Encrypt",
+                "Condition": {"StringNotEquals": {"kms:CallerAccount": ACCOUNT}},
+            },
+        )
+    )
+    assert document.evaluate("kms:Decrypt", Caller(ACCOUNT), {}) is Decision.ALLOW
+    assert document.evaluate("kms:Decrypt", Caller(OTHER), {}) is Decision.EXPLICIT_DENY
+    assert document.evaluate("kms:Encrypt", Caller(ACCOUNT), {}) is Decision.ALLOW
+    assert document.evaluate("kms:Encrypt", Caller(OTHER), {}) is Decision.EXPLICIT_DENY
+    # A caller cannot bring its own kms:CallerAccount.
+    forged = {"kms:calleraccount": ACCOUNT}
+    assert document.evaluate("kms:Encrypt", Caller(OTHER), forged) is Decision.EXPLICIT_DENY
 
 
 @pytest.mark.parametrize(
@@ -165,6 +238,43 @@ def test_default_policy_allows_everything() -> None:
             ),
             "not supported",
         ),
+        (
+            json.dumps({"Statement": [{"Effect": "Allow", "Action": "kms:*"}]}),
+            "needs a Principal",
+        ),
+        (
+            json.dumps(
+                {
+                    "Statement": [
+                        {"Effect": "Allow", "NotPrincipal": {"AWS": ACCOUNT}, "Action": "kms:*"}
+                    ]
+                }
+            ),
+            "NotPrincipal is not supported",
+        ),
+        (
+            policy({"Effect": "Allow", "Principal": "someone", "Action": "kms:*"}),
+            "Principal must be",
+        ),
+        (policy({"Effect": "Allow", "Principal": {}, "Action": "kms:*"}), "Principal must be"),
+        (
+            policy({"Effect": "Allow", "Principal": {"Federated": "x"}, "Action": "kms:*"}),
+            "Principal must be",
+        ),
+        (
+            policy(
+                {"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::*:root"}, "Action": "kms:*"}
+            ),
+            "principal 'arn:aws:iam::\\*:root' is not supported",
+        ),
+        (
+            policy({"Effect": "Allow", "Principal": {"AWS": "12345"}, "Action": "kms:*"}),
+            "is not supported",
+        ),
+        (
+            policy({"Effect": "Allow", "Principal": {"AWS": []}, "Action": "kms:*"}),
+            "non-empty list",
+        ),
     ],
 )
 def test_malformed_policies_are_refused_with_a_reason(text: str, message: str) -> None:
@@ -188,6 +298,17 @@ def test_parser_raises_only_policy_error(text: str) -> None:
         parse_policy(text)
     except PolicyError:
         pass
+
+
+@settings(max_examples=300)
+@given(json_values)
+def test_principal_parser_raises_only_policy_error(principal: Any) -> None:
+    statement = {"Effect": "Allow", "Principal": principal, "Action": "kms:*"}
+    try:
+        document = parse_policy(json.dumps({"Statement": [statement]}))
+    except PolicyError:
+        return
+    document.evaluate("kms:Decrypt", CALLER, {})
 
 
 actions = st.sampled_from(
@@ -218,8 +339,8 @@ def test_evaluation_properties(
     raw: list[dict[str, Any]], action: str, with_recipient: bool
 ) -> None:
     context = RECIPIENT if with_recipient else {}
-    decision = parse_policy(policy(*raw)).evaluate(action, context)
-    alone = [parse_policy(policy(s)).evaluate(action, context) for s in raw]
+    decision = parse_policy(policy(*raw)).evaluate(action, CALLER, context)
+    alone = [parse_policy(policy(s)).evaluate(action, CALLER, context) for s in raw]
     # Deny wins over any Allow; otherwise one applicable Allow is enough; else implicit deny.
     if Decision.EXPLICIT_DENY in alone:
         assert decision is Decision.EXPLICIT_DENY

@@ -23,6 +23,7 @@ from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import SimulatedNsm
 
 REGION = "us-east-1"
+ACCOUNTS = ["111122223333", "444455556666"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,10 @@ def nsm() -> SimulatedNsm:
 @pytest.fixture(scope="module")
 def kms(nsm: SimulatedNsm) -> LocalKms:
     return LocalKms(
-        region=REGION, roots=[nsm.root_pem], credentials=CredentialStore(), moto=MotoKms(REGION)
+        region=REGION,
+        roots=[nsm.root_pem],
+        credentials=CredentialStore(ACCOUNTS),
+        moto=MotoKms(REGION, ACCOUNTS),
     )
 
 
@@ -77,7 +81,21 @@ scalars = (
     | st.booleans()
     | st.integers(-(2**40), 2**40)
     | st.text(max_size=20)
-    | st.sampled_from(["AES_256", "RSA_2048", "alias/x", "AAAA", "not base64!", "kms:*"])
+    | st.sampled_from(
+        [
+            "AES_256",
+            "RSA_2048",
+            "alias/x",
+            "AAAA",
+            "not base64!",
+            "kms:*",
+            "arn:aws:kms:us-east-1:444455556666:alias/x",
+            "arn:aws:kms:us-east-1:1:key/x",
+            "arn:aws:kms:eu-west-1:111122223333:key/x",
+            "arn:",
+            "alias/aws/ebs",
+        ]
+    )
 )
 values = st.recursive(
     scalars,
@@ -183,7 +201,15 @@ def test_reencrypt_is_decided_by_the_ciphertexts_key_not_a_named_source(kms: Loc
     # ciphertext out; the open key allows everything.
     locked = _key_with_policy(
         kms,
-        {"Statement": [{"Effect": "Allow", "Action": ["kms:Encrypt", "kms:ReEncryptTo"]}]},
+        {
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": "*",
+                    "Action": ["kms:Encrypt", "kms:ReEncryptTo"],
+                }
+            ]
+        },
     )
     opened = _make_key(kms)
     status, answer = call(kms, "Encrypt", {"KeyId": locked, "Plaintext": "c2VjcmV0"})

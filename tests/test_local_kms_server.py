@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from devtools.devstack import local_kms_client, start_local_kms
+from devtools.devstack import local_kms_client, local_operator_arn, start_local_kms
 from devtools.local_kms.admin_client import mint_credentials, set_faults
 from enclave_agent.operator.key_policy import Measurements, build_key_policy
 from enclave_agent.runtime.cms import decrypt_for_recipient
@@ -65,8 +65,9 @@ def attested_key(kms: Any) -> str:
         Measurements(pcrs),
         "arn:aws:iam::111122223333:role/enclave-parent",
         operations=["Decrypt", "GenerateDataKey", "GenerateDataKeyPair"],
+        encrypt_principal=local_operator_arn("111122223333"),
     )
-    # The administrative statement lets the account encrypt, never decrypt.
+    # The operator (the stand-in's caller) may encrypt; nobody may decrypt unattested.
     return str(kms.create_key(Policy=json.dumps(document))["KeyMetadata"]["KeyId"])
 
 
@@ -468,6 +469,11 @@ def test_bad_command_lines_fail_with_a_reason(tmp_path: Path) -> None:
         (["--state-file", str(tmp_path / "missing" / "s.json")], "no directory"),
         (["--state-file", str(tmp_path / "s.json"), "--trust-root", str(not_pem)], "not a PEM"),
         (["--state-file", str(tmp_path / "s.json"), "--host", "0.0.0.0"], "loopback"),
+        (["--state-file", str(tmp_path / "s.json"), "--account", "12345"], "12 digits"),
+        (
+            ["--state-file", str(tmp_path / "s.json"), *["--account", "444455556666"] * 2],
+            "all different",
+        ),
     ]
     for args, reason in cases:
         result = subprocess.run(
@@ -500,7 +506,7 @@ async def test_a_body_that_never_arrives_does_not_hold_the_connection(
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
-    credentials = CredentialStore()
+    credentials = CredentialStore(["111122223333"])
     kms = LocalKms(region="us-east-1", roots=[], credentials=credentials)
     admin = server_module.Admin("token", FaultInjector(), credentials)
     http = server_module.KmsHttpServer(kms, admin, server_context)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.faults import FaultError, FaultInjector, FaultPlan, parse_plan
+from devtools.local_kms.policy import Caller
 from devtools.local_kms.sigv4 import Request, SignatureError, check_signature, parse_authorization
 
 # Credential-store checks take the time as a parameter; signatures use the real clock
@@ -21,6 +22,8 @@ from devtools.local_kms.sigv4 import Request, SignatureError, check_signature, p
 NOW = datetime(2026, 11, 29, 0, 0, 0, tzinfo=UTC)
 KEY_ID = "AKIAEXAMPLEEXAMPLE00"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+ACCOUNT_A = "111122223333"
+ACCOUNT_B = "444455556666"
 
 
 def botocore_signed(
@@ -151,17 +154,15 @@ def test_arbitrary_headers_raise_only_signature_error(headers: dict[str, str], b
 
 
 def test_minted_credentials_expire_and_need_their_token() -> None:
-    store = CredentialStore()
-    assert store.secret_for(store.long_term.access_key_id, None, NOW) == (
-        store.long_term.secret_access_key
-    )
+    store = CredentialStore([ACCOUNT_A])
+    assert store.credential_for(store.long_term.access_key_id, None, NOW) == store.long_term
     minted = store.mint(timedelta(seconds=60), NOW)
     assert minted.access_key_id.startswith("ASIA") and minted.session_token
-    assert store.secret_for(minted.access_key_id, minted.session_token, NOW) == (
-        minted.secret_access_key
-    )
+    assert store.credential_for(minted.access_key_id, minted.session_token, NOW) == minted
     with pytest.raises(SignatureError) as caught:
-        store.secret_for(minted.access_key_id, minted.session_token, NOW + timedelta(seconds=61))
+        store.credential_for(
+            minted.access_key_id, minted.session_token, NOW + timedelta(seconds=61)
+        )
     assert caught.value.error_type == "ExpiredTokenException"
     for key, token in [
         (minted.access_key_id, None),
@@ -170,10 +171,39 @@ def test_minted_credentials_expire_and_need_their_token() -> None:
         (store.long_term.access_key_id, "a token on a long-term key"),
     ]:
         with pytest.raises(SignatureError) as caught:
-            store.secret_for(key, token, NOW)
+            store.credential_for(key, token, NOW)
         assert caught.value.error_type == "UnrecognizedClientException"
     with pytest.raises(ValueError):
         store.mint(timedelta(seconds=0), NOW)
+
+
+def test_each_account_has_its_own_credentials_and_callers() -> None:
+    store = CredentialStore([ACCOUNT_A, ACCOUNT_B])
+    first, second = store.long_term_of(ACCOUNT_A), store.long_term_of(ACCOUNT_B)
+    assert store.long_term == first and first.access_key_id != second.access_key_id
+    assert store.credential_for(second.access_key_id, None, NOW).caller == Caller(ACCOUNT_B)
+    assert store.mint(timedelta(seconds=60), NOW).caller == Caller(ACCOUNT_A)
+    role = f"arn:aws:iam::{ACCOUNT_B}:role/parent"
+    minted = store.mint_requested({"ttl": 60, "account": ACCOUNT_B, "principal": role}, NOW)
+    assert minted.caller == Caller(ACCOUNT_B, role)
+    assert minted.caller.arn == role and Caller(ACCOUNT_B).arn.startswith(
+        f"arn:aws:iam::{ACCOUNT_B}:"
+    )
+    assert minted.process_document()["Expiration"] == "2026-11-29T00:01:00Z"
+    for document, message in [
+        ({"account": "999988887777"}, "not one of this stand-in's"),
+        ({"account": ACCOUNT_A, "principal": role}, "not of account"),
+        ({"principal": f"arn:aws:iam::{ACCOUNT_A}:root"}, "not an IAM user or role"),
+        ({"principal": "alice"}, "not an IAM user or role"),
+        ({"account": 111122223333}, "account must be a string"),
+        ({"ttl": "60"}, "ttl must be a number"),
+        ({"ttl": True}, "ttl must be a number"),
+        ({"ttl": 1e300}, "ttl must be more than"),
+        ({"ttl": float("inf")}, "ttl must be more than"),
+        ([], "JSON object"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            store.mint_requested(document, NOW)
 
 
 def test_fault_plans_are_consumed_one_call_at_a_time() -> None:

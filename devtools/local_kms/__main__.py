@@ -23,7 +23,7 @@ import trio
 import trustme
 from cryptography import x509
 
-from devtools.local_kms.backend import MotoKms
+from devtools.local_kms.backend import MotoKms, default_accounts
 from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.faults import FaultInjector
 from devtools.local_kms.server import Admin, KmsHttpServer
@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
     parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
     parser.add_argument("--region", default="us-east-1")
+    parser.add_argument(
+        "--account",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an AWS account (12 digits) to speak for, each with its own credentials, keys "
+        "and aliases; repeatable, the first is the primary (default: 111122223333)",
+    )
     parser.add_argument(
         "--simulated-nsm-ca",
         type=Path,
@@ -120,10 +128,12 @@ async def run(args: argparse.Namespace) -> int:
     ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     certificate.configure_cert(ssl_context)
 
-    credentials = CredentialStore()
-    kms = LocalKms(
-        region=args.region, roots=roots, credentials=credentials, moto=MotoKms(args.region)
-    )
+    try:
+        moto = MotoKms(args.region, args.account or default_accounts())
+    except ValueError as exc:
+        raise SystemExit(f"local-kms: --account: {exc}") from exc
+    credentials = CredentialStore(moto.accounts)
+    kms = LocalKms(region=args.region, roots=roots, credentials=credentials, moto=moto)
     admin = Admin(secrets.token_urlsafe(32), FaultInjector(), credentials)
     server = KmsHttpServer(kms, admin, ssl_context)
 
@@ -142,9 +152,17 @@ async def run(args: argparse.Namespace) -> int:
         "port": port,
         "ca_bundle": str(ca_file),
         "region": args.region,
-        "account_id": kms.moto.account_id,
+        "account_id": moto.account_id,
         "aws_access_key_id": credentials.long_term.access_key_id,
         "aws_secret_access_key": credentials.long_term.secret_access_key,
+        "accounts": [
+            {
+                "account_id": account,
+                "aws_access_key_id": credentials.long_term_of(account).access_key_id,
+                "aws_secret_access_key": credentials.long_term_of(account).secret_access_key,
+            }
+            for account in moto.accounts
+        ],
         "admin_token": admin.token,
         "trust_roots": len(roots),
         "pid": os.getpid(),

@@ -5,7 +5,8 @@
     python -m devtools.local_kms.admin_client --state-file F faults internal --count 0  # clear
 
 From Python (tests): ``set_faults(state_file, "throttle", count=3)``,
-``mint_credentials(state_file, ttl=60)``.
+``mint_credentials(state_file, ttl=60, account="444455556666")``,
+``account_credentials(state, account)``.
 """
 
 from __future__ import annotations
@@ -77,9 +78,27 @@ def set_faults(state_file: Path, kind: str, *, count: int = 1, delay: float = 0.
     return int(_post(state_file, "faults", document)["pending"])
 
 
-def mint_credentials(state_file: Path, ttl: float) -> str:
-    """botocore credential_process JSON for fresh credentials living ``ttl`` seconds."""
-    return json.dumps(_post(state_file, "credentials", {"ttl": ttl}))
+def mint_credentials(
+    state_file: Path, ttl: float, *, account: str | None = None, principal: str | None = None
+) -> str:
+    """botocore credential_process JSON for fresh credentials living ``ttl`` seconds, of
+    ``account`` (default: the primary), signing as ``principal`` (an IAM user or role
+    ARN of that account; default: any principal of it)."""
+    document: dict[str, Any] = {"ttl": ttl}
+    if account is not None:
+        document["account"] = account
+    if principal is not None:
+        document["principal"] = principal
+    return json.dumps(_post(state_file, "credentials", document))
+
+
+def account_credentials(state: dict[str, Any], account: str) -> tuple[str, str]:
+    """(access key id, secret key): the long-term credentials of ``account`` in a state
+    file's content; AdminError if the stand-in does not speak for that account."""
+    for entry in state.get("accounts", []):
+        if entry.get("account_id") == account:
+            return str(entry["aws_access_key_id"]), str(entry["aws_secret_access_key"])
+    raise AdminError(f"the local KMS does not speak for account {account}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

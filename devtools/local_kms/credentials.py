@@ -1,9 +1,13 @@
-"""The stand-in's credentials: one long-term key pair plus minted short-lived ones (pure).
+"""The stand-in's credentials: per account, one long-term key pair plus minted short-lived
+ones (pure).
 
-The long-term pair is created at start and published in the state file. Short-lived
-credentials (access key id, secret, session token, expiration) are minted on demand, as
-STS would; a request signed with one after its expiration gets ExpiredTokenException,
-one naming an unknown key or carrying the wrong token gets UnrecognizedClientException.
+Each account the stand-in speaks for gets a long-term pair at start (the primary
+account's is published at the top of the state file, every account's in its
+``accounts`` list). Short-lived credentials (access key id, secret, session token,
+expiration) are minted on demand, as STS would, for a chosen account and optionally a
+chosen IAM user or role of it (``Caller``: who the key policies see). A request signed
+with one after its expiration gets ExpiredTokenException, one naming an unknown key or
+carrying the wrong token gets UnrecognizedClientException.
 """
 
 from __future__ import annotations
@@ -11,12 +15,16 @@ from __future__ import annotations
 import base64
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
+from devtools.local_kms.policy import Caller, principal_account
 from devtools.local_kms.sigv4 import SignatureError
 
 MAX_TTL = timedelta(hours=12)
+DEFAULT_TTL = 3600.0
 _INVALID_TOKEN = "The security token included in the request is invalid."
 
 
@@ -24,8 +32,20 @@ _INVALID_TOKEN = "The security token included in the request is invalid."
 class Credential:
     access_key_id: str
     secret_access_key: str
+    caller: Caller
     session_token: str | None = None
     expiration: datetime | None = None
+
+    def process_document(self) -> dict[str, Any]:
+        """botocore ``credential_process`` JSON (Version 1) for minted credentials."""
+        assert self.expiration is not None, "only minted credentials expire"
+        return {
+            "Version": 1,
+            "AccessKeyId": self.access_key_id,
+            "SecretAccessKey": self.secret_access_key,
+            "SessionToken": self.session_token,
+            "Expiration": self.expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
 
 
 def _key_id(prefix: str) -> str:
@@ -38,22 +58,73 @@ def _secret() -> str:
 
 
 class CredentialStore:
-    def __init__(self) -> None:
-        self.long_term = Credential(_key_id("AKIA"), _secret())
+    def __init__(self, accounts: Sequence[str]) -> None:
+        """``accounts``: the stand-in's accounts, the primary first."""
+        if not accounts:
+            raise ValueError("at least one account")
+        self.accounts = tuple(accounts)
+        self._long_term = {
+            account: Credential(_key_id("AKIA"), _secret(), Caller(account))
+            for account in self.accounts
+        }
         self._minted: dict[str, Credential] = {}
 
-    def mint(self, ttl: timedelta, now: datetime) -> Credential:
+    @property
+    def long_term(self) -> Credential:
+        """The primary account's long-term credentials."""
+        return self._long_term[self.accounts[0]]
+
+    def long_term_of(self, account: str) -> Credential:
+        return self._long_term[account]
+
+    def mint(
+        self,
+        ttl: timedelta,
+        now: datetime,
+        *,
+        account: str | None = None,
+        principal: str | None = None,
+    ) -> Credential:
+        """Short-lived credentials of ``account`` (default: the primary), signing as
+        ``principal`` (an IAM user or role ARN of that account) or, without one, as any
+        principal of the account. ValueError says what is wrong with the request."""
         if not timedelta(0) < ttl <= MAX_TTL:
             raise ValueError(f"ttl must be more than 0 s and at most {MAX_TTL}")
+        account = self.accounts[0] if account is None else account
+        if account not in self.accounts:
+            raise ValueError(
+                f"account {account!r} is not one of this stand-in's ({', '.join(self.accounts)})"
+            )
+        if principal is not None and principal_account(principal) != account:
+            raise ValueError(f"principal {principal!r} is not of account {account}")
         self._forget_expired(now)
         credential = Credential(
             _key_id("ASIA"),
             _secret(),
+            Caller(account, principal),
             base64.b64encode(secrets.token_bytes(48)).decode(),
             (now + ttl).replace(microsecond=0),
         )
         self._minted[credential.access_key_id] = credential
         return credential
+
+    def mint_requested(self, document: Any, now: datetime) -> Credential:
+        """``mint`` for an admin request ``{"ttl": S, "account": ID, "principal": ARN}``
+        (each optional); ValueError says what is wrong with it."""
+        if not isinstance(document, dict):
+            raise ValueError("the request must be a JSON object")
+        ttl = document.get("ttl", DEFAULT_TTL)
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise ValueError("ttl must be a number of seconds")
+        account, principal = document.get("account"), document.get("principal")
+        for name, value in (("account", account), ("principal", principal)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string")
+        try:
+            lifetime = timedelta(seconds=ttl)
+        except OverflowError as exc:
+            raise ValueError(f"ttl must be more than 0 s and at most {MAX_TTL}") from exc
+        return self.mint(lifetime, now, account=account, principal=principal)
 
     def _forget_expired(self, now: datetime) -> None:
         # Expired credentials are kept for a day so their use is reported as expired,
@@ -63,12 +134,16 @@ class CredentialStore:
             if cred.expiration is not None and cred.expiration < horizon:
                 del self._minted[key_id]
 
-    def secret_for(self, access_key_id: str, session_token: str | None, now: datetime) -> str:
-        """The secret key to check a signature with, or raise SignatureError as AWS would."""
-        if access_key_id == self.long_term.access_key_id:
-            if session_token is not None:
-                raise SignatureError("UnrecognizedClientException", _INVALID_TOKEN)
-            return self.long_term.secret_access_key
+    def credential_for(
+        self, access_key_id: str, session_token: str | None, now: datetime
+    ) -> Credential:
+        """The credential to check a signature with (its secret) and whose ``caller``
+        the call is, or raise SignatureError as AWS would."""
+        for long_term in self._long_term.values():
+            if access_key_id == long_term.access_key_id:
+                if session_token is not None:
+                    raise SignatureError("UnrecognizedClientException", _INVALID_TOKEN)
+                return long_term
         credential = self._minted.get(access_key_id)
         if (
             credential is None
@@ -81,4 +156,4 @@ class CredentialStore:
             raise SignatureError(
                 "ExpiredTokenException", "The security token included in the request is expired"
             )
-        return credential.secret_access_key
+        return credential

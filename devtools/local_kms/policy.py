@@ -12,9 +12,24 @@ Rules of this file (pure, no I/O):
   a negated one (``StringNotEquals``) true, as in IAM. Recipient keys exist only when
   the call carries a ``Recipient``, so a statement conditioned on them does not match
   a call without one.
-- ``Principal`` / ``NotPrincipal`` and ``Resource`` are accepted and not evaluated: the
-  stand-in has one caller, who stands for every principal, and a key policy always
-  concerns its own key.
+- Every statement needs a ``Principal``; a statement applies only to a caller it names
+  (``Caller``): ``"*"`` or ``{"AWS": "*"}`` names everyone; ``{"AWS": "ACCOUNT"}`` and
+  ``{"AWS": "arn:PARTITION:iam::ACCOUNT:root"}`` name the account, so any principal of it
+  (the stand-in has no IAM policies: every principal of an account holds every IAM
+  permission, which is what the account root delegates to); an IAM role or user ARN names
+  that principal (and the default credentials of its account, which stand for every
+  principal of the account); ``{"Service": ...}`` names no caller the stand-in has; a
+  list names each of its entries. AWS's documents for this: "Key policies in AWS KMS"
+  (https://docs.aws.amazon.com/kms/latest/developerguide/key-policies.html: no
+  principal has any permission a key policy, IAM policy or grant does not give), "AWS
+  JSON policy elements: Principal" (https://docs.aws.amazon.com/IAM/latest/UserGuide/
+  reference_policies_elements_principal.html: the account ARN and the bare account id
+  are the same principal, the account, not only its root user), and "Allowing users in
+  other accounts to use a KMS key" (https://docs.aws.amazon.com/kms/latest/
+  developerguide/key-policy-modifying-external-accounts.html: the owning account's key
+  policy must name the other account or its principal).
+- ``NotPrincipal`` is refused (its account-root semantics differ from ``Principal``'s);
+  ``Resource`` is accepted and not evaluated: a key policy always concerns its own key.
 - Anything else this evaluator does not know (operators, condition keys) makes the
   policy malformed, so that a policy never silently means something else here than on AWS.
 """
@@ -40,8 +55,12 @@ _OPERATORS: dict[str, tuple[bool, bool]] = {
     "StringNotEquals": (False, True),
     "StringNotEqualsIgnoreCase": (True, True),
 }
-_PLAIN_KEYS = frozenset({IMAGE_SHA384_KEY, "kms:calleraccount"})
+CALLER_ACCOUNT_KEY = "kms:calleraccount"
+_PLAIN_KEYS = frozenset({IMAGE_SHA384_KEY, CALLER_ACCOUNT_KEY})
 _PCR_KEY = re.compile(r"kms:recipientattestation:pcr([0-9]{1,2})")
+ACCOUNT_ID = re.compile(r"[0-9]{12}")
+# An IAM principal ARN: the account root, or a user or role (with its path).
+_IAM_ARN = re.compile(r"arn:aws[a-z-]*:iam::([0-9]{12}):(root|(?:user|role)/[A-Za-z0-9+=,.@_/-]+)")
 
 
 class PolicyError(Exception):
@@ -52,6 +71,47 @@ class Decision(Enum):
     ALLOW = "allow"
     EXPLICIT_DENY = "explicit-deny"
     IMPLICIT_DENY = "implicit-deny"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who signed a call: an account and, for credentials minted for one, an IAM principal.
+
+    ``principal`` None: the account's default credentials, which stand for every
+    principal of the account (the stand-in has no IAM to tell them apart).
+    """
+
+    account: str
+    principal: str | None = None
+
+    @property
+    def arn(self) -> str:
+        """The caller as AWS names it in an AccessDeniedException."""
+        return self.principal or f"arn:aws:iam::{self.account}:user/local-kms"
+
+
+def principal_account(arn: str) -> str:
+    """The account of an IAM user or role ARN; ValueError if ``arn`` is not one."""
+    match = _IAM_ARN.fullmatch(arn)
+    if match is None or match.group(2) == "root":
+        raise ValueError(f"{arn!r} is not an IAM user or role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
+    return match.group(1)
+
+
+@dataclass(frozen=True)
+class Principals:
+    """The callers a statement's ``Principal`` names."""
+
+    everyone: bool
+    accounts: frozenset[str]
+    arns: frozenset[str]  # IAM user and role ARNs
+
+    def name(self, caller: Caller) -> bool:
+        if self.everyone or caller.account in self.accounts:
+            return True
+        if caller.principal is None:
+            return any(principal_account(arn) == caller.account for arn in self.arns)
+        return caller.principal in self.arns
 
 
 @dataclass(frozen=True)
@@ -77,11 +137,12 @@ class Statement:
     effect: str
     actions: tuple[re.Pattern[str], ...]
     not_action: bool
+    principals: Principals
     conditions: tuple[Condition, ...]
 
-    def applies(self, action: str, context: Mapping[str, str]) -> bool:
+    def applies(self, action: str, caller: Caller, context: Mapping[str, str]) -> bool:
         named = any(p.fullmatch(action) for p in self.actions)
-        if named == self.not_action:
+        if named == self.not_action or not self.principals.name(caller):
             return False
         return all(c.holds(context) for c in self.conditions)
 
@@ -90,12 +151,15 @@ class Statement:
 class KeyPolicy:
     statements: tuple[Statement, ...]
 
-    def evaluate(self, action: str, context: Mapping[str, str]) -> Decision:
-        """Decide ``action`` (e.g. "kms:Decrypt") for a call with these condition keys.
+    def evaluate(self, action: str, caller: Caller, context: Mapping[str, str]) -> Decision:
+        """Decide ``action`` (e.g. "kms:Decrypt") by ``caller`` for a call with these
+        condition keys.
 
-        ``context`` maps lower-case condition keys to values (see ``recipient_context``).
+        ``context`` maps lower-case condition keys to values (see ``recipient_context``);
+        ``kms:CallerAccount`` is the caller's account.
         """
-        applicable = [s for s in self.statements if s.applies(action, context)]
+        context = {**context, CALLER_ACCOUNT_KEY: caller.account}
+        applicable = [s for s in self.statements if s.applies(action, caller, context)]
         if any(s.effect == "Deny" for s in applicable):
             return Decision.EXPLICIT_DENY
         if applicable:
@@ -143,6 +207,35 @@ def _action_pattern(action: str) -> re.Pattern[str]:
     return re.compile("".join(parts), re.IGNORECASE | re.DOTALL)
 
 
+def _principals(raw: Any) -> Principals:
+    if raw == "*":
+        return Principals(True, frozenset(), frozenset())
+    if not isinstance(raw, dict) or not raw or not set(raw) <= {"AWS", "Service"}:
+        raise PolicyError(
+            'Principal must be "*" or an object of "AWS" (and "Service") principals '
+            "(supported by the local KMS)"
+        )
+    if "Service" in raw:
+        _strings(raw["Service"], "Service")  # well-formed; no service calls the stand-in
+    everyone, accounts, arns = False, set(), set()
+    for value in _strings(raw["AWS"], "AWS") if "AWS" in raw else ():
+        match = _IAM_ARN.fullmatch(value)
+        if value == "*":
+            everyone = True
+        elif ACCOUNT_ID.fullmatch(value):
+            accounts.add(value)
+        elif match and match.group(2) == "root":
+            accounts.add(match.group(1))
+        elif match:
+            arns.add(value)
+        else:
+            raise PolicyError(
+                f'principal {value!r} is not supported by the local KMS (supported: "*", '
+                "an account id, arn:aws:iam::ACCOUNT:root, IAM user and role ARNs)"
+            )
+    return Principals(everyone, frozenset(accounts), frozenset(arns))
+
+
 def _condition_key(key: str) -> str:
     lowered = key.lower()
     if lowered in _PLAIN_KEYS:
@@ -186,10 +279,15 @@ def _statement(raw: Any) -> Statement:
         raise PolicyError("statement needs exactly one of Action and NotAction")
     not_action = "NotAction" in raw
     actions = _strings(raw["NotAction" if not_action else "Action"], "Action")
+    if "NotPrincipal" in raw:
+        raise PolicyError("NotPrincipal is not supported by the local KMS")
+    if "Principal" not in raw:
+        raise PolicyError("every statement of a key policy needs a Principal")
     return Statement(
         effect=effect,
         actions=tuple(_action_pattern(a) for a in actions),
         not_action=not_action,
+        principals=_principals(raw["Principal"]),
         conditions=_conditions(raw.get("Condition", {})),
     )
 

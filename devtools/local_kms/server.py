@@ -3,7 +3,8 @@
 Routes:
 - ``POST /`` with ``X-Amz-Target: TrentService.<Op>``: a KMS call (service.LocalKms);
 - ``POST /_local_kms/faults``: set a fault plan (faults.parse_plan);
-- ``POST /_local_kms/credentials``: mint short-lived credentials ``{"ttl": seconds}``;
+- ``POST /_local_kms/credentials``: mint short-lived credentials
+  ``{"ttl": seconds, "account": id, "principal": arn}`` (credentials.mint_requested);
 - ``GET /_local_kms/healthz``.
 The two admin routes need ``X-Local-Kms-Admin-Token`` equal to the state file's
 ``admin_token``. One log event per request, with its outcome and never a body.
@@ -17,7 +18,7 @@ import json
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import trio
@@ -141,26 +142,12 @@ class KmsHttpServer:
             log.info("faults_set", kind=plan.kind, count=plan.count, delay=plan.delay)
             return _json_reply(200, {"pending": self.admin.faults.pending})
         if path == ADMIN_PREFIX + "credentials":
-            ttl = document.get("ttl", 3600) if isinstance(document, dict) else None
-            if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-                return _json_reply(400, {"error": "ttl must be a number of seconds"})
-            now = datetime.now(UTC)
             try:
-                credential = self.admin.credentials.mint(timedelta(seconds=ttl), now)
-            except (ValueError, OverflowError) as exc:
+                credential = self.admin.credentials.mint_requested(document, datetime.now(UTC))
+            except ValueError as exc:
                 return _json_reply(400, {"error": str(exc)})
-            assert credential.expiration is not None
-            log.info("credentials_minted", ttl=ttl)
-            return _json_reply(
-                200,
-                {
-                    "Version": 1,
-                    "AccessKeyId": credential.access_key_id,
-                    "SecretAccessKey": credential.secret_access_key,
-                    "SessionToken": credential.session_token,
-                    "Expiration": credential.expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                },
-            )
+            log.info("credentials_minted", account=credential.caller.account)
+            return _json_reply(200, credential.process_document())
         return _json_reply(404, {"error": "no such admin route"})
 
 

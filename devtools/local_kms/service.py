@@ -1,9 +1,19 @@
 """One KMS JSON 1.1 call, from received request to answer, without any I/O.
 
 Order, as AWS applies it: protocol checks (target, JSON body) → SigV4 (and session
-token) → Recipient verification → key policy → the operation (moto, or here for what
-moto lacks) → the plaintext field replaced by `CiphertextForRecipient` when the call
-carried a Recipient.
+token), which says who calls (account, principal) → Recipient verification → the keys
+the call concerns, looked up as KMS does for that caller → key policy → the operation
+(moto, in the account that owns the key, or here for what moto lacks) → the plaintext
+field replaced by `CiphertextForRecipient` when the call carried a Recipient.
+
+Across accounts, as AWS documents it ("Allowing users in other accounts to use a KMS
+key", https://docs.aws.amazon.com/kms/latest/developerguide/
+key-policy-modifying-external-accounts.html, and each operation's "Cross-account use"):
+an alias name or bare key id is looked up in the caller's account only, so another
+account's alias is NotFoundException; another account's key, named by key or alias ARN
+(or by its ciphertext), serves only the operations in CROSS_ACCOUNT_OPERATIONS and only
+if its key policy names the caller's account or principal, else AccessDeniedException;
+alias operations, CreateKey and the listings touch the caller's account only.
 """
 
 from __future__ import annotations
@@ -21,9 +31,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devtools.local_kms.backend import MOTO_OPERATIONS, KeyInfo, MotoBackendError, MotoKms
-from devtools.local_kms.credentials import CredentialStore
+from devtools.local_kms.credentials import Credential, CredentialStore
 from devtools.local_kms.envelope import encrypt_for_recipient
-from devtools.local_kms.policy import Decision, PolicyError, parse_policy, recipient_context
+from devtools.local_kms.policy import (
+    Caller,
+    Decision,
+    PolicyError,
+    parse_policy,
+    recipient_context,
+)
 from devtools.local_kms.recipient import RecipientError, VerifiedRecipient, verify_recipient
 from devtools.local_kms.shapes import ShapeError, check_request, operation_names
 from devtools.local_kms.sigv4 import Request, SignatureError, check_signature
@@ -39,10 +55,36 @@ RECIPIENT_OPERATIONS = {
     "DeriveSharedSecret": "SharedSecret",
 }
 LOCAL_OPERATIONS = frozenset({"GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext"})
-# Operations not scoped to one key: IAM decides them on AWS, and the stand-in's one
-# caller holds every IAM permission.
+# Operations not scoped to one key: IAM decides them on AWS, and every caller of the
+# stand-in holds every IAM permission. They act in the caller's account.
 _KEYLESS = frozenset(
     {"CreateKey", "GenerateRandom", "ListAliases", "ListKeys", "ListRetirableGrants"}
+)
+# The operations that may use a key of another account (AWS KMS API reference,
+# "Cross-account use: Yes"); any other is refused on another account's key whatever its
+# key policy says.
+CROSS_ACCOUNT_OPERATIONS = frozenset(
+    {
+        "CreateGrant",
+        "Decrypt",
+        "DeriveSharedSecret",
+        "DescribeKey",
+        "Encrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateMac",
+        "GetKeyRotationStatus",
+        "GetPublicKey",
+        "ListGrants",
+        "ReEncrypt",
+        "RetireGrant",
+        "RevokeGrant",
+        "Sign",
+        "Verify",
+        "VerifyMac",
+    }
 )
 _KEY_PAIR_SPECS: dict[str, Callable[[], Any]] = {
     "RSA_2048": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
@@ -95,15 +137,17 @@ class LocalKms:
         self.region = region
         self.roots = list(roots)
         self.credentials = credentials
-        self.moto = moto or MotoKms(region)
+        self.moto = moto or MotoKms(region, credentials.accounts)
+        if self.moto.accounts != credentials.accounts:
+            raise ValueError("moto and the credentials must speak for the same accounts")
 
     def handle(self, request: Request, now: datetime) -> Reply:
         operation: str | None = None
         try:
             operation = self._operation(request)
-            self._authenticate(request, now)
+            caller = self._authenticate(request, now)
             body = self._body(request)
-            return self._call(operation, body, now)
+            return self._call(operation, body, now, caller)
         except KmsError as exc:
             return error_reply(exc.status, exc.error_type, exc.message, operation)
         except SignatureError as exc:
@@ -130,15 +174,16 @@ class LocalKms:
             )
         return operation
 
-    def _authenticate(self, request: Request, now: datetime) -> None:
+    def _authenticate(self, request: Request, now: datetime) -> Caller:
         token = request.headers.get("x-amz-security-token")
-        check_signature(
-            request,
-            service="kms",
-            region=self.region,
-            secret_for=lambda key_id: self.credentials.secret_for(key_id, token, now),
-            now=now,
-        )
+        signer: list[Credential] = []
+
+        def secret_for(key_id: str) -> str:
+            signer.append(self.credentials.credential_for(key_id, token, now))
+            return signer[-1].secret_access_key
+
+        check_signature(request, service="kms", region=self.region, secret_for=secret_for, now=now)
+        return signer[-1].caller  # check_signature returns only after asking for a secret
 
     @staticmethod
     def _body(request: Request) -> dict[str, Any]:
@@ -150,7 +195,7 @@ class LocalKms:
             raise KmsError(400, "SerializationException", "request body must be a JSON object")
         return body
 
-    def _call(self, operation: str, body: dict[str, Any], now: datetime) -> Reply:
+    def _call(self, operation: str, body: dict[str, Any], now: datetime, caller: Caller) -> Reply:
         try:
             body = check_request(operation, body)
         except ShapeError as exc:
@@ -173,21 +218,27 @@ class LocalKms:
             except PolicyError as exc:
                 raise KmsError(400, "MalformedPolicyDocumentException", str(exc)) from exc
         context = recipient_context(recipient.pcrs) if recipient else {}
-        context["kms:calleraccount"] = self.moto.account_id
-        for action, key in self._keys_concerned(operation, body):
-            self._authorize(action, key, context)
+        concerned, unresolved = self._keys_concerned(operation, body, caller)
+        for action, key in concerned:
+            if key.account != caller.account and operation not in CROSS_ACCOUNT_OPERATIONS:
+                raise _access_denied(
+                    caller, action, key, f"because {action} cannot use a key of another account"
+                )
+            self._authorize(action, key, caller, context)
+        owners = {key.account for _action, key in concerned}
+        if unresolved and owners - {caller.account}:
+            # moto would look the unresolved name up in the key's account, not the caller's.
+            raise _not_found(unresolved[0], caller.account, self.region)
 
         if operation in LOCAL_OPERATIONS:
-            answer = self._generate_data_key_pair(body)
+            answer = self._generate_data_key_pair(body, caller)
             if operation == "GenerateDataKeyPairWithoutPlaintext":
                 del answer["PrivateKeyPlaintext"]
+        elif len(owners) > 1:  # only ReEncrypt names two keys, here of two accounts
+            answer = self._re_encrypt_across(body, dict(concerned))
         else:
-            reply = self.moto.call(operation, body)
-            if reply.status >= 400:
-                error_type = str(reply.body.get("__type", "KMSInternalException"))
-                message = str(reply.body.get("message", reply.body.get("Message", "")))
-                raise KmsError(reply.status, error_type.rpartition("#")[2], message)
-            answer = reply.body
+            # moto works in the account that owns the key (the caller's when keyless).
+            answer = self._moto(owners.pop() if owners else caller.account, operation, body)
         if operation == "Decrypt":
             answer.setdefault(
                 "EncryptionAlgorithm", body.get("EncryptionAlgorithm", "SYMMETRIC_DEFAULT")
@@ -199,16 +250,57 @@ class LocalKms:
             answer["CiphertextForRecipient"] = base64.b64encode(envelope).decode()
         return Reply(200, json.dumps(answer).encode(), operation)
 
-    def _keys_concerned(self, operation: str, body: dict[str, Any]) -> list[tuple[str, KeyInfo]]:
-        """(action, key) pairs the key policies must allow; unknown keys are left to moto."""
+    def _moto(self, account: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+        """moto's answer to ``operation`` in ``account``, or its error as a KmsError."""
+        reply = self.moto.call(account, operation, body)
+        if reply.status >= 400:
+            error_type = str(reply.body.get("__type", "KMSInternalException"))
+            message = str(reply.body.get("message", reply.body.get("Message", "")))
+            raise KmsError(reply.status, error_type.rpartition("#")[2], message)
+        return reply.body
+
+    def _re_encrypt_across(self, body: dict[str, Any], keys: dict[str, KeyInfo]) -> dict[str, Any]:
+        """ReEncrypt from a key of one account to a key of another: moto keeps each
+        account apart, so decrypt in the source's and encrypt in the destination's."""
+        source, destination = keys["kms:ReEncryptFrom"], keys["kms:ReEncryptTo"]
+        decrypt = {"CiphertextBlob": body["CiphertextBlob"], "KeyId": source.arn}
+        encrypt = {"KeyId": destination.arn}
+        for prefix, request in (("Source", decrypt), ("Destination", encrypt)):
+            for member in ("EncryptionContext", "EncryptionAlgorithm"):
+                if f"{prefix}{member}" in body:
+                    request[member] = body[f"{prefix}{member}"]
+        encrypt["Plaintext"] = self._moto(source.account, "Decrypt", decrypt)["Plaintext"]
+        answer = self._moto(destination.account, "Encrypt", encrypt)
+        return {
+            "CiphertextBlob": answer["CiphertextBlob"],
+            "KeyId": destination.arn,
+            "SourceKeyId": source.arn,
+        }
+
+    def _keys_concerned(
+        self, operation: str, body: dict[str, Any], caller: Caller
+    ) -> tuple[list[tuple[str, KeyInfo]], list[str]]:
+        """(action, key) pairs the key policies must allow, each key looked up as KMS
+        does for ``caller``, and the key names found in no account (left to moto's
+        answer in the caller's account). An ARN that names no key is NotFoundException
+        here: moto would look its key id up in the caller's account."""
         if operation in _KEYLESS:
-            return []
+            return [], []
         references: list[tuple[str, KeyInfo | None]] = []
+        unresolved: list[str] = []
+
+        def lookup(reference: str) -> KeyInfo | None:
+            key = self.moto.key(reference, caller.account)
+            if key is None and reference.startswith("arn:"):
+                raise _not_found(reference, caller.account, self.region)
+            if key is None:
+                unresolved.append(reference)
+            return key
 
         def by_reference(action: str, name: str) -> None:
             value = body.get(name)
             if isinstance(value, str):
-                references.append((action, self.moto.key(value)))
+                references.append((action, lookup(value)))
 
         def by_ciphertext(action: str, named: str) -> None:
             # The key that will decrypt is the one the ciphertext names, whatever key the
@@ -224,7 +316,7 @@ class LocalKms:
             key = self.moto.key_for_ciphertext(blob)
             reference = body.get(named)
             if key is not None and isinstance(reference, str):
-                named_key = self.moto.key(reference)
+                named_key = lookup(reference)
                 if named_key is not None and named_key.key_id != key.key_id:
                     raise KmsError(
                         400,
@@ -242,34 +334,31 @@ class LocalKms:
         elif operation in ("CreateAlias", "UpdateAlias"):
             by_reference(f"kms:{operation}", "TargetKeyId")
         elif operation == "DeleteAlias":
-            by_reference("kms:DeleteAlias", "AliasName")
+            if str(body.get("AliasName", "")).startswith("alias/"):  # else moto refuses it
+                by_reference("kms:DeleteAlias", "AliasName")
         else:
             by_reference(f"kms:{operation}", "KeyId")
-        return [(action, key) for action, key in references if key is not None]
+        concerned = [(action, key) for action, key in references if key is not None]
+        return concerned, unresolved
 
-    def _authorize(self, action: str, key: KeyInfo, context: dict[str, str]) -> None:
+    @staticmethod
+    def _authorize(action: str, key: KeyInfo, caller: Caller, context: dict[str, str]) -> None:
         try:
-            decision = parse_policy(key.policy).evaluate(action, context)
+            decision = parse_policy(key.policy).evaluate(action, caller, context)
         except PolicyError as exc:
             # Every policy set through the stand-in was validated; only a moto default
             # this evaluator cannot read gets here.
             raise KmsError(500, "KMSInternalException", f"stored key policy: {exc}") from exc
         if decision is Decision.ALLOW:
             return
-        caller = f"arn:aws:iam::{self.moto.account_id}:user/local-kms"
         reason = (
             "with an explicit deny in a resource-based policy"
             if decision is Decision.EXPLICIT_DENY
             else f"because no resource-based policy allows the {action} action"
         )
-        raise KmsError(
-            400,
-            "AccessDeniedException",
-            f"User: {caller} is not authorized to perform: {action} on resource: "
-            f"{key.arn} {reason}",
-        )
+        raise _access_denied(caller, action, key, reason)
 
-    def _generate_data_key_pair(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _generate_data_key_pair(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """GenerateDataKeyPair(WithoutPlaintext), which moto lacks: a fresh pair, private
         half encrypted under the KMS key."""
         key_reference = body.get("KeyId")
@@ -283,9 +372,9 @@ class LocalKms:
             isinstance(k, str) and isinstance(v, str) for k, v in context.items()
         ):
             raise _validation("EncryptionContext must map strings to strings")
-        key = self.moto.key(key_reference)
+        key = self.moto.key(key_reference, caller.account)
         if key is None:
-            raise KmsError(400, "NotFoundException", f"Key '{key_reference}' does not exist")
+            raise _not_found(key_reference, caller.account, self.region)
         private_key = _KEY_PAIR_SPECS[spec]()
         private_der = private_key.private_bytes(
             serialization.Encoding.DER,
@@ -295,7 +384,7 @@ class LocalKms:
         public_der = private_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        blob = self.moto.encrypt(key.key_id, private_der, context)
+        blob = self.moto.encrypt(key, private_der, context)
         return {
             "KeyId": key.arn,
             "KeyPairSpec": spec,
@@ -303,6 +392,28 @@ class LocalKms:
             "PrivateKeyPlaintext": base64.b64encode(private_der).decode(),
             "PublicKey": base64.b64encode(public_der).decode(),
         }
+
+
+def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> KmsError:
+    return KmsError(
+        400,
+        "AccessDeniedException",
+        f"User: {caller.arn} is not authorized to perform: {action} on resource: "
+        f"{key.arn} {reason}",
+    )
+
+
+def _not_found(reference: str, account: str, region: str) -> KmsError:
+    """KMS's (and moto's) NotFoundException for a key or alias name that names nothing;
+    a name without ARN is shown as the ARN it has in ``account``."""
+    if reference.startswith("arn:"):
+        arn = reference
+    else:
+        kind = "" if reference.startswith("alias/") else "key/"
+        arn = f"arn:aws:kms:{region}:{account}:{kind}{reference}"
+    if ":alias/" in arn:
+        return KmsError(400, "NotFoundException", f"Alias {arn} is not found.")
+    return KmsError(400, "NotFoundException", f"Key '{arn}' does not exist")
 
 
 def new_request_id() -> str:

@@ -21,10 +21,18 @@ may call the chosen operations only when the attestation document in the request
 ``kms:RecipientAttestation:PCR<n>``, all with ``StringEqualsIgnoreCase`` on
 lower-case hex. A second statement keeps the key manageable by the account
 (``arn:aws:iam::<account>:root``) without letting the account decrypt: the
-administrative actions and ``kms:Encrypt`` only, so no IAM policy in the account
-can open a secret outside the enclave, while the key can still be updated for a
-new image or scheduled for deletion. (Whoever may replace the policy can of course
-grant themselves more; that power is what "manageable" means.)
+administrative actions only, so no IAM policy in the account can open a secret
+outside the enclave, while the key can still be updated for a new image or
+scheduled for deletion. (Whoever may replace the policy can of course grant
+themselves more; that power is what "manageable" means.)
+
+``kms:Encrypt`` goes to one named principal, the operator who encrypts the
+image's secrets, and never through the account root: whoever may Encrypt under a
+key the enclave trusts can make a valid ciphertext of any value and have the
+enclave "decrypt" it, so the parent's role must not hold it.
+
+``trusted_keys_entry`` gives the agent-config entry that goes with the policy (the
+key's ARN, or its whole account in the region), in the agent's own grammar.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from enclave_agent.runtime.trusted_keys import KeyArn, KeyArnError, account_entry, parse_key_arn
 
 # nitro-cli prints SHA-384 values: 48 bytes, 96 hex digits.
 PCR_HEX_LENGTH = 96
@@ -57,8 +67,9 @@ RECIPIENT_OPERATIONS = (
 DEFAULT_OPERATIONS = ("Decrypt",)
 
 # What the account keeps so the key stays manageable: no operation that returns
-# plaintext (Decrypt, GenerateDataKey*, ReEncrypt*), and no CreateGrant, which
-# could hand those to anyone without the attestation condition.
+# plaintext (Decrypt, GenerateDataKey*, ReEncrypt*), no CreateGrant, which could
+# hand those to anyone without the attestation condition, and no Encrypt (one named
+# principal's: ENCRYPT_SID).
 ADMIN_ACTIONS = (
     "kms:DescribeKey",
     "kms:GetKeyPolicy",
@@ -83,12 +94,15 @@ ADMIN_ACTIONS = (
     "kms:UntagResource",
     "kms:ScheduleKeyDeletion",
     "kms:CancelKeyDeletion",
-    "kms:Encrypt",
 )
+ENCRYPT_SID = "EncryptByTheOperator"
 
 _PCR_KEY = re.compile(r"PCR(0|[1-9][0-9]?)")
 _HEX = re.compile(r"[0-9a-fA-F]*")
-_ROLE_ARN = re.compile(r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):role/[\w+=,.@/-]{1,512}")
+# An IAM role or user ARN: (partition, account, "role" | "user").
+_PRINCIPAL_ARN = re.compile(
+    r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):(role|user)/[\w+=,.@/-]{1,512}"
+)
 _ACCOUNT_ID = re.compile(r"[0-9]{12}")
 
 
@@ -279,8 +293,8 @@ def with_extra_pcrs(measurements: Measurements, extra: Mapping[int, str]) -> Mea
 
 def parse_role_arn(role_arn: str) -> tuple[str, str]:
     """An IAM role ARN → (partition, account id)."""
-    match = _ROLE_ARN.fullmatch(role_arn)
-    if match is None:
+    match = _PRINCIPAL_ARN.fullmatch(role_arn)
+    if match is None or match.group(3) != "role":
         if ":assumed-role/" in role_arn or role_arn.startswith("arn:aws:sts::"):
             raise KeyPolicyError(
                 f"{role_arn!r} is a session ARN; give the role's ARN, "
@@ -291,6 +305,50 @@ def parse_role_arn(role_arn: str) -> tuple[str, str]:
             f"got {role_arn!r}"
         )
     return match.group(1), match.group(2)
+
+
+def encrypt_statement(encrypt_principal: str, role_arn: str) -> dict[str, Any]:
+    """``kms:Encrypt`` for the operator's own IAM role or user, never the enclave's role."""
+    match = _PRINCIPAL_ARN.fullmatch(encrypt_principal)
+    if match is None:
+        raise KeyPolicyError(
+            "the encrypt principal must be an IAM role or user ARN, "
+            f"arn:aws:iam::<12-digit account>:role/<name> (or user/<name>), got "
+            f"{encrypt_principal!r} (an account root would let every IAM principal Encrypt)"
+        )
+    partition, _ = parse_role_arn(role_arn)
+    if match.group(1) != partition:
+        raise KeyPolicyError(
+            f"the encrypt principal is in partition {match.group(1)!r}, the key in {partition!r}"
+        )
+    if encrypt_principal == role_arn:
+        raise KeyPolicyError(
+            f"{role_arn} is the enclave's role, whose credentials the parent holds: with "
+            "kms:Encrypt it could make a valid ciphertext of any value; name the operator "
+            "who encrypts the secrets instead"
+        )
+    return {
+        "Sid": ENCRYPT_SID,
+        "Effect": "Allow",
+        "Principal": {"AWS": encrypt_principal},
+        "Action": "kms:Encrypt",
+        "Resource": "*",
+    }
+
+
+def trusted_keys_entry(
+    role_arn: str, region: str, *, account_id: str | None = None, key_id: str | None = None
+) -> KeyArn:
+    """The agent's ``trusted_keys`` entry for a key of this policy: the key's ARN when
+    ``key_id`` is known, else every key of the key's account in ``region``."""
+    partition, role_account = parse_role_arn(role_arn)
+    account = account_id or role_account
+    try:
+        if key_id is None:
+            return account_entry(partition, region, account)
+        return parse_key_arn(str(KeyArn(partition, region, account, key_id)))
+    except KeyArnError as error:
+        raise KeyPolicyError(f"no trusted_keys entry: {error}") from None
 
 
 def normalize_operation(operation: str) -> str:
@@ -379,9 +437,11 @@ def build_key_policy(
     account_id: str | None = None,
     include_pcrs: Iterable[int] | None = None,
     allow_zero: bool = False,
+    encrypt_principal: str | None = None,
 ) -> dict[str, Any]:
-    """A whole key policy: account administration (no decryption) + one enclave
-    statement per image (several while an upgrade rolls out: old and new image)."""
+    """A whole key policy: account administration (no decryption, no encryption) +
+    one enclave statement per image (several while an upgrade rolls out: old and new
+    image) + ``kms:Encrypt`` for ``encrypt_principal`` if given (else nobody may)."""
     images = [measurements] if isinstance(measurements, Measurements) else list(measurements)
     if not images:
         raise KeyPolicyError("at least one set of measurements is needed")
@@ -414,5 +474,6 @@ def build_key_policy(
                 )
                 for image in images
             ),
+            *([encrypt_statement(encrypt_principal, role_arn)] if encrypt_principal else []),
         ],
     }

@@ -2,7 +2,9 @@
 
 Runs on a workstation or the parent, never in the enclave: it reads nitro-cli's
 measurements and prints JSON for ``aws kms create-key --policy`` or
-``aws kms put-key-policy --policy``.
+``aws kms put-key-policy --policy`` on stdout (only that, so it can be redirected),
+and on stderr the ``trusted_keys`` line the agent's config needs to go with it,
+as TOML (comments and the line) that can be pasted as is.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from enclave_agent.operator.key_policy import (
     enclave_statement,
     parse_measurements,
     parse_pcr_index,
+    trusted_keys_entry,
     with_extra_pcrs,
 )
+from enclave_agent.runtime.trusted_keys import KeyArn, toml_line
 
 
 def _read_measurements(path: str) -> bytes:
@@ -43,6 +47,24 @@ def _parse_extra_pcr(text: str) -> tuple[int, str]:
     return parse_pcr_index(index), value
 
 
+def _trusted_keys_note(entry: KeyArn, encrypt_principal: str | None) -> str:
+    """What goes to stderr: the agent config's line, and what it means, as TOML."""
+    lines = ["# enclave-agent config (measured with the image): the key this policy is for"]
+    if entry.is_account:
+        lines.append(
+            f"# (every key of account {entry.account} in {entry.region}: only if no principal "
+            "the parent can use may CreateKey, UpdateAlias or PutKeyPolicy there; "
+            "--key-id ID trusts this key alone)"
+        )
+    lines.append(toml_line([entry]))
+    if encrypt_principal is None:
+        lines.append(
+            "# no principal may kms:Encrypt under this key "
+            "(--encrypt-principal ARN names the operator who encrypts its secrets)"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         images = [parse_measurements(_read_measurements(path)) for path in args.measurements]
@@ -53,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
             None if args.include_pcr is None else [parse_pcr_index(x) for x in args.include_pcr]
         )
         operations = args.operation or list(DEFAULT_OPERATIONS)
+        entry = trusted_keys_entry(
+            args.role_arn, args.region, account_id=args.account_id, key_id=args.key_id
+        )
         document: dict[str, Any]
         if args.statement_only:
             if len(images) != 1:
@@ -72,12 +97,14 @@ def run(args: argparse.Namespace) -> int:
                 account_id=args.account_id,
                 include_pcrs=include,
                 allow_zero=args.allow_debug_zeros,
+                encrypt_principal=args.encrypt_principal,
             )
     except KeyPolicyError as error:
         print(f"enclave-agent key-policy: {error}", file=sys.stderr)
         return 2
     json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")
+    sys.stderr.write(_trusted_keys_note(entry, args.encrypt_principal))
     return 0
 
 
@@ -88,10 +115,12 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Read nitro-cli's measurements (build-enclave, describe-eif or describe-enclaves "
             "output, or verify-attestation's for a running enclave's document) and print a "
-            "key policy: the account may administer the key and encrypt "
-            "with it; the role may use it only from an enclave whose attestation carries "
+            "key policy: the account may administer the key (not encrypt or decrypt); "
+            "the role may use it only from an enclave whose attestation carries "
             "these PCRs (PCR0 as kms:RecipientAttestation:ImageSha384, others as "
-            "kms:RecipientAttestation:PCR<n>, compared with StringEqualsIgnoreCase)."
+            "kms:RecipientAttestation:PCR<n>, compared with StringEqualsIgnoreCase); "
+            "--encrypt-principal alone may encrypt. stdout: the policy JSON; stderr: the "
+            "agent config's trusted_keys line that goes with it."
         ),
     )
     parser.add_argument(
@@ -108,6 +137,23 @@ def add_parser(subparsers: Any) -> None:
         required=True,
         metavar="ARN",
         help="the IAM role whose credentials the proxy hands to the enclave",
+    )
+    parser.add_argument(
+        "--region",
+        required=True,
+        help="the key's region (for the agent config's trusted_keys line)",
+    )
+    parser.add_argument(
+        "--key-id",
+        metavar="ID",
+        help="the key's id, when it exists already: the trusted_keys line then names this "
+        "key alone (default: every key of the account in --region)",
+    )
+    parser.add_argument(
+        "--encrypt-principal",
+        metavar="ARN",
+        help="the IAM role or user (not the enclave's role) that may kms:Encrypt under the "
+        "key, to make the image's secrets; without it nobody may",
     )
     parser.add_argument(
         "--operation",

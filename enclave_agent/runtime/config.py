@@ -13,6 +13,9 @@ Shape (every key optional except where noted)::
     ca_bundle = "/etc/ssl/kms-ca.pem"     # default: certifi's bundle in the image
     nsm = "/dev/nsm"                      # or "simulated" (development only)
     log_level = "info"
+    trusted_keys = ["arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+                    "arn:aws:kms:us-east-1:444455556666:key/*"]   # a key, or a whole account
+                                          # in a region; none: key operations are off
 
     [simulated_nsm]                       # only with nsm = "simulated"
     ca_dir = "/path/made/by/init-ca"      # omitted: a throwaway in-memory CA
@@ -58,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enclave_agent.runtime.trusted_keys import CONFIG_KEY, KeyArnError, TrustedKeys
 from enclave_common.address import (
     Address,
     AddressError,
@@ -134,9 +138,11 @@ class AgentConfig:
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: Limits = field(default_factory=Limits)
     secrets: Mapping[str, SecretConfig] = field(default_factory=dict)
+    trusted_keys: TrustedKeys = field(default_factory=TrustedKeys)
 
 
 _TOP_KEYS = {
+    CONFIG_KEY,
     "region",
     "proxy",
     "kms_endpoint",
@@ -224,6 +230,10 @@ def config_from_mapping(
     if "simulated_nsm" in document and nsm != NSM_SIMULATED:
         raise ConfigError(f"{source}: [simulated_nsm] is set but nsm is not 'simulated'")
 
+    trusted_keys = _trusted_keys(document.get(CONFIG_KEY, []), source)
+    secrets = _secrets(document.get("secrets", {}), base, source)
+    _check_secret_keys(secrets, trusted_keys, source)
+
     return AgentConfig(
         region=region,
         proxy=proxy,
@@ -235,7 +245,8 @@ def config_from_mapping(
         listen=_listen(document.get("listen", {}), base, source),
         access=_access(document.get("access", {}), source),
         limits=_limits(document.get("limits", {}), source),
-        secrets=_secrets(document.get("secrets", {}), base, source),
+        secrets=secrets,
+        trusted_keys=trusted_keys,
     )
 
 
@@ -378,6 +389,35 @@ def _limits(value: Any, source: str) -> Limits:
             raise ConfigError(f"{source}: limits.{key} must be a positive, finite number")
         values[key] = kind(item)
     return Limits(**values)
+
+
+def _trusted_keys(value: Any, source: str) -> TrustedKeys:
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {CONFIG_KEY} must be a list of key ARNs")
+    try:
+        return TrustedKeys.parse(value)
+    except KeyArnError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_secret_keys(
+    secrets: Mapping[str, SecretConfig], trusted: TrustedKeys, source: str
+) -> None:
+    """Named secrets need trusted keys; one named by an untrusted key ARN is a mistake.
+
+    Why at parse time: the agent would refuse them at start anyway (every answer's
+    key is checked), but a config error names the key to fix and exits 2 at once.
+    """
+    if secrets and not trusted:
+        raise ConfigError(
+            f"{source}: named secrets ([secrets.{next(iter(secrets))}]) need {CONFIG_KEY}: "
+            f"list the key ARNs (or arn:PARTITION:kms:REGION:ACCOUNT:key/* accounts) they "
+            "are encrypted under; without it the agent opens no key's answer"
+        )
+    for secret in secrets.values():
+        refusal = trusted.refusal_for_request(secret.key_id)
+        if refusal is not None:
+            raise ConfigError(f"{source}: secrets.{secret.name}.key_id: {refusal}")
 
 
 def _secrets(value: Any, base: Path, source: str) -> dict[str, SecretConfig]:

@@ -78,7 +78,13 @@ def _parse_expiration(value: Any) -> datetime | None:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)  # AWS timestamps are UTC
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        # 9999-12-31T23:59:59-01:00 is year 10000 in UTC: as malformed as any other.
+        raise CredentialsError(
+            f"credentials from the proxy: Expiration {value[:40]!r} is out of range"
+        ) from None
 
 
 def parse_credentials(body: bytes, *, now: datetime | None = None) -> Credentials:

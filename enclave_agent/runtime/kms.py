@@ -5,7 +5,9 @@ public key (the NSM, in a worker thread: it is a blocking ioctl) → ``Recipient
 added → SigV4 (``sigv4``) with the proxy's credentials → HTTPS through
 the proxy's CONNECT tunnel on a pooled connection → KMS's answer read →
 ``CiphertextForRecipient`` opened with our private key → the answer KMS gives the
-same call without ``Recipient``.
+same call without ``Recipient``. Before the envelope is opened, the key that
+answered must be one of ``KmsSettings.trusted_keys`` (``kms_protocol`` checks it);
+a refusal of an untrusted key is final, never retried.
 
 Failures keep KMS's shape (``KmsError``: type, message, HTTP status) so an SDK on
 the app side raises what it would raise against KMS. KMS's own errors pass through
@@ -23,7 +25,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -39,6 +41,7 @@ from enclave_agent.runtime.credentials import (
 )
 from enclave_agent.runtime.nsm import Attester
 from enclave_agent.runtime.transport import KmsConnectionPool, TransportError, make_ssl_context
+from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import Address, VsockAddress
 from enclave_common.logs import get_logger
 
@@ -68,6 +71,8 @@ class KmsSettings:
     pool_size: int = 16  # most kept-alive TLS connections (and requests in flight)
     call_timeout: float = 10.0  # deadline per app call, retries included
     max_attempts: int = 4
+    # The keys whose answers may be opened; empty (the default): no key operation at all.
+    trusted_keys: TrustedKeys = field(default_factory=TrustedKeys)
 
 
 class KmsError(Exception):
@@ -183,7 +188,9 @@ class KmsGateway:
         self, operation: str, request: Mapping[str, Any], record: _CallRecord
     ) -> dict[str, Any]:
         try:
-            validated = kms_protocol.validate_request(operation, request)
+            validated = kms_protocol.validate_request(
+                operation, request, trusted=self._settings.trusted_keys
+            )
         except kms_protocol.KmsProtocolError as exc:
             raise KmsError(exc.error_type, exc.message, exc.status) from None
         timeout = self._settings.call_timeout
@@ -289,7 +296,11 @@ class KmsGateway:
         )
         try:
             result = kms_protocol.read_response(
-                operation, response.status, response.headers, response.body
+                operation,
+                response.status,
+                response.headers,
+                response.body,
+                trusted=self._settings.trusted_keys,
             )
         except kms_protocol.KmsProtocolError as exc:
             raise KmsError(exc.error_type, exc.message, exc.status) from None

@@ -11,12 +11,16 @@ Rules of this module:
 - It turns the answer back into what KMS answers a call *without* ``Recipient``:
   ``CiphertextForRecipient`` is dropped and the plaintext the caller opened from it
   is put in the operation's plaintext member.
+- It decides, from ``OPERATION_TABLE``, which operations take a key, and checks
+  every key they name against the image's ``trusted_keys`` (``trusted_keys.py``):
+  the request's ``KeyId`` before any call, the answer's ``KeyId`` before a
+  ``RecipientAnswer`` exists, so an envelope from an untrusted key is never opened.
 
 Theory of operation: ``validate_request`` → ``build_request`` (body + headers, to
 be signed and sent by the caller) → ``read_response`` gives a ``RecipientAnswer``
 or a ``KmsFailure`` (KMS's error answer is a normal outcome, not an exception) →
 the caller opens ``RecipientAnswer.ciphertext_for_recipient`` → ``finish_answer``.
-Everything malformed raises ``KmsProtocolError``.
+Everything malformed or untrusted raises ``KmsProtocolError``.
 """
 
 from __future__ import annotations
@@ -32,20 +36,38 @@ from typing import Any
 from botocore.loaders import Loader
 from botocore.model import ServiceModel, Shape, StructureShape
 
+from enclave_agent.runtime.trusted_keys import TrustedKeys
+
 TARGET_PREFIX = "TrentService"
 CONTENT_TYPE = "application/x-amz-json-1.1"
 KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
 
-# The member of each operation's answer that holds the secret when the call has no
-# Recipient (botocore/data/kms/2014-11-01/service-2.json, output shapes).
-PLAINTEXT_MEMBER: dict[str, str] = {
-    "Decrypt": "Plaintext",
-    "GenerateDataKey": "Plaintext",
-    "GenerateRandom": "Plaintext",
-    "GenerateDataKeyPair": "PrivateKeyPlaintext",
-    "DeriveSharedSecret": "SharedSecret",
+
+@dataclass(frozen=True)
+class Operation:
+    """What the agent must know of an operation it serves with ``Recipient``."""
+
+    # The answer's member that holds the secret when the call has no Recipient
+    # (botocore/data/kms/2014-11-01/service-2.json, output shapes).
+    plaintext_member: str
+    # The operation uses a KMS key: its answer names the key in ``KeyId``, which must
+    # be in ``trusted_keys`` before the envelope is opened, and a request naming an
+    # untrusted key ARN is refused before any call. Declare it for every new
+    # operation that takes a ``KeyId``.
+    takes_key: bool
+
+
+OPERATION_TABLE: dict[str, Operation] = {
+    "Decrypt": Operation("Plaintext", takes_key=True),
+    "GenerateDataKey": Operation("Plaintext", takes_key=True),
+    "GenerateRandom": Operation("Plaintext", takes_key=False),
+    "GenerateDataKeyPair": Operation("PrivateKeyPlaintext", takes_key=True),
+    "DeriveSharedSecret": Operation("SharedSecret", takes_key=True),
 }
-OPERATIONS: tuple[str, ...] = tuple(PLAINTEXT_MEMBER)
+PLAINTEXT_MEMBER: dict[str, str] = {
+    name: operation.plaintext_member for name, operation in OPERATION_TABLE.items()
+}
+OPERATIONS: tuple[str, ...] = tuple(OPERATION_TABLE)
 _SECRET_MEMBERS = frozenset(PLAINTEXT_MEMBER.values())
 _RECIPIENT_ANSWER_MEMBER = "CiphertextForRecipient"
 _THROTTLING_TYPES = frozenset({"ThrottlingException"})
@@ -102,7 +124,7 @@ def service_model() -> ServiceModel:
 
 
 def _operation_shapes(operation: str) -> tuple[StructureShape, StructureShape]:
-    if operation not in PLAINTEXT_MEMBER:
+    if operation not in OPERATION_TABLE:
         raise KmsProtocolError(
             f"operation {operation!r} is not served with Recipient "
             f"(supported: {', '.join(OPERATIONS)})",
@@ -115,8 +137,18 @@ def _operation_shapes(operation: str) -> tuple[StructureShape, StructureShape]:
 # ---------------------------------------------------------------- request side
 
 
-def validate_request(operation: str, body: Mapping[str, Any]) -> ValidatedRequest:
-    """Check the app's JSON body (already parsed) against the operation's input shape.
+def _untrusted_key(message: str) -> KmsProtocolError:
+    # AccessDeniedException with status 400, as KMS itself refuses a key: SDKs raise
+    # their usual error, and the gateway does not retry it.
+    return KmsProtocolError(message, error_type="AccessDeniedException", status=400)
+
+
+def validate_request(
+    operation: str, body: Mapping[str, Any], *, trusted: TrustedKeys
+) -> ValidatedRequest:
+    """Check the app's JSON body (already parsed) against the operation's input shape,
+    and, for an operation that takes a key, what ``trusted`` can decide before KMS
+    answers (no trusted key at all; an exact key ARN that is not trusted).
 
     ``Recipient`` is the agent's to add, so an app that sends one is told so.
     """
@@ -131,6 +163,10 @@ def validate_request(operation: str, body: Mapping[str, Any]) -> ValidatedReques
     _check_structure(input_shape, members, "", operation)
     if operation == "GenerateDataKey" and ("KeySpec" in members) == ("NumberOfBytes" in members):
         raise KmsProtocolError("GenerateDataKey needs exactly one of KeySpec and NumberOfBytes")
+    if OPERATION_TABLE[operation].takes_key:
+        refusal = trusted.refusal_for_request(members.get("KeyId"))
+        if refusal is not None:
+            raise _untrusted_key(f"{operation} refused before any call to KMS: {refusal}")
     return ValidatedRequest(operation, dict(members))
 
 
@@ -296,9 +332,16 @@ def read_failure(status: int, headers: Sequence[tuple[str, str]], body: bytes) -
 
 
 def read_response(
-    operation: str, status: int, headers: Sequence[tuple[str, str]], body: bytes
+    operation: str,
+    status: int,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    *,
+    trusted: TrustedKeys,
 ) -> RecipientAnswer | KmsFailure:
-    """Read KMS's answer to a ``Recipient`` request."""
+    """Read KMS's answer to a ``Recipient`` request. For an operation that takes a
+    key, the answer's ``KeyId`` must be a key ``trusted`` allows: otherwise no
+    ``RecipientAnswer`` (hence nothing to open) comes out of here."""
     _operation_shapes(operation)
     if status != 200:
         return read_failure(status, headers, body)
@@ -317,6 +360,13 @@ def read_response(
             error_type="KMSInternalException",
             status=502,
         )
+    if OPERATION_TABLE[operation].takes_key:
+        refusal = trusted.refusal_for_answer(document.get("KeyId"))
+        if refusal is not None:
+            raise _untrusted_key(
+                f"KMS's {operation} answer refused, its CiphertextForRecipient not opened: "
+                f"{refusal}"
+            )
     raw = document.get(_RECIPIENT_ANSWER_MEMBER)
     if raw is None:
         raise KmsProtocolError(

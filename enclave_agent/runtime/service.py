@@ -1,6 +1,7 @@
 """The agent, assembled from its configuration: the one place to read the whole process.
 
-    config ──▶ NSM (device or simulated) ──┐
+    config ──▶ trusted_keys (none: "key_operations_off" logged, key operations refused)
+           ──▶ NSM (device or simulated) ──┐
            ──▶ RecipientKey (RSA-2048, in memory, never leaves the process)
            ──▶ KmsGateway(settings, nsm, key)  (pool + credentials, refreshed lazily)
            ──▶ listeners bound (Unix socket mode from config; optional loopback TCP)
@@ -31,6 +32,7 @@ from enclave_agent.runtime.nsm import Nsm, NsmDevice
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.runtime.secrets import SecretStore
 from enclave_agent.runtime.server import AppServer
+from enclave_agent.runtime.trusted_keys import off_reason
 from enclave_common.address import TcpAddress, UnixAddress, listener_address, open_listener
 from enclave_common.logs import get_logger
 
@@ -105,6 +107,7 @@ def kms_settings(config: AgentConfig) -> KmsSettings:
         pool_size=config.limits.kms_pool_size,
         call_timeout=config.limits.kms_call_timeout,
         max_attempts=config.limits.kms_max_attempts,
+        trusted_keys=config.trusted_keys,
     )
 
 
@@ -116,6 +119,10 @@ async def run_agent(
     socket_path = config.listen.socket
     Path(socket_path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     check_socket_directory(Path(socket_path).parent)
+    if not config.trusted_keys:
+        # Secure by default: the agent still serves GenerateRandom and attestation,
+        # and says at once why every key operation will be refused.
+        log.warning("key_operations_off", reason=off_reason())
     nsm = open_nsm(config)
     recipient = RecipientKey.generate()
     gateway = KmsGateway(kms_settings(config), nsm, recipient)
@@ -169,6 +176,7 @@ async def run_agent(
                     secrets=len(store),
                     nsm=config.nsm,
                     proxy=str(config.proxy),
+                    trusted_keys=[str(entry) for entry in config.trusted_keys.entries],
                 )
                 task_status.started(AgentReady(socket_path, tcp_address, len(store)))
     finally:
