@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import math
 import re
 import tomllib
@@ -62,6 +61,7 @@ from enclave_common.address import (
     Address,
     AddressError,
     TcpAddress,
+    is_loopback_ip,
     parse_address,
 )
 from enclave_common.logs import LEVELS
@@ -338,12 +338,7 @@ def _listen(value: Any, base: Path, source: str) -> ListenConfig:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host == "localhost" or is_loopback_ip(host)
 
 
 def _ids(table: Mapping[str, Any], key: str, source: str) -> frozenset[int]:

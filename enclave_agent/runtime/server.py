@@ -45,9 +45,10 @@ from enclave_agent.runtime.app_protocol import (
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.kms import KmsError
 from enclave_agent.runtime.nsm import NsmError
-from enclave_agent.runtime.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
+from enclave_agent.runtime.peercred import is_allowed
 from enclave_common.address import describe_peer
 from enclave_common.logs import get_logger
+from enclave_common.peercred import PeerCred, PeerCredError, peer_credentials
 
 MAX_HEADER_BYTES = 16 * 1024
 _RECEIVE_SIZE = 64 * 1024
