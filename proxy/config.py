@@ -41,6 +41,7 @@ class ProxyConfig:
     header_timeout: float = 10.0
     drain_timeout: float = 30.0
     max_tunnels: int = 1024
+    max_tunnels_per_peer: int = 256
     allowed_cids: frozenset[int] | None = None
     assume_role_arn: str | None = None
     sts_endpoint: str | None = None
@@ -127,7 +128,7 @@ def parse_config_text(text: str) -> dict[str, Any]:
             out[key] = _number(value, key, minimum=0.01, maximum=300)
         elif key in ("idle_timeout", "drain_timeout"):
             out[key] = _number(value, key, minimum=0.01, maximum=86400)
-        elif key == "max_tunnels":
+        elif key in ("max_tunnels", "max_tunnels_per_peer"):
             out[key] = _integer(value, key, minimum=1, maximum=1_000_000)
         elif key == "allowed_cids":
             if not isinstance(value, list):
@@ -166,7 +167,15 @@ def build_config(file_settings: Mapping[str, Any], cli: CliOptions) -> ProxyConf
         settings["region"] = check_region(cli.region, "--region")
     if cli.log_level is not None:
         settings["log_level"] = _check_log_level(cli.log_level, "--log-level")
-    return ProxyConfig(**settings)
+    config = ProxyConfig(**settings)
+    # A share as large as the whole would let one peer at its cap refuse everyone else.
+    if config.max_tunnels_per_peer >= config.max_tunnels:
+        raise ConfigError(
+            f"max_tunnels_per_peer ({config.max_tunnels_per_peer}) must be smaller than "
+            f"max_tunnels ({config.max_tunnels}), so that one peer at its share never "
+            "takes every connection from the others"
+        )
+    return config
 
 
 def default_allow_entries(region: str) -> tuple[str, ...]:

@@ -45,6 +45,7 @@ IDLE_TIMEOUT = 2.0
 AGENT_MAX_CONNECTIONS = 16
 AGENT_CONNECTIONS_PER_UID = 8  # every client here is root: this is the share they exhaust
 PROXY_MAX_TUNNELS = 32
+PROXY_TUNNELS_PER_PEER = 16  # every client here is 127.0.0.1: one peer
 MAX_BODY = 64 * 1024
 FUZZ_CASES = 150
 SECRET = b"hostile-named-secret-" + secrets.token_hex(16).encode()
@@ -83,6 +84,7 @@ def stack() -> Iterator[Stack]:
     proxy_config = work / "proxy.toml"
     proxy_config.write_text(
         f"header_timeout = {HEADER_TIMEOUT}\nmax_tunnels = {PROXY_MAX_TUNNELS}\n"
+        f"max_tunnels_per_peer = {PROXY_TUNNELS_PER_PEER}\n"
     )
     dev = FaultStack(work_dir=work, proxy_args=["--config", str(proxy_config)])
     try:

@@ -128,7 +128,10 @@ async def test_proxy_holds_1000_tunnels_while_new_ones_open(tmp_path: Path) -> N
         # Headroom over held + opening: a closed tunnel is counted until the proxy has
         # torn down both ends, which may lag behind the next batch.
         config = tmp_path / "proxy.toml"
-        config.write_text(f"max_tunnels = {2 * TUNNELS}\n")
+        # All from one peer (127.0.0.1): its share must hold them all.
+        config.write_text(
+            f"max_tunnels = {2 * TUNNELS + 1}\nmax_tunnels_per_peer = {2 * TUNNELS}\n"
+        )
         with start_proxy(
             tmp_path,
             *("--config", str(config), "--listen", "tcp:127.0.0.1:0"),
