@@ -15,7 +15,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from enclave_common.address import Address, AddressError, parse_address
+from enclave_common.address import (
+    Address,
+    AddressError,
+    TcpAddress,
+    is_loopback_ip,
+    parse_address,
+    parse_ip,
+)
 from enclave_common.logs import LEVELS
 
 from .allowlist import Allowlist, AllowlistError, parse_entry
@@ -97,9 +104,27 @@ def _check_allow(entries: Sequence[str], key: str) -> tuple[str, ...]:
 
 def _check_listen(text: str, key: str) -> Address:
     try:
-        return parse_address(text)
+        address = parse_address(text)
     except AddressError as e:
         raise ConfigError(f"{key}: {e}") from None
+    # A name is judged by what it resolves to, at start (cli._loopback_only).
+    if (
+        isinstance(address, TcpAddress)
+        and parse_ip(address.host) is not None
+        and not is_loopback_ip(address.host)
+    ):
+        raise ConfigError(f"{key}: {not_loopback(address)}")
+    return address
+
+
+def not_loopback(address: TcpAddress, resolved: str | None = None) -> str:
+    """Why a tcp: listen address off loopback is refused (the proxy has no caller check)."""
+    where = f"{address}" + (f" (resolves to {resolved})" if resolved else "")
+    return (
+        f"{where} is not a loopback address: the proxy hands the role's AWS credentials "
+        "to whoever connects, so a tcp: listener must stay on 127.0.0.0/8 or ::1 "
+        "(enclaves use vsock:)"
+    )
 
 
 def _check_log_level(level: str, key: str) -> str:

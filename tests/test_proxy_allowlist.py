@@ -251,6 +251,10 @@ def test_defaults() -> None:
         ("max_tunnels = 0", "max_tunnels"),
         ("max_tunnels = true", "max_tunnels: expected an integer"),
         ("max_tunnels_per_peer = 0", "max_tunnels_per_peer"),
+        ('listen = "tcp:0.0.0.0:8000"', "tcp:0.0.0.0:8000 is not a loopback address"),
+        ('listen = "tcp:[::]:8000"', r"tcp:\[::\]:8000 is not a loopback address"),
+        ('listen = "tcp:[::ffff:10.0.0.1]:8000"', "not a loopback address"),
+        ('listen = "tcp:10.0.0.1:8000"', "hands the role's AWS credentials to whoever connects"),
         ("connect_timeout = -1", "connect_timeout"),
         ("connect_timeout = nan", "connect_timeout"),
         ('idle_timeout = "5"', "idle_timeout: expected a number"),
@@ -276,6 +280,19 @@ def test_a_share_per_peer_must_stay_below_the_whole() -> None:
     assert (config.max_tunnels, config.max_tunnels_per_peer) == (8, 7)
 
 
+def test_listen_addresses_on_loopback_vsock_and_unix_are_accepted() -> None:
+    for listen in (
+        "tcp:127.0.0.1:8000",
+        "tcp:127.8.0.1:8000",
+        "tcp:[::1]:8000",
+        "tcp:[::ffff:127.0.0.1]:8000",
+        "tcp:localhost:8000",  # a name: judged by what it resolves to once bound
+        "vsock:ANY:8000",
+        "unix:/run/enclave-proxy.sock",
+    ):
+        assert str(build_config({}, CliOptions(listen=listen)).listen) == listen
+
+
 def test_cli_errors_name_the_option() -> None:
     with pytest.raises(ConfigError, match="--allow"):
         build_config({}, CliOptions(allow=["*.com:443"]))
@@ -283,6 +300,8 @@ def test_cli_errors_name_the_option() -> None:
         build_config({}, CliOptions(region="US-EAST-1"))
     with pytest.raises(ConfigError, match="--listen"):
         build_config({}, CliOptions(listen="tcp:1.2.3.4"))
+    with pytest.raises(ConfigError, match="--listen: tcp:1.2.3.4:80 is not a loopback"):
+        build_config({}, CliOptions(listen="tcp:1.2.3.4:80"))
 
 
 @given(st.text(max_size=200))
