@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -104,6 +105,25 @@ def parse_address(text: str) -> Address:
         )
         return VsockAddress(cid, _parse_int(port, "port", _MAX_PORT_VSOCK, text))
     raise AddressError(f"{text!r}: unknown scheme {scheme!r} (use vsock:, tcp: or unix:)")
+
+
+def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address an IP literal spells (zone id dropped, IPv4-mapped IPv6 read
+    as the IPv4 address it carries); None for a name."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def is_loopback_ip(host: str) -> bool:
+    """Is ``host`` an IP literal on loopback (127.0.0.0/8, ::1)? False for names too:
+    what a name resolves to is known once it is bound."""
+    address = parse_ip(host)
+    return address is not None and address.is_loopback
 
 
 def _vsock_family() -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import trio
 
-from enclave_common.address import listener_address, open_listener
+from enclave_common.address import TcpAddress, is_loopback_ip, listener_address, open_listener
 from enclave_common.cli import UsageError, run_command
 from enclave_common.logs import LEVELS, configure_logging, get_logger
 
@@ -37,6 +38,7 @@ from .config import (
     build_config,
     default_allow_entries,
     effective_allowlist,
+    not_loopback,
     parse_config_text,
 )
 from .credentials import CredentialSource
@@ -139,6 +141,20 @@ async def _watchdog(interval: float) -> None:
         await trio.sleep(interval)
 
 
+async def _loopback_only(address: TcpAddress) -> TcpAddress:
+    """The address to bind for a tcp: listen address: a name (``localhost`` too) is
+    resolved here and refused if any address it resolves to is off loopback; the
+    first is bound, so what was checked is what listens."""
+    found = await trio.socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    hosts = list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in found))
+    off_loopback = [host for host in hosts if not is_loopback_ip(host)]
+    if off_loopback:
+        raise ConfigError(not_loopback(address, ", ".join(off_loopback)))
+    return TcpAddress(hosts[0], address.port)
+
+
 async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         try:
@@ -155,7 +171,13 @@ async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -
         )
         server = ProxyServer(config, allowlist, region=region, credentials=credentials)
         try:
-            listener = await open_listener(config.listen)
+            listen = config.listen
+            if isinstance(listen, TcpAddress):
+                listen = await _loopback_only(listen)
+            listener = await open_listener(listen)
+        except ConfigError as e:
+            log.error("listen_refused", address=str(config.listen), reason=str(e))
+            return 2
         except OSError as e:
             log.error("listen_failed", address=str(config.listen), reason=str(e))
             return 1

@@ -15,7 +15,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from enclave_common.address import Address, AddressError, parse_address
+from enclave_common.address import (
+    Address,
+    AddressError,
+    TcpAddress,
+    is_loopback_ip,
+    parse_address,
+    parse_ip,
+)
 from enclave_common.logs import LEVELS
 
 from .allowlist import Allowlist, AllowlistError, parse_entry
@@ -41,6 +48,7 @@ class ProxyConfig:
     header_timeout: float = 10.0
     drain_timeout: float = 30.0
     max_tunnels: int = 1024
+    max_tunnels_per_peer: int = 256
     allowed_cids: frozenset[int] | None = None
     assume_role_arn: str | None = None
     sts_endpoint: str | None = None
@@ -96,9 +104,27 @@ def _check_allow(entries: Sequence[str], key: str) -> tuple[str, ...]:
 
 def _check_listen(text: str, key: str) -> Address:
     try:
-        return parse_address(text)
+        address = parse_address(text)
     except AddressError as e:
         raise ConfigError(f"{key}: {e}") from None
+    # A name is judged by what it resolves to, at start (cli._loopback_only).
+    if (
+        isinstance(address, TcpAddress)
+        and parse_ip(address.host) is not None
+        and not is_loopback_ip(address.host)
+    ):
+        raise ConfigError(f"{key}: {not_loopback(address)}")
+    return address
+
+
+def not_loopback(address: TcpAddress, resolved: str | None = None) -> str:
+    """Why a tcp: listen address off loopback is refused (the proxy has no caller check)."""
+    where = f"{address}" + (f" (resolves to {resolved})" if resolved else "")
+    return (
+        f"{where} is not a loopback address: the proxy hands the role's AWS credentials "
+        "to whoever connects, so a tcp: listener must stay on 127.0.0.0/8 or ::1 "
+        "(enclaves use vsock:)"
+    )
 
 
 def _check_log_level(level: str, key: str) -> str:
@@ -127,7 +153,7 @@ def parse_config_text(text: str) -> dict[str, Any]:
             out[key] = _number(value, key, minimum=0.01, maximum=300)
         elif key in ("idle_timeout", "drain_timeout"):
             out[key] = _number(value, key, minimum=0.01, maximum=86400)
-        elif key == "max_tunnels":
+        elif key in ("max_tunnels", "max_tunnels_per_peer"):
             out[key] = _integer(value, key, minimum=1, maximum=1_000_000)
         elif key == "allowed_cids":
             if not isinstance(value, list):
@@ -166,7 +192,15 @@ def build_config(file_settings: Mapping[str, Any], cli: CliOptions) -> ProxyConf
         settings["region"] = check_region(cli.region, "--region")
     if cli.log_level is not None:
         settings["log_level"] = _check_log_level(cli.log_level, "--log-level")
-    return ProxyConfig(**settings)
+    config = ProxyConfig(**settings)
+    # A share as large as the whole would let one peer at its cap refuse everyone else.
+    if config.max_tunnels_per_peer >= config.max_tunnels:
+        raise ConfigError(
+            f"max_tunnels_per_peer ({config.max_tunnels_per_peer}) must be smaller than "
+            f"max_tunnels ({config.max_tunnels}), so that one peer at its share never "
+            "takes every connection from the others"
+        )
+    return config
 
 
 def default_allow_entries(region: str) -> tuple[str, ...]:

@@ -167,18 +167,7 @@ class _Connection:
         raise _Close
 
     async def _linger_close(self, answer: bytes) -> None:
-        try:
-            await self.stream.send_all(answer)
-            self.stream.socket.shutdown(socket.SHUT_WR)
-            with trio.move_on_after(_LINGER_SECONDS):
-                dropped = 0
-                while dropped < _LINGER_BYTES:
-                    chunk = await self.stream.receive_some(_RECEIVE_SIZE)
-                    if not chunk:
-                        break
-                    dropped += len(chunk)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client is gone; nothing left to tell it
+        await _answer_and_linger(self.stream, answer, linger=True)
 
     async def _send_json(self, status: int, value: Any) -> None:
         body = json_body(value)
@@ -264,8 +253,6 @@ class _Connection:
         assert isinstance(event, h11.Request)
         record.method = event.method.decode("ascii", "replace")
         record.target = event.target.decode("ascii", "replace")
-        if self.ctx.active_connections > self.ctx.config.max_tunnels:
-            await self._fail(record, 503, "over the connection limit")
         if event.method == b"CONNECT":
             await self._drain_body_or_fail(record)
             await self._tunnel(record)
@@ -352,6 +339,30 @@ class _Connection:
             record.outcome = "reset"
         finally:
             await trio.aclose_forcefully(upstream)
+
+
+async def _answer_and_linger(stream: trio.SocketStream, answer: bytes, *, linger: bool) -> None:
+    try:
+        await stream.send_all(answer)
+        if not linger:
+            return
+        stream.socket.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(_LINGER_SECONDS):
+            dropped = 0
+            while dropped < _LINGER_BYTES:
+                chunk = await stream.receive_some(_RECEIVE_SIZE)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client is gone; nothing left to tell it
+
+
+async def refuse_connection(
+    stream: trio.SocketStream, status: int, reason: str, *, linger: bool
+) -> None:
+    """Answer a connection refused before any of its bytes is read (the caller closes it)."""
+    await _answer_and_linger(stream, error_response(status, reason), linger=linger)
 
 
 async def serve_connection(stream: trio.SocketStream, ctx: ProxyContext) -> None:

@@ -1,4 +1,4 @@
-"""The proxy assembled: accept loop, connection limit, peer check, drain and reload.
+"""The proxy assembled: accept loop, peer check, each peer's share, drain and reload.
 
 ``ProxyServer.run`` accepts connections until ``shutdown()``; then it closes the
 listener (no new clients), waits up to ``drain_timeout`` for open tunnels to finish
@@ -8,6 +8,7 @@ for requests that arrive afterwards; open tunnels keep running untouched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 
@@ -16,10 +17,11 @@ import trio
 from enclave_common.address import describe_peer
 from enclave_common.logs import get_logger
 
+from .admission import Admission, Refused, peer_key
 from .allowlist import Allowlist
 from .config import ProxyConfig
 from .credentials import CredentialSource
-from .http_front import ProxyContext, serve_connection
+from .http_front import ProxyContext, refuse_connection, serve_connection
 from .upstream import Connector, Resolver, connect_tcp, system_resolver
 
 # Out of descriptors: refusing to accept for a moment beats spinning on the error.
@@ -61,6 +63,7 @@ class ProxyServer:
             resolver=resolver,
             connector=connector,
         )
+        self._admission = Admission(config)
         self._accept_scope = trio.CancelScope()
         self._drained = trio.Event()
 
@@ -95,7 +98,16 @@ class ProxyServer:
                 log.warning("peer_refused", peer=describe_peer(stream))
                 await trio.aclose_forcefully(stream)
                 return
-            await serve_connection(stream, self.ctx)
+            peer = peer_key(stream.socket)
+            with contextlib.ExitStack() as share:
+                try:
+                    share.enter_context(self._admission.connection(peer))
+                except Refused as refused:
+                    with self._admission.refusal(peer) as linger:
+                        await refuse_connection(stream, 503, refused.reason, linger=linger)
+                    await trio.aclose_forcefully(stream)
+                    return
+                await serve_connection(stream, self.ctx)
         finally:
             self.ctx.active_connections -= 1
             if self.ctx.shutting_down and self.ctx.active_connections == 0:

@@ -153,6 +153,32 @@ def test_bad_configs_are_refused(text: str) -> None:
         parse_config(text)
 
 
+def test_per_uid_shares_default_and_must_stay_below_their_whole() -> None:
+    limits = parse_config('region = "us-east-1"').limits
+    assert (limits.max_connections_per_uid, limits.max_kms_calls_per_uid) == (64, 8)
+    limits = parse_config(
+        'region = "us-east-1"\n[limits]\nmax_connections = 10\nmax_connections_per_uid = 9\n'
+        "kms_pool_size = 3\nmax_kms_calls_per_uid = 2"
+    ).limits
+    assert (limits.max_connections_per_uid, limits.max_kms_calls_per_uid) == (9, 2)
+    # A share as large as its whole would let one uid take every connection or KMS call.
+    for text, message in [
+        (
+            "max_connections = 16",
+            r"limits.max_connections_per_uid \(64\) must be smaller than "
+            r"limits.max_connections \(16\)",
+        ),
+        (
+            "kms_pool_size = 4\nmax_kms_calls_per_uid = 4",
+            r"limits.max_kms_calls_per_uid \(4\) must be smaller than limits.kms_pool_size \(4\)",
+        ),
+        ("max_connections_per_uid = 0", "limits.max_connections_per_uid must be a positive"),
+        ("max_kms_calls_per_uid = 1.5", "limits.max_kms_calls_per_uid must be a positive"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(f'region = "us-east-1"\n[limits]\n{text}')
+
+
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")

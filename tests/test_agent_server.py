@@ -7,8 +7,10 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,17 @@ import structlog
 import trio
 
 from enclave_agent.runtime.config import AccessConfig, Limits
-from enclave_agent.runtime.kms import KmsError
-from enclave_agent.runtime.server import AppServer
-from enclave_common.address import TcpAddress, UnixAddress, listener_address, open_listener
+from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings
+from enclave_agent.runtime.server import AppServer, Gateway
+from enclave_common.address import (
+    TcpAddress,
+    UnixAddress,
+    listener_address,
+    open_listener,
+    parse_address,
+)
 from enclave_common.logs import configure_logging
+from tests.test_kms_fakes import FakeNsm, FakeRecipient, start_kms_and_relay
 
 
 @pytest.fixture(autouse=True)
@@ -74,18 +83,23 @@ class Running:
     gateway: FakeGateway
     logs: io.StringIO
 
+    def events(self, name: str) -> list[dict[str, Any]]:
+        events = [json.loads(line) for line in self.logs.getvalue().splitlines()]
+        return [e for e in events if e["event"] == name]
+
 
 async def start(
     nursery: trio.Nursery,
     tmp_path: Path,
     access: AccessConfig | None = None,
     limits: Limits | None = None,
+    gateway: Gateway | None = None,
 ) -> Running:
     logs = io.StringIO()
     configure_logging("info", stream=logs, process="test-agent")
-    gateway = FakeGateway()
+    fake = FakeGateway()
     server = AppServer(
-        gateway=gateway,
+        gateway=gateway or fake,
         attest=fake_attest,
         secrets=Secrets(),
         access=access or AccessConfig(),
@@ -103,7 +117,7 @@ async def start(
     await nursery.start(
         lambda task_status: server.serve(tcp, check_peer=False, task_status=task_status)
     )
-    return Running(path, port.port, gateway, logs)
+    return Running(path, port.port, fake, logs)
 
 
 @pytest.fixture
@@ -386,9 +400,7 @@ async def test_a_client_that_never_reads_its_answers_loses_its_slot(
         with trio.fail_after(20):
             # First the stuck client holds the one slot (503), then it is cut off (200).
             while seen[-1:] != [200] or 503 not in seen:
-                stream = await trio.open_tcp_stream("127.0.0.1", running.tcp_port)
-                async with stream:
-                    [(status, _, _)] = await send_and_read(stream, request("GET", "/healthz"))
+                [(status, _, _)] = await unix_exchange(running.socket, request("GET", "/healthz"))
                 if status == 503 or 503 in seen:
                     seen.append(status)
                 await trio.sleep(0.05)
@@ -465,3 +477,190 @@ async def test_expect_100_continue(running: Running) -> None:
             while chunk := await stream.receive_some(65536):
                 data += chunk
     assert data.startswith(b"HTTP/1.1 200 ")
+
+
+# --- each caller's share: one at its cap never stops another -------------------------
+
+OTHER_UID = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a caller of another uid needs root")
+# Run as root, then drop to another uid (group 0, so the socket's mode 0660 lets it
+# in): the interpreter is loaded before, so it need not be readable by that uid.
+_AS_OTHER_UID = """
+import os, socket, sys
+os.setgroups([])
+os.setgid(0)
+os.setuid(int(sys.argv[1]))
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(sys.argv[2])
+s.sendall(sys.stdin.buffer.read())
+while chunk := s.recv(65536):
+    sys.stdout.buffer.write(chunk)
+"""
+
+
+async def exchange_as_other_uid(path: str, raw: bytes) -> tuple[int, bytes]:
+    """One request from a process of uid OTHER_UID: (status, body)."""
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-c", _AS_OTHER_UID, str(OTHER_UID), path],
+            stdin=raw,
+            capture_stdout=True,
+        )
+    head, _, body = result.stdout.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A socket directory another uid in group 0 can reach (pytest's tmp_path is not)."""
+    path = Path(tempfile.mkdtemp(prefix="agent-shares-"))
+    path.chmod(0o750)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def hold_until_refused(
+    connect: Callable[[], Awaitable[trio.SocketStream]], most: int
+) -> tuple[list[trio.SocketStream], bytes]:
+    """Open kept-alive connections, each answered, until one is refused: (held, refusal)."""
+    held: list[trio.SocketStream] = []
+    with trio.fail_after(20):
+        while len(held) <= most:
+            stream = await connect()
+            await stream.send_all(request("GET", "/healthz", close=False))
+            answer = await stream.receive_some(65536)
+            if not answer.startswith(b"HTTP/1.1 200 "):
+                await stream.aclose()
+                return held, answer
+            held.append(stream)
+    raise AssertionError(f"{len(held)} connections held, none refused")
+
+
+def refusal_message(answer: bytes) -> str:
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["__type"] == "ThrottlingException"
+    return str(body["message"])
+
+
+@needs_root
+async def test_one_uid_holding_its_connections_does_not_stop_another_uid(
+    nursery: trio.Nursery, shared_dir: Path
+) -> None:
+    running = await start(
+        nursery,
+        shared_dir,
+        access=AccessConfig(allowed_uids=frozenset({0, OTHER_UID})),
+        limits=Limits(max_connections=8, max_connections_per_uid=4, idle_timeout=60),
+    )
+    held, refusal = await hold_until_refused(lambda: trio.open_unix_socket(running.socket), 8)
+    try:
+        # Root keeps every connection it got alive, and still another uid is served.
+        status, _ = await exchange_as_other_uid(running.socket, request("GET", "/healthz"))
+        assert status == 200
+        assert len(held) == 4
+        assert refusal_message(refusal) == (
+            "uid 0 has 4 connections open, its whole share (limits.max_connections_per_uid)"
+        )
+        [event] = running.events("connection_refused")
+        assert (event["caller"], event["limit"]) == ("uid=0", "limits.max_connections_per_uid")
+        for stream in held:  # re-used within idle_timeout: still root's
+            await stream.send_all(request("GET", "/healthz", close=False))
+            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for stream in held:
+            await stream.aclose()
+
+
+async def test_the_tcp_listeners_callers_at_their_share_do_not_stop_the_unix_socket(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    running = await start(
+        nursery, tmp_path, limits=Limits(max_connections=4, max_connections_per_uid=2)
+    )
+    held, refusal = await hold_until_refused(
+        lambda: trio.open_tcp_stream("127.0.0.1", running.tcp_port), 4
+    )
+    try:
+        # The TCP listener's budget is its own: every Unix socket connection is still there.
+        unix, unix_refusal = await hold_until_refused(
+            lambda: trio.open_unix_socket(running.socket), 4
+        )
+        assert (len(held), len(unix)) == (2, 2)
+        for stream in unix:
+            await stream.aclose()
+        assert refusal_message(refusal) == (
+            "the TCP listener's callers have 2 connections open, their whole share "
+            "(limits.max_connections_per_uid)"
+        )
+        assert "limits.max_connections_per_uid" in refusal_message(unix_refusal)
+        events = running.events("connection_refused")
+        assert [e["caller"] for e in events] == ["tcp", f"uid={os.getuid()}"]
+    finally:
+        for stream in held:
+            await stream.aclose()
+
+
+@needs_root
+async def test_one_uid_at_its_share_of_kms_calls_does_not_stop_another_uid(
+    nursery: trio.Nursery, shared_dir: Path
+) -> None:
+    # A KMS that holds every Decrypt: root's calls sit in flight for as long as we like.
+    fake_kms, relay, ca_path = await start_kms_and_relay(shared_dir, nursery)
+    fake_kms.hold_if = lambda seen: seen.headers["x-amz-target"].endswith(".Decrypt")
+    settings = KmsSettings(
+        region="us-east-1",
+        proxy=parse_address(relay.address),
+        endpoint=f"https://127.0.0.1:{fake_kms.port}",
+        ca_bundle=str(ca_path),
+        pool_size=4,
+    )
+    gateway = KmsGateway(settings, FakeNsm(), FakeRecipient())
+    running = await start(
+        nursery,
+        shared_dir,
+        access=AccessConfig(allowed_uids=frozenset({0, OTHER_UID})),
+        limits=Limits(kms_pool_size=4, max_kms_calls_per_uid=2),
+        gateway=gateway,
+    )
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+
+    async def held_call() -> None:
+        answers.extend(
+            await unix_exchange(running.socket, kms("Decrypt", {"CiphertextBlob": "AAAA"}))
+        )
+
+    try:
+        async with trio.open_nursery() as calls:
+            for _ in range(6):  # more than the whole pool
+                calls.start_soon(held_call)
+            with trio.fail_after(20):
+                while len(answers) < 4:  # the calls over root's share are answered at once
+                    await trio.sleep(0.01)
+            # Root's two calls hold two of the four pooled connections; the other
+            # uid's call takes a free one instead of queueing behind root's.
+            status, body = await exchange_as_other_uid(
+                running.socket, kms("GenerateRandom", {"NumberOfBytes": 16})
+            )
+            assert status == 200
+            assert base64.b64decode(json.loads(body)["Plaintext"]) == b"r" * 16
+            fake_kms.release.set()
+    finally:
+        await gateway.aclose()
+    assert sorted(status for status, _, _ in answers) == [200, 200, 503, 503, 503, 503]
+    refused = next(body for status, _, body in answers if status == 503)
+    assert json.loads(refused) == {
+        "__type": "ThrottlingException",
+        "message": "uid 0 has 2 KMS calls in flight, its whole share "
+        "(limits.max_kms_calls_per_uid)",
+    }
+    events = running.events("kms_call_refused")
+    assert len(events) == 4
+    assert {(e["caller"], e["operation"], e["limit"]) for e in events} == {
+        ("uid=0", "Decrypt", "limits.max_kms_calls_per_uid")
+    }
+    logs = running.logs.getvalue()
+    for secret in (b"the secret", b"r" * 16):
+        assert base64.b64encode(secret).decode() not in logs
+    assert "fake-secret-key-do-not-log" not in logs and "fake-session-token" not in logs

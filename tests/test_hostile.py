@@ -43,7 +43,9 @@ from enclave_agent.client import AgentClient
 HEADER_TIMEOUT = 1.0
 IDLE_TIMEOUT = 2.0
 AGENT_MAX_CONNECTIONS = 16
+AGENT_CONNECTIONS_PER_UID = 8  # every client here is root: this is the share they exhaust
 PROXY_MAX_TUNNELS = 32
+PROXY_TUNNELS_PER_PEER = 16  # every client here is 127.0.0.1: one peer
 MAX_BODY = 64 * 1024
 FUZZ_CASES = 150
 SECRET = b"hostile-named-secret-" + secrets.token_hex(16).encode()
@@ -82,6 +84,7 @@ def stack() -> Iterator[Stack]:
     proxy_config = work / "proxy.toml"
     proxy_config.write_text(
         f"header_timeout = {HEADER_TIMEOUT}\nmax_tunnels = {PROXY_MAX_TUNNELS}\n"
+        f"max_tunnels_per_peer = {PROXY_TUNNELS_PER_PEER}\n"
     )
     dev = FaultStack(work_dir=work, proxy_args=["--config", str(proxy_config)])
     try:
@@ -99,6 +102,7 @@ def stack() -> Iterator[Stack]:
                 "header_timeout": HEADER_TIMEOUT,
                 "idle_timeout": IDLE_TIMEOUT,
                 "max_connections": AGENT_MAX_CONNECTIONS,
+                "max_connections_per_uid": AGENT_CONNECTIONS_PER_UID,
                 "max_body_bytes": MAX_BODY,
             },
             secrets_toml=(
@@ -330,7 +334,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 
 
 def test_agent_idle_and_slow_clients_cannot_exhaust_connections(stack: Stack) -> None:
-    clients = [connect(stack.agent_socket) for _ in range(AGENT_MAX_CONNECTIONS)]
+    clients = [connect(stack.agent_socket) for _ in range(AGENT_CONNECTIONS_PER_UID)]
     try:
         time.sleep(0.3)  # let the agent accept (and count) all of them
         answer = raw_exchange(stack.agent_socket, [HEALTH])

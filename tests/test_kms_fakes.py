@@ -1,7 +1,8 @@
 """Test doubles for the agent's KMS client (imported by the other test_kms_* files).
 
 - ``FakeKms``: an HTTPS server (trustme certificate, h11) that answers each request
-  from a script, records what it got, and can hold connections open.
+  from a script, records what it got, can hold connections open and hold chosen
+  requests unanswered until released.
 - ``Relay``: a minimal CONNECT proxy that also serves ``GET /v1/credentials``, used
   where the real proxy's behaviour is not the point of the test (the end-to-end
   tests use the real ``enclave-proxy``).
@@ -95,6 +96,9 @@ class FakeKms:
         self.handshakes_failed = 0
         self.close_after_each = False
         self.delay = 0.0
+        # Requests for which hold_if is true wait for ``release`` before they are answered.
+        self.hold_if: Callable[[Seen], bool] | None = None
+        self.release = trio.Event()
         self.port = 0
         self._idle_scopes: dict[int, trio.CancelScope] = {}
 
@@ -161,6 +165,8 @@ class FakeKms:
                 self.seen.append(seen)
                 if self.delay:
                     await trio.sleep(self.delay)
+                if self.hold_if is not None and self.hold_if(seen):
+                    await self.release.wait()
                 status, payload = self.reply(seen)
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 headers = [

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import trio
-from stack import ProxyProcess, start_proxy
+from stack import ProxyProcess, agent_config, start_proxy
 from test_proxy_support import echo_handler, open_tunnel, tcp_server
 
 from devtools.devstack import DevStack, create_enclave_key, direct_kms_client, log_events
@@ -47,7 +47,16 @@ def dev() -> Iterator[DevStack]:
     work = Path(tempfile.mkdtemp(prefix="load-"))
     stack = DevStack(work_dir=work)
     try:
-        stack.start()
+        stack.start(agent=False)
+        # All the callers are one uid (this test's): its shares must hold all their
+        # connections and KMS calls at once, and stay below their whole (the config
+        # insists on that).
+        limits = {
+            "max_connections_per_uid": 2 * CALLERS,
+            "max_kms_calls_per_uid": CALLERS,
+            "kms_pool_size": CALLERS + 16,
+        }
+        stack.start_agent(agent_config(stack, "agent", limits=limits))
         yield stack
     finally:
         stack.stop()
@@ -119,7 +128,10 @@ async def test_proxy_holds_1000_tunnels_while_new_ones_open(tmp_path: Path) -> N
         # Headroom over held + opening: a closed tunnel is counted until the proxy has
         # torn down both ends, which may lag behind the next batch.
         config = tmp_path / "proxy.toml"
-        config.write_text(f"max_tunnels = {2 * TUNNELS}\n")
+        # All from one peer (127.0.0.1): its share must hold them all.
+        config.write_text(
+            f"max_tunnels = {2 * TUNNELS + 1}\nmax_tunnels_per_peer = {2 * TUNNELS}\n"
+        )
         with start_proxy(
             tmp_path,
             *("--config", str(config), "--listen", "tcp:127.0.0.1:0"),

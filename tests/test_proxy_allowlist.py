@@ -205,6 +205,7 @@ idle_timeout = 60.5
 header_timeout = 5
 drain_timeout = 10
 max_tunnels = 64
+max_tunnels_per_peer = 16
 allowed_cids = [16, 17]
 assume_role_arn = "arn:aws:iam::123456789012:role/enclave-kms"
 sts_endpoint = "https://sts.eu-west-1.amazonaws.com"
@@ -218,6 +219,7 @@ log_level = "debug"
     assert config.allow == ("kms.*.amazonaws.com:443", "127.0.0.1:4443")
     assert config.region == "us-west-2"
     assert config.connect_timeout == 3.0 and config.max_tunnels == 64
+    assert config.max_tunnels_per_peer == 16
     assert config.allowed_cids == frozenset({16, 17})
     assert config.log_level == "debug"
 
@@ -226,6 +228,7 @@ def test_defaults() -> None:
     config = build_config({}, CliOptions())
     assert config.listen == VsockAddress(0xFFFFFFFF, 8000)
     assert config.max_tunnels == 1024 and config.allow == ()
+    assert config.max_tunnels_per_peer == 256
     assert effective_allowlist(config, "us-east-1").describe() == list(
         default_allow_entries("us-east-1")
     )
@@ -247,6 +250,11 @@ def test_defaults() -> None:
         ('region = "moon"', "region"),
         ("max_tunnels = 0", "max_tunnels"),
         ("max_tunnels = true", "max_tunnels: expected an integer"),
+        ("max_tunnels_per_peer = 0", "max_tunnels_per_peer"),
+        ('listen = "tcp:0.0.0.0:8000"', "tcp:0.0.0.0:8000 is not a loopback address"),
+        ('listen = "tcp:[::]:8000"', r"tcp:\[::\]:8000 is not a loopback address"),
+        ('listen = "tcp:[::ffff:10.0.0.1]:8000"', "not a loopback address"),
+        ('listen = "tcp:10.0.0.1:8000"', "hands the role's AWS credentials to whoever connects"),
         ("connect_timeout = -1", "connect_timeout"),
         ("connect_timeout = nan", "connect_timeout"),
         ('idle_timeout = "5"', "idle_timeout: expected a number"),
@@ -262,6 +270,29 @@ def test_config_errors(text: str, message: str) -> None:
         parse_config_text(text)
 
 
+def test_a_share_per_peer_must_stay_below_the_whole() -> None:
+    # As large as max_tunnels, one peer at its share would refuse every other peer.
+    with pytest.raises(ConfigError, match=r"max_tunnels_per_peer \(256\) must be smaller"):
+        build_config(parse_config_text("max_tunnels = 256"), CliOptions())
+    config = build_config(
+        parse_config_text("max_tunnels = 8\nmax_tunnels_per_peer = 7"), CliOptions()
+    )
+    assert (config.max_tunnels, config.max_tunnels_per_peer) == (8, 7)
+
+
+def test_listen_addresses_on_loopback_vsock_and_unix_are_accepted() -> None:
+    for listen in (
+        "tcp:127.0.0.1:8000",
+        "tcp:127.8.0.1:8000",
+        "tcp:[::1]:8000",
+        "tcp:[::ffff:127.0.0.1]:8000",
+        "tcp:localhost:8000",  # a name: judged by what it resolves to once bound
+        "vsock:ANY:8000",
+        "unix:/run/enclave-proxy.sock",
+    ):
+        assert str(build_config({}, CliOptions(listen=listen)).listen) == listen
+
+
 def test_cli_errors_name_the_option() -> None:
     with pytest.raises(ConfigError, match="--allow"):
         build_config({}, CliOptions(allow=["*.com:443"]))
@@ -269,6 +300,8 @@ def test_cli_errors_name_the_option() -> None:
         build_config({}, CliOptions(region="US-EAST-1"))
     with pytest.raises(ConfigError, match="--listen"):
         build_config({}, CliOptions(listen="tcp:1.2.3.4"))
+    with pytest.raises(ConfigError, match="--listen: tcp:1.2.3.4:80 is not a loopback"):
+        build_config({}, CliOptions(listen="tcp:1.2.3.4:80"))
 
 
 @given(st.text(max_size=200))
@@ -303,6 +336,7 @@ _keys = st.sampled_from(
         "header_timeout",
         "drain_timeout",
         "max_tunnels",
+        "max_tunnels_per_peer",
         "allowed_cids",
         "assume_role_arn",
         "sts_endpoint",

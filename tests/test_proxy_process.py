@@ -209,6 +209,46 @@ async def test_startup_errors_are_clear(tmp_path: Path) -> None:
         assert "expected HOST:PORT" in proxy.log_path.read_text()
 
 
+@pytest.mark.parametrize(
+    ("listen", "via_file", "shown"),
+    [
+        ("tcp:0.0.0.0:18000", False, "tcp:0.0.0.0:18000 is not"),
+        ("tcp:0.0.0.0:18000", True, "tcp:0.0.0.0:18000 is not"),
+        ("tcp:[::]:18000", False, "tcp:[::]:18000 is not"),
+        # Names that getaddrinfo reads as addresses off loopback: refused before binding.
+        ("tcp:0:18000", False, "tcp:0:18000 (resolves to 0.0.0.0) is not"),
+        ("tcp:0x0a000001:18000", True, "tcp:0x0a000001:18000 (resolves to 10.0.0.1) is not"),
+    ],
+)
+def test_a_tcp_listen_address_off_loopback_is_refused(
+    tmp_path: Path, listen: str, via_file: bool, shown: str
+) -> None:
+    """Whoever reaches the proxy's port gets the role's credentials: a tcp: listener
+    must stay on loopback, whether --listen or the config file names it."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'listen = "{listen}"\n' if via_file else "")
+    where = ["--config", str(config)] + ([] if via_file else ["--listen", listen])
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", *where, "--region", "us-east-1"],
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"{shown} a loopback address" in done.stderr
+    assert "hands the role's AWS credentials to whoever connects" in done.stderr
+    assert '"event": "listening"' not in done.stderr
+
+
+async def test_a_name_resolving_to_loopback_is_listened_on(tmp_path: Path) -> None:
+    with start_proxy(tmp_path, "--listen", "tcp:localhost:0", "--region", "us-east-1") as proxy:
+        port = await proxy.port()
+        status, _, body = await request(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, body) == (200, {"status": "ok"})
+
+
 def test_check_config(tmp_path: Path) -> None:
     def check_config(name: str, text: str) -> subprocess.CompletedProcess[str]:
         path = tmp_path / name

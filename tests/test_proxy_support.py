@@ -136,10 +136,11 @@ async def request(port: int, raw: bytes) -> tuple[int, bytes, Any]:
 
 
 async def open_tunnel(
-    port: int, target: str, early: bytes = b""
+    port: int, target: str, early: bytes = b"", *, peer: str | None = None
 ) -> tuple[int, trio.SocketStream, bytes]:
-    """CONNECT through the proxy; returns (status, stream, bytes already past the head)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    """CONNECT through the proxy (from the loopback address ``peer`` if given); returns
+    (status, stream, bytes already past the head)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=peer)
     await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + early)
     status, _, rest = await read_head(stream)
     return status, stream, rest

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import ssl
 from typing import Any
@@ -154,7 +156,11 @@ async def test_500_concurrent_tunnels() -> None:
     opened = 0
     all_open = trio.Event()
 
-    async with tcp_server(echo_handler) as port, running_proxy((f"127.0.0.1:{port}",)) as proxy:
+    async with (
+        tcp_server(echo_handler) as port,
+        # All from one peer (127.0.0.1): its share must hold them all.
+        running_proxy((f"127.0.0.1:{port}",), max_tunnels_per_peer=n) as proxy,
+    ):
 
         async def one(i: int) -> None:
             nonlocal opened
@@ -351,6 +357,124 @@ async def test_503_over_the_connection_limit() -> None:
             status, stream, _ = await open_tunnel(proxy.port, target)
             assert status == 200
             await stream.aclose()
+
+
+async def _echo_once(stream: trio.SocketStream, rest: bytes) -> None:
+    await stream.send_all(b"ping")
+    got = rest
+    while len(got) < 4:
+        got += await stream.receive_some(100)
+    assert got == b"ping"
+
+
+async def test_idle_connections_reopened_by_one_peer_do_not_lock_out_another() -> None:
+    """Many connections that never send a request head, re-opened as the proxy closes
+    them, once held max_tunnels so that every other client's CONNECT got 503."""
+    logs = capture_logs()
+    most = 16
+    async with tcp_server(echo_handler) as port:
+        target = f"127.0.0.1:{port}"
+        async with running_proxy(
+            (target,), max_tunnels=most, max_tunnels_per_peer=4, header_timeout=0.2
+        ) as proxy:
+            refused = 0
+
+            async def idle_client() -> None:
+                nonlocal refused
+                while True:
+                    stream = await trio.open_tcp_stream(
+                        "127.0.0.1", proxy.port, local_address="127.0.0.2"
+                    )
+                    async with stream:  # sends nothing; waits for the proxy to close it
+                        if (await read_to_eof(stream)).startswith(b"HTTP/1.1 503 "):
+                            refused += 1
+                            await trio.sleep(0.01)
+
+            async with trio.open_nursery() as attack:
+                for _ in range(most + 8):  # more than the whole table
+                    attack.start_soon(idle_client)
+                with trio.fail_after(20):
+                    # Until the table would be full if 127.0.0.2 were not held to its share.
+                    while not refused and proxy.server.active_connections <= most:
+                        await trio.sleep(0.01)
+                    for _ in range(3):  # while the idle ones are cut off and re-opened
+                        status, stream, rest = await open_tunnel(
+                            proxy.port, target, peer="127.0.0.3"
+                        )
+                        assert status == 200
+                        await _echo_once(stream, rest)
+                        await stream.aclose()
+                        await trio.sleep(0.2)
+                attack.cancel_scope.cancel()
+    refusals = [e for e in log_events(logs) if e.get("event") == "connection_refused"]
+    assert refusals and {(e["peer"], e["limit"]) for e in refusals} == {
+        ("peer 127.0.0.2", "max_tunnels_per_peer")
+    }
+
+
+async def test_each_peer_has_its_own_share_of_tunnels() -> None:
+    async with tcp_server(echo_handler) as port:
+        target = f"127.0.0.1:{port}"
+        async with running_proxy((target,), max_tunnels=8, max_tunnels_per_peer=3) as proxy:
+            mine = []
+            for _ in range(3):
+                status, stream, _ = await open_tunnel(proxy.port, target, peer="127.0.0.2")
+                assert status == 200
+                mine.append(stream)
+            status, refused, rest = await open_tunnel(proxy.port, target, peer="127.0.0.2")
+            assert status == 503
+            assert json.loads(await read_to_eof(refused, rest)) == {
+                "error": "over the connection limit: peer 127.0.0.2 has 3 connections "
+                "open, its whole share (max_tunnels_per_peer)"
+            }
+            await refused.aclose()
+            # Another peer gets its own share, whole.
+            others = []
+            for _ in range(3):
+                status, stream, rest = await open_tunnel(proxy.port, target, peer="127.0.0.3")
+                assert status == 200
+                await _echo_once(stream, rest)
+                others.append(stream)
+            for stream in mine:
+                await _echo_once(stream, b"")  # still open, still relaying
+            # A tunnel closed gives its peer its place back.
+            await mine.pop().aclose()
+            with trio.fail_after(10):
+                while True:
+                    status, again, _ = await open_tunnel(proxy.port, target, peer="127.0.0.2")
+                    if status == 200:
+                        break
+                    await again.aclose()
+                    await trio.sleep(0.01)
+            for stream in [*mine, *others, again]:
+                await stream.aclose()
+
+
+def test_peers_are_keyed_by_address_uid_and_cid() -> None:
+    from types import SimpleNamespace
+
+    from proxy.admission import peer_key
+
+    left, right = socket.socketpair(socket.AF_UNIX)
+    with left, right:
+        assert peer_key(left) == ("uid", os.getuid())  # SO_PEERCRED
+    server = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    with server:
+        port = server.getsockname()[1]
+        for source, expected in (("127.0.0.2", "127.0.0.2"), ("::1", "::1")):
+            family = socket.AF_INET6 if ":" in source else socket.AF_INET
+            with socket.socket(family) as client:
+                client.bind((source, 0))
+                client.connect(("::1" if ":" in source else "127.0.0.1", port))
+                accepted, peer = server.accept()
+                with accepted:
+                    if family == socket.AF_INET:
+                        assert peer[0] == "::ffff:127.0.0.2"  # one peer, however it is spelt
+                    assert peer_key(accepted) == ("address", expected)
+    vsock = getattr(socket, "AF_VSOCK", None)
+    if vsock is not None:  # never connected: a stand-in with the family and the peer's CID
+        stand_in = SimpleNamespace(family=vsock, getpeername=lambda: (16, 1234))
+        assert peer_key(stand_in) == ("cid", 16)  # type: ignore[arg-type]
 
 
 async def test_healthz_and_keep_alive() -> None:

@@ -36,7 +36,9 @@ Shape (every key optional except where noted)::
     max_body_bytes = 65536
     header_timeout = 10.0                 # seconds to receive a whole request
     idle_timeout = 60.0                   # seconds a kept-alive connection may idle
-    max_connections = 256
+    max_connections = 256                 # Unix socket connections, all uids together
+    max_connections_per_uid = 64          # one uid's share; TCP listener callers: one more
+    max_kms_calls_per_uid = 8             # KMS calls in flight per uid (TCP callers: one)
     kms_pool_size = 16
     kms_call_timeout = 10.0
     kms_max_attempts = 4
@@ -52,7 +54,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import math
 import re
 import tomllib
@@ -66,6 +67,7 @@ from enclave_common.address import (
     Address,
     AddressError,
     TcpAddress,
+    is_loopback_ip,
     parse_address,
 )
 from enclave_common.logs import LEVELS
@@ -111,6 +113,9 @@ class Limits:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections: int = 256
+    # Each caller's share, so one at its cap never stops another (``admission``).
+    max_connections_per_uid: int = 64
+    max_kms_calls_per_uid: int = 8
     kms_pool_size: int = 16
     kms_call_timeout: float = 10.0
     kms_max_attempts: int = 4
@@ -164,6 +169,8 @@ _LIMIT_KEYS: dict[str, type] = {
     "header_timeout": float,
     "idle_timeout": float,
     "max_connections": int,
+    "max_connections_per_uid": int,
+    "max_kms_calls_per_uid": int,
     "kms_pool_size": int,
     "kms_call_timeout": float,
     "kms_max_attempts": int,
@@ -349,12 +356,7 @@ def _listen(value: Any, base: Path, source: str) -> ListenConfig:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host == "localhost" or is_loopback_ip(host)
 
 
 def _ids(table: Mapping[str, Any], key: str, source: str) -> frozenset[int]:
@@ -388,7 +390,19 @@ def _limits(value: Any, source: str) -> Limits:
         if isinstance(item, bool) or not ok_type or not math.isfinite(item) or item <= 0:
             raise ConfigError(f"{source}: limits.{key} must be a positive, finite number")
         values[key] = kind(item)
-    return Limits(**values)
+    limits = Limits(**values)
+    # A share as large as the whole would let one caller at its cap take everything.
+    for share, whole in (
+        ("max_connections_per_uid", "max_connections"),
+        ("max_kms_calls_per_uid", "kms_pool_size"),
+    ):
+        if getattr(limits, share) >= getattr(limits, whole):
+            raise ConfigError(
+                f"{source}: limits.{share} ({getattr(limits, share)}) must be smaller than "
+                f"limits.{whole} ({getattr(limits, whole)}), so that one uid at its share "
+                "never takes all of them from the others"
+            )
+    return limits
 
 
 def _trusted_keys(value: Any, source: str) -> TrustedKeys:

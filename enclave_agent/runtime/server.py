@@ -16,7 +16,9 @@ On the Unix socket the caller's SO_PEERCRED decides, on every connection, before
 any of its bytes are read or a connection slot is taken; a refused caller gets
 KMS's ``AccessDeniedException`` at once and a ``caller_refused`` log event. The TCP listener is
 loopback only (the config insists) and has no caller check: it exists for SDK
-apps that can only speak TCP.
+apps that can only speak TCP. Each caller (a uid; the TCP listener's callers
+together) gets its own share of connections and of KMS calls in flight
+(``admission``), so one caller at its cap never stops another.
 
 Logs: one ``request`` event per request (method, path, operation, status, error
 type, caller, duration); bodies, plaintexts and secret values never reach a log.
@@ -24,6 +26,7 @@ type, caller, duration); bodies, plaintexts and secret values never reach a log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -34,6 +37,7 @@ import h11
 import trio
 
 from enclave_agent.runtime import app_protocol
+from enclave_agent.runtime.admission import Admission, Caller, caller_of
 from enclave_agent.runtime.app_protocol import (
     AppProtocolError,
     AppResponse,
@@ -45,9 +49,10 @@ from enclave_agent.runtime.app_protocol import (
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.kms import KmsError
 from enclave_agent.runtime.nsm import NsmError
-from enclave_agent.runtime.peercred import PeerCred, PeerCredError, is_allowed, peer_credentials
+from enclave_agent.runtime.peercred import is_allowed
 from enclave_common.address import describe_peer
 from enclave_common.logs import get_logger
+from enclave_common.peercred import PeerCred, PeerCredError, peer_credentials
 
 MAX_HEADER_BYTES = 16 * 1024
 _RECEIVE_SIZE = 64 * 1024
@@ -92,7 +97,7 @@ class AppServer:
         self._secrets = secrets
         self._access = access
         self._limits = limits
-        self._slots = trio.CapacityLimiter(limits.max_connections)
+        self._admission = Admission(limits)
 
     async def serve(
         self,
@@ -120,57 +125,58 @@ class AppServer:
                     cred = peer_credentials(stream.socket)
                 except PeerCredError:
                     cred = None
-                if cred is None or not is_allowed(cred, self._access):
-                    await self._refuse(stream, cred)
-                    return
-            try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                log.warning("connection_refused", reason="too many connections")
-                await _send_raw(
+            caller = caller_of(cred, unix=check_peer)
+            if check_peer and (cred is None or not is_allowed(cred, self._access)):
+                log.warning(
+                    "caller_refused",
+                    uid=cred.uid if cred else None,
+                    gid=cred.gid if cred else None,
+                    pid=cred.pid if cred else None,
+                )
+                await self._refuse(
                     stream,
-                    app_protocol.error_response(
-                        "ThrottlingException", "the agent is serving too many connections", 503
+                    caller,
+                    AppProtocolError(
+                        "AccessDeniedException",
+                        "this process is not allowed to use the enclave agent",
+                        403,
                     ),
                 )
                 return
-            try:
-                await self._connection(stream, cred)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                # The client went away or stopped reading: its connection ends here.
-                pass
-            except Exception as exc:  # noqa: BLE001
-                # trio.serve_listeners lets a handler's exception end the whole server:
-                # one connection's failure must never stop the agent for every app.
-                log.error("connection_failed", error=type(exc).__name__)
-            finally:
-                self._slots.release()
+            with contextlib.ExitStack() as share:
+                try:
+                    share.enter_context(self._admission.connection(caller))
+                except AppProtocolError as exc:
+                    await self._refuse(stream, caller, exc)
+                    return
+                try:
+                    await self._connection(stream, cred, caller)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                    # The client went away or stopped reading: its connection ends here.
+                    pass
+                except Exception as exc:  # noqa: BLE001
+                    # trio.serve_listeners lets a handler's exception end the whole
+                    # server: one connection's failure must never stop it for every app.
+                    log.error("connection_failed", error=type(exc).__name__)
 
-    async def _refuse(self, stream: trio.SocketStream, cred: PeerCred | None) -> None:
-        log.warning(
-            "caller_refused",
-            uid=cred.uid if cred else None,
-            gid=cred.gid if cred else None,
-            pid=cred.pid if cred else None,
-        )
-        await _send_raw(
-            stream,
-            app_protocol.error_response(
-                "AccessDeniedException",
-                "this process is not allowed to use the enclave agent",
-                403,
-            ),
-        )
+    async def _refuse(
+        self, stream: trio.SocketStream, caller: Caller, refusal: AppProtocolError
+    ) -> None:
+        response = app_protocol.error_response(refusal.error_type, refusal.message, refusal.status)
+        with self._admission.refusal(caller) as linger:
+            await _send_raw(stream, response, linger=linger)
 
-    async def _connection(self, stream: trio.SocketStream, cred: PeerCred | None) -> None:
-        caller = f"uid={cred.uid},pid={cred.pid}" if cred else describe_peer(stream)
+    async def _connection(
+        self, stream: trio.SocketStream, cred: PeerCred | None, caller: Caller
+    ) -> None:
+        peer = f"uid={cred.uid},pid={cred.pid}" if cred else describe_peer(stream)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         first = True
         while True:
             try:
                 read = await self._read_request(conn, stream, first)
             except _ReadError as exc:
-                log.info("request_rejected", caller=caller, reason=exc.reason)
+                log.info("request_rejected", caller=peer, reason=exc.reason)
                 if exc.response is not None:
                     await self._send(conn, stream, exc.response, close=True)
                     await _drain_and_close(stream)
@@ -187,13 +193,13 @@ class AppServer:
                 name.decode("ascii").lower(): value.decode("latin-1")
                 for name, value in request.headers
             }
-            response, operation = await self._respond(method, path, request, headers, body)
+            response, operation = await self._respond(caller, method, path, request, headers, body)
             error_type = None
             if response.status >= 400:
                 error_type = _error_type(response)
             log.info(
                 "request",
-                caller=caller,
+                caller=peer,
                 method=method,
                 path=path,
                 operation=operation,
@@ -211,6 +217,7 @@ class AppServer:
 
     async def _respond(
         self,
+        caller: Caller,
         method: str,
         path: str,
         request: h11.Request,
@@ -224,7 +231,8 @@ class AppServer:
             )
             if isinstance(route, KmsCall):
                 operation = route.operation
-                answer = await self._gateway.call(route.operation, route.request)
+                with self._admission.kms_call(caller, operation):
+                    answer = await self._gateway.call(route.operation, route.request)
                 return app_protocol.kms_response(answer), operation
             if isinstance(route, SecretCall):
                 value = self._secrets.get(route.name)
@@ -396,7 +404,7 @@ def _error_type(response: AppResponse) -> str | None:
     return error_type if isinstance(error_type, str) else None
 
 
-async def _send_raw(stream: trio.SocketStream, response: AppResponse) -> None:
+async def _send_raw(stream: trio.SocketStream, response: AppResponse, *, linger: bool) -> None:
     """Answer without reading the request (the connection is refused outright)."""
     head = (
         f"HTTP/1.1 {response.status} Error\r\nContent-Type: {response.content_type}\r\n"
@@ -406,4 +414,5 @@ async def _send_raw(stream: trio.SocketStream, response: AppResponse) -> None:
         await stream.send_all(head + response.body)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
-    await _drain_and_close(stream)
+    if linger:
+        await _drain_and_close(stream)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import os
 import stat
 from dataclasses import dataclass
@@ -33,7 +32,13 @@ from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.runtime.secrets import SecretStore
 from enclave_agent.runtime.server import AppServer
 from enclave_agent.runtime.trusted_keys import off_reason
-from enclave_common.address import TcpAddress, UnixAddress, listener_address, open_listener
+from enclave_common.address import (
+    TcpAddress,
+    UnixAddress,
+    is_loopback_ip,
+    listener_address,
+    open_listener,
+)
 from enclave_common.logs import get_logger
 
 log = get_logger()
@@ -92,7 +97,7 @@ def require_loopback(listener: trio.SocketListener) -> None:
     enclave. The config admits only loopback literals and ``localhost``; this checks
     what ``localhost`` actually resolved to."""
     host = str(listener.socket.getsockname()[0])
-    if not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+    if not is_loopback_ip(host):
         raise OSError(
             errno.EADDRNOTAVAIL, f"listen.tcp is bound to {host}, which is not a loopback address"
         )

@@ -1,0 +1,103 @@
+"""Each caller's share of the agent: connections, and KMS calls in flight.
+
+Policy lives here (who a caller is, which limit applies, what a refusal says); the
+counting is ``enclave_common.shares``. The rules:
+
+- A caller on the Unix socket is its uid (SO_PEERCRED). Each uid may hold
+  ``max_connections_per_uid`` connections, all uids together ``max_connections``,
+  and each uid may have ``max_kms_calls_per_uid`` KMS calls in flight. The config
+  keeps each share below its whole (``kms_pool_size`` for KMS calls), so one uid at
+  its cap never stops another uid's request.
+- The TCP listener's callers carry no uid: together they are one caller with one
+  share of connections, counted apart from ``max_connections`` so they can never
+  take the Unix socket's, and one share of KMS calls.
+- Nothing waits for a share: over it, the caller gets ``ThrottlingException`` (503)
+  naming the limit and its config key at once, and the agent logs
+  ``connection_refused`` or ``kms_call_refused``. Everyone else is served as before.
+- A refused connection gets its answer, then the agent reads what the client still
+  sends for a moment (so a reset does not eat the answer), but only for
+  ``_LINGERING_PER_CALLER`` refusals per caller and ``_LINGERING`` in all at once;
+  others are closed right after the answer. A flood of refused connections thus
+  holds a bounded number of descriptors, not one per connection for that moment.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from functools import partial
+
+from enclave_agent.runtime.app_protocol import AppProtocolError
+from enclave_agent.runtime.config import Limits
+from enclave_common.logs import get_logger
+from enclave_common.peercred import PeerCred
+from enclave_common.shares import ShareRefused, Shares
+
+Caller = int | str  # a uid, or one of the names below
+TCP_CALLERS: Caller = "tcp"
+UNKNOWN_CALLER: Caller = "unknown"  # a Unix socket peer without credentials
+
+_LINGERING_PER_CALLER = 16
+_LINGERING = 64
+
+log = get_logger()
+
+
+def caller_of(cred: PeerCred | None, *, unix: bool) -> Caller:
+    if not unix:
+        return TCP_CALLERS
+    return cred.uid if cred is not None else UNKNOWN_CALLER
+
+
+def _logged(caller: Caller) -> str:
+    return f"uid={caller}" if isinstance(caller, int) else caller
+
+
+def _over_share(caller: Caller, holding: str, key: str) -> AppProtocolError:
+    if caller == TCP_CALLERS:
+        who = f"the TCP listener's callers have {holding}, their"
+    else:
+        who = f"uid {caller} has {holding}, its"
+    return AppProtocolError("ThrottlingException", f"{who} whole share (limits.{key})", 503)
+
+
+def _connection_refused(caller: Caller, refused: ShareRefused) -> AppProtocolError:
+    key = "max_connections" if refused.whole else "max_connections_per_uid"
+    log.warning("connection_refused", caller=_logged(caller), limit=f"limits.{key}")
+    if refused.whole:
+        return AppProtocolError(
+            "ThrottlingException",
+            f"the agent is serving too many connections ({refused.limit}, limits.{key})",
+            503,
+        )
+    return _over_share(caller, f"{refused.limit} connections open", key)
+
+
+def _kms_call_refused(caller: Caller, operation: str, refused: ShareRefused) -> AppProtocolError:
+    key = "max_kms_calls_per_uid"
+    log.warning(
+        "kms_call_refused", caller=_logged(caller), operation=operation, limit=f"limits.{key}"
+    )
+    return _over_share(caller, f"{refused.limit} KMS calls in flight", key)
+
+
+class Admission:
+    def __init__(self, limits: Limits) -> None:
+        self._unix: Shares[Caller] = Shares(limits.max_connections_per_uid, limits.max_connections)
+        self._tcp: Shares[Caller] = Shares(limits.max_connections_per_uid)
+        self._kms_calls: Shares[Caller] = Shares(limits.max_kms_calls_per_uid)
+        self._lingering: Shares[Caller] = Shares(_LINGERING_PER_CALLER, _LINGERING)
+
+    def connection(self, caller: Caller) -> AbstractContextManager[None]:
+        """Hold one of ``caller``'s connections; ``AppProtocolError`` (Throttling)
+        before the block when it has none left."""
+        shares = self._tcp if caller == TCP_CALLERS else self._unix
+        return shares.share(caller, refused=partial(_connection_refused, caller))
+
+    def kms_call(self, caller: Caller, operation: str) -> AbstractContextManager[None]:
+        """Hold one of ``caller``'s KMS calls in flight; ``AppProtocolError``
+        (Throttling) before the block when it has none left."""
+        return self._kms_calls.share(caller, refused=partial(_kms_call_refused, caller, operation))
+
+    def refusal(self, caller: Caller) -> AbstractContextManager[bool]:
+        """For a refused connection: may it linger to read what its client still sends?"""
+        return self._lingering.share_if_free(caller)
