@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
+from devtools.devstack import stop_process
 from tests.conftest import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "devstack"
@@ -68,12 +68,9 @@ def test_devstack_names_its_files_and_removes_its_temporary_folder(tmp_path: Pat
         state = json.loads(state_file.read_text())
         work_dir = Path(state["work_dir"])
         assert (work_dir / "simulated-nsm-ca").is_dir()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        status = stop_process(process, timeout=60)  # SIGTERM, as Ctrl-C would; always reaped
+    assert status == 0
     said = stderr_path.read_text()
     assert f"devstack: starting; logs, sockets and the simulated CA in {work_dir}" in said
     assert f"devstack: ready; state in {state_file}; agent socket {state['agent_socket']}" in said
