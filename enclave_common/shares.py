@@ -3,18 +3,22 @@
 Mechanics only, shared by both processes. What a key is (a uid, a vsock CID, a peer
 address) and which limits apply is each process's own policy.
 
-Nothing here waits: a share is granted or refused at once. A caller over its share is
-told so at once instead of queueing behind the caller that took everything, and a
-key at its share never keeps another key from getting one (as long as ``total``
-leaves room, which is why the processes check ``per_key < total`` in their config).
-Keys holding no share are forgotten, so memory follows the keys active now.
+Two kinds. ``Shares`` never waits: a share is granted or refused at once (connections:
+a caller over its share is told so at once instead of queueing behind the caller that
+took everything). ``QueuedShares`` makes a key over its share wait in that key's own
+queue (work a caller asked for and will wait for, such as KMS calls). Either way a key
+at its share never keeps another key from getting one (as long as the whole leaves
+room, which is why the processes check ``per_key < total`` in their config). Keys
+holding no share are forgotten, so memory follows the keys active now.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Generic, TypeVar
+
+import trio
 
 K = TypeVar("K", bound=Hashable)
 
@@ -95,3 +99,48 @@ class Shares(Generic[K]):
             yield True
         finally:
             self.release(key)
+
+
+class QueuedShares(Generic[K]):
+    """At most ``per_key`` held by any one key at once; a key over it waits in its own
+    first-come queue, so a busy key delays only itself, for at most ``patience``
+    seconds."""
+
+    def __init__(self, per_key: int, *, patience: float) -> None:
+        if per_key < 1 or patience <= 0:
+            raise ValueError("share limits must be at least 1, patience positive")
+        self.per_key = per_key
+        self.patience = patience
+        self._queues: dict[K, trio.CapacityLimiter] = {}
+
+    def held(self, key: K) -> int:
+        queue = self._queues.get(key)
+        return queue.borrowed_tokens if queue is not None else 0
+
+    @asynccontextmanager
+    async def share(
+        self, key: K, *, refused: Callable[[ShareRefused], Exception] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold one share for the block, waiting for it up to ``patience``; past that,
+        ``ShareRefused`` is raised before the block, or what ``refused`` makes of it."""
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = trio.CapacityLimiter(self.per_key)
+        token = object()
+        acquired = False
+        try:
+            with trio.move_on_after(self.patience):
+                await queue.acquire_on_behalf_of(token)
+                acquired = True
+            if not acquired:
+                exc = ShareRefused(whole=False, limit=self.per_key)
+                if refused is None:
+                    raise exc
+                raise refused(exc) from None
+            try:
+                yield
+            finally:
+                queue.release_on_behalf_of(token)
+        finally:
+            if not queue.borrowed_tokens and not queue.statistics().tasks_waiting:
+                del self._queues[key]

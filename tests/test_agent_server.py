@@ -23,6 +23,7 @@ import trio
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings
 from enclave_agent.runtime.server import AppServer, Gateway
+from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import (
     TcpAddress,
     UnixAddress,
@@ -31,7 +32,13 @@ from enclave_common.address import (
     parse_address,
 )
 from enclave_common.logs import configure_logging
-from tests.test_kms_fakes import FakeNsm, FakeRecipient, start_kms_and_relay
+from tests.test_kms_fakes import (
+    FAKE_KEY_ARN,
+    FakeKms,
+    FakeNsm,
+    FakeRecipient,
+    start_kms_and_relay,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -602,11 +609,11 @@ async def test_the_tcp_listeners_callers_at_their_share_do_not_stop_the_unix_soc
             await stream.aclose()
 
 
-@needs_root
-async def test_one_uid_at_its_share_of_kms_calls_does_not_stop_another_uid(
-    nursery: trio.Nursery, shared_dir: Path
-) -> None:
-    # A KMS that holds every Decrypt: root's calls sit in flight for as long as we like.
+async def held_kms(
+    nursery: trio.Nursery, shared_dir: Path, limits: Limits, access: AccessConfig | None = None
+) -> tuple[Running, FakeKms, KmsGateway]:
+    """The agent over a real KmsGateway to a fake KMS that holds every Decrypt for as
+    long as the test likes (``fake_kms.release``)."""
     fake_kms, relay, ca_path = await start_kms_and_relay(shared_dir, nursery)
     fake_kms.hold_if = lambda seen: seen.headers["x-amz-target"].endswith(".Decrypt")
     settings = KmsSettings(
@@ -614,15 +621,23 @@ async def test_one_uid_at_its_share_of_kms_calls_does_not_stop_another_uid(
         proxy=parse_address(relay.address),
         endpoint=f"https://127.0.0.1:{fake_kms.port}",
         ca_bundle=str(ca_path),
-        pool_size=4,
+        pool_size=limits.kms_pool_size,
+        trusted_keys=TrustedKeys.parse([FAKE_KEY_ARN]),
     )
     gateway = KmsGateway(settings, FakeNsm(), FakeRecipient())
-    running = await start(
+    running = await start(nursery, shared_dir, access=access, limits=limits, gateway=gateway)
+    return running, fake_kms, gateway
+
+
+@needs_root
+async def test_one_uid_at_its_share_of_kms_calls_does_not_stop_another_uid(
+    nursery: trio.Nursery, shared_dir: Path
+) -> None:
+    running, fake_kms, gateway = await held_kms(
         nursery,
         shared_dir,
-        access=AccessConfig(allowed_uids=frozenset({0, OTHER_UID})),
-        limits=Limits(kms_pool_size=4, max_kms_calls_per_uid=2),
-        gateway=gateway,
+        Limits(kms_pool_size=4, max_kms_calls_per_uid=2),
+        AccessConfig(allowed_uids=frozenset({0, OTHER_UID})),
     )
     answers: list[tuple[int, dict[str, str], bytes]] = []
 
@@ -636,31 +651,66 @@ async def test_one_uid_at_its_share_of_kms_calls_does_not_stop_another_uid(
             for _ in range(6):  # more than the whole pool
                 calls.start_soon(held_call)
             with trio.fail_after(20):
-                while len(answers) < 4:  # the calls over root's share are answered at once
+                while len(fake_kms.seen) < 2:
                     await trio.sleep(0.01)
-            # Root's two calls hold two of the four pooled connections; the other
-            # uid's call takes a free one instead of queueing behind root's.
+            # Root's two calls hold two of the four pooled connections and its other
+            # four wait in root's own queue; the other uid's call takes a free pooled
+            # connection instead of queueing behind root's.
             status, body = await exchange_as_other_uid(
                 running.socket, kms("GenerateRandom", {"NumberOfBytes": 16})
             )
             assert status == 200
             assert base64.b64decode(json.loads(body)["Plaintext"]) == b"r" * 16
+            decrypts = [s for s in fake_kms.seen if s.headers["x-amz-target"].endswith("Decrypt")]
+            assert len(decrypts) == 2 and answers == []
             fake_kms.release.set()
     finally:
         await gateway.aclose()
-    assert sorted(status for status, _, _ in answers) == [200, 200, 503, 503, 503, 503]
-    refused = next(body for status, _, body in answers if status == 503)
-    assert json.loads(refused) == {
-        "__type": "ThrottlingException",
-        "message": "uid 0 has 2 KMS calls in flight, its whole share "
-        "(limits.max_kms_calls_per_uid)",
-    }
-    events = running.events("kms_call_refused")
-    assert len(events) == 4
-    assert {(e["caller"], e["operation"], e["limit"]) for e in events} == {
-        ("uid=0", "Decrypt", "limits.max_kms_calls_per_uid")
-    }
+    # Nothing was lost: root's queued calls ran once its share freed up.
+    assert sorted(status for status, _, _ in answers) == [200] * 6
+    assert running.events("kms_call_refused") == []
     logs = running.logs.getvalue()
     for secret in (b"the secret", b"r" * 16):
         assert base64.b64encode(secret).decode() not in logs
     assert "fake-secret-key-do-not-log" not in logs and "fake-session-token" not in logs
+
+
+async def test_a_kms_call_waits_for_its_callers_share_at_most_the_call_timeout(
+    nursery: trio.Nursery, shared_dir: Path
+) -> None:
+    running, fake_kms, gateway = await held_kms(
+        nursery,
+        shared_dir,
+        Limits(kms_pool_size=2, max_kms_calls_per_uid=1, kms_call_timeout=0.5),
+    )
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+
+    async def held_call() -> None:
+        answers.extend(
+            await unix_exchange(running.socket, kms("Decrypt", {"CiphertextBlob": "AAAA"}))
+        )
+
+    try:
+        async with trio.open_nursery() as calls:
+            calls.start_soon(held_call)
+            with trio.fail_after(20):
+                while not fake_kms.seen:
+                    await trio.sleep(0.01)
+            # The first call holds the caller's only share; the second waits for it
+            # for kms_call_timeout, then is refused without being started.
+            [(status, _, body)] = await unix_exchange(
+                running.socket, kms("Decrypt", {"CiphertextBlob": "BBBB"})
+            )
+            assert status == 503
+            assert json.loads(body) == {
+                "__type": "ThrottlingException",
+                "message": f"uid {os.getuid()} kept 1 KMS calls in flight, the whole share "
+                "(limits.max_kms_calls_per_uid), for the 0.5 s this call waited: "
+                "it was not started",
+            }
+            assert len(fake_kms.seen) == 1
+            fake_kms.release.set()
+    finally:
+        await gateway.aclose()
+    [event] = running.events("kms_call_refused")
+    assert event["limit"] == "limits.max_kms_calls_per_uid" and event["operation"] == "Decrypt"

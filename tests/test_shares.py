@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enclave_common.shares import ShareRefused, Shares
+from enclave_common.shares import QueuedShares, ShareRefused, Shares
 
 
 def test_a_key_at_its_share_leaves_the_others_theirs() -> None:
@@ -95,3 +97,38 @@ def test_no_sequence_exceeds_a_cap_or_loses_count(
         for _ in range(count):
             shares.release(key)
     assert shares.in_use == 0
+
+
+async def test_queued_shares_make_only_the_busy_key_wait() -> None:
+    shares: QueuedShares[str] = QueuedShares(1, patience=5)
+    order: list[str] = []
+    release = trio.Event()
+
+    async def hold(key: str, name: str) -> None:
+        async with shares.share(key):
+            order.append(name)
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold, "a", "a1")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(hold, "a", "a2")  # waits in a's own queue
+        nursery.start_soon(hold, "b", "b1")  # never behind a
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["a1", "b1"] and shares.held("a") == 1
+        release.set()
+    assert order == ["a1", "b1", "a2"]
+    assert shares.held("a") == 0 and not shares._queues  # idle keys are forgotten
+
+
+async def test_queued_shares_refuse_after_the_patience() -> None:
+    shares: QueuedShares[str] = QueuedShares(1, patience=0.05)
+    async with shares.share("a"):
+        with pytest.raises(ShareRefused) as info:
+            async with shares.share("a"):
+                pytest.fail("a second share was granted")
+        assert info.value.limit == 1 and not info.value.whole
+        with pytest.raises(LookupError, match="refused"):
+            async with shares.share("a", refused=lambda e: LookupError(f"refused: {e}")):
+                pytest.fail("a second share was granted")
+    assert not shares._queues

@@ -11,9 +11,11 @@ counting is ``enclave_common.shares``. The rules:
 - The TCP listener's callers carry no uid: together they are one caller with one
   share of connections, counted apart from ``max_connections`` so they can never
   take the Unix socket's, and one share of KMS calls.
-- Nothing waits for a share: over it, the caller gets ``ThrottlingException`` (503)
-  naming the limit and its config key at once, and the agent logs
-  ``connection_refused`` or ``kms_call_refused``. Everyone else is served as before.
+- A connection over its caller's share gets ``ThrottlingException`` (503) naming the
+  limit and its config key at once, and the agent logs ``connection_refused``. A KMS
+  call over its caller's share waits in that caller's own queue, for at most
+  ``kms_call_timeout``; only then is it refused the same way (``kms_call_refused``).
+  Everyone else is served as before.
 - A refused connection gets its answer, then the agent reads what the client still
   sends for a moment (so a reset does not eat the answer), but only for
   ``_LINGERING_PER_CALLER`` refusals per caller and ``_LINGERING`` in all at once;
@@ -23,14 +25,14 @@ counting is ``enclave_common.shares``. The rules:
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from functools import partial
 
 from enclave_agent.runtime.app_protocol import AppProtocolError
 from enclave_agent.runtime.config import Limits
 from enclave_common.logs import get_logger
 from enclave_common.peercred import PeerCred
-from enclave_common.shares import ShareRefused, Shares
+from enclave_common.shares import QueuedShares, ShareRefused, Shares
 
 Caller = int | str  # a uid, or one of the names below
 TCP_CALLERS: Caller = "tcp"
@@ -72,19 +74,29 @@ def _connection_refused(caller: Caller, refused: ShareRefused) -> AppProtocolErr
     return _over_share(caller, f"{refused.limit} connections open", key)
 
 
-def _kms_call_refused(caller: Caller, operation: str, refused: ShareRefused) -> AppProtocolError:
+def _kms_call_refused(
+    caller: Caller, operation: str, patience: float, refused: ShareRefused
+) -> AppProtocolError:
     key = "max_kms_calls_per_uid"
     log.warning(
         "kms_call_refused", caller=_logged(caller), operation=operation, limit=f"limits.{key}"
     )
-    return _over_share(caller, f"{refused.limit} KMS calls in flight", key)
+    who = "the TCP listener's callers" if caller == TCP_CALLERS else f"uid {caller}"
+    return AppProtocolError(
+        "ThrottlingException",
+        f"{who} kept {refused.limit} KMS calls in flight, the whole share "
+        f"(limits.{key}), for the {patience:g} s this call waited: it was not started",
+        503,
+    )
 
 
 class Admission:
     def __init__(self, limits: Limits) -> None:
         self._unix: Shares[Caller] = Shares(limits.max_connections_per_uid, limits.max_connections)
         self._tcp: Shares[Caller] = Shares(limits.max_connections_per_uid)
-        self._kms_calls: Shares[Caller] = Shares(limits.max_kms_calls_per_uid)
+        self._kms_calls: QueuedShares[Caller] = QueuedShares(
+            limits.max_kms_calls_per_uid, patience=limits.kms_call_timeout
+        )
         self._lingering: Shares[Caller] = Shares(_LINGERING_PER_CALLER, _LINGERING)
 
     def connection(self, caller: Caller) -> AbstractContextManager[None]:
@@ -93,10 +105,13 @@ class Admission:
         shares = self._tcp if caller == TCP_CALLERS else self._unix
         return shares.share(caller, refused=partial(_connection_refused, caller))
 
-    def kms_call(self, caller: Caller, operation: str) -> AbstractContextManager[None]:
-        """Hold one of ``caller``'s KMS calls in flight; ``AppProtocolError``
-        (Throttling) before the block when it has none left."""
-        return self._kms_calls.share(caller, refused=partial(_kms_call_refused, caller, operation))
+    def kms_call(self, caller: Caller, operation: str) -> AbstractAsyncContextManager[None]:
+        """Hold one of ``caller``'s KMS calls in flight, waiting in the caller's own
+        queue; ``AppProtocolError`` (Throttling) when none came within the patience."""
+        patience = self._kms_calls.patience
+        return self._kms_calls.share(
+            caller, refused=partial(_kms_call_refused, caller, operation, patience)
+        )
 
     def refusal(self, caller: Caller) -> AbstractContextManager[bool]:
         """For a refused connection: may it linger to read what its client still sends?"""

@@ -231,7 +231,7 @@ class AppServer:
             )
             if isinstance(route, KmsCall):
                 operation = route.operation
-                with self._admission.kms_call(caller, operation):
+                async with self._admission.kms_call(caller, operation):
                     answer = await self._gateway.call(route.operation, route.request)
                 return app_protocol.kms_response(answer), operation
             if isinstance(route, SecretCall):
