@@ -15,6 +15,7 @@ allowlist without touching open tunnels.
 from __future__ import annotations
 
 import argparse
+import errno
 import resource
 import signal
 import socket
@@ -25,7 +26,14 @@ from typing import Any
 
 import trio
 
-from enclave_common.address import TcpAddress, is_loopback_ip, listener_address, open_listener
+from enclave_common.address import (
+    Address,
+    TcpAddress,
+    VsockAddress,
+    is_loopback_ip,
+    listener_address,
+    open_listener,
+)
 from enclave_common.cli import UsageError, run_command
 from enclave_common.logs import LEVELS, configure_logging, get_logger
 
@@ -155,6 +163,21 @@ async def _loopback_only(address: TcpAddress) -> TcpAddress:
     return TcpAddress(hosts[0], address.port)
 
 
+def address_in_use(address: Address, key: str = "listen") -> str:
+    """What to do when the listen address is taken, in one line.
+
+    Port 8000 on vsock is where AWS's own vsock-proxy listens in its service's default
+    configuration and tutorials: the likely culprit on a parent instance."""
+    if isinstance(address, VsockAddress):
+        return (
+            f"{address} is already in use, most likely by AWS's vsock-proxy "
+            "(nitro-enclaves-vsock-proxy.service, which listens on port 8000 too): stop it "
+            "(systemctl disable --now nitro-enclaves-vsock-proxy.service) or set "
+            f"{key} to a free port (and the agent's proxy address to match)"
+        )
+    return f"{address} is already in use by another process: stop it or set {key} to a free port"
+
+
 async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         try:
@@ -179,7 +202,9 @@ async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -
             log.error("listen_refused", address=str(config.listen), reason=str(e))
             return 2
         except OSError as e:
-            log.error("listen_failed", address=str(config.listen), reason=str(e))
+            reason = address_in_use(config.listen) if e.errno == errno.EADDRINUSE else str(e)
+            log.error("listen_failed", address=str(config.listen), reason=reason)
+            print(f"enclave-proxy: {reason}", file=sys.stderr)
             return 1
         bound = listener_address(listener, config.listen)
         log.info(
