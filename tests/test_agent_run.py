@@ -29,7 +29,8 @@ def write_config(
     extra: str = "",
     trusted_keys: str = "[]",
 ) -> Path:
-    # By default no secrets and no KMS call: the proxy address is never dialled.
+    # By default no secrets and no KMS call: only the log channel dials the proxy address
+    # (nobody answers there; the agent goes on without it).
     config = tmp_path / "agent.toml"
     config.write_text(
         textwrap.dedent(

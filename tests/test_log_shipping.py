@@ -305,3 +305,109 @@ async def test_a_pipe_line_longer_than_line_max_goes_in_pieces_and_the_tail_is_k
     assert "".join(texts[:-1]) == "é" * 10_000
     assert texts[-1] == "last line without a newline"
     assert taken["stderr"] == len(texts) >= 3
+
+
+# --- enclave-agent run: the agent's events and the app's output, as a real process ----
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def agent_config(tmp_path: Path, proxy: str, logs: str = "") -> Path:
+    """No secrets, no KMS: the proxy address is dialled for the log channel only."""
+    tmp_path.mkdir(exist_ok=True)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'region = "us-east-1"\nproxy = "{proxy}"\nnsm = "simulated"\n'
+        f'[listen]\nsocket = "{tmp_path / "agent.sock"}"\n{logs}'
+    )
+    return config
+
+
+async def run_agent_with(tmp_path: Path, proxy: str, logs: str, app: str) -> tuple[int, str, str]:
+    """``enclave-agent run -- python -c APP``: its status, stdout and stderr."""
+    argv = [sys.executable, "-m", "enclave_agent.cli", "run", "--config"]
+    argv += [str(agent_config(tmp_path, proxy, logs)), "--", sys.executable, "-c", app]
+    process = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = await trio.to_thread.run_sync(lambda: process.communicate(timeout=120))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+APP = "import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\nsys.exit(3)"
+
+
+async def test_run_ships_the_apps_output_only_when_the_operator_opts_in(tmp_path: Path) -> None:
+    receiver = Receiver()
+    async with trio.open_nursery() as nursery:
+        port = await listen(nursery, receiver.serve)
+        proxy = f"tcp:127.0.0.1:{port}"
+        status, out, err = await run_agent_with(tmp_path, proxy, "[logs]\napp_output = true\n", APP)
+        assert status == 3, err
+        assert (out, receiver.lines("stdout"), receiver.lines("stderr")) == (
+            "",
+            ["to stdout"],
+            ["to stderr"],
+        )
+        assert "to stderr" not in err
+        shipped = [json.loads(line)["event"] for line in receiver.lines("agent")]
+        # The agent's events, its last ones too (flushed on the way out).
+        assert shipped[-1] == "command_exited" and "ready" in shipped
+        assert err.splitlines() == receiver.lines("agent")  # the console keeps them too
+
+        # Without the opt-in, the app's output stays on the console.
+        first = len(receiver.records)
+        status, out, err = await run_agent_with(tmp_path / "b", proxy, "", APP)
+        assert status == 3
+        assert out == "to stdout\n" and "to stderr\n" in err
+        assert not [
+            r for r in receiver.records[first:] if isinstance(r, Line) and r.stream != "agent"
+        ]
+        assert any(isinstance(r, Line) for r in receiver.records[first:])
+        nursery.cancel_scope.cancel()
+
+
+async def test_ship_false_sends_nothing(tmp_path: Path) -> None:
+    connections = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+
+    async with trio.open_nursery() as nursery:
+        port = await listen(nursery, handler)
+        status, _, err = await run_agent_with(
+            tmp_path, f"tcp:127.0.0.1:{port}", "[logs]\nship = false\n", "pass"
+        )
+        nursery.cancel_scope.cancel()
+    assert status == 0, err
+    assert connections == 0
+
+
+@pytest.mark.parametrize("proxy_kind", ["absent", "never_reads"])
+async def test_a_chatty_app_is_never_held_up_by_the_proxy(tmp_path: Path, proxy_kind: str) -> None:
+    """20 MB of output, the proxy gone or never reading: the app runs to its end and the
+    agent exits with its status."""
+    app = "import sys\nfor n in range(200_000): print('w' * 99)\nsys.exit(5)"
+
+    async def never_reads(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        port = await listen(nursery, never_reads) if proxy_kind == "never_reads" else free_port()
+        with trio.fail_after(300):
+            status, out, err = await run_agent_with(
+                tmp_path, f"tcp:127.0.0.1:{port}", "[logs]\napp_output = true\n", app
+            )
+        nursery.cancel_scope.cancel()
+    assert status == 5, err
+    assert out == ""

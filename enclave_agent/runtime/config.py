@@ -43,6 +43,14 @@ Shape (every key optional except where noted)::
     kms_call_timeout = 10.0
     kms_max_attempts = 4
 
+    [logs]                                # the log channel to the proxy (logship)
+    ship = true                           # the agent's own events; false: console only
+    app_output = false                    # under `run`, the app's stdout/stderr too
+    buffer_bytes = 262144                 # waiting for the proxy; beyond: dropped, counted
+
+    [metrics]
+    push_interval = 60                    # seconds between snapshots sent to the proxy; 0: never
+
     [secrets.db_password]
     ciphertext = "<base64 CiphertextBlob>"  # or ciphertext_file = "/path/blob.bin" (raw bytes)
     key_id = "alias/app"
@@ -122,6 +130,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class LogsConfig:
+    ship: bool = True
+    # What an app prints leaves the enclave: shipped only when the operator says so.
+    app_output: bool = False
+    buffer_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    push_interval: float = 60.0  # 0: never
+
+
+@dataclass(frozen=True)
 class SecretConfig:
     name: str
     ciphertext: bytes
@@ -144,6 +165,8 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     secrets: Mapping[str, SecretConfig] = field(default_factory=dict)
     trusted_keys: TrustedKeys = field(default_factory=TrustedKeys)
+    logs: LogsConfig = field(default_factory=LogsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 _TOP_KEYS = {
@@ -159,10 +182,14 @@ _TOP_KEYS = {
     "access",
     "limits",
     "secrets",
+    "logs",
+    "metrics",
 }
 _SIMULATED_KEYS = {"ca_dir", "pcrs", "fail_with"}
 _LISTEN_KEYS = {"socket", "socket_mode", "socket_group", "tcp"}
 _ACCESS_KEYS = {"allowed_uids", "allowed_gids"}
+_LOGS_KEYS = {"ship", "app_output", "buffer_bytes"}
+_METRICS_KEYS = {"push_interval"}
 _SECRET_KEYS = {"ciphertext", "ciphertext_file", "key_id", "encryption_context", "file"}
 _LIMIT_KEYS: dict[str, type] = {
     "max_body_bytes": int,
@@ -254,6 +281,8 @@ def config_from_mapping(
         limits=_limits(document.get("limits", {}), source),
         secrets=secrets,
         trusted_keys=trusted_keys,
+        logs=_logs(document.get("logs", {}), source),
+        metrics=_metrics(document.get("metrics", {}), source),
     )
 
 
@@ -405,6 +434,41 @@ def _limits(value: Any, source: str) -> Limits:
     return limits
 
 
+def _flag(table: Mapping[str, Any], key: str, default: bool, source: str, where: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {where}.{key} must be true or false")
+    return value
+
+
+def _logs(value: Any, source: str) -> LogsConfig:
+    table = _table(value, source, "[logs]")
+    _refuse_unknown(table, _LOGS_KEYS, source, "logs")
+    ship = _flag(table, "ship", True, source, "logs")
+    app_output = _flag(table, "app_output", False, source, "logs")
+    if app_output and not ship:
+        raise ConfigError(f"{source}: logs.app_output = true needs logs.ship = true")
+    size = table.get("buffer_bytes", LogsConfig.buffer_bytes)
+    if isinstance(size, bool) or not isinstance(size, int) or not 4096 <= size <= 64 << 20:
+        raise ConfigError(f"{source}: logs.buffer_bytes must be an integer from 4096 to 67108864")
+    return LogsConfig(ship=ship, app_output=app_output, buffer_bytes=size)
+
+
+def _metrics(value: Any, source: str) -> MetricsConfig:
+    table = _table(value, source, "[metrics]")
+    _refuse_unknown(table, _METRICS_KEYS, source, "metrics")
+    interval = table.get("push_interval", MetricsConfig.push_interval)
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or not (interval == 0 or 1 <= interval <= 86400)
+    ):
+        raise ConfigError(
+            f"{source}: metrics.push_interval must be 0 (never) or 1 to 86400 seconds"
+        )
+    return MetricsConfig(push_interval=float(interval))
+
+
 def _trusted_keys(value: Any, source: str) -> TrustedKeys:
     if not isinstance(value, list):
         raise ConfigError(f"{source}: {CONFIG_KEY} must be a list of key ARNs")
@@ -491,6 +555,8 @@ __all__ = [
     "ConfigError",
     "Limits",
     "ListenConfig",
+    "LogsConfig",
+    "MetricsConfig",
     "SecretConfig",
     "SimulatedNsmConfig",
     "load_config",

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import os
 import random
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import trio
 
+from enclave_agent.runtime.config import AgentConfig
+from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_common import logstream, metrics
 from enclave_common.address import Address, open_stream
 from enclave_common.http1 import ClientConnection, ExchangeError
@@ -138,6 +141,7 @@ class LogShipper:
         self.keepalive = keepalive
         self.backoff_cap = backoff_cap
         self.connected = False
+        self.trying = False  # connecting or connected (not waiting to try again)
         self._arrived = trio.Event()
         self._idle = trio.Event()  # the buffer is empty and nothing is in flight
         self._reported = False  # a failure was logged since the last connection
@@ -156,7 +160,12 @@ class LogShipper:
         try:
             while True:
                 started = trio.current_time()
-                reason = await self._connection()
+                self.trying = True
+                try:
+                    reason = await self._connection()
+                finally:
+                    self.trying = False
+                    self._idle.set()
                 if trio.current_time() - started >= _HEALTHY_AFTER:
                     delay = first
                 if not self._reported:
@@ -168,9 +177,10 @@ class LogShipper:
             self.buffer.wake = None
 
     async def flush(self) -> None:
-        """Wait until everything buffered has been sent, while connected; at once when
-        not (the agent is stopping: nothing waits for a proxy). The caller bounds it."""
-        while self.connected and self.buffer:
+        """Wait until everything buffered has been sent, while connected or connecting;
+        at once when waiting to try again (the agent is stopping: nothing waits for a
+        proxy that is away). The caller bounds it."""
+        while self.trying and self.buffer:
             self._idle = trio.Event()
             await self._idle.wait()
 
@@ -211,7 +221,6 @@ class LogShipper:
                     ended.append(await self._pump(http))
                 finally:
                     self.connected = False
-                    self._idle.set()
                 nursery.cancel_scope.cancel()
             return ended[0] if ended else "ended"
 
@@ -284,3 +293,72 @@ async def push_metrics(
     while True:
         await trio.sleep(interval)
         buffer.put_snapshot(logstream.encode_snapshot(metrics.to_json(collect())))
+
+
+class LogChannel:
+    """The agent's metrics and, with ``[logs] ship``, its log buffer and shipper.
+
+    Made before the agent starts (the log set-up tees into ``tee``); ``running`` ships
+    for as long as the agent lives, and on the way out gives what is buffered (the
+    app's last lines, a failed start's reason) up to ``FLUSH_SECONDS`` to leave.
+    """
+
+    FLUSH_SECONDS = 3.0
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self.buffer = (
+            LogBuffer(config.logs.buffer_bytes, on_drop=self.metrics.log_dropped)
+            if config.logs.ship
+            else None
+        )
+        self._nursery: trio.Nursery | None = None
+        self._pipes: list[trio.Event] = []
+
+    def tee(self, line: str) -> None:
+        if self.buffer is not None:
+            self.buffer.offer("agent", line)
+
+    def app_output(self) -> tuple[int, int] | None:
+        """With ``[logs] app_output``: write ends of two pipes, for the app's stdout and
+        stderr, whose read ends are shipped line by line; else None (the console)."""
+        if not self.config.logs.app_output or self.buffer is None or self._nursery is None:
+            return None
+        ends = []
+        for stream in ("stdout", "stderr"):
+            read_end, write_end = os.pipe()
+            done = trio.Event()
+            self._pipes.append(done)
+            self._nursery.start_soon(_ship_until_eof, read_end, stream, self.buffer, done)
+            ends.append(write_end)
+        return ends[0], ends[1]
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        async with trio.open_nursery() as nursery:
+            shipper = None
+            if self.buffer is not None:
+                shipper = LogShipper(self.config.proxy, self.buffer)
+                await nursery.start(shipper.run)
+                interval = self.config.metrics.push_interval
+                if interval > 0:
+                    nursery.start_soon(push_metrics, self.metrics.collect, self.buffer, interval)
+            self._nursery = nursery
+            try:
+                yield
+            finally:
+                self._nursery = None
+                with trio.CancelScope(shield=True), trio.move_on_after(self.FLUSH_SECONDS):
+                    for done in self._pipes:  # the app's last lines, once it has gone
+                        await done.wait()
+                    if shipper is not None:
+                        await shipper.flush()
+                nursery.cancel_scope.cancel()
+
+
+async def _ship_until_eof(fd: int, stream: str, buffer: LogBuffer, done: trio.Event) -> None:
+    try:
+        await ship_pipe(fd, stream, buffer)
+    finally:
+        done.set()

@@ -27,6 +27,7 @@ import trio
 
 from enclave_agent.runtime.config import NSM_SIMULATED, AgentConfig
 from enclave_agent.runtime.kms import KmsGateway, KmsSettings
+from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import Nsm, NsmDevice
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.runtime.secrets import SecretStore
@@ -119,6 +120,7 @@ def kms_settings(config: AgentConfig) -> KmsSettings:
 async def run_agent(
     config: AgentConfig,
     *,
+    metrics: AgentMetrics | None = None,
     task_status: trio.TaskStatus[AgentReady] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     socket_path = config.listen.socket
@@ -130,7 +132,8 @@ async def run_agent(
         log.warning("key_operations_off", reason=off_reason())
     nsm = open_nsm(config)
     recipient = RecipientKey.generate()
-    gateway = KmsGateway(kms_settings(config), nsm, recipient)
+    metrics = metrics or AgentMetrics()
+    gateway = KmsGateway(kms_settings(config), nsm, recipient, metrics)
 
     async def attest(nonce: bytes | None, user_data: bytes | None, key: bytes | None) -> bytes:
         # The NSM is a blocking ioctl: keep it off the event loop.
@@ -138,7 +141,7 @@ async def run_agent(
             lambda: nsm.attestation(nonce=nonce, user_data=user_data, public_key=key)
         )
 
-    store = SecretStore(config.secrets)
+    store = SecretStore(config.secrets, metrics)
     bound_socket = False
     try:
         async with contextlib.AsyncExitStack() as listeners:
