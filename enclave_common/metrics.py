@@ -165,7 +165,8 @@ class Gauge(_Metric):
         read: Callable[[], Iterable[tuple[Mapping[str, str], float]]] | None = None,
     ) -> None:
         super().__init__(name, help, labels)
-        self._values: dict[LabelValues, float] = {}
+        # Set by hand without labels: one series, 0 until set (as a counter's).
+        self._values: dict[LabelValues, float] = {} if labels or read else {(): 0.0}
         self._read = read
 
     def set(self, value: float, **labels: str) -> None:
