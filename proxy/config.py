@@ -136,7 +136,8 @@ class ProxyConfig:
         integer(1, 1_000_000),
         "each peer's share of them (a peer: the CID on vsock, the address on tcp, the uid "
         "on unix), counted from accept, request head or not; beyond it: `503`. Set, it "
-        "must be below `max_tunnels`",
+        "must be below `max_tunnels`. Every peer keeps its whole share while `max_tunnels` "
+        "≥ share * peers (default: 4 enclaves)",
         share_of=Share("max_tunnels", "peer"),
     )
     allowed_cids: frozenset[int] | None = setting(

@@ -135,48 +135,62 @@ class AccessConfig:
     """Callers allowed on the Unix socket. Empty both: the agent's own uid and root."""
 
     allowed_uids: frozenset[int] = setting(
-        frozenset(), _ids, "Unix socket callers (SO_PEERCRED); both empty: the agent's uid and root"
+        frozenset(), _ids, "uids allowed on the Unix socket (SO_PEERCRED)"
     )
     allowed_gids: frozenset[int] = setting(
-        frozenset(), _ids, "the caller's primary or a supplementary gid"
+        frozenset(),
+        _ids,
+        "gids allowed: the caller's primary or a supplementary gid. Both lists empty: the "
+        "agent's own uid and root",
     )
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = setting(64 * 1024, integer(), "request body, bytes; larger: `413`")
+    max_body_bytes: int = setting(64 * 1024, integer(), "request body, bytes; `413` above it")
     header_timeout: float = setting(
         10.0,
         number(),
-        "seconds for a whole request to arrive once its first byte came (also how long a "
-        "new connection may stay silent); else `408`",
+        "seconds for a whole request to arrive once its first byte came; also how long a "
+        "new connection may stay silent; `408` / close",
     )
-    idle_timeout: float = setting(60.0, number(), "seconds a kept-alive connection may idle")
+    idle_timeout: float = setting(
+        60.0, number(), "seconds a kept-alive connection may idle between requests"
+    )
     max_connections: int = setting(
         256,
         integer(2),
-        "Unix socket connections, all uids together; more: `503 ThrottlingException`",
+        "Unix socket connections open at once, all uids together; `503 ThrottlingException` "
+        "above it",
     )
     # Each caller's share, so one at its cap never stops another (``admission``).
     max_connections_per_uid: int = setting(
         64,
         integer(),
-        "one uid's share of them; the TCP listener's callers together get one such share "
-        "of their own. Set, it must be below `max_connections`",
+        "each uid's share of those, from accept (idle ones included); the TCP listener's "
+        "callers together get one such share, counted apart from `max_connections`. Set, it "
+        "must be below `max_connections`",
         share_of=Share("max_connections", "uid"),
     )
     max_kms_calls_per_uid: int = setting(
         8,
         integer(),
-        "KMS calls in flight per uid (TCP listener callers: one share); more wait in its "
-        "own queue, up to `kms_call_timeout`. Set, it must be below `kms_pool_size`",
+        "KMS calls in flight per uid (the TCP listener's callers: one share); more wait in "
+        "that uid's own queue, up to `kms_call_timeout`. Set, it must be below "
+        "`kms_pool_size`, so one uid at its cap leaves pooled connections for the others",
         share_of=Share("kms_pool_size", "uid"),
     )
-    kms_pool_size: int = setting(16, integer(2), "kept-alive TLS connections to KMS")
-    kms_call_timeout: float = setting(
-        10.0, number(), "seconds per app call to KMS, retries included"
+    kms_pool_size: int = setting(
+        16, integer(2), "kept-alive TLS connections to KMS, and so KMS requests in flight at once"
     )
-    kms_max_attempts: int = setting(4, integer(), "attempts per KMS call for retryable failures")
+    kms_call_timeout: float = setting(
+        10.0,
+        number(),
+        "seconds per app call, retries included; `DependencyTimeoutException` past it",
+    )
+    kms_max_attempts: int = setting(
+        4, integer(), "attempts per call for retryable failures (plus one after an expired token)"
+    )
 
 
 def _ciphertext(value: Any, at: At) -> bytes:
@@ -201,19 +215,24 @@ class SecretConfig:
     name: str
     # Empty while the ciphertext is still in ``ciphertext_file`` (``load_config`` reads it).
     ciphertext: bytes = setting(
-        b"", _ciphertext, "the CiphertextBlob in base64; or `ciphertext_file`", shown="one of two"
+        b"", _ciphertext, "the CiphertextBlob, base64", shown="this or `ciphertext_file`"
     )
-    key_id: str | None = setting(None, string, "the key (id, alias or ARN) for Decrypt")
+    key_id: str | None = setting(
+        None, string, "the key for Decrypt (a key ARN must be in `trusted_keys`)"
+    )
     encryption_context: Mapping[str, str] = setting(
         factory=dict, check=_context, doc="must match Encrypt's"
     )
     file: Path | None = setting(
         None,
         path,
-        "a copy, mode 0400, deleted when the agent stops (on a disk: a warning)",
+        "a copy of the plaintext, mode 0400, deleted when the agent stops (on a disk: a warning)",
     )
     ciphertext_file: Path | None = setting(
-        None, path, "a file holding the raw CiphertextBlob (read at start)", shown="one of two"
+        None,
+        path,
+        "a file holding the raw CiphertextBlob, read at start",
+        shown="this or `ciphertext`",
     )
 
 
@@ -242,15 +261,16 @@ def _trusted_keys(value: Any, at: At) -> TrustedKeys:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    region: str = setting(check=region_name, doc="AWS region of KMS")
+    region: str = setting(check=region_name, doc="AWS region (e.g. `us-east-1`)")
     proxy: Address = setting(
         DEFAULT_PROXY, address, "enclave-proxy on the parent (`tcp:`/`unix:` in development)"
     )
     kms_endpoint: str | None = setting(
         None,
         _kms_endpoint,
-        "`https://HOST[:PORT]`, e.g. a kms-fips endpoint",
-        shown="the region's",
+        "`https://HOST[:PORT]` (e.g. the region's `kms-fips` endpoint); unset: "
+        "`https://kms.<region>.<suffix>`, the suffix of the region's partition",
+        shown="from region",
     )
     ca_bundle: str | None = setting(
         None,
