@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from enclave_agent.runtime.kms_protocol import OPERATIONS
 from enclave_agent.runtime.trusted_keys import KeyArn, KeyArnError, account_entry, parse_key_arn
 from enclave_common.aws import PARTITION_PATTERN
 
@@ -57,14 +58,9 @@ PCR_CONDITION_PREFIX = "kms:RecipientAttestation:PCR"
 CONDITION_OPERATOR = "StringEqualsIgnoreCase"
 
 # The operations that accept a Recipient, hence the only ones the attestation
-# condition keys apply to (KMS developer guide, "Condition keys for Nitro Enclaves").
-RECIPIENT_OPERATIONS = (
-    "Decrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyPair",
-    "GenerateRandom",
-    "DeriveSharedSecret",
-)
+# condition keys apply to (KMS developer guide, "Condition keys for Nitro Enclaves"):
+# those the agent serves.
+RECIPIENT_OPERATIONS = OPERATIONS
 DEFAULT_OPERATIONS = ("Decrypt",)
 
 # What the account keeps so the key stays manageable: no operation that returns
