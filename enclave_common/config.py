@@ -3,7 +3,7 @@
 Mechanics only; which keys exist, their defaults and what a value may be are each
 process's policy. A setting is declared once, on the dataclass field that holds it::
 
-    max_tunnels: int = setting(1024, integer(2, 1_000_000), "connections open at once")
+    max_tunnels: int = setting(integer(2, 1_000_000), "connections open at once", default=1024)
 
 which gives its name, type, default, check and the line the configuration reference
 shows for it (``reference``; scripts/config-reference writes the docs' tables).
@@ -97,16 +97,15 @@ class Setting:
 
 
 def setting(
-    default: Any = MISSING,
-    check: Check[Any] | None = None,
+    check: Check[Any],
     doc: str = "",
     *,
+    default: Any = MISSING,
     factory: Callable[[], Any] | None = None,
     shown: str | None = None,
     share_of: Share | None = None,
 ) -> Any:
     """A dataclass field that is a setting (no default and no factory: required)."""
-    assert check is not None, "every setting has a check"
     metadata = {_SETTING: Setting(check, doc, shown, share_of)}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)

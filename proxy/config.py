@@ -89,81 +89,85 @@ _LONG_SECONDS = number((0.01, 86400))
 @dataclass(frozen=True)
 class ProxyConfig:
     listen: Address = setting(
-        DEFAULT_LISTEN,
         _listen,
         "address to listen on: `vsock:CID:PORT`, `tcp:HOST:PORT` (loopback only: a name "
         "must resolve to loopback alone), `unix:PATH`",
+        default=DEFAULT_LISTEN,
     )
     allow: tuple[str, ...] = setting(
-        (),
         list_of(_allow_entry, '"HOST:PORT" strings'),
         '`["HOST:PORT", ...]`; when empty: the region\'s `kms.<region>.<suffix>:443` and '
         "`kms-fips.<region>.<suffix>:443` (the suffix of the region's partition: "
         "`amazonaws.com`, `amazonaws.com.cn` for `cn-*`, ...)",
+        default=(),
         shown="KMS of the region",
     )
     region: str | None = setting(
-        None,
         region_name,
         "AWS region; asked from the instance metadata service (1 s timeout) when unset",
+        default=None,
         shown="IMDSv2",
     )
     connect_timeout: float = setting(
-        10.0, _SECONDS, "seconds for name resolution plus upstream connect; beyond it: `504`"
+        _SECONDS,
+        "seconds for name resolution plus upstream connect; beyond it: `504`",
+        default=10.0,
     )
     idle_timeout: float = setting(
-        300.0,
         _LONG_SECONDS,
         "seconds a tunnel may move no byte in either direction before it is closed",
+        default=300.0,
     )
     header_timeout: float = setting(
-        10.0,
         _SECONDS,
         "seconds to receive a request head, and again for any request body (`408` after, "
         "or a quiet close when idle)",
+        default=10.0,
     )
     drain_timeout: float = setting(
-        30.0, _LONG_SECONDS, "on SIGTERM, seconds open tunnels get to finish before they are cut"
+        _LONG_SECONDS,
+        "on SIGTERM, seconds open tunnels get to finish before they are cut",
+        default=30.0,
     )
     max_tunnels: int = setting(
-        1024,
         integer(2, 1_000_000),
         "concurrent client connections, all peers together (each carries at most one "
         "tunnel); beyond it: `503`",
+        default=1024,
     )
     max_tunnels_per_peer: int = setting(
-        256,
         integer(1, 1_000_000),
         "each peer's share of them (a peer: the CID on vsock, the address on tcp, the uid "
         "on unix), counted from accept, request head or not; beyond it: `503`. Set, it "
         "must be below `max_tunnels`. Every peer keeps its whole share while `max_tunnels` "
         "≥ share * peers (default: 4 enclaves)",
+        default=256,
         share_of=Share("max_tunnels", "peer"),
     )
     allowed_cids: frozenset[int] | None = setting(
-        None,
         _cids,
         "vsock peers (enclave CIDs) allowed to connect, e.g. `[16]`; others are closed at "
         "once. Unset, CIDs 0-3 (hypervisor, local loopback, host, the parent itself) are "
         "refused",
+        default=None,
         shown="any enclave (CID ≥ 4)",
     )
     assume_role_arn: str | None = setting(
-        None,
         matching(
             rf"arn:({PARTITION_PATTERN}):iam::\d{{12}}:role/[\w+=,.@/-]{{1,512}}", "an IAM role ARN"
         ),
         "hand out credentials of this role (STS AssumeRole with the parent's credentials, "
         "renewed 15 min before expiry) instead of the parent's own",
+        default=None,
     )
     sts_endpoint: str | None = setting(
-        None,
         matching(r"(?s)https?://.*", "an http(s):// URL"),
         "STS endpoint URL for `assume_role_arn` (e.g. a VPC endpoint)",
+        default=None,
         shown="regional",
     )
     log_level: str = setting(
-        "info", log_level_name, "`debug`, `info`, `warning`, `error`, `critical`"
+        log_level_name, "`debug`, `info`, `warning`, `error`, `critical`", default="info"
     )
 
 

@@ -71,16 +71,16 @@ def _pcrs(value: Any, at: At) -> dict[int, bytes]:
 @dataclass(frozen=True)
 class SimulatedNsmConfig:
     ca_dir: Path | None = setting(
-        None,
         path,
         "the CA from `python -m enclave_agent.simulated.nsm init-ca DIR`; unset: a "
         "throwaway in-memory CA",
+        default=None,
     )
     pcrs: Mapping[int, bytes] = setting(
-        factory=dict, check=_pcrs, doc='overrides of simulated PCR values, `{ 0 = "<96 hex>" }`'
+        _pcrs, 'overrides of simulated PCR values, `{ 0 = "<96 hex>" }`', factory=dict
     )
     fail_with: str | None = setting(
-        None, string, "every NSM call fails with this error (fault tests)"
+        string, "every NSM call fails with this error (fault tests)", default=None
     )
 
 
@@ -111,18 +111,20 @@ def _tcp(value: Any, at: At) -> TcpAddress:
 
 @dataclass(frozen=True)
 class ListenConfig:
-    socket: str = setting(DEFAULT_SOCKET, _socket, "the apps' Unix socket")
-    socket_mode: int = setting(0o660, _socket_mode, 'never anything for "others"', shown='`"0660"`')
+    socket: str = setting(_socket, "the apps' Unix socket", default=DEFAULT_SOCKET)
+    socket_mode: int = setting(
+        _socket_mode, 'never anything for "others"', default=0o660, shown='`"0660"`'
+    )
     socket_group: int | None = setting(
-        None,
         # 2**32 - 1 is (gid_t)-1, which chown reads as "leave the group alone".
         integer(0, 2**32 - 2),
         "the socket file's group (numeric gid), so that group's apps connect",
+        default=None,
     )
     tcp: TcpAddress | None = setting(
-        None,
         _tcp,
         "`tcp:HOST:PORT`, loopback only: a listener for SDKs via `endpoint_url` (no caller check)",
+        default=None,
     )
 
 
@@ -135,61 +137,67 @@ class AccessConfig:
     """Callers allowed on the Unix socket. Empty both: the agent's own uid and root."""
 
     allowed_uids: frozenset[int] = setting(
-        frozenset(), _ids, "uids allowed on the Unix socket (SO_PEERCRED)"
+        _ids, "uids allowed on the Unix socket (SO_PEERCRED)", default=frozenset()
     )
     allowed_gids: frozenset[int] = setting(
-        frozenset(),
         _ids,
         "gids allowed: the caller's primary or a supplementary gid. Both lists empty: the "
         "agent's own uid and root",
+        default=frozenset(),
     )
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = setting(64 * 1024, integer(), "request body, bytes; `413` above it")
+    max_body_bytes: int = setting(
+        integer(), "request body, bytes; `413` above it", default=64 * 1024
+    )
     header_timeout: float = setting(
-        10.0,
         number(),
         "seconds for a whole request to arrive once its first byte came; also how long a "
         "new connection may stay silent; `408` / close",
+        default=10.0,
     )
     idle_timeout: float = setting(
-        60.0, number(), "seconds a kept-alive connection may idle between requests"
+        number(), "seconds a kept-alive connection may idle between requests", default=60.0
     )
     max_connections: int = setting(
-        256,
         integer(2),
         "Unix socket connections open at once, all uids together; `503 ThrottlingException` "
         "above it",
+        default=256,
     )
     # Each caller's share, so one at its cap never stops another (``admission``).
     max_connections_per_uid: int = setting(
-        64,
         integer(),
         "each uid's share of those, from accept (idle ones included); the TCP listener's "
         "callers together get one such share, counted apart from `max_connections`. Set, it "
         "must be below `max_connections`",
+        default=64,
         share_of=Share("max_connections", "uid"),
     )
     max_kms_calls_per_uid: int = setting(
-        8,
         integer(),
         "KMS calls in flight per uid (the TCP listener's callers: one share); more wait in "
         "that uid's own queue, up to `kms_call_timeout`. Set, it must be below "
         "`kms_pool_size`, so one uid at its cap leaves pooled connections for the others",
+        default=8,
         share_of=Share("kms_pool_size", "uid"),
     )
     kms_pool_size: int = setting(
-        16, integer(2), "kept-alive TLS connections to KMS, and so KMS requests in flight at once"
+        integer(2),
+        "kept-alive TLS connections to KMS, and so KMS requests in flight at once",
+        default=16,
     )
     kms_call_timeout: float = setting(
-        10.0,
         number(),
         "seconds per app call, retries included; `DependencyTimeoutException` past it",
+        default=10.0,
     )
     kms_max_attempts: int = setting(
-        4, integer(), "attempts per call for retryable failures (plus one after an expired token)"
+        integer(),
+        "attempts per call for retryable failures (plus one after an expired token)",
+        default=4,
     )
 
 
@@ -215,23 +223,21 @@ class SecretConfig:
     name: str
     # Empty while the ciphertext is still in ``ciphertext_file`` (``load_config`` reads it).
     ciphertext: bytes = setting(
-        b"", _ciphertext, "the CiphertextBlob, base64", shown="this or `ciphertext_file`"
+        _ciphertext, "the CiphertextBlob, base64", default=b"", shown="this or `ciphertext_file`"
     )
     key_id: str | None = setting(
-        None, string, "the key for Decrypt (a key ARN must be in `trusted_keys`)"
+        string, "the key for Decrypt (a key ARN must be in `trusted_keys`)", default=None
     )
-    encryption_context: Mapping[str, str] = setting(
-        factory=dict, check=_context, doc="must match Encrypt's"
-    )
+    encryption_context: Mapping[str, str] = setting(_context, "must match Encrypt's", factory=dict)
     file: Path | None = setting(
-        None,
         path,
         "a copy of the plaintext, mode 0400, deleted when the agent stops (on a disk: a warning)",
+        default=None,
     )
     ciphertext_file: Path | None = setting(
-        None,
         path,
         "a file holding the raw CiphertextBlob, read at start",
+        default=None,
         shown="this or `ciphertext`",
     )
 
@@ -261,48 +267,52 @@ def _trusted_keys(value: Any, at: At) -> TrustedKeys:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    region: str = setting(check=region_name, doc="AWS region (e.g. `us-east-1`)")
+    region: str = setting(region_name, "AWS region (e.g. `us-east-1`)")
     proxy: Address = setting(
-        DEFAULT_PROXY, address, "enclave-proxy on the parent (`tcp:`/`unix:` in development)"
+        address,
+        "enclave-proxy on the parent (`tcp:`/`unix:` in development)",
+        default=DEFAULT_PROXY,
     )
     kms_endpoint: str | None = setting(
-        None,
         _kms_endpoint,
         "`https://HOST[:PORT]` (e.g. the region's `kms-fips` endpoint); unset: "
         "`https://kms.<region>.<suffix>`, the suffix of the region's partition",
+        default=None,
         shown="from region",
     )
     ca_bundle: str | None = setting(
-        None,
         lambda value, at: str(path(value, at)),
         "PEM file of the CAs KMS's certificate is checked against",
+        default=None,
         shown="certifi's bundle",
     )
     nsm: str = setting(
-        NSM_DEVICE, _nsm, "the NSM device, or `simulated` (development only: proves nothing)"
+        _nsm,
+        "the NSM device, or `simulated` (development only: proves nothing)",
+        default=NSM_DEVICE,
     )
     log_level: str = setting(
-        "info", log_level_name, "`debug`, `info`, `warning`, `error`, `critical`"
+        log_level_name, "`debug`, `info`, `warning`, `error`, `critical`", default="info"
     )
     simulated_nsm: SimulatedNsmConfig = setting(
-        factory=SimulatedNsmConfig, check=Table(SimulatedNsmConfig)
+        Table(SimulatedNsmConfig), factory=SimulatedNsmConfig
     )
-    listen: ListenConfig = setting(factory=ListenConfig, check=Table(ListenConfig))
-    access: AccessConfig = setting(factory=AccessConfig, check=Table(AccessConfig))
-    limits: Limits = setting(factory=Limits, check=Table(Limits))
+    listen: ListenConfig = setting(Table(ListenConfig), factory=ListenConfig)
+    access: AccessConfig = setting(Table(AccessConfig), factory=AccessConfig)
+    limits: Limits = setting(Table(Limits), factory=Limits)
     secrets: Mapping[str, SecretConfig] = setting(
-        factory=dict,
-        check=Tables(
+        Tables(
             SecretConfig,
             SECRET_NAME.pattern,
             "1-128 of A-Z a-z 0-9 _ . - (starting with a letter or digit)",
         ),
+        factory=dict,
     )
     trusted_keys: TrustedKeys = setting(
-        TrustedKeys(),
         _trusted_keys,
         "the keys whose answers are opened: key ARNs, or `arn:PARTITION:kms:REGION:ACCOUNT:"
         "key/*` for every key of one account in one region; none: key operations are off",
+        default=TrustedKeys(),
     )
 
 
