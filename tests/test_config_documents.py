@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from enclave_agent.runtime.config import AgentConfig, load_config, parse_config
@@ -154,6 +154,8 @@ def _parses_or_names_the_key(parse: Callable[[], Any]) -> Any:
 
 @settings(max_examples=400, deadline=None)
 @given(documents(AgentConfig, AGENT_SAMPLES, required="region"))
+# A PCR index that str.isdigit() accepts and int() does not: a bare ValueError once.
+@example('region = "us-east-1"\nnsm = "simulated"\nsimulated_nsm = { pcrs = { "²" = "0" } }')
 def test_agent_documents_parse_or_name_the_key(text: str) -> None:
     config = _parses_or_names_the_key(lambda: parse_config(text, base_dir=Path("/etc/agent")))
     if config is None:
