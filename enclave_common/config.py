@@ -7,9 +7,10 @@ process's policy. A setting is declared once, on the dataclass field that holds 
 
 which gives its name, type, default, check and the line the configuration reference
 shows for it (``reference``; scripts/config-reference writes the docs' tables).
-``read_settings`` reads one TOML table: a key no field declares is refused with its
-name (a misspelt ``max_tunels`` must never fall back to the default), each value is
-checked, and every problem is one ``ConfigError`` naming the offending key.
+``read_document`` reads a TOML document (``read_settings`` one table of it): a key no
+field declares is refused with its name (a misspelt ``max_tunels`` must never fall
+back to the default), each value is checked, and every problem is one ``ConfigError``
+naming the offending key.
 ``build`` makes the dataclass: defaults for the rest, and a per-caller share
 (``share_of``) derived from its whole when it is not set. Pure, no I/O.
 """
@@ -121,11 +122,13 @@ def _settings(cls: type) -> Iterator[tuple[Any, Setting]]:
 # --- reading --------------------------------------------------------------------------
 
 
-def parse_toml(text: str) -> dict[str, Any]:
+def read_document(cls: type, text: str, at: At) -> dict[str, Any]:
+    """The settings a TOML document sets for ``cls``, checked (only those set)."""
     try:
-        return tomllib.loads(text)
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
+    return read_settings(cls, document, at)
 
 
 def read_text(path: Path) -> str:

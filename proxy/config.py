@@ -35,8 +35,7 @@ from enclave_common.config import (
     log_level_name,
     matching,
     number,
-    parse_toml,
-    read_settings,
+    read_document,
     region_name,
     setting,
     string,
@@ -183,7 +182,7 @@ class CliOptions:
 
 def parse_config_text(text: str) -> dict[str, Any]:
     """Parse and validate a TOML config; returns only the keys it set, typed."""
-    return read_settings(ProxyConfig, parse_toml(text), At())
+    return read_document(ProxyConfig, text, At())
 
 
 def build_config(file_settings: Mapping[str, Any], cli: CliOptions) -> ProxyConfig:

@@ -36,9 +36,8 @@ from enclave_common.config import (
     log_level_name,
     matching,
     number,
-    parse_toml,
     path,
-    read_settings,
+    read_document,
     read_text,
     region_name,
     setting,
@@ -319,9 +318,9 @@ class AgentConfig:
 def parse_config(text: str, *, base_dir: Path | None = None, source: str = "config") -> AgentConfig:
     at = At(base_dir=base_dir or Path.cwd())
     try:
-        document = parse_toml(text)
-        config = build(AgentConfig, read_settings(AgentConfig, document, at), at)
-        if "simulated_nsm" in document and config.nsm != NSM_SIMULATED:
+        settings = read_document(AgentConfig, text, at)
+        config = build(AgentConfig, settings, at)
+        if "simulated_nsm" in settings and config.nsm != NSM_SIMULATED:
             raise ConfigError("[simulated_nsm] is set but nsm is not 'simulated'", "simulated_nsm")
         _check_secrets(config.secrets, config.trusted_keys)
     except ConfigError as exc:
