@@ -146,7 +146,7 @@ async def _watchdog(interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def _loopback_only(address: TcpAddress) -> TcpAddress:
+async def _loopback_only(address: TcpAddress, key: str = "listen") -> TcpAddress:
     """The address to bind for a tcp: listen address: a name (``localhost`` too) is
     resolved here and refused if any address it resolves to is off loopback; the
     first is bound, so what was checked is what listens."""
@@ -156,7 +156,7 @@ async def _loopback_only(address: TcpAddress) -> TcpAddress:
     hosts = list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in found))
     off_loopback = [host for host in hosts if not is_loopback_ip(host)]
     if off_loopback:
-        raise ConfigError(not_loopback(address, ", ".join(off_loopback)))
+        raise ConfigError(not_loopback(address, ", ".join(off_loopback), key=key))
     return TcpAddress(hosts[0], address.port)
 
 
