@@ -128,7 +128,26 @@ class _Metric:
         raise NotImplementedError
 
 
-class Counter(_Metric):
+class _Valued(_Metric):
+    """One value per label set. Without labels, one series: 0 until it changes."""
+
+    def __init__(self, name: str, help: str, labels: Mapping[str, Bound]) -> None:
+        super().__init__(name, help, labels)
+        self._values: dict[LabelValues, float] = {} if labels else {(): 0.0}
+
+    def _add(self, amount: float, labels: Mapping[str, str]) -> None:
+        key = self.labels.bounded(labels)
+        self._values[key] = self._values.get(key, 0.0) + amount
+
+    def _current(self) -> dict[LabelValues, float]:
+        return self._values
+
+    def samples(self) -> Iterable[Sample]:
+        for key, value in self._current().items():
+            yield Sample(self.name, self.labels.pairs(key), value)
+
+
+class Counter(_Valued):
     """Counts up; the name ends in ``_total``, as the format's convention wants."""
 
     kind: Kind = "counter"
@@ -137,23 +156,16 @@ class Counter(_Metric):
         if not name.endswith("_total"):
             raise MetricsError(f"a counter's name ends in _total: {name!r}")
         super().__init__(name, help, labels)
-        # Without labels there is one series: it shows 0 before anything is counted.
-        self._values: dict[LabelValues, float] = {} if labels else {(): 0.0}
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
             raise MetricsError("a counter only goes up")
-        key = self.labels.bounded(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
-
-    def samples(self) -> Iterable[Sample]:
-        for key, value in self._values.items():
-            yield Sample(self.name, self.labels.pairs(key), value)
+        self._add(amount, labels)
 
 
-class Gauge(_Metric):
+class Gauge(_Valued):
     """A value that goes up and down, set as things happen or read at collection time
-    (``read``: returns each label set's value then, e.g. an age)."""
+    (``read``: returns each label set's value then, e.g. an age; none: no sample)."""
 
     kind: Kind = "gauge"
 
@@ -165,27 +177,24 @@ class Gauge(_Metric):
         read: Callable[[], Iterable[tuple[Mapping[str, str], float]]] | None = None,
     ) -> None:
         super().__init__(name, help, labels)
-        # Set by hand without labels: one series, 0 until set (as a counter's).
-        self._values: dict[LabelValues, float] = {} if labels or read else {(): 0.0}
         self._read = read
+        if read is not None:
+            self._values = {}
 
     def set(self, value: float, **labels: str) -> None:
         self._values[self.labels.bounded(labels)] = value
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self.labels.bounded(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+        self._add(amount, labels)
 
     def dec(self, amount: float = 1.0, **labels: str) -> None:
-        self.inc(-amount, **labels)
+        self._add(-amount, labels)
 
-    def samples(self) -> Iterable[Sample]:
+    def _current(self) -> dict[LabelValues, float]:
         values = dict(self._values)
-        if self._read is not None:
-            for labels, value in self._read():
-                values[self.labels.bounded(labels)] = value
-        for key, value in values.items():
-            yield Sample(self.name, self.labels.pairs(key), value)
+        for labels, value in self._read() if self._read is not None else ():
+            values[self.labels.bounded(labels)] = value
+        return values
 
 
 class Histogram(_Metric):

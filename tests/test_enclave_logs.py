@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import pytest
-import structlog
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +25,7 @@ from proxy.admission import peer_key
 from proxy.enclave_logs import EnclaveLogs, _Gate
 from proxy.metrics import ProxyMetrics
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
 HEAD = (
     b"POST /v1/logs HTTP/1.1\r\nHost: enclave-proxy\r\n"
     b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -38,15 +38,6 @@ def chunk(data: bytes) -> bytes:
 
 def lines(stream: str, *texts: str) -> bytes:
     return b"".join(piece for text in texts for piece in encode_lines(stream, text))
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
-    yield
-    structlog.configure(**saved[0])
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(**saved[1])
 
 
 @dataclass

@@ -12,13 +12,12 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
 import pytest
-import structlog
 import trio
 
 from enclave_agent.runtime.logship import LogBuffer, LogShipper, push_metrics, ship_pipe
@@ -28,16 +27,8 @@ from enclave_common.logs import configure_logging
 from enclave_common.logstream import LOGS_PATH, Dropped, Line, RecordReader, Snapshot
 from enclave_common.metrics import Registry
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
 FAST = {"stall_timeout": 0.5, "keepalive": 0.2, "backoff_cap": 0.1}
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
-    yield
-    structlog.configure(**saved[0])
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(**saved[1])
 
 
 class Receiver:

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from enclave_common.logs import configure_logging, get_logger, writes_to_journal
 
@@ -20,13 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
+def _restore_root_logger(restore_logging: None) -> Iterator[None]:
     root_level = logging.getLogger().level
     yield
-    structlog.configure(**saved[0])
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(**saved[1])
     logging.getLogger().setLevel(root_level)
 
 

@@ -308,14 +308,26 @@ async def test_listens_on_vsock(tmp_path: Path) -> None:
     pytest.fail("could not bind a vsock port in three tries")
 
 
-def run_proxy_on_a_taken_address(tmp_path: Path, listen: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "--listen", listen, "--region", "us-east-1"],
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+PROXY = [sys.executable, "-m", "proxy.cli"]
+
+
+def refused_on_a_taken_port(tmp_path: Path, holder: socket.socket, scheme: str) -> list[str]:
+    """The proxy started on ``scheme:...:PORT`` where the bound ``holder`` listens: it
+    exits 1; its lines that are not JSON."""
+    with holder:
+        holder.listen()
+        host, port = holder.getsockname()[:2]
+        host = "ANY" if scheme == "vsock" else host
+        done = subprocess.run(
+            [*PROXY, "--listen", f"{scheme}:{host}:{port}", "--region", "us-east-1"],
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    return [line for line in done.stderr.splitlines() if not line.startswith("{")]
 
 
 def test_a_taken_vsock_port_is_one_plain_line_naming_aws_vsock_proxy(tmp_path: Path) -> None:
@@ -327,31 +339,21 @@ def test_a_taken_vsock_port_is_one_plain_line_naming_aws_vsock_proxy(tmp_path: P
         holder = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         pytest.skip(f"AF_VSOCK sockets unavailable here: {exc}")
-    with holder:
-        holder.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
-        holder.listen()
-        port = holder.getsockname()[1]
-        done = run_proxy_on_a_taken_address(tmp_path, f"vsock:ANY:{port}")
-    assert done.returncode == 1
-    plain = [line for line in done.stderr.splitlines() if not line.startswith("{")]
-    assert plain == [
+    holder.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+    port = holder.getsockname()[1]
+    assert refused_on_a_taken_port(tmp_path, holder, "vsock") == [
         f"enclave-proxy: vsock:ANY:{port} is already in use, most likely by AWS's vsock-proxy "
         "(nitro-enclaves-vsock-proxy.service, which listens on port 8000 too): stop it "
         "(systemctl disable --now nitro-enclaves-vsock-proxy.service) or set listen to a "
         "free port (and the agent's proxy address to match)"
     ]
-    assert "Traceback" not in done.stderr
 
 
 def test_a_taken_tcp_port_is_one_plain_line(tmp_path: Path) -> None:
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        done = run_proxy_on_a_taken_address(tmp_path, f"tcp:127.0.0.1:{port}")
-    assert done.returncode == 1
-    plain = [line for line in done.stderr.splitlines() if not line.startswith("{")]
-    assert plain == [
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    assert refused_on_a_taken_port(tmp_path, holder, "tcp") == [
         f"enclave-proxy: tcp:127.0.0.1:{port} is already in use by another process: "
         "stop it or set listen to a free port"
     ]
