@@ -43,6 +43,7 @@ from enclave_agent.runtime.nsm import Attester
 from enclave_agent.runtime.transport import KmsConnectionPool, TransportError, make_ssl_context
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import Address, VsockAddress
+from enclave_common.errors import ShownError
 from enclave_common.logs import get_logger
 
 DEFAULT_PROXY = VsockAddress(3, 8000)
@@ -75,18 +76,8 @@ class KmsSettings:
     trusted_keys: TrustedKeys = field(default_factory=TrustedKeys)
 
 
-class KmsError(Exception):
-    """What the app gets, in KMS's error shape."""
-
-    def __init__(self, error_type: str, message: str, status: int) -> None:
-        super().__init__(f"{error_type}: {message}")
-        self.error_type = error_type
-        self.message = message
-        self.status = status
-
-    def to_json(self) -> dict[str, str]:
-        """KMS JSON 1.1 error body."""
-        return {"__type": self.error_type, "message": self.message}
+class KmsError(ShownError):
+    """What the app gets from a KMS call, in KMS's error shape."""
 
 
 def _short(text: str) -> str:
