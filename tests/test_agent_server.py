@@ -439,6 +439,28 @@ async def test_connection_limit(nursery: trio.Nursery, tmp_path: Path) -> None:
         assert json.loads(body)["__type"] == "ThrottlingException"
 
 
+async def test_a_caller_over_its_share_is_refused_before_it_sends_a_byte(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    running = await start(nursery, tmp_path, limits=Limits(max_connections=1))
+    holder = await trio.open_unix_socket(running.socket)
+    async with holder:
+        await holder.send_all(request("GET", "/healthz", close=False))
+        assert b"200" in await holder.receive_some(1000)
+        refused = await trio.open_unix_socket(running.socket)
+        async with refused:  # sends nothing: the answer comes anyway, then the close
+            data = b""
+            with trio.fail_after(10):
+                while chunk := await refused.receive_some(65536):
+                    data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
+    assert json.loads(body)["__type"] == "ThrottlingException"
+    [event] = running.events("connection_refused")
+    assert event["limit"] == "limits.max_connections"
+    assert [e["path"] for e in running.events("request")] == ["/healthz"]
+
+
 async def test_boto3_over_tcp_listener(running: Running) -> None:
     import boto3
     from botocore.config import Config
