@@ -22,7 +22,6 @@ the pool's size bounds how many requests are on the wire at once.
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from enclave_agent.runtime.credentials import (
     CredentialsProvider,
     proxy_fetcher,
 )
-from enclave_agent.runtime.nsm import Attester
+from enclave_agent.runtime.nsm import Attester, NsmError, request_attestation
 from enclave_agent.runtime.transport import KmsConnectionPool, TransportError, make_ssl_context
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import Address, VsockAddress
@@ -232,17 +231,11 @@ class KmsGateway:
             ) from None
 
     async def _attestation(self) -> bytes:
-        call = functools.partial(self._nsm.attestation, public_key=self._recipient.public_key_der)
         try:
-            # Abandoned on cancellation so a hung ioctl cannot hold the call past its
-            # deadline; the thread keeps its limiter token until the ioctl returns,
-            # so hung calls stay bounded by trio's thread limit.
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-        # The NSM is whatever implements the protocol (device or simulator); any
-        # failure of it is reported as an NSM error, by its NSM error name when it has one.
-        except Exception as exc:  # noqa: BLE001
-            name = getattr(exc, "error_name", None) or type(exc).__name__
-            raise KmsError("KMSInternalException", f"NSM error: {name}", 500) from None
+            # Cancellable: a hung ioctl cannot hold the call past its deadline.
+            return await request_attestation(self._nsm, public_key=self._recipient.public_key_der)
+        except NsmError as exc:
+            raise KmsError("KMSInternalException", f"NSM error: {exc.error_name}", 500) from None
 
     def _sign(self, creds: Credentials, operation: str, body: bytes) -> list[tuple[str, str]]:
         headers = kms_protocol.request_headers(operation)

@@ -78,6 +78,7 @@ class SecretLookup(Protocol):
     def get(self, name: str) -> bytes | None: ...
 
 
+# (nonce, user_data, public_key) -> the document; nsm.request_attestation in production.
 Attester = Callable[[bytes | None, bytes | None, bytes | None], Awaitable[bytes]]
 
 
@@ -192,8 +193,14 @@ class AppServer:
                 )
             return app_protocol.bytes_response(value)
         if isinstance(route, AttestationCall):
-            document = await self._attest(route.nonce, route.user_data, route.public_key)
-            return app_protocol.bytes_response(document)
+            # The NSM gets the deadline a KMS call's attestation has (within the call's).
+            patience = self._limits.kms_call_timeout
+            with trio.move_on_after(patience):
+                document = await self._attest(route.nonce, route.user_data, route.public_key)
+                return app_protocol.bytes_response(document)
+            raise AppProtocolError(
+                "DependencyTimeoutException", f"the NSM did not answer within {patience:g} s", 503
+            )
         return app_protocol.json_response({"status": "ok"})
 
 
