@@ -50,6 +50,7 @@ from .config import (
     parse_config_text,
 )
 from .credentials import CredentialSource
+from .metrics import serve_metrics
 from .notify import notify, watchdog_interval
 from .region import RegionError, discover_region
 from .server import ProxyServer
@@ -175,6 +176,22 @@ def address_in_use(address: Address, key: str = "listen") -> str:
     return f"{address} is already in use by another process: stop it or set {key} to a free port"
 
 
+async def _open_listening(address: Address, key: str) -> trio.SocketListener | int:
+    """The listener for the setting ``key``, or the exit code when there is none to be
+    had (logged; a taken address also in one plain line saying what to do)."""
+    try:
+        bind = await _loopback_only(address, key) if isinstance(address, TcpAddress) else address
+        return await open_listener(bind)
+    except ConfigError as e:
+        log.error("listen_refused", setting=key, address=str(address), reason=str(e))
+        return 2
+    except OSError as e:
+        reason = address_in_use(address, key) if e.errno == errno.EADDRINUSE else str(e)
+        log.error("listen_failed", setting=key, address=str(address), reason=reason)
+        print(f"enclave-proxy: {reason}", file=sys.stderr)
+        return 1
+
+
 async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         try:
@@ -190,19 +207,18 @@ async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -
             sts_endpoint=config.sts_endpoint,
         )
         server = ProxyServer(config, allowlist, region=region, credentials=credentials)
-        try:
-            listen = config.listen
-            if isinstance(listen, TcpAddress):
-                listen = await _loopback_only(listen)
-            listener = await open_listener(listen)
-        except ConfigError as e:
-            log.error("listen_refused", address=str(config.listen), reason=str(e))
-            return 2
-        except OSError as e:
-            reason = address_in_use(config.listen) if e.errno == errno.EADDRINUSE else str(e)
-            log.error("listen_failed", address=str(config.listen), reason=reason)
-            print(f"enclave-proxy: {reason}", file=sys.stderr)
-            return 1
+        listener = await _open_listening(config.listen, "listen")
+        if isinstance(listener, int):
+            return listener
+        metrics_listener: trio.SocketListener | None = None
+        metrics_at = None
+        if config.metrics_listen is not None:
+            opened = await _open_listening(config.metrics_listen, "metrics_listen")
+            if isinstance(opened, int):
+                await listener.aclose()
+                return opened
+            metrics_listener = opened
+            metrics_at = str(listener_address(opened, config.metrics_listen))
         bound = listener_address(listener, config.listen)
         log.info(
             "listening",
@@ -210,6 +226,7 @@ async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -
             region=region,
             allowlist=allowlist.describe(),
             max_tunnels=config.max_tunnels,
+            metrics=metrics_at,
         )
         notify(f"READY=1\nSTATUS=listening on {bound}")
         async with trio.open_nursery() as nursery:
@@ -219,6 +236,8 @@ async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -
             interval = watchdog_interval()
             if interval is not None:
                 nursery.start_soon(_watchdog, interval)
+            if metrics_listener is not None:
+                await nursery.start(serve_metrics, metrics_listener, server.metrics)
             await server.run(listener)
             nursery.cancel_scope.cancel()
     return 0

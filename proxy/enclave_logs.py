@@ -32,8 +32,8 @@ from enclave_common.logs import PRIORITIES, get_logger
 from enclave_common.logstream import Dropped, Line, Record, RecordReader, Refused, Snapshot
 from enclave_common.metrics import MetricsError, from_json
 
-from .admission import PeerKey
-from .metrics import MAX_ENCLAVES, ProxyMetrics, enclave_name
+from .admission import PeerKey, enclave_name
+from .metrics import MAX_ENCLAVES, ProxyMetrics
 
 MAX_SNAPSHOT_SAMPLES = 5000
 SNAPSHOT_PREFIX = "enclave_agent_"

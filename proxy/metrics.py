@@ -18,11 +18,12 @@ from typing import Protocol
 
 import trio
 
-from enclave_common.http_server import Answer, HttpError, HttpServer, Limits, Request
+from enclave_common.http_server import Answer, HttpError, HttpServer, Limits, Report, Request
 from enclave_common.logstream import STREAMS
 from enclave_common.metrics import CONTENT_TYPE, Family, Registry, relabel, render
 
-from .admission import PeerKey
+from .relay import RelayResult
+from .upstream import Resolved, Resolver
 
 # The label values a hostile or merely restarting enclave population can add: the
 # first this many enclaves have their own series, later ones count as "other".
@@ -47,13 +48,6 @@ class CredentialClocks(Protocol):
     def age(self) -> float | None: ...
 
     def expires_in(self) -> float | None: ...
-
-
-def enclave_name(key: PeerKey) -> str:
-    """An enclave's name in logs and labels: ``cid:16`` (``tcp:ADDRESS``, ``uid:N``)."""
-    kind, value = key
-    prefix = {"cid": "cid", "uid": "uid", "address": "tcp"}.get(kind, kind)
-    return f"{prefix}:{'unknown' if value is None else value}"
 
 
 class ProxyMetrics:
@@ -114,19 +108,41 @@ class ProxyMetrics:
         else:
             self._snapshots[enclave] = families
 
-    def tunnel_ended(self, outcome: str, up: int, down: int) -> None:
-        self.tunnels.inc(outcome=outcome)
-        self.bytes.inc(up, direction="up")
-        self.bytes.inc(down, direction="down")
-
-    def refusal(self, status: int) -> None:
-        self.refused.inc(reason=REFUSALS.get(status, "malformed"))
+    def request_ended(self, report: Report) -> None:
+        """Count what a request's report says: a tunnel that ended (how, and its bytes),
+        or a tunnel or connection refused (why)."""
+        if report.outcome == "refused":  # over a connection limit: nothing was read
+            self.refused.inc(reason="over_limit")
+            return
+        if report.request is None or report.request.method != "CONNECT":
+            return
+        relayed = report.note.get("relay")
+        if isinstance(relayed, RelayResult):
+            cancelled = report.outcome == "cancelled"
+            self.tunnels.inc(outcome="cancelled" if cancelled else report.note.get("outcome", ""))
+            self.bytes.inc(relayed.bytes_a_to_b, direction="up")
+            self.bytes.inc(relayed.bytes_b_to_a, direction="down")
+        elif report.outcome == "rejected" and report.status is not None:
+            self.refused.inc(reason=REFUSALS.get(report.status, "malformed"))
 
     def render(self) -> str:
         families = self.registry.collect()
         for enclave, snapshot in self._snapshots.items():
             families += relabel(snapshot, {ENCLAVE_LABEL: enclave})
         return render(families)
+
+
+def counting_failures(resolver: Resolver, metrics: ProxyMetrics) -> Resolver:
+    """``resolver``, each failed lookup counted in ``enclave_proxy_dns_failures_total``."""
+
+    async def resolve(host: str, port: int) -> list[Resolved]:
+        try:
+            return await resolver(host, port)
+        except (OSError, UnicodeError):
+            metrics.dns_failures.inc()
+            raise
+
+    return resolve
 
 
 def _present(value: float | None) -> list[tuple[dict[str, str], float]]:

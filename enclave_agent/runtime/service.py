@@ -169,6 +169,7 @@ async def run_agent(
                 secrets=store,
                 access=config.access,
                 limits=config.limits,
+                metrics=metrics,
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(partial(server.serve, unix_listener, check_peer=True))
