@@ -339,15 +339,20 @@ async def test_listens_on_vsock(tmp_path: Path) -> None:
 PROXY = [sys.executable, "-m", "proxy.cli"]
 
 
-def refused_on_a_taken_port(tmp_path: Path, holder: socket.socket, scheme: str) -> list[str]:
-    """The proxy started on ``scheme:...:PORT`` where the bound ``holder`` listens: it
-    exits 1; its lines that are not JSON."""
+def refused_on_a_taken_port(
+    tmp_path: Path, holder: socket.socket, scheme: str, setting: str = "listen"
+) -> list[str]:
+    """The proxy started with ``setting`` at ``scheme:...:PORT`` where the bound
+    ``holder`` listens: it exits 1; its lines that are not JSON."""
     with holder:
         holder.listen()
         host, port = holder.getsockname()[:2]
-        host = "ANY" if scheme == "vsock" else host
+        address = f"{scheme}:{'ANY' if scheme == 'vsock' else host}:{port}"
+        config = tmp_path / "proxy.toml"
+        config.write_text(f'{setting} = "{address}"\n')
         done = subprocess.run(
-            [*PROXY, "--listen", f"{scheme}:{host}:{port}", "--region", "us-east-1"],
+            [*PROXY, "--config", str(config), "--region", "us-east-1"]
+            + ([] if setting == "listen" else ["--listen", "tcp:127.0.0.1:0"]),
             env=_env(tmp_path),
             capture_output=True,
             text=True,
@@ -385,3 +390,36 @@ def test_a_taken_tcp_port_is_one_plain_line(tmp_path: Path) -> None:
         f"enclave-proxy: tcp:127.0.0.1:{port} is already in use by another process: "
         "stop it or set listen to a free port"
     ]
+
+
+def test_a_taken_metrics_port_is_one_plain_line_naming_metrics_listen(tmp_path: Path) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    assert refused_on_a_taken_port(tmp_path, holder, "tcp", "metrics_listen") == [
+        f"enclave-proxy: tcp:127.0.0.1:{port} is already in use by another process: "
+        "stop it or set metrics_listen to a free port"
+    ]
+
+
+async def test_sigterm_ends_open_log_streams_at_once(tmp_path: Path) -> None:
+    """A log stream is no tunnel to drain: with a drain_timeout of minutes, the proxy
+    still stops as soon as SIGTERM comes, the stream answered 503."""
+    config = tmp_path / "proxy.toml"
+    config.write_text('region = "us-east-1"\ndrain_timeout = 600\n')
+    with start_proxy(tmp_path, "--config", str(config), "--listen", "tcp:127.0.0.1:0") as proxy:
+        port = await proxy.port()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"POST /v1/logs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b'1f\r\n{"stream":"agent","line":"hi"}\n\r\n'
+        )
+        await proxy.wait_event("enclave_log")
+        proxy.process.send_signal(signal.SIGTERM)
+        assert await proxy.wait_exit() == 0
+        answer = b""
+        with trio.fail_after(10):
+            while piece := await stream.receive_some(4096):
+                answer += piece
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert not [e for e in proxy.events() if e.get("event") == "drain_timeout"]
