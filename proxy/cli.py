@@ -255,6 +255,7 @@ def check_config(argv: Sequence[str]) -> int:
     except ConfigError as e:
         raise UsageError(str(e)) from None
     print(f"listen: {config.listen}")
+    print(f"metrics: {config.metrics_listen or 'off (metrics_listen)'}")
     print(f"region: {config.region or '(from IMDSv2 at start-up)'}")
     if config.allow or config.region:
         entries = effective_allowlist(config, config.region).describe()

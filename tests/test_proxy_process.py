@@ -295,6 +295,9 @@ def test_check_config(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "kms.*.amazonaws.com:443" in done.stdout and "[::1]:8443" in done.stdout
+    assert "metrics: off (metrics_listen)" in done.stdout
+    done = check_config("metrics.toml", 'region = "eu-west-1"\nmetrics_listen = "tcp:[::1]:9464"\n')
+    assert "metrics: tcp:[::1]:9464" in done.stdout
 
     done = check_config("region.toml", 'region = "cn-north-1"\n')
     assert done.returncode == 0
