@@ -20,6 +20,7 @@ import pytest
 import structlog
 import trio
 
+from enclave_agent.runtime.callers import Callers
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings
 from enclave_agent.runtime.server import AppServer, Gateway
@@ -32,6 +33,7 @@ from enclave_common.address import (
     parse_address,
 )
 from enclave_common.logs import configure_logging
+from enclave_common.tcp_peercred import Query, ask_kernel
 from tests.test_kms_fakes import (
     FAKE_KEY_ARN,
     FakeKms,
@@ -101,6 +103,8 @@ async def start(
     access: AccessConfig | None = None,
     limits: Limits | None = None,
     gateway: Gateway | None = None,
+    tcp_callers: Callers = Callers.TCP,
+    query: Query = ask_kernel,
 ) -> Running:
     logs = io.StringIO()
     configure_logging("info", stream=logs, process="test-agent")
@@ -111,6 +115,7 @@ async def start(
         secrets=Secrets(),
         access=access or AccessConfig(),
         limits=limits or Limits(),
+        query=query,
     )
     path = str(tmp_path / "agent.sock")
     unix = await open_listener(UnixAddress(path), unix_mode=0o660)
@@ -119,10 +124,10 @@ async def start(
     port = listener_address(tcp, tcp_requested)
     assert isinstance(port, TcpAddress)
     await nursery.start(
-        lambda task_status: server.serve(unix, check_peer=True, task_status=task_status)
+        lambda task_status: server.serve(unix, callers=Callers.UNIX, task_status=task_status)
     )
     await nursery.start(
-        lambda task_status: server.serve(tcp, check_peer=False, task_status=task_status)
+        lambda task_status: server.serve(tcp, callers=tcp_callers, task_status=task_status)
     )
     return Running(path, port.port, fake, logs)
 
@@ -268,11 +273,14 @@ async def test_caller_not_allowed_is_refused(nursery: trio.Nursery, tmp_path: Pa
     events = [json.loads(line) for line in running.logs.getvalue().splitlines()]
     refused = [e for e in events if e["event"] == "caller_refused"]
     assert refused and refused[0]["uid"] == os.getuid() and refused[0]["pid"] == os.getpid()
-    # The TCP listener has no caller check (loopback only, opt-in).
+    assert refused[0]["listener"] == "unix"
+    # The TCP listener checks its callers too (inet_diag), with the same answer.
     stream = await trio.open_tcp_stream("127.0.0.1", running.tcp_port)
     async with stream:
-        [(status, _, _)] = await send_and_read(stream, request("GET", "/healthz"))
-    assert status == 200
+        [(status, _, body)] = await send_and_read(stream, request("GET", "/healthz"))
+    assert status == 403
+    assert json.loads(body)["__type"] == "AccessDeniedException"
+    assert running.events("caller_refused")[-1]["listener"] == "tcp"
 
 
 async def test_refused_caller_is_answered_before_its_request_and_holds_no_slot(
@@ -283,7 +291,8 @@ async def test_refused_caller_is_answered_before_its_request_and_holds_no_slot(
         nursery,
         tmp_path,
         access=AccessConfig(allowed_uids=frozenset({other})),
-        limits=Limits(max_connections=1, header_timeout=60, idle_timeout=60),
+        limits=Limits(max_connections=2, header_timeout=60, idle_timeout=60),
+        tcp_callers=Callers.TCP_OPEN,  # here: an app the rules cannot refuse
     )
     # A refused caller that sends nothing is answered at once (its request is never
     # read), and while it stays connected an allowed app still gets the one slot.
@@ -580,11 +589,23 @@ async def test_one_uid_holding_its_connections_does_not_stop_another_uid(
             await stream.aclose()
 
 
+@pytest.mark.parametrize(
+    ("tcp_callers", "holder", "whose"),
+    [
+        # Checked: the uid's share of the TCP listener's own budget.
+        (Callers.TCP, f"uid={os.getuid()}", f"uid {os.getuid()} has 2 connections open, its"),
+        # tcp_open: all TCP callers are one caller.
+        (Callers.TCP_OPEN, "tcp", "the TCP listener's callers have 2 connections open, their"),
+    ],
+)
 async def test_the_tcp_listeners_callers_at_their_share_do_not_stop_the_unix_socket(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, tcp_callers: Callers, holder: str, whose: str
 ) -> None:
     running = await start(
-        nursery, tmp_path, limits=Limits(max_connections=4, max_connections_per_uid=2)
+        nursery,
+        tmp_path,
+        limits=Limits(max_connections=4, max_connections_per_uid=2),
+        tcp_callers=tcp_callers,
     )
     held, refusal = await hold_until_refused(
         lambda: trio.open_tcp_stream("127.0.0.1", running.tcp_port), 4
@@ -597,13 +618,10 @@ async def test_the_tcp_listeners_callers_at_their_share_do_not_stop_the_unix_soc
         assert (len(held), len(unix)) == (2, 2)
         for stream in unix:
             await stream.aclose()
-        assert refusal_message(refusal) == (
-            "the TCP listener's callers have 2 connections open, their whole share "
-            "(limits.max_connections_per_uid)"
-        )
+        assert refusal_message(refusal) == f"{whose} whole share (limits.max_connections_per_uid)"
         assert "limits.max_connections_per_uid" in refusal_message(unix_refusal)
         events = running.events("connection_refused")
-        assert [e["caller"] for e in events] == ["tcp", f"uid={os.getuid()}"]
+        assert [e["caller"] for e in events] == [holder, f"uid={os.getuid()}"]
     finally:
         for stream in held:
             await stream.aclose()

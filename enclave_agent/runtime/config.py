@@ -26,7 +26,12 @@ Shape (every key optional except where noted)::
     socket = "/run/enclave-agent/agent.sock"
     socket_mode = "0660"
     socket_group = 1000                   # optional: the socket file's group (numeric gid)
-    tcp = "tcp:127.0.0.1:9000"            # optional, loopback only, for boto3 endpoint_url
+    tcp = "tcp:127.0.0.1:9000"            # optional, loopback only (under `run`: on for SDKs)
+    tcp_open = false                      # true: serve TCP even where the kernel cannot
+                                          # name its callers (inet_diag), unchecked
+
+    [run]
+    sdk_env = true                        # `run` gives CMD AWS_ENDPOINT_URL_KMS etc.
 
     [access]                              # default: the agent's own uid and root
     allowed_uids = [0, 1000]
@@ -97,6 +102,16 @@ class ListenConfig:
     socket_mode: int = 0o660
     socket_group: int | None = None  # chown the socket file to this gid (apps' group)
     tcp: TcpAddress | None = None
+    # Where the kernel cannot name TCP callers (no inet_diag): serve TCP unchecked anyway.
+    tcp_open: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``enclave-agent run``: whether CMD gets an AWS SDK's environment (and so the
+    TCP listener is on for it)."""
+
+    sdk_env: bool = True
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,7 @@ class AgentConfig:
     log_level: str = "info"
     simulated_nsm: SimulatedNsmConfig = field(default_factory=SimulatedNsmConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: Limits = field(default_factory=Limits)
     secrets: Mapping[str, SecretConfig] = field(default_factory=dict)
@@ -156,12 +172,14 @@ _TOP_KEYS = {
     "log_level",
     "simulated_nsm",
     "listen",
+    "run",
     "access",
     "limits",
     "secrets",
 }
 _SIMULATED_KEYS = {"ca_dir", "pcrs", "fail_with"}
-_LISTEN_KEYS = {"socket", "socket_mode", "socket_group", "tcp"}
+_LISTEN_KEYS = {"socket", "socket_mode", "socket_group", "tcp", "tcp_open"}
+_RUN_KEYS = {"sdk_env"}
 _ACCESS_KEYS = {"allowed_uids", "allowed_gids"}
 _SECRET_KEYS = {"ciphertext", "ciphertext_file", "key_id", "encryption_context", "file"}
 _LIMIT_KEYS: dict[str, type] = {
@@ -250,6 +268,7 @@ def config_from_mapping(
         log_level=log_level,
         simulated_nsm=simulated,
         listen=_listen(document.get("listen", {}), base, source),
+        run=_run(document.get("run", {}), source),
         access=_access(document.get("access", {}), source),
         limits=_limits(document.get("limits", {}), source),
         secrets=secrets,
@@ -343,7 +362,7 @@ def _listen(value: Any, base: Path, source: str) -> ListenConfig:
         if not isinstance(address, TcpAddress) or not _is_loopback(address.host):
             raise ConfigError(
                 f"{source}: listen.tcp must be a loopback tcp: address such as "
-                f"tcp:127.0.0.1:9000 (it has no caller check), got {tcp_text!r}"
+                f"tcp:127.0.0.1:9000, got {tcp_text!r}"
             )
         tcp = address
     group = table.get("socket_group")
@@ -352,7 +371,26 @@ def _listen(value: Any, base: Path, source: str) -> ListenConfig:
         isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < 2**32 - 1
     ):
         raise ConfigError(f"{source}: listen.socket_group must be a numeric gid")
-    return ListenConfig(socket=socket_path, socket_mode=mode, socket_group=group, tcp=tcp)
+    return ListenConfig(
+        socket=socket_path,
+        socket_mode=mode,
+        socket_group=group,
+        tcp=tcp,
+        tcp_open=_bool(table, "tcp_open", source, "listen", default=False),
+    )
+
+
+def _bool(table: Mapping[str, Any], key: str, source: str, where: str, *, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {where}.{key} must be true or false")
+    return value
+
+
+def _run(value: Any, source: str) -> RunConfig:
+    table = _table(value, source, "[run]")
+    _refuse_unknown(table, _RUN_KEYS, source, "run")
+    return RunConfig(sdk_env=_bool(table, "sdk_env", source, "run", default=True))
 
 
 def _is_loopback(host: str) -> bool:
@@ -491,6 +529,7 @@ __all__ = [
     "ConfigError",
     "Limits",
     "ListenConfig",
+    "RunConfig",
     "SecretConfig",
     "SimulatedNsmConfig",
     "load_config",

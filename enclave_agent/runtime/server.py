@@ -12,12 +12,12 @@ connection too. Bodies above ``max_body_bytes`` get 413 before they are read. A
 failure in one connection ends that connection only (``trio.serve_listeners``
 would otherwise let it end the whole server).
 
-On the Unix socket the caller's SO_PEERCRED decides, on every connection, before
-any of its bytes are read or a connection slot is taken; a refused caller gets
-KMS's ``AccessDeniedException`` at once and a ``caller_refused`` log event. The TCP listener is
-loopback only (the config insists) and has no caller check: it exists for SDK
-apps that can only speak TCP. Each caller (a uid; the TCP listener's callers
-together) gets its own share of connections and of KMS calls in flight
+On every connection, before any of its bytes are read or a connection slot is
+taken, the kernel names the caller (``callers``: SO_PEERCRED on the Unix socket,
+inet_diag on the loopback TCP listener, which exists for SDK apps that can only
+speak TCP) and the ``[access]`` rules decide; a refused caller gets KMS's
+``AccessDeniedException`` at once and a ``caller_refused`` log event. Each caller
+(a uid) gets its own share of connections and of KMS calls in flight
 (``admission``), so one caller at its cap never stops another.
 
 Logs: one ``request`` event per request (method, path, operation, status, error
@@ -37,7 +37,7 @@ import h11
 import trio
 
 from enclave_agent.runtime import app_protocol
-from enclave_agent.runtime.admission import Admission, Caller, caller_of
+from enclave_agent.runtime.admission import Admission, Caller
 from enclave_agent.runtime.app_protocol import (
     AppProtocolError,
     AppResponse,
@@ -46,13 +46,12 @@ from enclave_agent.runtime.app_protocol import (
     KmsCall,
     SecretCall,
 )
+from enclave_agent.runtime.callers import Callers, identify
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.kms import KmsError
 from enclave_agent.runtime.nsm import NsmError
-from enclave_agent.runtime.peercred import is_allowed
-from enclave_common.address import describe_peer
 from enclave_common.logs import get_logger
-from enclave_common.peercred import PeerCred, PeerCredError, peer_credentials
+from enclave_common.tcp_peercred import Query, ask_kernel
 
 MAX_HEADER_BYTES = 16 * 1024
 _RECEIVE_SIZE = 64 * 1024
@@ -91,8 +90,10 @@ class AppServer:
         secrets: SecretLookup,
         access: AccessConfig,
         limits: Limits,
+        query: Query = ask_kernel,
     ) -> None:
         self._gateway = gateway
+        self._query = query
         self._attest = attest
         self._secrets = secrets
         self._access = access
@@ -103,36 +104,25 @@ class AppServer:
         self,
         listener: trio.SocketListener,
         *,
-        check_peer: bool,
+        callers: Callers,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         async def handler(stream: trio.SocketStream) -> None:
-            await self.handle_connection(stream, check_peer=check_peer)
+            await self.handle_connection(stream, callers=callers)
 
         async with trio.open_nursery() as nursery:
             # serve_listeners copes with EMFILE and friends by pausing accept.
             await nursery.start(trio.serve_listeners, handler, [listener])
             task_status.started()
 
-    async def handle_connection(self, stream: trio.SocketStream, *, check_peer: bool) -> None:
+    async def handle_connection(self, stream: trio.SocketStream, *, callers: Callers) -> None:
         async with stream:
-            cred: PeerCred | None = None
-            if check_peer:
-                # Who is calling is decided before a byte of the request is read or a
-                # connection slot is taken: a refused caller's request is never parsed
-                # and cannot hold slots that allowed apps need.
-                try:
-                    cred = peer_credentials(stream.socket)
-                except PeerCredError:
-                    cred = None
-            caller = caller_of(cred, unix=check_peer)
-            if check_peer and (cred is None or not is_allowed(cred, self._access)):
-                log.warning(
-                    "caller_refused",
-                    uid=cred.uid if cred else None,
-                    gid=cred.gid if cred else None,
-                    pid=cred.pid if cred else None,
-                )
+            # Who is calling is decided before a byte of the request is read or a
+            # connection slot is taken: a refused caller's request is never parsed
+            # and cannot hold slots that allowed apps need.
+            who = await identify(stream, callers, self._access, self._query)
+            caller = who.caller
+            if not who.allowed:
                 await self._refuse(
                     stream,
                     caller,
@@ -145,12 +135,14 @@ class AppServer:
                 return
             with contextlib.ExitStack() as share:
                 try:
-                    share.enter_context(self._admission.connection(caller))
+                    share.enter_context(
+                        self._admission.connection(caller, tcp=callers is not Callers.UNIX)
+                    )
                 except AppProtocolError as exc:
                     await self._refuse(stream, caller, exc)
                     return
                 try:
-                    await self._connection(stream, cred, caller)
+                    await self._connection(stream, who.peer, caller)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
                     # The client went away or stopped reading: its connection ends here.
                     pass
@@ -166,10 +158,7 @@ class AppServer:
         with self._admission.refusal(caller) as linger:
             await _send_raw(stream, response, linger=linger)
 
-    async def _connection(
-        self, stream: trio.SocketStream, cred: PeerCred | None, caller: Caller
-    ) -> None:
-        peer = f"uid={cred.uid},pid={cred.pid}" if cred else describe_peer(stream)
+    async def _connection(self, stream: trio.SocketStream, peer: str, caller: Caller) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         first = True
         while True:
