@@ -1,9 +1,8 @@
 """The inet_diag codec with crafted kernel answers: only DiagError escapes the reader,
 and a uid is named only for the exact, established, owned socket (never guessed).
 
-The answers are built here from the uapi layouts written out again (linux/netlink.h,
-linux/inet_diag.h), independently of the module's own structs; the real kernel's
-answers are read in tests/test_tcp_peercred.py.
+The answers come from tests/support/inet_diag_answers.py (the uapi layouts written
+out again); the real kernel's answers are read in tests/test_tcp_peercred.py.
 """
 
 from __future__ import annotations
@@ -28,68 +27,28 @@ from enclave_common.inet_diag import (
     owner_uid,
     request,
 )
+from tests.support.inet_diag_answers import (
+    DONE,
+    FIN_WAIT1,
+    SEQ,
+    TIME_WAIT,
+    diag_msg,
+    error,
+    header,
+    message,
+    socket_answer,
+)
 
 FUZZ = settings(max_examples=200, deadline=5000)
-SEQ = 7
 CLIENT = Endpoint.of("127.0.0.1", 41104)
 LISTENER = Endpoint.of("127.0.0.1", 9000)
 CONNECTION = FourTuple(CLIENT, LISTENER)
 CONNECTION6 = FourTuple(Endpoint.of("::1", 52166), Endpoint.of("::1", 9000))
-FIN_WAIT1, TIME_WAIT = 4, 6
-
-
-def header(length: int, kind: int, flags: int = 0, seq: int = SEQ) -> bytes:
-    # struct nlmsghdr: u32 len, u16 type, u16 flags, u32 seq, u32 pid (host order)
-    return struct.pack("=IHHII", length, kind, flags, seq, 0)
-
-
-def message(kind: int, payload: bytes, flags: int = 0, seq: int = SEQ) -> bytes:
-    padding = b"\0" * (-len(payload) % 4)
-    return header(16 + len(payload), kind, flags, seq) + payload + padding
-
-
-def diag_msg(
-    source: Endpoint,
-    destination: Endpoint,
-    *,
-    uid: int = 1000,
-    state: int = TCP_ESTABLISHED,
-    inode: int = 4242,
-    family: int | None = None,
-) -> bytes:
-    """struct inet_diag_msg, as the kernel writes it for one socket."""
-    if family is None:
-        family = socket.AF_INET if source.address.version == 4 else socket.AF_INET6
-
-    def packed(endpoint: Endpoint) -> bytes:
-        address = endpoint.address
-        if family == socket.AF_INET6 and address.version == 4:
-            return socket.inet_pton(socket.AF_INET6, f"::ffff:{address}")
-        return address.packed.ljust(16, b"\0")
-
-    sockid = (
-        struct.pack(">HH", source.port, destination.port)
-        + packed(source)
-        + packed(destination)
-        + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
-    )
-    return (
-        struct.pack("=BBBB", family, state, 0, 0)
-        + sockid
-        + struct.pack("=IIIII", 0, 0, 0, uid, inode)
-    )
 
 
 def found(source: Endpoint = CLIENT, destination: Endpoint = LISTENER, **fields: int) -> bytes:
-    """The exact lookup's answer: one socket, no NLM_F_MULTI."""
-    return message(20, diag_msg(source, destination, **fields))
-
-
-def error(code: int) -> bytes:
-    return message(2, struct.pack("=i", code) + header(72, 20, 1))
-
-
-DONE = message(3, struct.pack("=i", 0))
+    """The exact lookup's answer for one socket (by default the client's)."""
+    return socket_answer(source, destination, **fields)
 
 
 def answered(*datagrams: bytes) -> Answer:

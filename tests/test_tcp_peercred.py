@@ -23,7 +23,7 @@ from enclave_common.tcp_peercred import (
     self_check,
     tcp_peer_uid,
 )
-from tests.test_inet_diag import SEQ, diag_msg, error, message
+from tests.support.inet_diag_answers import SEQ, diag_msg, error, message
 
 OTHER_UID = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a client of another uid needs root")
