@@ -17,7 +17,8 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -93,18 +94,28 @@ async def tcp_peer_uid(sock: trio.socket.SocketType, *, query: Query = ask_kerne
     return owner_uid(connection, answer)
 
 
+@asynccontextmanager
+async def loopback_connection(
+    host: str,
+) -> AsyncIterator[tuple[trio.socket.SocketType, trio.socket.SocketType]]:
+    """A TCP connection of our own on ``host`` (a loopback address): (the client's
+    end, the accepted end), closed afterwards."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with trio.socket.socket(family) as listener, trio.socket.socket(family) as client:
+        await listener.bind((host, 0))
+        listener.listen(1)
+        await client.connect(listener.getsockname()[:2])
+        accepted, _ = await listener.accept()
+        with accepted:
+            yield client, accepted
+
+
 async def self_check(host: str, *, query: Query = ask_kernel) -> None:
     """Whether this kernel can name TCP callers: a throwaway connection of our own on
     ``host`` must come back as our own uid. ``NotAttributed`` (with the reason) if not."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        with trio.socket.socket(family) as listener, trio.socket.socket(family) as client:
-            await listener.bind((host, 0))
-            listener.listen(1)
-            await client.connect(listener.getsockname()[:2])
-            accepted, _ = await listener.accept()
-            with accepted:
-                uid = await tcp_peer_uid(accepted, query=query)
+        async with loopback_connection(host) as (_, accepted):
+            uid = await tcp_peer_uid(accepted, query=query)
     except OSError as exc:
         raise NotAttributed(f"cannot open a test connection on {host}: {exc.strerror}") from None
     if uid != os.geteuid():

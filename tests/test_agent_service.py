@@ -9,7 +9,7 @@ import contextlib
 import errno
 import os
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,17 +21,7 @@ import trio
 from enclave_agent.runtime import service
 from enclave_agent.runtime.config import parse_config
 from enclave_common.inet_diag import Answer, FourTuple
-from enclave_common.logs import configure_logging
 from enclave_common.tcp_peercred import Query, ask_kernel
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
-    yield
-    structlog.configure(**saved[0])
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(**saved[1])
 
 
 async def health_over_tcp(port: int) -> bytes:
@@ -69,7 +59,6 @@ async def agent(
     tmp_path: Path, listen: str = "", *, for_sdks: bool = False, kernel: Query = ask_kernel
 ) -> AsyncIterator[tuple[service.AgentReady, list[dict[str, Any]]]]:
     config = parse_config(agent_config(tmp_path, listen))
-    configure_logging("info", process="test-agent")
     with structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             ready = await nursery.start(

@@ -9,8 +9,7 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -20,6 +19,7 @@ from enclave_common.tcp_peercred import (
     LOOKUP_TIMEOUT,
     ask_kernel,
     connection_of,
+    loopback_connection,
     self_check,
     tcp_peer_uid,
 )
@@ -43,21 +43,9 @@ sys.stdin.read()
 """
 
 
-@asynccontextmanager
-async def pair(host: str) -> AsyncIterator[tuple[trio.socket.SocketType, trio.socket.SocketType]]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with trio.socket.socket(family) as listener, trio.socket.socket(family) as client:
-        await listener.bind((host, 0))
-        listener.listen(4)
-        await client.connect(listener.getsockname()[:2])
-        accepted, _ = await listener.accept()
-        with accepted:
-            yield client, accepted
-
-
 @pytest.mark.parametrize("host", HOSTS)
 async def test_our_own_connection_is_ours(host: str) -> None:
-    async with pair(host) as (_, accepted):
+    async with loopback_connection(host) as (_, accepted):
         assert await tcp_peer_uid(accepted) == os.geteuid()
     await self_check(host)
 
@@ -108,14 +96,14 @@ async def test_a_client_of_another_uid_is_named(host: str) -> None:
 @pytest.mark.parametrize("host", HOSTS)
 async def test_a_client_that_closed_before_the_lookup_is_refused(host: str) -> None:
     # Its socket lingers in FIN_WAIT, reported as uid 0 (root) with inode 0.
-    async with pair(host) as (client, accepted):
+    async with loopback_connection(host) as (client, accepted):
         client.close()
         with pytest.raises(NotAttributed, match="FIN_WAIT|no such connection"):
             await tcp_peer_uid(accepted)
 
 
 async def test_a_client_that_reset_before_the_lookup_is_refused() -> None:
-    async with pair("127.0.0.1") as (client, accepted):
+    async with loopback_connection("127.0.0.1") as (client, accepted):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
         with pytest.raises(NotAttributed, match="no such connection|no peer"):
@@ -123,7 +111,7 @@ async def test_a_client_that_reset_before_the_lookup_is_refused() -> None:
 
 
 async def test_the_lookup_racing_the_clients_close_is_refused() -> None:
-    async with pair("127.0.0.1") as (client, accepted):
+    async with loopback_connection("127.0.0.1") as (client, accepted):
 
         async def close_first(connection: FourTuple) -> Answer:
             # The client goes away between our question being built and the kernel's answer.
@@ -172,7 +160,7 @@ Craft = Callable[[FourTuple], bytes]
     ],
 )
 async def test_a_wrong_answer_is_refused(craft: Craft, reason: str) -> None:
-    async with pair("127.0.0.1") as (_, accepted):
+    async with loopback_connection("127.0.0.1") as (_, accepted):
         connection = connection_of(accepted)
 
         async def lying(asked: FourTuple) -> Answer:
@@ -184,7 +172,7 @@ async def test_a_wrong_answer_is_refused(craft: Craft, reason: str) -> None:
 
 
 async def test_a_malformed_answer_is_refused() -> None:
-    async with pair("127.0.0.1") as (_, accepted):
+    async with loopback_connection("127.0.0.1") as (_, accepted):
 
         async def garbled(asked: FourTuple) -> Answer:
             return _answer(b"\x10\0\0\0garbage!")
@@ -196,7 +184,7 @@ async def test_a_malformed_answer_is_refused() -> None:
 async def test_a_kernel_that_never_answers_is_refused_in_bounded_time(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    async with pair("127.0.0.1") as (_, accepted):
+    async with loopback_connection("127.0.0.1") as (_, accepted):
 
         async def silent(asked: FourTuple) -> Answer:
             await trio.sleep_forever()
