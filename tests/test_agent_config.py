@@ -25,6 +25,8 @@ def test_minimal_config_has_safe_defaults() -> None:
     assert config.listen.socket == DEFAULT_SOCKET
     assert config.listen.socket_mode == 0o660
     assert config.listen.tcp is None
+    assert not config.listen.tcp_open  # no inet_diag: a set tcp does not start
+    assert config.run.sdk_env
     assert config.kms_endpoint is None
     assert not config.secrets
     assert not config.trusted_keys  # secure by default: no key operation
@@ -51,6 +53,10 @@ socket = "agent.sock"
 socket_mode = "0600"
 socket_group = 1000
 tcp = "tcp:127.0.0.1:9000"
+tcp_open = true
+
+[run]
+sdk_env = false
 
 [access]
 allowed_uids = [0, 1000]
@@ -82,6 +88,7 @@ ciphertext_file = "blob.bin"
     assert config.listen.socket_mode == 0o600
     assert config.listen.socket_group == 1000
     assert config.listen.tcp == TcpAddress("127.0.0.1", 9000)
+    assert config.listen.tcp_open and not config.run.sdk_env
     assert config.access.allowed_uids == {0, 1000}
     assert config.access.allowed_gids == {50}
     assert config.limits.max_body_bytes == 1024
@@ -102,6 +109,7 @@ ciphertext_file = "blob.bin"
         ('region = "us-east-1"\nregoin = "x"', ["regoin"]),
         ('region = "us-east-1"\n[access]\nalowed_uids = [1]\nextra = 2', ["alowed_uids", "extra"]),
         ('region = "us-east-1"\n[limits]\nmax_body = 3', ["max_body"]),
+        ('region = "us-east-1"\n[run]\nsdk_envs = false', ["sdk_envs"]),
         (f'region = "us-east-1"\n[secrets.a]\nciphertext = "{BLOB}"\nkeyid = "k"', ["keyid"]),
     ],
 )
@@ -133,6 +141,9 @@ def test_unknown_keys_are_named(text: str, names: list[str]) -> None:
         'region = "us-east-1"\n[listen]\nsocket_group = 4294967295',
         'region = "us-east-1"\n[listen]\ntcp = "tcp:0.0.0.0:9000"',
         'region = "us-east-1"\n[listen]\ntcp = "unix:/x"',
+        'region = "us-east-1"\n[listen]\ntcp_open = "yes"',
+        'region = "us-east-1"\n[listen]\ntcp_open = 1',
+        'region = "us-east-1"\n[run]\nsdk_env = "false"',
         'region = "us-east-1"\n[access]\nallowed_uids = ["root"]',
         'region = "us-east-1"\n[limits]\nmax_body_bytes = 0',
         'region = "us-east-1"\n[limits]\nmax_body_bytes = true',
@@ -164,7 +175,7 @@ def test_per_uid_shares_default_and_must_stay_below_their_whole() -> None:
     # A share as large as its whole would let one uid take every connection or KMS call.
     for text, message in [
         (
-            "max_connections = 16",
+            "max_connections = 16\nmax_connections_per_uid = 64",
             r"limits.max_connections_per_uid \(64\) must be smaller than "
             r"limits.max_connections \(16\)",
         ),
@@ -177,6 +188,28 @@ def test_per_uid_shares_default_and_must_stay_below_their_whole() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_config(f'region = "us-east-1"\n[limits]\n{text}')
+
+
+@pytest.mark.parametrize(
+    ("limits", "per_uid"),
+    [
+        ("max_connections = 32", (16, 8)),  # refused before the shares were derived
+        ("max_connections = 100000", (64, 8)),
+        ("max_connections = 2\nkms_pool_size = 3", (1, 1)),
+        ("kms_pool_size = 4", (64, 2)),
+        ("kms_pool_size = 64", (64, 8)),
+    ],
+)
+def test_unset_per_uid_shares_are_derived_from_their_whole(
+    limits: str, per_uid: tuple[int, int]
+) -> None:
+    # A config that sets only the whole keeps starting: each share is its default or
+    # half the whole, whichever is smaller; one set explicitly is still checked.
+    config = parse_config(f'region = "us-east-1"\n[limits]\n{limits}').limits
+    assert (config.max_connections_per_uid, config.max_kms_calls_per_uid) == per_uid
+    for whole in ("max_connections", "kms_pool_size"):
+        with pytest.raises(ConfigError, match=f"limits.{whole} must be an integer of at least 2"):
+            parse_config(f'region = "us-east-1"\n[limits]\n{whole} = 1')
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
