@@ -68,8 +68,12 @@ async def identify(
     except NotAttributed as exc:
         log.warning("caller_refused", listener="tcp", peer=peer, reason=exc.reason)
         return Identified(UNKNOWN_CALLER, False, peer)
-    # The group database may be NSS (blocking): off the event loop.
-    allowed = await trio.to_thread.run_sync(is_uid_allowed, uid, access)
+    try:
+        # The group database may be NSS (blocking): off the event loop.
+        allowed = await trio.to_thread.run_sync(is_uid_allowed, uid, access)
+    except OSError as exc:
+        log.warning("caller_refused", listener="tcp", uid=uid, peer=peer, reason=str(exc))
+        return Identified(uid, False, f"uid={uid},{peer}")
     if not allowed:
         log.warning("caller_refused", listener="tcp", uid=uid, peer=peer)
     return Identified(uid, allowed, f"uid={uid},{peer}")
