@@ -200,7 +200,7 @@ def string(value: Any, at: At) -> str:
 
 def boolean(value: Any, at: At) -> bool:
     if not isinstance(value, bool):
-        raise at.must_be("true or false", value)
+        raise at.wrong_type("true or false", value)
     return value
 
 
