@@ -32,7 +32,7 @@ from enclave_common.address import (
     parse_address,
 )
 from enclave_common.logs import configure_logging
-from tests.test_kms_fakes import (
+from tests.support.kms_fakes import (
     FAKE_KEY_ARN,
     FakeKms,
     FakeNsm,

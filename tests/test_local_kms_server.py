@@ -25,7 +25,7 @@ from enclave_agent.operator.key_policy import Measurements, build_key_policy
 from enclave_agent.runtime.cms import decrypt_for_recipient
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import DEFAULT_SIMULATED_PCRS, SimulatedNsm
-from tests.test_local_kms_envelope import openssl_decrypt
+from tests.support.openssl_cms import openssl_decrypt
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = b"local-kms-plaintext-marker-7f3a"

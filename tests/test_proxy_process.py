@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from stack import proxy_env as _env
-from stack import start_proxy
-from test_proxy_support import echo_handler, open_tunnel, request, tcp_server
+
+from tests.support.proxy_harness import echo_handler, open_tunnel, request, tcp_server
+from tests.support.stack import proxy_env as _env
+from tests.support.stack import start_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = b"SUBPROCESS-MARKER-51c0ffee-never-in-logs"
