@@ -1,7 +1,8 @@
 """Who may use the agent: the allow rule over a caller's SO_PEERCRED.
 
-Together with the socket file's mode this is the whole app-side boundary (DESIGN.md
-section 2); reading the credentials is ``enclave_common.peercred``.
+Together with the socket file's mode this is the whole app-side boundary
+(docs/architecture.md, "The trust boundary"); reading the credentials is
+``enclave_common.peercred``.
 """
 
 from __future__ import annotations
