@@ -13,4 +13,6 @@ The rule: a test module imports shared helpers from this package (or fixtures fr
 - ``raw_http``: a loopback server that speaks whatever bytes a test writes.
 - ``cms_builder``: KMS-shaped envelopes built field by field, to break one field at a time.
 - ``openssl_cms``: the OpenSSL CLI as an independent CMS consumer.
+- ``inet_diag_answers``: netlink/inet_diag answers built from the uapi layouts, as the
+  kernel (or a lying one) would send them.
 """
