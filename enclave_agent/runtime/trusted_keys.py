@@ -32,9 +32,9 @@ from typing import Any
 
 CONFIG_KEY = "trusted_keys"
 ACCOUNT_WILDCARD = "*"
-_PARTITION = re.compile(r"aws(-[a-z]+){0,3}")
-_REGION = re.compile(r"([a-z]+-){2,3}[0-9]+")
-_ACCOUNT = re.compile(r"[0-9]{12}")
+PARTITION = re.compile(r"aws(-[a-z]+){0,3}")
+REGION = re.compile(r"([a-z]+-){2,3}[0-9]+")
+ACCOUNT = re.compile(r"[0-9]{12}")
 _KEY_ID = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}"
 )
@@ -84,13 +84,13 @@ def _parse(text: Any, *, account_entry: bool) -> KeyArn:
     if len(parts) != 6 or parts[0] != "arn":
         raise KeyArnError(f"{quoted(text)} is not an ARN; expected {SHAPE}")
     _, partition, service, region, account, resource = parts
-    if not _PARTITION.fullmatch(partition):
+    if not PARTITION.fullmatch(partition):
         raise KeyArnError(f"{quoted(text)}: {quoted(partition)} is not an AWS partition")
     if service != "kms":
         raise KeyArnError(f"{quoted(text)} is not a KMS ARN (service {quoted(service)})")
-    if not _REGION.fullmatch(region):
+    if not REGION.fullmatch(region):
         raise KeyArnError(f"{quoted(text)}: {quoted(region)} is not a region name")
-    if not _ACCOUNT.fullmatch(account):
+    if not ACCOUNT.fullmatch(account):
         raise KeyArnError(f"{quoted(text)}: the account must be 12 digits")
     kind, slash, key_id = resource.partition("/")
     if kind != "key" or not slash:
