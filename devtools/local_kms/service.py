@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devtools.local_kms.backend import MOTO_OPERATIONS, KeyInfo, MotoBackendError, MotoKms
-from devtools.local_kms.credentials import Credential, CredentialStore
+from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.envelope import encrypt_for_recipient
 from devtools.local_kms.policy import (
     Caller,
@@ -42,7 +42,7 @@ from devtools.local_kms.policy import (
 )
 from devtools.local_kms.recipient import RecipientError, VerifiedRecipient, verify_recipient
 from devtools.local_kms.shapes import ShapeError, check_request, operation_names
-from devtools.local_kms.sigv4 import Request, SignatureError, check_signature
+from devtools.local_kms.sigv4 import Request, SignatureError
 
 TARGET_PREFIX = "TrentService."
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -145,7 +145,9 @@ class LocalKms:
         operation: str | None = None
         try:
             operation = self._operation(request)
-            caller = self._authenticate(request, now)
+            caller = self.credentials.authenticate(
+                request, service="kms", region=self.region, now=now
+            )
             body = self._body(request)
             return self._call(operation, body, now, caller)
         except KmsError as exc:
@@ -173,17 +175,6 @@ class LocalKms:
                 f"the local KMS does not implement {operation}",
             )
         return operation
-
-    def _authenticate(self, request: Request, now: datetime) -> Caller:
-        token = request.headers.get("x-amz-security-token")
-        signer: list[Credential] = []
-
-        def secret_for(key_id: str) -> str:
-            signer.append(self.credentials.credential_for(key_id, token, now))
-            return signer[-1].secret_access_key
-
-        check_signature(request, service="kms", region=self.region, secret_for=secret_for, now=now)
-        return signer[-1].caller  # check_signature returns only after asking for a secret
 
     @staticmethod
     def _body(request: Request) -> dict[str, Any]:
