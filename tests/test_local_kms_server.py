@@ -509,11 +509,11 @@ async def test_a_body_that_never_arrives_does_not_hold_the_connection(
     credentials = CredentialStore(["111122223333"])
     kms = LocalKms(region="us-east-1", roots=[], credentials=credentials)
     admin = server_module.Admin("token", FaultInjector(), credentials)
-    http = server_module.KmsHttpServer(kms, admin, server_context)
+    http = server_module.StandInServer(admin, server_context)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(http.serve, listeners)
+        nursery.start_soon(http.serve, kms, listeners)
         stream = await trio.open_ssl_over_tcp_stream(
             "127.0.0.1", port, ssl_context=client_context, https_compatible=True
         )

@@ -104,9 +104,12 @@ class Reply:
     operation: str | None = None
     error_type: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = JSON_CONTENT_TYPE
 
 
-class KmsError(Exception):
+class ServiceError(Exception):
+    """An error answer of a JSON service: HTTP status, AWS error type, message."""
+
     def __init__(self, status: int, error_type: str, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -114,17 +117,52 @@ class KmsError(Exception):
         self.message = message
 
 
-def _validation(message: str) -> KmsError:
-    return KmsError(400, "ValidationException", message)
+def _validation(message: str) -> ServiceError:
+    return ServiceError(400, "ValidationException", message)
 
 
 def error_reply(status: int, error_type: str, message: str, operation: str | None) -> Reply:
+    """An error of a JSON 1.1 service (KMS, Secrets Manager, SSM) in AWS's shape."""
     body = json.dumps({"__type": error_type, "message": message}).encode()
     return Reply(status, body, operation, error_type, [("x-amzn-ErrorType", error_type)])
 
 
+def json_object(request: Request) -> dict[str, Any]:
+    """A JSON service's request body: a JSON object, else SerializationException."""
+    try:
+        body = json.loads(request.body) if request.body else {}
+    except (ValueError, RecursionError) as exc:
+        raise ServiceError(400, "SerializationException", "request body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise ServiceError(400, "SerializationException", "request body must be a JSON object")
+    return body
+
+
+def target_operation(request: Request, prefix: str, service: str) -> str:
+    """The operation a JSON 1.1 request names (``X-Amz-Target: PREFIX.Operation``) if
+    botocore's model of ``service`` has it, else UnknownOperationException."""
+    if request.method != "POST" or request.target.partition("?")[0] != "/":
+        raise ServiceError(404, "UnknownOperationException", f"{service} answers POST / only")
+    target = request.headers.get("x-amz-target", "")
+    if not target.startswith(prefix):
+        raise ServiceError(
+            400, "UnknownOperationException", f"X-Amz-Target must be {prefix}<Operation>"
+        )
+    operation = target[len(prefix) :]
+    if operation not in operation_names(service):
+        raise ServiceError(400, "UnknownOperationException", "unknown operation")
+    return operation
+
+
+def operation_of(request: Request) -> str | None:
+    """The operation a JSON 1.1 request names, for logs (unchecked)."""
+    return request.headers.get("x-amz-target", "").partition(".")[2] or None
+
+
 class LocalKms:
     """The stand-in's KMS: SigV4, Recipient, key policies, and moto for the rest."""
+
+    name = "kms"
 
     def __init__(
         self,
@@ -148,49 +186,33 @@ class LocalKms:
             caller = self.credentials.authenticate(
                 request, service="kms", region=self.region, now=now
             )
-            body = self._body(request)
+            body = json_object(request)
             return self._call(operation, body, now, caller)
-        except KmsError as exc:
+        except ServiceError as exc:
             return error_reply(exc.status, exc.error_type, exc.message, operation)
         except SignatureError as exc:
             return error_reply(400, exc.error_type, exc.message, operation)
         except MotoBackendError as exc:
             return error_reply(500, "KMSInternalException", str(exc), operation)
 
+    def error(self, status: int, error_type: str, message: str, request: Request) -> Reply:
+        return error_reply(status, error_type, message, operation_of(request))
+
     def _operation(self, request: Request) -> str:
-        if request.method != "POST" or request.target.partition("?")[0] != "/":
-            raise KmsError(404, "UnknownOperationException", "KMS answers POST / only")
-        target = request.headers.get("x-amz-target", "")
-        if not target.startswith(TARGET_PREFIX):
-            raise KmsError(
-                400, "UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>"
-            )
-        operation = target[len(TARGET_PREFIX) :]
-        if operation not in operation_names():
-            raise KmsError(400, "UnknownOperationException", "unknown operation")
+        operation = target_operation(request, TARGET_PREFIX, self.name)
         if operation not in MOTO_OPERATIONS and operation not in LOCAL_OPERATIONS:
-            raise KmsError(
+            raise ServiceError(
                 400,
                 "UnsupportedOperationException",
                 f"the local KMS does not implement {operation}",
             )
         return operation
 
-    @staticmethod
-    def _body(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(request.body) if request.body else {}
-        except (ValueError, RecursionError) as exc:
-            raise KmsError(400, "SerializationException", "request body is not JSON") from exc
-        if not isinstance(body, dict):
-            raise KmsError(400, "SerializationException", "request body must be a JSON object")
-        return body
-
     def _call(self, operation: str, body: dict[str, Any], now: datetime, caller: Caller) -> Reply:
         try:
             body = check_request(operation, body)
         except ShapeError as exc:
-            raise KmsError(400, exc.error_type, exc.message) from exc
+            raise ServiceError(400, exc.error_type, exc.message) from exc
         if operation == "GenerateRandom" and body.get("NumberOfBytes") is None:
             # Optional in the model, but KMS has no default length (and moto crashes).
             raise _validation("NumberOfBytes is required")
@@ -207,7 +229,7 @@ class LocalKms:
             try:
                 parse_policy(body["Policy"])
             except PolicyError as exc:
-                raise KmsError(400, "MalformedPolicyDocumentException", str(exc)) from exc
+                raise ServiceError(400, "MalformedPolicyDocumentException", str(exc)) from exc
         context = recipient_context(recipient.pcrs) if recipient else {}
         concerned, unresolved = self._keys_concerned(operation, body, caller)
         for action, key in concerned:
@@ -242,12 +264,12 @@ class LocalKms:
         return Reply(200, json.dumps(answer).encode(), operation)
 
     def _moto(self, account: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
-        """moto's answer to ``operation`` in ``account``, or its error as a KmsError."""
+        """moto's answer to ``operation`` in ``account``, or its error as a ServiceError."""
         reply = self.moto.call(account, operation, body)
         if reply.status >= 400:
             error_type = str(reply.body.get("__type", "KMSInternalException"))
             message = str(reply.body.get("message", reply.body.get("Message", "")))
-            raise KmsError(reply.status, error_type.rpartition("#")[2], message)
+            raise ServiceError(reply.status, error_type.rpartition("#")[2], message)
         return reply.body
 
     def _re_encrypt_across(self, body: dict[str, Any], keys: dict[str, KeyInfo]) -> dict[str, Any]:
@@ -309,7 +331,7 @@ class LocalKms:
             if key is not None and isinstance(reference, str):
                 named_key = lookup(reference)
                 if named_key is not None and named_key.key_id != key.key_id:
-                    raise KmsError(
+                    raise ServiceError(
                         400,
                         "IncorrectKeyException",
                         "The key ID in the request does not identify a CMK that can perform "
@@ -339,7 +361,7 @@ class LocalKms:
         except PolicyError as exc:
             # Every policy set through the stand-in was validated; only a moto default
             # this evaluator cannot read gets here.
-            raise KmsError(500, "KMSInternalException", f"stored key policy: {exc}") from exc
+            raise ServiceError(500, "KMSInternalException", f"stored key policy: {exc}") from exc
         if decision is Decision.ALLOW:
             return
         reason = (
@@ -385,8 +407,8 @@ class LocalKms:
         }
 
 
-def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> KmsError:
-    return KmsError(
+def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> ServiceError:
+    return ServiceError(
         400,
         "AccessDeniedException",
         f"User: {caller.arn} is not authorized to perform: {action} on resource: "
@@ -394,7 +416,7 @@ def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> Km
     )
 
 
-def _not_found(reference: str, account: str, region: str) -> KmsError:
+def _not_found(reference: str, account: str, region: str) -> ServiceError:
     """KMS's (and moto's) NotFoundException for a key or alias name that names nothing;
     a name without ARN is shown as the ARN it has in ``account``."""
     if reference.startswith("arn:"):
@@ -403,8 +425,8 @@ def _not_found(reference: str, account: str, region: str) -> KmsError:
         kind = "" if reference.startswith("alias/") else "key/"
         arn = f"arn:aws:kms:{region}:{account}:{kind}{reference}"
     if ":alias/" in arn:
-        return KmsError(400, "NotFoundException", f"Alias {arn} is not found.")
-    return KmsError(400, "NotFoundException", f"Key '{arn}' does not exist")
+        return ServiceError(400, "NotFoundException", f"Alias {arn} is not found.")
+    return ServiceError(400, "NotFoundException", f"Key '{arn}' does not exist")
 
 
 def new_request_id() -> str:
