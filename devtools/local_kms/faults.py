@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("internal", "throttle", "delay")
-SERVICES = ("kms", "secretsmanager", "ssm", "s3")
+STORE_SERVICES = ("secretsmanager", "ssm", "s3")  # served with --stores
+SERVICES = ("kms", *STORE_SERVICES)
 # What each service answers when it fails inside or throttles (AWS's error codes).
 ERRORS: dict[str, dict[str, tuple[int, str]]] = {
     "kms": {"internal": (500, "KMSInternalException"), "throttle": (400, "ThrottlingException")},

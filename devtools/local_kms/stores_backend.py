@@ -28,7 +28,6 @@ from werkzeug.exceptions import HTTPException
 
 from devtools.local_kms.backend import MotoBackendError
 
-STORE_SERVICES = ("secretsmanager", "ssm", "s3")
 # Headers of a received request moto must not see: the driver removed the transfer
 # encoding, and the Authorization is the stand-in's to check (moto gets a placeholder
 # that names only the service and region).
