@@ -11,8 +11,11 @@ to 64 KiB, both bound to NAME by the encryption context) and written to DEST
 created if missing), an SSM String parameter in base64 (Advanced tier when over 4096
 characters), an S3 object or a file. It prints what it wrote as JSON, never the value.
 
-boto3 is imported when the command runs, never at import: the enclave image has no
-boto3, and this module is registered in the same command line.
+boto3 (the ``operator`` extra) is imported when the command runs, never at import:
+the enclave image has no boto3, and this module is registered in the same command
+line. Errors follow enclave_common.cli: exit 2 for what the operator gave (name,
+destination, value, region, credentials, a value too large for its store), 1 for what
+AWS refused or a file that cannot be written.
 """
 
 from __future__ import annotations
@@ -44,25 +47,11 @@ from enclave_agent.runtime.store_location import (
     parse_location,
 )
 from enclave_agent.runtime.trusted_keys import ACCOUNT
+from enclave_common.cli import CommandFailed, UsageError
 
-PROG = "enclave-agent seal"
-USAGE = 2
-FAILED = 1
 SECRETS_MANAGER_LIMIT = 65536  # SecretBinary, bytes
 SSM_STANDARD_LIMIT = 4096  # a String parameter's value, characters
 SSM_ADVANCED_LIMIT = 8192
-
-
-class SealError(Exception):
-    """Why the command stopped: one line for stderr and the exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _usage(message: str) -> SealError:
-    return SealError(message, USAGE)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -89,30 +78,31 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        written = seal_and_store(args)
-    except SealError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(written, indent=2))
+    print(json.dumps(seal_and_store(args), indent=2))
     return 0
 
 
 def seal_and_store(args: argparse.Namespace) -> dict[str, Any]:
     if not SECRET_NAME.match(args.name):
-        raise _usage(f"secret name {args.name!r} must be 1-128 of A-Z a-z 0-9 _ . - ")
+        raise UsageError(f"secret name {args.name!r} must be 1-128 of A-Z a-z 0-9 _ . - ")
     try:
         location = parse_location(args.to)
     except LocationError as exc:
-        raise _usage(f"--to: {exc}") from None
+        raise UsageError(f"--to: {exc}") from None
     if args.bucket_owner is not None:
         if not isinstance(location, S3Location):
-            raise _usage("--bucket-owner applies to an s3:// destination only")
+            raise UsageError("--bucket-owner applies to an s3:// destination only")
         if not ACCOUNT.fullmatch(args.bucket_owner):
-            raise _usage("--bucket-owner must be a 12-digit account id")
+            raise UsageError("--bucket-owner must be a 12-digit account id")
     value = read_value(args.from_file)
 
-    import boto3  # the operator extra's; never in the enclave
+    try:
+        import boto3  # the operator extra's; never in the enclave
+    except ImportError:
+        raise UsageError(
+            "boto3 is not installed: seal needs the operator extra "
+            "(pip install 'enclave-kms[operator]')"
+        ) from None
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
     try:
@@ -121,18 +111,18 @@ def seal_and_store(args: argparse.Namespace) -> dict[str, Any]:
         check_fits(location, blob)
         written = store(session, location, blob, args.bucket_owner)
     except NoRegionError:
-        raise _usage(
+        raise UsageError(
             "no AWS region: pass --region or set AWS_DEFAULT_REGION (or a profile's region)"
         ) from None
     except NoCredentialsError:
-        raise _usage("no AWS credentials found (environment, profile, instance role)") from None
+        raise UsageError("no AWS credentials found (environment, profile, instance role)") from None
     except ClientError as exc:
         error = exc.response.get("Error", {})
-        raise SealError(
-            f"{exc.operation_name}: {error.get('Code', '?')}: {error.get('Message', '')}", FAILED
+        raise CommandFailed(
+            f"{exc.operation_name}: {error.get('Code', '?')}: {error.get('Message', '')}"
         ) from None
     except BotoCoreError as exc:
-        raise SealError(str(exc), FAILED) from None
+        raise CommandFailed(str(exc)) from None
     return {
         "name": args.name,
         "form": form,
@@ -152,11 +142,11 @@ def read_value(path: Path | None) -> bytes:
             with path.open("rb") as handle:
                 value = handle.read(MAX_VALUE + 1)
     except OSError as exc:
-        raise _usage(f"cannot read {path or 'stdin'}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {path or 'stdin'}: {exc.strerror}") from None
     if not value:
-        raise _usage("the value is empty")
+        raise UsageError("the value is empty")
     if len(value) > MAX_VALUE:
-        raise _usage(f"the value is over {MAX_VALUE} bytes (64 KiB), the most a secret may be")
+        raise UsageError(f"the value is over {MAX_VALUE} bytes (64 KiB), the most a secret may be")
     return value
 
 
@@ -182,7 +172,7 @@ def check_fits(location: Location, blob: bytes) -> None:
         where = "an SSM parameter (Advanced tier) holds"
     else:
         return
-    raise _usage(
+    raise UsageError(
         f"the sealed value is {len(blob)} bytes; {where} at most {limit}: "
         "use s3:// (or file:) for this secret"
     )
@@ -270,5 +260,5 @@ def _file(location: FileLocation, blob: bytes) -> dict[str, Any]:
         os.replace(temporary, path)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
-        raise SealError(f"cannot write {path}: {exc.strerror}", FAILED) from None
+        raise CommandFailed(f"cannot write {path}: {exc.strerror}") from None
     return {"path": str(path.resolve())}
