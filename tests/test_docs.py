@@ -15,6 +15,7 @@ DOCS = [
     "docs/operations.md",
     "docs/deploy.md",
     "docs/benchmarks.md",
+    "docs/secrets.md",
     "README.md",
 ]
 REFERENCE = re.compile(r"(test_\w+\.py)::(test_\w+)")
