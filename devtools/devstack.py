@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from devtools.local_kms.admin_client import account_credentials, mint_credentials
-from devtools.local_kms.faults import STORE_SERVICES
 from devtools.local_kms.policy import Caller
 from enclave_agent.runtime.trusted_keys import TrustedKeys, account_entry, toml_line
+from enclave_common.aws import STORE_SERVICES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0

@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from enclave_common.aws import STORE_SERVICES
+
 KINDS = ("internal", "throttle", "delay")
-STORE_SERVICES = ("secretsmanager", "ssm", "s3")  # served with --stores
-SERVICES = ("kms", *STORE_SERVICES)
+SERVICES = ("kms", *STORE_SERVICES)  # the stores are served with --stores
 # What each service answers when it fails inside or throttles (AWS's error codes).
 ERRORS: dict[str, dict[str, tuple[int, str]]] = {
     "kms": {"internal": (500, "KMSInternalException"), "throttle": (400, "ThrottlingException")},

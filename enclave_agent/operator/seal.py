@@ -46,7 +46,7 @@ from enclave_agent.runtime.store_location import (
     SsmLocation,
     parse_location,
 )
-from enclave_agent.runtime.trusted_keys import ACCOUNT
+from enclave_common.aws import is_account_id
 from enclave_common.cli import CommandFailed, UsageError
 
 SECRETS_MANAGER_LIMIT = 65536  # SecretBinary, bytes
@@ -92,7 +92,7 @@ def seal_and_store(args: argparse.Namespace) -> dict[str, Any]:
     if args.bucket_owner is not None:
         if not isinstance(location, S3Location):
             raise UsageError("--bucket-owner applies to an s3:// destination only")
-        if not ACCOUNT.fullmatch(args.bucket_owner):
+        if not is_account_id(args.bucket_owner):
             raise UsageError("--bucket-owner must be a 12-digit account id")
     value = read_value(args.from_file)
 

@@ -23,7 +23,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from enclave_agent.runtime.trusted_keys import ACCOUNT, PARTITION, REGION, quoted
+from enclave_agent.runtime.trusted_keys import quoted
+from enclave_common.aws import PARTITION_PATTERN, is_account_id, is_region
 
 SECRETSMANAGER = "secretsmanager:"
 SSM = "ssm:"
@@ -99,11 +100,11 @@ def parse_arn(text: str, service: str) -> ResourceArn:
     _, partition, named_service, region, account, resource = parts
     if named_service != service:
         raise LocationError(f"{quoted(text)} is not a {service} ARN")
-    if not PARTITION.fullmatch(partition):
+    if not re.fullmatch(PARTITION_PATTERN, partition):
         raise LocationError(f"{quoted(text)}: {quoted(partition)} is not an AWS partition")
-    if not REGION.fullmatch(region):
+    if not is_region(region):
         raise LocationError(f"{quoted(text)}: {quoted(region)} is not a region name")
-    if not ACCOUNT.fullmatch(account):
+    if not is_account_id(account):
         raise LocationError(f"{quoted(text)}: the account must be 12 digits")
     return ResourceArn(partition, named_service, region, account, resource)
 

@@ -18,8 +18,8 @@ Rules of this file:
   as a full key ARN (no wildcard) and then match an entry exactly, character for
   character, or match an account entry's partition, region and account.
 - Key ids are what KMS issues: a lower-case UUID, or ``mrk-`` and 32 lower-case hex
-  digits for a multi-Region key (AWS KMS API reference, "KeyId"). Regions follow the
-  pattern AWS documents for them (``^([a-z]+-){2,3}\\d+$``, API_MultiRegionKey).
+  digits for a multi-Region key (AWS KMS API reference, "KeyId"). Partitions and
+  regions are the names enclave_common.aws knows (every AWS partition's).
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from enclave_common.aws import ACCOUNT_PATTERN, PARTITION_PATTERN, is_region
+
 CONFIG_KEY = "trusted_keys"
 ACCOUNT_WILDCARD = "*"
-PARTITION = re.compile(r"aws(-[a-z]+){0,3}")
-REGION = re.compile(r"([a-z]+-){2,3}[0-9]+")
-ACCOUNT = re.compile(r"[0-9]{12}")
+_PARTITION = re.compile(PARTITION_PATTERN)
+_ACCOUNT = re.compile(ACCOUNT_PATTERN)
 _KEY_ID = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}"
 )
@@ -84,13 +85,13 @@ def _parse(text: Any, *, account_entry: bool) -> KeyArn:
     if len(parts) != 6 or parts[0] != "arn":
         raise KeyArnError(f"{quoted(text)} is not an ARN; expected {SHAPE}")
     _, partition, service, region, account, resource = parts
-    if not PARTITION.fullmatch(partition):
+    if not _PARTITION.fullmatch(partition):
         raise KeyArnError(f"{quoted(text)}: {quoted(partition)} is not an AWS partition")
     if service != "kms":
         raise KeyArnError(f"{quoted(text)} is not a KMS ARN (service {quoted(service)})")
-    if not REGION.fullmatch(region):
+    if not is_region(region):
         raise KeyArnError(f"{quoted(text)}: {quoted(region)} is not a region name")
-    if not ACCOUNT.fullmatch(account):
+    if not _ACCOUNT.fullmatch(account):
         raise KeyArnError(f"{quoted(text)}: the account must be 12 digits")
     kind, slash, key_id = resource.partition("/")
     if kind != "key" or not slash:
