@@ -41,8 +41,9 @@ from devtools.local_kms.policy import (
     recipient_context,
 )
 from devtools.local_kms.recipient import RecipientError, VerifiedRecipient, verify_recipient
-from devtools.local_kms.shapes import ShapeError, check_request, operation_names
-from devtools.local_kms.sigv4 import Request, SignatureError
+from devtools.local_kms.shapes import check_request, operation_names
+from devtools.local_kms.sigv4 import Request
+from enclave_common.errors import ShownError
 
 TARGET_PREFIX = "TrentService."
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -107,18 +108,12 @@ class Reply:
     content_type: str = JSON_CONTENT_TYPE
 
 
-class ServiceError(Exception):
-    """An error answer of a JSON service: HTTP status, AWS error type, message."""
-
-    def __init__(self, status: int, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
+class ServiceError(ShownError):
+    """What the service itself would answer (KMS, Secrets Manager, SSM)."""
 
 
 def _validation(message: str) -> ServiceError:
-    return ServiceError(400, "ValidationException", message)
+    return ServiceError("ValidationException", message, 400)
 
 
 def error_reply(status: int, error_type: str, message: str, operation: str | None) -> Reply:
@@ -132,9 +127,9 @@ def json_object(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(request.body) if request.body else {}
     except (ValueError, RecursionError) as exc:
-        raise ServiceError(400, "SerializationException", "request body is not JSON") from exc
+        raise ServiceError("SerializationException", "request body is not JSON", 400) from exc
     if not isinstance(body, dict):
-        raise ServiceError(400, "SerializationException", "request body must be a JSON object")
+        raise ServiceError("SerializationException", "request body must be a JSON object", 400)
     return body
 
 
@@ -142,15 +137,15 @@ def target_operation(request: Request, prefix: str, service: str) -> str:
     """The operation a JSON 1.1 request names (``X-Amz-Target: PREFIX.Operation``) if
     botocore's model of ``service`` has it, else UnknownOperationException."""
     if request.method != "POST" or request.target.partition("?")[0] != "/":
-        raise ServiceError(404, "UnknownOperationException", f"{service} answers POST / only")
+        raise ServiceError("UnknownOperationException", f"{service} answers POST / only", 404)
     target = request.headers.get("x-amz-target", "")
     if not target.startswith(prefix):
         raise ServiceError(
-            400, "UnknownOperationException", f"X-Amz-Target must be {prefix}<Operation>"
+            "UnknownOperationException", f"X-Amz-Target must be {prefix}<Operation>", 400
         )
     operation = target[len(prefix) :]
     if operation not in operation_names(service):
-        raise ServiceError(400, "UnknownOperationException", "unknown operation")
+        raise ServiceError("UnknownOperationException", "unknown operation", 400)
     return operation
 
 
@@ -188,10 +183,8 @@ class LocalKms:
             )
             body = json_object(request)
             return self._call(operation, body, now, caller)
-        except ServiceError as exc:
+        except ShownError as exc:  # ServiceError, and the signature's and the shape's errors
             return error_reply(exc.status, exc.error_type, exc.message, operation)
-        except SignatureError as exc:
-            return error_reply(400, exc.error_type, exc.message, operation)
         except MotoBackendError as exc:
             return error_reply(500, "KMSInternalException", str(exc), operation)
 
@@ -202,17 +195,14 @@ class LocalKms:
         operation = target_operation(request, TARGET_PREFIX, self.name)
         if operation not in MOTO_OPERATIONS and operation not in LOCAL_OPERATIONS:
             raise ServiceError(
-                400,
                 "UnsupportedOperationException",
                 f"the local KMS does not implement {operation}",
+                400,
             )
         return operation
 
     def _call(self, operation: str, body: dict[str, Any], now: datetime, caller: Caller) -> Reply:
-        try:
-            body = check_request(operation, body)
-        except ShapeError as exc:
-            raise ServiceError(400, exc.error_type, exc.message) from exc
+        body = check_request(operation, body)
         if operation == "GenerateRandom" and body.get("NumberOfBytes") is None:
             # Optional in the model, but KMS has no default length (and moto crashes).
             raise _validation("NumberOfBytes is required")
@@ -229,7 +219,7 @@ class LocalKms:
             try:
                 parse_policy(body["Policy"])
             except PolicyError as exc:
-                raise ServiceError(400, "MalformedPolicyDocumentException", str(exc)) from exc
+                raise ServiceError("MalformedPolicyDocumentException", str(exc), 400) from exc
         context = recipient_context(recipient.pcrs) if recipient else {}
         concerned, unresolved = self._keys_concerned(operation, body, caller)
         for action, key in concerned:
@@ -269,7 +259,7 @@ class LocalKms:
         if reply.status >= 400:
             error_type = str(reply.body.get("__type", "KMSInternalException"))
             message = str(reply.body.get("message", reply.body.get("Message", "")))
-            raise ServiceError(reply.status, error_type.rpartition("#")[2], message)
+            raise ServiceError(error_type.rpartition("#")[2], message, reply.status)
         return reply.body
 
     def _re_encrypt_across(self, body: dict[str, Any], keys: dict[str, KeyInfo]) -> dict[str, Any]:
@@ -332,10 +322,10 @@ class LocalKms:
                 named_key = lookup(reference)
                 if named_key is not None and named_key.key_id != key.key_id:
                     raise ServiceError(
-                        400,
                         "IncorrectKeyException",
                         "The key ID in the request does not identify a CMK that can perform "
                         "this operation.",
+                        400,
                     )
             references.append((action, key))
 
@@ -361,7 +351,7 @@ class LocalKms:
         except PolicyError as exc:
             # Every policy set through the stand-in was validated; only a moto default
             # this evaluator cannot read gets here.
-            raise ServiceError(500, "KMSInternalException", f"stored key policy: {exc}") from exc
+            raise ServiceError("KMSInternalException", f"stored key policy: {exc}", 500) from exc
         if decision is Decision.ALLOW:
             return
         reason = (
@@ -409,10 +399,10 @@ class LocalKms:
 
 def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> ServiceError:
     return ServiceError(
-        400,
         "AccessDeniedException",
         f"User: {caller.arn} is not authorized to perform: {action} on resource: "
         f"{key.arn} {reason}",
+        400,
     )
 
 
@@ -425,8 +415,8 @@ def _not_found(reference: str, account: str, region: str) -> ServiceError:
         kind = "" if reference.startswith("alias/") else "key/"
         arn = f"arn:aws:kms:{region}:{account}:{kind}{reference}"
     if ":alias/" in arn:
-        return ServiceError(400, "NotFoundException", f"Alias {arn} is not found.")
-    return ServiceError(400, "NotFoundException", f"Key '{arn}' does not exist")
+        return ServiceError("NotFoundException", f"Alias {arn} is not found.", 400)
+    return ServiceError("NotFoundException", f"Key '{arn}' does not exist", 400)
 
 
 def new_request_id() -> str:

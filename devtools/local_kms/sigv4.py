@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, unquote
 
+from enclave_common.errors import ShownError
+
 ALGORITHM = "AWS4-HMAC-SHA256"
 S3_SERVICE = "s3"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -55,14 +57,12 @@ BAD_SIGNATURE_MESSAGE = (
 )
 
 
-class SignatureError(Exception):
+class SignatureError(ShownError):
     """The request is not correctly signed: ``error_type`` is what a JSON service of
     AWS answers (HTTP 400), ``s3`` the (status, code) S3 answers."""
 
     def __init__(self, error_type: str, message: str, s3: tuple[int, str]) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
+        super().__init__(error_type, message, 400)
         self.s3 = s3
 
 

@@ -46,10 +46,11 @@ from devtools.local_kms.service import (
     operation_of,
     target_operation,
 )
-from devtools.local_kms.shapes import ShapeError, check_request
+from devtools.local_kms.shapes import check_request
 from devtools.local_kms.sigv4 import Request, SignatureError
 from devtools.local_kms.stores_backend import MotoAnswer, MotoStores
 from enclave_agent.runtime.store_location import LocationError, parse_arn
+from enclave_common.errors import ShownError
 
 EXPECTED_OWNER = "x-amz-expected-bucket-owner"
 SSM_STANDARD_LIMIT = 4096
@@ -88,17 +89,14 @@ class JsonStore:
             operation = target_operation(request, self._PREFIXES[self.name], self.name)
             if not hasattr(self._RESPONSES[self.name], camelcase_to_underscores(operation)):
                 raise ServiceError(
-                    400,
                     "UnsupportedOperationException",
                     f"the local stand-in does not implement {self.name} {operation}",
+                    400,
                 )
             caller = self.credentials.authenticate(
                 request, service=self.name, region=self.region, now=now
             )
-            try:
-                body = check_request(operation, json_object(request), self.name)
-            except ShapeError as exc:
-                raise ServiceError(400, exc.error_type, exc.message) from exc
+            body = check_request(operation, json_object(request), self.name)
             body = self._resources(operation, body, caller)
             if self.name == "ssm" and operation == "PutParameter":
                 self._check_parameter_size(body, caller)
@@ -110,10 +108,8 @@ class JsonStore:
                 request.headers,
                 json.dumps(body).encode(),
             )
-        except ServiceError as exc:
+        except ShownError as exc:  # ServiceError, and the signature's and the shape's errors
             return error_reply(exc.status, exc.error_type, exc.message, operation)
-        except SignatureError as exc:
-            return error_reply(400, exc.error_type, exc.message, operation)
         except MotoBackendError as exc:
             status, code = ERRORS[self.name]["internal"]
             return error_reply(status, code, str(exc), operation)
@@ -142,22 +138,22 @@ class JsonStore:
             return reference
         if self.name == "ssm" and operation == "PutParameter":
             raise ServiceError(
-                400,
                 "ValidationException",
                 "You can't enter the Amazon Resource Name (ARN) for a parameter, only the "
                 "parameter name itself.",
+                400,
             )
         try:
             arn = parse_arn(reference, self.name)
         except LocationError as exc:
-            raise ServiceError(400, "ValidationException", str(exc)) from exc
+            raise ServiceError("ValidationException", str(exc), 400) from exc
         if (arn.region, arn.account) != (self.region, caller.account):
             action = f"{self.name}:{operation}"
             raise ServiceError(
-                400,
                 "AccessDeniedException",
                 f"User: {caller.arn} is not authorized to perform: {action} on resource: "
                 f"{reference} because no resource-based policy allows the {action} action",
+                400,
             )
         if self.name == "ssm":
             # moto finds its own parameters by ARN only for names that begin with "/".
@@ -180,16 +176,15 @@ class JsonStore:
             body["Tier"] = tier
         if existing == "Advanced" and tier == "Standard":
             raise ServiceError(
-                400,
                 "ValidationException",
                 "This parameter uses the advanced-parameter tier. You can't downgrade a "
                 "parameter from the advanced-parameter tier to the standard-parameter tier.",
+                400,
             )
         effective = tier or existing or "Standard"
         limit = SSM_ADVANCED_LIMIT if effective == "Advanced" else SSM_STANDARD_LIMIT
         if size > limit:
             raise ServiceError(
-                400,
                 "ValidationException",
                 f"{effective} tier parameters support a maximum parameter value of {limit} "
                 "characters."
@@ -199,6 +194,7 @@ class JsonStore:
                     if effective == "Standard"
                     else ""
                 ),
+                400,
             )
 
 
