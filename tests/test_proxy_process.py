@@ -42,6 +42,9 @@ async def test_listening_sd_notify_watchdog_and_sigterm(tmp_path: Path) -> None:
             assert event["allowlist"] == [
                 "kms.us-east-1.amazonaws.com:443",
                 "kms-fips.us-east-1.amazonaws.com:443",
+                "secretsmanager.us-east-1.amazonaws.com:443",
+                "ssm.us-east-1.amazonaws.com:443",
+                "s3.us-east-1.amazonaws.com:443",
             ]
             messages: list[str] = []
             with trio.fail_after(20):
