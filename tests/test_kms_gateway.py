@@ -15,7 +15,7 @@ import trustme
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings, endpoint_host_port
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import parse_address
-from tests.test_kms_fakes import (
+from tests.support.kms_fakes import (
     FAKE_KEY_ARN,
     FAKE_TRUSTED,
     FakeKms,
@@ -533,7 +533,7 @@ KEY_REQUESTS = {
 
 def _answering_as(key_id: str | None) -> object:
     """The fake's normal answer (a sealed envelope that would open), from ``key_id``."""
-    from tests.test_kms_fakes import Seen, decrypt_ok
+    from tests.support.kms_fakes import Seen, decrypt_ok
 
     def reply(seen: Seen) -> tuple[int, dict[str, object]]:
         status, body = decrypt_ok(seen)

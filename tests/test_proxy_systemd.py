@@ -145,6 +145,7 @@ def test_install_proxy_into_a_root_works_once_that_root_is_slash(tmp_path: Path)
     private mount namespace, DIR becomes / (chroot, with the system's directories and
     this Python bound read-only) and the installed command runs from there."""
     root = tmp_path / "stage.root"
+    checkout = sorted(p.name for p in REPO.iterdir())
     done = subprocess.run(
         [str(REPO / "scripts" / "install-proxy"), "--root", str(root)],
         capture_output=True,
@@ -152,6 +153,7 @@ def test_install_proxy_into_a_root_works_once_that_root_is_slash(tmp_path: Path)
         timeout=900,
     )
     assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in REPO.iterdir()) == checkout  # no build/ nor egg-info left
     venv = root / "opt/enclave-proxy/venv"
     python = venv / "bin/python"
 

@@ -3,8 +3,10 @@
     python -m devtools.local_kms.admin_client --state-file F faults internal --count 2
     python -m devtools.local_kms.admin_client --state-file F faults delay --count 1 --delay 3
     python -m devtools.local_kms.admin_client --state-file F faults internal --count 0  # clear
+    python -m devtools.local_kms.admin_client --state-file F faults internal --service ssm
 
-From Python (tests): ``set_faults(state_file, "throttle", count=3)``,
+From Python (tests): ``set_faults(state_file, "throttle", count=3)`` (``service=``
+"secretsmanager", "ssm" or "s3" for a store of a stand-in run with ``--stores``),
 ``mint_credentials(state_file, ttl=60, account="444455556666")``,
 ``account_credentials(state, account)``.
 """
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from devtools.local_kms.faults import KINDS
+from devtools.local_kms.faults import KINDS, SERVICES
 
 ADMIN_TOKEN_HEADER = "X-Local-Kms-Admin-Token"
 TIMEOUT = 10.0
@@ -70,9 +72,12 @@ def _post(state_file: Path, path: str, document: dict[str, Any]) -> dict[str, An
     return answer
 
 
-def set_faults(state_file: Path, kind: str, *, count: int = 1, delay: float = 0.0) -> int:
-    """Make the next ``count`` KMS calls fail or stall; returns the number pending."""
-    document: dict[str, Any] = {"kind": kind, "count": count}
+def set_faults(
+    state_file: Path, kind: str, *, count: int = 1, delay: float = 0.0, service: str = "kms"
+) -> int:
+    """Make the next ``count`` calls to ``service`` fail or stall (replacing any plan
+    set before); returns the number pending."""
+    document: dict[str, Any] = {"kind": kind, "count": count, "service": service}
     if delay:
         document["delay"] = delay
     return int(_post(state_file, "faults", document)["pending"])
@@ -105,13 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.local_kms.admin_client")
     parser.add_argument("--state-file", type=Path, required=True)
     commands = parser.add_subparsers(dest="command", required=True)
-    faults = commands.add_parser("faults", help="make the next KMS calls fail or stall")
+    faults = commands.add_parser("faults", help="make the next calls to a service fail or stall")
     faults.add_argument("kind", choices=KINDS)
     faults.add_argument("--count", type=int, default=1)
     faults.add_argument("--delay", type=float, default=0.0)
+    faults.add_argument("--service", choices=SERVICES, default="kms")
     args = parser.parse_args(argv)
     try:
-        pending = set_faults(args.state_file, args.kind, count=args.count, delay=args.delay)
+        pending = set_faults(
+            args.state_file, args.kind, count=args.count, delay=args.delay, service=args.service
+        )
     except AdminError as exc:
         print(f"local-kms admin: {exc}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devtools.local_kms.backend import MOTO_OPERATIONS, KeyInfo, MotoBackendError, MotoKms
-from devtools.local_kms.credentials import Credential, CredentialStore
+from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.envelope import encrypt_for_recipient
 from devtools.local_kms.policy import (
     Caller,
@@ -42,7 +42,7 @@ from devtools.local_kms.policy import (
 )
 from devtools.local_kms.recipient import RecipientError, VerifiedRecipient, verify_recipient
 from devtools.local_kms.shapes import check_request, operation_names
-from devtools.local_kms.sigv4 import Request, check_signature
+from devtools.local_kms.sigv4 import Request
 from enclave_common.errors import ShownError
 
 TARGET_PREFIX = "TrentService."
@@ -105,23 +105,59 @@ class Reply:
     operation: str | None = None
     error_type: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = JSON_CONTENT_TYPE
 
 
-class KmsError(ShownError):
-    """What KMS itself would answer."""
+class ServiceError(ShownError):
+    """What the service itself would answer (KMS, Secrets Manager, SSM)."""
 
 
-def _validation(message: str) -> KmsError:
-    return KmsError("ValidationException", message, 400)
+def _validation(message: str) -> ServiceError:
+    return ServiceError("ValidationException", message, 400)
 
 
 def error_reply(status: int, error_type: str, message: str, operation: str | None) -> Reply:
+    """An error of a JSON 1.1 service (KMS, Secrets Manager, SSM) in AWS's shape."""
     body = json.dumps({"__type": error_type, "message": message}).encode()
     return Reply(status, body, operation, error_type, [("x-amzn-ErrorType", error_type)])
 
 
+def json_object(request: Request) -> dict[str, Any]:
+    """A JSON service's request body: a JSON object, else SerializationException."""
+    try:
+        body = json.loads(request.body) if request.body else {}
+    except (ValueError, RecursionError) as exc:
+        raise ServiceError("SerializationException", "request body is not JSON", 400) from exc
+    if not isinstance(body, dict):
+        raise ServiceError("SerializationException", "request body must be a JSON object", 400)
+    return body
+
+
+def target_operation(request: Request, prefix: str, service: str) -> str:
+    """The operation a JSON 1.1 request names (``X-Amz-Target: PREFIX.Operation``) if
+    botocore's model of ``service`` has it, else UnknownOperationException."""
+    if request.method != "POST" or request.target.partition("?")[0] != "/":
+        raise ServiceError("UnknownOperationException", f"{service} answers POST / only", 404)
+    target = request.headers.get("x-amz-target", "")
+    if not target.startswith(prefix):
+        raise ServiceError(
+            "UnknownOperationException", f"X-Amz-Target must be {prefix}<Operation>", 400
+        )
+    operation = target[len(prefix) :]
+    if operation not in operation_names(service):
+        raise ServiceError("UnknownOperationException", "unknown operation", 400)
+    return operation
+
+
+def operation_of(request: Request) -> str | None:
+    """The operation a JSON 1.1 request names, for logs (unchecked)."""
+    return request.headers.get("x-amz-target", "").partition(".")[2] or None
+
+
 class LocalKms:
     """The stand-in's KMS: SigV4, Recipient, key policies, and moto for the rest."""
+
+    name = "kms"
 
     def __init__(
         self,
@@ -142,53 +178,28 @@ class LocalKms:
         operation: str | None = None
         try:
             operation = self._operation(request)
-            caller = self._authenticate(request, now)
-            body = self._body(request)
+            caller = self.credentials.authenticate(
+                request, service="kms", region=self.region, now=now
+            )
+            body = json_object(request)
             return self._call(operation, body, now, caller)
-        except ShownError as exc:  # KmsError, and the signature's and the shape's errors
+        except ShownError as exc:  # ServiceError, and the signature's and the shape's errors
             return error_reply(exc.status, exc.error_type, exc.message, operation)
         except MotoBackendError as exc:
             return error_reply(500, "KMSInternalException", str(exc), operation)
 
+    def error(self, status: int, error_type: str, message: str, request: Request) -> Reply:
+        return error_reply(status, error_type, message, operation_of(request))
+
     def _operation(self, request: Request) -> str:
-        if request.method != "POST" or request.target.partition("?")[0] != "/":
-            raise KmsError("UnknownOperationException", "KMS answers POST / only", 404)
-        target = request.headers.get("x-amz-target", "")
-        if not target.startswith(TARGET_PREFIX):
-            raise KmsError(
-                "UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>", 400
-            )
-        operation = target[len(TARGET_PREFIX) :]
-        if operation not in operation_names():
-            raise KmsError("UnknownOperationException", "unknown operation", 400)
+        operation = target_operation(request, TARGET_PREFIX, self.name)
         if operation not in MOTO_OPERATIONS and operation not in LOCAL_OPERATIONS:
-            raise KmsError(
+            raise ServiceError(
                 "UnsupportedOperationException",
                 f"the local KMS does not implement {operation}",
                 400,
             )
         return operation
-
-    def _authenticate(self, request: Request, now: datetime) -> Caller:
-        token = request.headers.get("x-amz-security-token")
-        signer: list[Credential] = []
-
-        def secret_for(key_id: str) -> str:
-            signer.append(self.credentials.credential_for(key_id, token, now))
-            return signer[-1].secret_access_key
-
-        check_signature(request, service="kms", region=self.region, secret_for=secret_for, now=now)
-        return signer[-1].caller  # check_signature returns only after asking for a secret
-
-    @staticmethod
-    def _body(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(request.body) if request.body else {}
-        except (ValueError, RecursionError) as exc:
-            raise KmsError("SerializationException", "request body is not JSON", 400) from exc
-        if not isinstance(body, dict):
-            raise KmsError("SerializationException", "request body must be a JSON object", 400)
-        return body
 
     def _call(self, operation: str, body: dict[str, Any], now: datetime, caller: Caller) -> Reply:
         body = check_request(operation, body)
@@ -208,7 +219,7 @@ class LocalKms:
             try:
                 parse_policy(body["Policy"])
             except PolicyError as exc:
-                raise KmsError("MalformedPolicyDocumentException", str(exc), 400) from exc
+                raise ServiceError("MalformedPolicyDocumentException", str(exc), 400) from exc
         context = recipient_context(recipient.pcrs) if recipient else {}
         concerned, unresolved = self._keys_concerned(operation, body, caller)
         for action, key in concerned:
@@ -243,12 +254,12 @@ class LocalKms:
         return Reply(200, json.dumps(answer).encode(), operation)
 
     def _moto(self, account: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
-        """moto's answer to ``operation`` in ``account``, or its error as a KmsError."""
+        """moto's answer to ``operation`` in ``account``, or its error as a ServiceError."""
         reply = self.moto.call(account, operation, body)
         if reply.status >= 400:
             error_type = str(reply.body.get("__type", "KMSInternalException"))
             message = str(reply.body.get("message", reply.body.get("Message", "")))
-            raise KmsError(error_type.rpartition("#")[2], message, reply.status)
+            raise ServiceError(error_type.rpartition("#")[2], message, reply.status)
         return reply.body
 
     def _re_encrypt_across(self, body: dict[str, Any], keys: dict[str, KeyInfo]) -> dict[str, Any]:
@@ -310,7 +321,7 @@ class LocalKms:
             if key is not None and isinstance(reference, str):
                 named_key = lookup(reference)
                 if named_key is not None and named_key.key_id != key.key_id:
-                    raise KmsError(
+                    raise ServiceError(
                         "IncorrectKeyException",
                         "The key ID in the request does not identify a CMK that can perform "
                         "this operation.",
@@ -340,7 +351,7 @@ class LocalKms:
         except PolicyError as exc:
             # Every policy set through the stand-in was validated; only a moto default
             # this evaluator cannot read gets here.
-            raise KmsError("KMSInternalException", f"stored key policy: {exc}", 500) from exc
+            raise ServiceError("KMSInternalException", f"stored key policy: {exc}", 500) from exc
         if decision is Decision.ALLOW:
             return
         reason = (
@@ -386,8 +397,8 @@ class LocalKms:
         }
 
 
-def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> KmsError:
-    return KmsError(
+def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> ServiceError:
+    return ServiceError(
         "AccessDeniedException",
         f"User: {caller.arn} is not authorized to perform: {action} on resource: "
         f"{key.arn} {reason}",
@@ -395,7 +406,7 @@ def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> Km
     )
 
 
-def _not_found(reference: str, account: str, region: str) -> KmsError:
+def _not_found(reference: str, account: str, region: str) -> ServiceError:
     """KMS's (and moto's) NotFoundException for a key or alias name that names nothing;
     a name without ARN is shown as the ARN it has in ``account``."""
     if reference.startswith("arn:"):
@@ -404,8 +415,8 @@ def _not_found(reference: str, account: str, region: str) -> KmsError:
         kind = "" if reference.startswith("alias/") else "key/"
         arn = f"arn:aws:kms:{region}:{account}:{kind}{reference}"
     if ":alias/" in arn:
-        return KmsError("NotFoundException", f"Alias {arn} is not found.", 400)
-    return KmsError("NotFoundException", f"Key '{arn}' does not exist", 400)
+        return ServiceError("NotFoundException", f"Alias {arn} is not found.", 400)
+    return ServiceError("NotFoundException", f"Key '{arn}' does not exist", 400)
 
 
 def new_request_id() -> str:

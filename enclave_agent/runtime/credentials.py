@@ -1,9 +1,10 @@
 """AWS credentials for signing, fetched from the proxy's ``GET /v1/credentials``.
 
-The parent holds the instance role's credentials anyway (DESIGN.md §2), so the agent
-asks the proxy for them instead of keeping any of its own. They are cached and
-refreshed lazily, ahead of ``Expiration``: five minutes before, or halfway through
-the remaining lifetime for credentials that live less than ten minutes. One refresh
+The parent holds the instance role's credentials anyway (docs/architecture.md, "The
+trust boundary"), so the agent asks the proxy for them instead of keeping any of its
+own. They are cached and refreshed lazily, ahead of ``Expiration``: five minutes
+before, or halfway through the remaining lifetime for credentials that live less than
+ten minutes. One refresh
 runs at a time (single flight): callers that arrive meanwhile wait for its result
 instead of each asking the proxy. When KMS says the token has expired anyway (clock
 skew, revoked session), ``refresh_after_expired`` forces one new fetch.
@@ -88,7 +89,7 @@ def _parse_expiration(value: Any) -> datetime | None:
 
 
 def parse_credentials(body: bytes, *, now: datetime | None = None) -> Credentials:
-    """The proxy's JSON answer (contract in CONTRACTS.md, section A)."""
+    """The proxy's JSON answer (docs/proxy.md, "The proxy port")."""
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):

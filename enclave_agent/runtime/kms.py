@@ -153,8 +153,8 @@ class KmsGateway:
             outcome = {"outcome": "error", "error_type": exc.error_type, "status": exc.status}
             outcome["reason"] = exc.message
             raise
-        # A bug of ours must still reach the app in KMS's shape (the contract: KmsError
-        # for everything). The log gets the class name only, as its text could quote
+        # A bug of ours must still reach the app in KMS's shape (``call`` raises KmsError
+        # and nothing else). The log gets the class name only, as its text could quote
         # request data; the app not even that (no internals reach a client).
         except Exception as exc:
             name = type(exc).__name__

@@ -2,8 +2,8 @@
 
 Why TLS starts here and not at the proxy: the parent instance is untrusted, and
 ``CiphertextForRecipient`` has no authenticity of its own, so the agent must verify
-KMS's certificate chain and host name itself (DESIGN.md §2). The proxy only ever
-sees the CONNECT line and TLS records.
+KMS's certificate chain and host name itself (docs/architecture.md, "The trust
+boundary"). The proxy only ever sees the CONNECT line and TLS records.
 
 Theory of operation: a connection is proxy stream → ``CONNECT host:port`` answered
 200 → ``trio.SSLStream`` (CA bundle, host name checked) → an HTTP/1.1 client

@@ -1,4 +1,4 @@
-"""Test doubles for the agent's KMS client (imported by the other test_kms_* files).
+"""Test doubles for the agent's KMS client (gateway, transport, credentials, app server).
 
 - ``FakeKms``: an HTTPS server (trustme certificate, h11) that answers each request
   from a script, records what it got, can hold connections open and hold chosen

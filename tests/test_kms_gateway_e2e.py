@@ -281,7 +281,7 @@ async def test_expired_session_credentials_are_replaced_once(
 
     from devtools.local_kms.admin_client import mint_credentials
     from enclave_agent.runtime.credentials import CredentialsProvider, proxy_fetcher
-    from tests.test_kms_fakes import Relay
+    from tests.support.kms_fakes import Relay
 
     def proxy_shape(minted: str) -> dict[str, Any]:
         document = json.loads(minted)
