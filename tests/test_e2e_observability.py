@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
-from stack import FaultStack
 
 from devtools.devstack import create_enclave_key, direct_kms_client, log_events
 from enclave_agent.client import AgentClient
+from tests.support.stack import FaultStack
 
 MARKER = b"observed-secret-" + secrets.token_hex(16).encode()
 
