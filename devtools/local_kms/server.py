@@ -3,6 +3,8 @@
 Routes:
 - ``POST /`` with ``X-Amz-Target: TrentService.<Op>``: a KMS call (service.LocalKms);
 - ``POST /_local_kms/faults``: set a fault plan (faults.parse_plan);
+- ``POST /_local_kms/document_age``: refuse attestation documents older than
+  ``{"max_age": seconds, "answer": ...}`` from now on (faults.parse_document_age_rule);
 - ``POST /_local_kms/credentials``: mint short-lived credentials
   ``{"ttl": seconds, "account": id, "principal": arn}`` (credentials.mint_requested);
 - ``GET /_local_kms/healthz``.
@@ -24,7 +26,12 @@ from typing import Any
 import trio
 
 from devtools.local_kms.credentials import CredentialStore
-from devtools.local_kms.faults import FaultError, FaultInjector, parse_plan
+from devtools.local_kms.faults import (
+    FaultError,
+    FaultInjector,
+    parse_document_age_rule,
+    parse_plan,
+)
 from devtools.local_kms.service import (
     JSON_CONTENT_TYPE,
     LocalKms,
@@ -141,6 +148,18 @@ class KmsHttpServer:
             self.admin.faults.set(plan)
             log.info("faults_set", kind=plan.kind, count=plan.count, delay=plan.delay)
             return _json_reply(200, {"pending": self.admin.faults.pending})
+        if path == ADMIN_PREFIX + "document_age":
+            try:
+                rule = parse_document_age_rule(document)
+            except FaultError as exc:
+                return _json_reply(400, {"error": str(exc)})
+            self.kms.document_age = rule
+            log.info(
+                "document_age_set",
+                max_age=rule.max_age if rule else None,
+                answer=rule.answer if rule else None,
+            )
+            return _json_reply(200, {"max_age": rule.max_age if rule else None})
         if path == ADMIN_PREFIX + "credentials":
             try:
                 credential = self.admin.credentials.mint_requested(document, datetime.now(UTC))

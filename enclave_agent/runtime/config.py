@@ -42,6 +42,8 @@ Shape (every key optional except where noted)::
     kms_pool_size = 16
     kms_call_timeout = 10.0
     kms_max_attempts = 4
+    attestation_reuse_seconds = 300.0     # one attestation document for KMS reused this
+                                          # long (0: a fresh one per call; at most 3600)
 
     [secrets.db_password]
     ciphertext = "<base64 CiphertextBlob>"  # or ciphertext_file = "/path/blob.bin" (raw bytes)
@@ -62,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from enclave_agent.runtime.documents import DEFAULT_REUSE_SECONDS, MAX_REUSE_SECONDS
 from enclave_agent.runtime.trusted_keys import CONFIG_KEY, KeyArnError, TrustedKeys
 from enclave_common.address import (
     Address,
@@ -119,6 +122,8 @@ class Limits:
     kms_pool_size: int = 16
     kms_call_timeout: float = 10.0
     kms_max_attempts: int = 4
+    # How long one attestation document is reused for KMS calls (runtime/documents.py).
+    attestation_reuse_seconds: float = DEFAULT_REUSE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,10 @@ _LIMIT_KEYS: dict[str, type] = {
     "kms_pool_size": int,
     "kms_call_timeout": float,
     "kms_max_attempts": int,
+    "attestation_reuse_seconds": float,
 }
+# Limits that may be 0, with their largest value.
+_LIMIT_ZERO_ALLOWED = {"attestation_reuse_seconds": MAX_REUSE_SECONDS}
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -387,7 +395,14 @@ def _limits(value: Any, source: str) -> Limits:
         item = table[key]
         ok_type = isinstance(item, int | float) if kind is float else isinstance(item, int)
         # TOML has nan and inf: nan passes "<= 0" and inf disables a timeout.
-        if isinstance(item, bool) or not ok_type or not math.isfinite(item) or item <= 0:
+        if isinstance(item, bool) or not ok_type or not math.isfinite(item):
+            raise ConfigError(f"{source}: limits.{key} must be a positive, finite number")
+        if key in _LIMIT_ZERO_ALLOWED:
+            if not 0 <= item <= _LIMIT_ZERO_ALLOWED[key]:
+                raise ConfigError(
+                    f"{source}: limits.{key} must be 0 to {_LIMIT_ZERO_ALLOWED[key]:g}"
+                )
+        elif item <= 0:
             raise ConfigError(f"{source}: limits.{key} must be a positive, finite number")
         values[key] = kind(item)
     limits = Limits(**values)
