@@ -211,3 +211,52 @@ class SocketCaller:
         if self.stream is not None:
             await self.stream.aclose()
             self.stream = None
+
+
+# --- one Decrypt in a fresh process (bench-agent's "fresh process" way) ------------------
+
+
+def decrypt_once(argv: Sequence[str]) -> int:
+    """``python -m devtools.bench decrypt-once SETTINGS_JSON CIPHERTEXT_FILE``: what a
+    per-request tool such as kmstool-enclave-cli does, with this project's code: a new
+    process makes a new RSA-2048 key, gets a new attestation document, opens a tunnel
+    through the proxy and TLS inside it, fetches credentials, calls KMS Decrypt, opens
+    the envelope, and exits (0 when the plaintext came out)."""
+    from enclave_agent.runtime.kms import KmsGateway, KmsSettings
+    from enclave_agent.runtime.recipient import RecipientKey
+    from enclave_agent.runtime.trusted_keys import TrustedKeys, account_entry
+    from enclave_agent.simulated.nsm import SimulatedNsm
+    from enclave_common.address import parse_address
+
+    state = json.loads(Path(argv[0]).read_text())
+    blob = Path(argv[1]).read_bytes()
+    settings = KmsSettings(
+        region=state["region"],
+        proxy=parse_address(state["proxy_address"]),
+        endpoint=state["kms_endpoint"],
+        ca_bundle=state["kms_ca_bundle"],
+        pool_size=1,
+        attestation_reuse=0,
+        trusted_keys=TrustedKeys((account_entry("aws", state["region"], state["account_id"]),)),
+    )
+
+    async def run() -> int:
+        key = RecipientKey.generate()
+        gateway = KmsGateway(settings, SimulatedNsm.load(Path(state["simulated_nsm_ca"])), key)
+        try:
+            import base64
+
+            answer = await gateway.call(
+                "Decrypt", {"CiphertextBlob": base64.b64encode(blob).decode()}
+            )
+        finally:
+            await gateway.aclose()
+        return 0 if answer.get("Plaintext") else 1
+
+    return trio.run(run)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["decrypt-once"] or len(sys.argv) != 4:
+        sys.exit("usage: python -m devtools.bench decrypt-once SETTINGS_JSON CIPHERTEXT_FILE")
+    sys.exit(decrypt_once(sys.argv[2:]))
