@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -159,6 +160,60 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 def show_spread(values: Sequence[float], fmt: str = ".2f") -> str:
     s = spread(values)
     return f"{s['min']:{fmt}} / {s['median']:{fmt}} / {s['max']:{fmt}}"
+
+
+# --- instruction counts (valgrind's callgrind) -------------------------------------------
+
+
+def callgrind_prefix(out: Path) -> list[str]:
+    """Put before a command to run it under callgrind, counting nothing until
+    ``Callgrind.start``; dumps go to ``out``.N."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+
+
+class Callgrind:
+    """Count a process's instructions (user space only; other load does not change
+    them) while some work runs: ``start``, the work, ``stop`` → totals."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid = pid
+        self.out = out
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(
+            ["callgrind_control", *args, str(self.pid)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def start(self) -> None:
+        self._control("--instr=on")
+
+    def stop(self, *functions: str) -> tuple[int, dict[str, int]]:
+        """(instructions counted since ``start``, and those inside each function whose
+        name contains one of ``functions``, inclusive)."""
+        self._control("--dump")
+        self._control("--instr=off")
+        dump = sorted(self.out.parent.glob(self.out.name + ".*"))[-1]
+        annotated = subprocess.run(
+            ["callgrind_annotate", "--inclusive=yes", str(dump)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        total = 0
+        inside = dict.fromkeys(functions, 0)
+        for line in annotated.splitlines():
+            count = line.strip().split(" ", 1)[0].replace(",", "")
+            if not count.isdigit():
+                continue
+            if "PROGRAM TOTALS" in line:
+                total = int(count)
+            for name in functions:
+                if name in line:
+                    inside[name] = max(inside[name], int(count))
+        return total, inside
 
 
 # --- the app side -------------------------------------------------------------------
