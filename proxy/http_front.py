@@ -30,7 +30,7 @@ from enclave_common.logs import get_logger
 from .allowlist import Allowlist, AllowlistError, parse_target
 from .config import ProxyConfig
 from .credentials import CredentialSource, CredentialsUnavailable
-from .relay import RelayResult, relay
+from .relay import RelayResult, close_now, relay
 from .upstream import Connector, Resolver, UpstreamError, open_upstream
 
 # h11 answers "Receive buffer too long" (hint 431) past this many bytes of request head.
@@ -338,7 +338,7 @@ class _Connection:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             record.outcome = "reset"
         finally:
-            await trio.aclose_forcefully(upstream)
+            await close_now(upstream)
 
 
 async def _answer_and_linger(stream: trio.SocketStream, answer: bytes, *, linger: bool) -> None:
@@ -375,4 +375,4 @@ async def serve_connection(stream: trio.SocketStream, ctx: ProxyContext) -> None
     except Exception as e:  # noqa: BLE001 - one bad connection must not stop the others
         log.error("connection_failed", peer=connection.peer, error=type(e).__name__)
     finally:
-        await trio.aclose_forcefully(stream)
+        await close_now(stream)
