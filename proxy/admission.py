@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import socket
 from contextlib import AbstractContextManager
-from functools import partial
 from typing import Protocol
 
 from enclave_common.address import parse_ip
@@ -98,10 +97,18 @@ class Admission:
         self._connections: Shares[PeerKey] = Shares(config.max_tunnels_per_peer, config.max_tunnels)
         self._lingering: Shares[PeerKey] = Shares(_LINGERING_PER_PEER, _LINGERING)
 
-    def connection(self, key: PeerKey) -> AbstractContextManager[None]:
-        """Hold one of the peer's connections; ``Refused`` before the block when it
-        has none left, or all peers together have none."""
-        return self._connections.share(key, refused=partial(_refused, key))
+    def open_connection(self, key: PeerKey) -> None:
+        """Take one of the peer's connections until ``close_connection``; ``Refused``
+        when it has none left, or all peers together have none. (Not a context
+        manager: a tunnel holds its share for its whole life, and the manager's
+        objects would add to what every idle tunnel costs.)"""
+        try:
+            self._connections.acquire(key)
+        except ShareRefused as refused:
+            raise _refused(key, refused) from None
+
+    def close_connection(self, key: PeerKey) -> None:
+        self._connections.release(key)
 
     def refusal(self, key: PeerKey) -> AbstractContextManager[bool]:
         """For a refused connection: may it linger to read what its client still sends?"""

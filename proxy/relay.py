@@ -26,6 +26,7 @@ import fcntl
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -72,7 +73,16 @@ class _Tunnel:
         if deadline - self.scope.deadline >= self.slack:
             self.scope.deadline = deadline
 
-    def end(self) -> None:
+    def done(self) -> None:
+        """One direction reached its end; both: the tunnel is over."""
+        self.finished += 1
+        if self.finished == 2:
+            self.ended = True
+            self.scope.cancel()
+
+    def reset(self) -> None:
+        """A side went away: the tunnel is over."""
+        self.result.outcome = "reset"
         self.ended = True
         self.scope.cancel()
 
@@ -129,6 +139,7 @@ async def _send_all_socket(sock: trio.socket.SocketType, data: bytes | memoryvie
 async def _copy_sockets(
     src: trio.socket.SocketType, dst: trio.socket.SocketType, tunnel: _Tunnel, forward: bool
 ) -> None:
+    """recv/send until EOF (splice refused); the caller shuts ``dst``'s writing down."""
     while True:
         await trio.lowlevel.wait_readable(src)
         buffer = _pool.buffer()  # held only while bytes move
@@ -143,20 +154,26 @@ async def _copy_sockets(
         if not n:
             break
         _count(tunnel, forward, n)
-    _shutdown_write(dst)
 
 
 async def _copy_streams(
-    src: trio.abc.Stream, dst: trio.abc.Stream, tunnel: _Tunnel, forward: bool
+    tunnel: _Tunnel, src: trio.abc.Stream, dst: trio.abc.Stream, forward: bool
 ) -> None:
-    while True:
-        data = await src.receive_some(_CHUNK)
-        if not data:
-            break
-        await dst.send_all(data)
-        _count(tunnel, forward, len(data))
-    if isinstance(dst, trio.abc.HalfCloseableStream):
-        await dst.send_eof()
+    """One direction between streams that are not plain sockets (a task's entry:
+    it ends the tunnel's direction itself, so no wrapper frame waits above it)."""
+    try:
+        while True:
+            data = await src.receive_some(_CHUNK)
+            if not data:
+                break
+            await dst.send_all(data)
+            _count(tunnel, forward, len(data))
+        if isinstance(dst, trio.abc.HalfCloseableStream):
+            await dst.send_eof()
+    except (*_GONE, OSError):
+        tunnel.reset()
+        return
+    tunnel.done()
 
 
 def _count(tunnel: _Tunnel, forward: bool, n: int) -> None:
@@ -193,88 +210,96 @@ def _read_now(fd: int) -> bytes | None:
         return None
 
 
-async def _splice_sockets(
-    src: trio.socket.SocketType, dst: trio.socket.SocketType, tunnel: _Tunnel, forward: bool
+async def _splice_streams(
+    tunnel: _Tunnel, src_stream: trio.SocketStream, dst_stream: trio.SocketStream, forward: bool
 ) -> None:
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    _keep_urgent_inline(src)
-    pipe: tuple[int, int] | None = None  # held only while bytes are in flight
+    """One direction between two sockets; a task's entry that ends its direction
+    itself (like ``_copy_streams``), so no wrapper frame waits above it."""
+    src, dst = src_stream.socket, dst_stream.socket
     try:
-        pending = 0
-        cycles = 0
-        woken = False
-        while True:
-            if pending == 0:
-                if pipe is None:
-                    await trio.lowlevel.wait_readable(src_fd)
-                    woken = True
-                    pipe = _pool.pipe()
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        _keep_urgent_inline(src)
+        pipe: tuple[int, int] | None = None  # held only while bytes are in flight
+        try:
+            pending = 0
+            cycles = 0
+            woken = False
+            while True:
+                if pending == 0:
+                    if pipe is None:
+                        await trio.lowlevel.wait_readable(src_fd)
+                        woken = True
+                        pipe = _pool.pipe()
+                    try:
+                        n = os.splice(src_fd, pipe[1], _CHUNK, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        n = -1
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                        _pool.give_pipe(pipe)
+                        pipe = None
+                        await _copy_sockets(src, dst, tunnel, forward)
+                        break
+                    if n == 0 or (n < 0 and woken):
+                        # splice(2) stops at a TCP urgent mark: there it answers EAGAIN
+                        # although the socket polls readable (waiting again would spin
+                        # forever), or 0 once the peer has shut down (not yet the end).
+                        # read(2) steps past the mark and tells a real EOF apart.
+                        data = _read_now(src_fd)
+                        if data == b"":
+                            break
+                        if data:
+                            await _send_all_socket(dst, data)
+                            _count(tunnel, forward, len(data))
+                            woken = False
+                            continue
+                    if n <= 0:
+                        # Nothing to move: the pipe is empty, so it goes back to the pool
+                        # and the next readable event takes one again.
+                        _pool.give_pipe(pipe)
+                        pipe = None
+                        continue
+                    woken = False
+                    pending = n
+                    tunnel.result.spliced = True
+                assert pipe is not None
                 try:
-                    n = os.splice(src_fd, pipe[1], _CHUNK, flags=_SPLICE_FLAGS)
+                    m = os.splice(pipe[0], dst_fd, pending, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    n = -1
+                    await trio.lowlevel.wait_writable(dst_fd)
+                    continue
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
+                    # This destination refuses splice: hand over what the pipe holds, copy on.
+                    await _send_all_socket(dst, os.read(pipe[0], pending))
+                    _count(tunnel, forward, pending)
                     _pool.give_pipe(pipe)
                     pipe = None
                     await _copy_sockets(src, dst, tunnel, forward)
-                    return
-                if n == 0 or (n < 0 and woken):
-                    # splice(2) stops at a TCP urgent mark: there it answers EAGAIN
-                    # although the socket polls readable (waiting again would spin
-                    # forever), or 0 once the peer has shut down (not yet the end).
-                    # read(2) steps past the mark and tells a real EOF apart.
-                    data = _read_now(src_fd)
-                    if data == b"":
-                        break
-                    if data:
-                        await _send_all_socket(dst, data)
-                        _count(tunnel, forward, len(data))
-                        woken = False
-                        continue
-                if n <= 0:
-                    # Nothing to move: the pipe is empty, so it goes back to the pool
-                    # and the next readable event takes one again.
-                    _pool.give_pipe(pipe)
-                    pipe = None
-                    continue
-                woken = False
-                pending = n
-                tunnel.result.spliced = True
-            assert pipe is not None
-            try:
-                m = os.splice(pipe[0], dst_fd, pending, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(dst_fd)
-                continue
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # This destination refuses splice: hand over what the pipe holds, copy on.
-                await _send_all_socket(dst, os.read(pipe[0], pending))
-                _count(tunnel, forward, pending)
-                _pool.give_pipe(pipe)
+                    break
+                pending -= m
+                _count(tunnel, forward, m)
+                if pending == 0:
+                    cycles += 1
+                    if cycles % _CYCLES_PER_YIELD == 0:
+                        # Let other tunnels run now and then even when this one never blocks.
+                        await trio.lowlevel.checkpoint()
+        except BaseException:
+            if pipe is not None:  # bytes may be left in it: it cannot be reused
+                os.close(pipe[0])
+                os.close(pipe[1])
                 pipe = None
-                await _copy_sockets(src, dst, tunnel, forward)
-                return
-            pending -= m
-            _count(tunnel, forward, m)
-            if pending == 0:
-                cycles += 1
-                if cycles % _CYCLES_PER_YIELD == 0:
-                    # Let other tunnels run now and then even when this one never blocks.
-                    await trio.lowlevel.checkpoint()
-    except BaseException:
-        if pipe is not None:  # bytes may be left in it: it cannot be reused
-            os.close(pipe[0])
-            os.close(pipe[1])
-            pipe = None
-        raise
-    finally:
-        if pipe is not None:
-            _pool.give_pipe(pipe)  # empty: the loop only ends with nothing pending
-    _shutdown_write(dst)
+            raise
+        finally:
+            if pipe is not None:
+                _pool.give_pipe(pipe)  # empty: the loop only ends with nothing pending
+        _shutdown_write(dst)
+    except (*_GONE, OSError):
+        tunnel.reset()
+        return
+    tunnel.done()
 
 
 async def close_now(stream: trio.abc.Stream) -> None:
@@ -301,28 +326,30 @@ async def relay(
     raises for the peers' behaviour; the caller closes both streams.
     """
     result = result if result is not None else RelayResult()
-    async with trio.open_nursery() as nursery:
-        tunnel = _Tunnel(idle_timeout, result, nursery.cancel_scope)
-        nursery.start_soon(_direction, tunnel, b, a, False)
-        await _direction(tunnel, a, b, True)
+    try:
+        async with trio.open_nursery() as nursery:
+            tunnel = _Tunnel(idle_timeout, result, nursery.cancel_scope)
+            nursery.start_soon(_mover(b, a), tunnel, b, a, False)
+            await _mover(a, b)(tunnel, a, b, True)
+    except BaseExceptionGroup as group:
+        # Cancelled from outside (a shutdown's drain): both directions were, and the
+        # caller gets one Cancelled, as from any other await.
+        cancelled, rest = group.split(trio.Cancelled)
+        if rest is None and cancelled is not None:
+            raise _first(cancelled) from None
+        raise
     if nursery.cancel_scope.cancelled_caught and not tunnel.ended:
         result.outcome = "idle_timeout"
     return result
 
 
-async def _direction(
-    tunnel: _Tunnel, src: trio.abc.Stream, dst: trio.abc.Stream, forward: bool
-) -> None:
-    src_sock, dst_sock = _socket_of(src), _socket_of(dst)
-    try:
-        if src_sock is not None and dst_sock is not None:
-            await _splice_sockets(src_sock, dst_sock, tunnel, forward)
-        else:
-            await _copy_streams(src, dst, tunnel, forward)
-    except (*_GONE, OSError):
-        tunnel.result.outcome = "reset"
-        tunnel.end()
-        return
-    tunnel.finished += 1
-    if tunnel.finished == 2:
-        tunnel.end()
+def _mover(src: trio.abc.Stream, dst: trio.abc.Stream) -> Any:
+    """The function that moves one direction: splice between sockets, else copy."""
+    if isinstance(src, trio.SocketStream) and isinstance(dst, trio.SocketStream):
+        return _splice_streams
+    return _copy_streams
+
+
+def _first(group: BaseExceptionGroup[trio.Cancelled]) -> trio.Cancelled:
+    first = group.exceptions[0]
+    return first if isinstance(first, trio.Cancelled) else _first(first)

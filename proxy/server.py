@@ -8,7 +8,6 @@ for requests that arrive afterwards; open tunnels keep running untouched.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket
 
@@ -99,15 +98,17 @@ class ProxyServer:
                 await trio.aclose_forcefully(stream)
                 return
             peer = peer_key(stream.socket)
-            with contextlib.ExitStack() as share:
-                try:
-                    share.enter_context(self._admission.connection(peer))
-                except Refused as refused:
-                    with self._admission.refusal(peer) as linger:
-                        await refuse_connection(stream, 503, refused.reason, linger=linger)
-                    await trio.aclose_forcefully(stream)
-                    return
+            try:
+                self._admission.open_connection(peer)
+            except Refused as refused:
+                with self._admission.refusal(peer) as linger:
+                    await refuse_connection(stream, 503, refused.reason, linger=linger)
+                await trio.aclose_forcefully(stream)
+                return
+            try:
                 await serve_connection(stream, self.ctx)
+            finally:
+                self._admission.close_connection(peer)
         finally:
             self.ctx.active_connections -= 1
             if self.ctx.shutting_down and self.ctx.active_connections == 0:

@@ -219,3 +219,20 @@ async def test_a_tunnel_costs_one_task_per_direction_and_holds_no_pipe_while_idl
     pooled = len(relay_module._pool.pipes)
     await _exercise(*await _socket_pairs())  # the next tunnel takes pipes from the pool
     assert len(relay_module._pool.pipes) == pooled
+
+
+async def test_cancelled_from_outside_raises_one_cancelled() -> None:
+    """A shutdown's drain cancels the tunnel: the caller's ``except trio.Cancelled``
+    (which logs the tunnel's end) must see a Cancelled, not a group of two."""
+    client, a, b, upstream = await _socket_pairs()
+    result = RelayResult()
+    seen: list[BaseException] = []
+    with trio.move_on_after(0.2) as outer:
+        try:
+            await relay(a, b, idle_timeout=30, result=result)
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+    assert outer.cancelled_caught
+    assert len(seen) == 1 and isinstance(seen[0], trio.Cancelled)
+    assert result.outcome == "closed"  # not an idle timeout: the caller decides
