@@ -224,7 +224,7 @@ async def test_a_tunnel_costs_one_task_per_direction_and_holds_no_pipe_while_idl
 async def test_cancelled_from_outside_raises_one_cancelled() -> None:
     """A shutdown's drain cancels the tunnel: the caller's ``except trio.Cancelled``
     (which logs the tunnel's end) must see a Cancelled, not a group of two."""
-    client, a, b, upstream = await _socket_pairs()
+    _client, a, b, _upstream = await _socket_pairs()
     result = RelayResult()
     seen: list[BaseException] = []
     with trio.move_on_after(0.2) as outer:

@@ -43,7 +43,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from enclave_agent.runtime.kms_protocol import OPERATIONS
 from enclave_agent.runtime.trusted_keys import KeyArn, KeyArnError, account_entry, parse_key_arn
+from enclave_common.aws import PARTITION_PATTERN
 
 # nitro-cli prints SHA-384 values: 48 bytes, 96 hex digits.
 PCR_HEX_LENGTH = 96
@@ -56,14 +58,9 @@ PCR_CONDITION_PREFIX = "kms:RecipientAttestation:PCR"
 CONDITION_OPERATOR = "StringEqualsIgnoreCase"
 
 # The operations that accept a Recipient, hence the only ones the attestation
-# condition keys apply to (KMS developer guide, "Condition keys for Nitro Enclaves").
-RECIPIENT_OPERATIONS = (
-    "Decrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyPair",
-    "GenerateRandom",
-    "DeriveSharedSecret",
-)
+# condition keys apply to (KMS developer guide, "Condition keys for Nitro Enclaves"):
+# those the agent serves.
+RECIPIENT_OPERATIONS = OPERATIONS
 DEFAULT_OPERATIONS = ("Decrypt",)
 
 # What the account keeps so the key stays manageable: no operation that returns
@@ -101,7 +98,7 @@ _PCR_KEY = re.compile(r"PCR(0|[1-9][0-9]?)")
 _HEX = re.compile(r"[0-9a-fA-F]*")
 # An IAM role or user ARN: (partition, account, "role" | "user").
 _PRINCIPAL_ARN = re.compile(
-    r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):(role|user)/[\w+=,.@/-]{1,512}"
+    rf"arn:({PARTITION_PATTERN}):iam::([0-9]{{12}}):(role|user)/[\w+=,.@/-]{{1,512}}"
 )
 _ACCOUNT_ID = re.compile(r"[0-9]{12}")
 

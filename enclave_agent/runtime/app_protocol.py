@@ -30,12 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from enclave_agent.runtime.config import SECRET_NAME
+from enclave_agent.runtime.kms_protocol import OPERATIONS
 
 KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "TrentService."
-OPERATIONS = frozenset(
-    {"Decrypt", "GenerateDataKey", "GenerateRandom", "GenerateDataKeyPair", "DeriveSharedSecret"}
-)
 ATTESTATION_FIELDS = ("nonce", "user_data", "public_key")
 MAX_ATTESTATION_FIELD = 1024  # the NSM's limit on each of user_data, nonce, public_key
 
