@@ -110,7 +110,7 @@ async def test_all_five_operations_answer_as_without_recipient(stack: Stack) -> 
     assert "CiphertextForRecipient" not in answers["GenerateDataKeyPair"]
     assert answers["GenerateDataKeyPair"]["KeyPairSpec"] == "ECC_NIST_P256"
     assert answers["DeriveSharedSecret"]["SharedSecret"] == b64(b"shared").decode()
-    assert stack.nsm.calls == 4  # a fresh attestation document for every call
+    assert stack.nsm.calls == 4  # the fake's documents cannot be read: none is reused
     assert stack.kms.connections == 1  # one kept-alive connection carried them all
 
 
