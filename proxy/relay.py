@@ -302,16 +302,6 @@ async def _splice_streams(
     tunnel.done()
 
 
-async def close_now(stream: trio.abc.Stream) -> None:
-    """Close without further ado: a plain socket synchronously (no cancel scope, no
-    schedule point: a tunnel's two closes were a fifth of its Python work), anything
-    else with ``trio.aclose_forcefully``."""
-    if isinstance(stream, trio.SocketStream):
-        stream.socket.close()
-    else:
-        await trio.aclose_forcefully(stream)
-
-
 async def relay(
     a: trio.abc.Stream,
     b: trio.abc.Stream,

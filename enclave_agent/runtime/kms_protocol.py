@@ -37,6 +37,7 @@ from botocore.loaders import Loader
 from botocore.model import ServiceModel, Shape, StructureShape
 
 from enclave_agent.runtime.trusted_keys import TrustedKeys
+from enclave_common.errors import ShownError
 
 TARGET_PREFIX = "TrentService"
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -77,14 +78,12 @@ _ACCESS_DENIED_TYPES = frozenset({"AccessDeniedException"})
 _VALIDATION_TYPES = frozenset({"ValidationException", "ValidationError"})
 
 
-class KmsProtocolError(Exception):
-    """A request or answer that cannot be used, in KMS's error vocabulary."""
+class KmsProtocolError(ShownError):
+    """A request or answer that cannot be used, in KMS's error vocabulary (mostly
+    ValidationException, hence the order of the arguments)."""
 
     def __init__(self, message: str, *, error_type: str = "ValidationException", status: int = 400):
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
-        self.status = status
+        super().__init__(error_type, message, status)
 
 
 @dataclass(frozen=True)
