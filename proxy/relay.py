@@ -48,7 +48,7 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _GONE = (ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-@dataclass
+@dataclass(slots=True)
 class RelayResult:
     """What happened in one tunnel: bytes each way and how it ended."""
 
@@ -59,6 +59,8 @@ class RelayResult:
 
 
 class _Tunnel:
+    __slots__ = ("ended", "finished", "idle_timeout", "result", "scope", "slack")
+
     def __init__(self, idle_timeout: float, result: RelayResult, scope: trio.CancelScope) -> None:
         self.idle_timeout = idle_timeout
         self.slack = idle_timeout * _SLACK
