@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings, endpoin
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import parse_address
 from tests.support.kms_fakes import (
+    CIPHERTEXT,
     FAKE_KEY_ARN,
-    FAKE_TRUSTED,
     FakeKms,
     FakeNsm,
     FakeRecipient,
@@ -25,33 +24,9 @@ from tests.support.kms_fakes import (
     kms_error,
     start_kms_and_relay,
 )
-
-CIPHERTEXT = base64.b64encode(b"ciphertext blob").decode()
-
-
-@dataclass
-class Stack:
-    kms: FakeKms
-    relay: Relay
-    nsm: FakeNsm
-    gateway: KmsGateway
-    ca_path: Path
-
-    recipient: FakeRecipient = field(default_factory=FakeRecipient)
-
-    def gateway_with(self, **changes: object) -> KmsGateway:
-        return KmsGateway(self.settings(**changes), self.nsm, self.recipient)
-
-    def settings(self, **changes: object) -> KmsSettings:
-        fields: dict[str, object] = {
-            "region": "us-east-1",
-            "proxy": parse_address(self.relay.address),
-            "endpoint": f"https://127.0.0.1:{self.kms.port}",
-            "ca_bundle": str(self.ca_path),
-            "trusted_keys": TrustedKeys.parse([FAKE_TRUSTED]),
-        }
-        fields.update(changes)
-        return KmsSettings(**fields)  # type: ignore[arg-type]
+from tests.support.kms_fakes import (
+    GatewayStack as Stack,
+)
 
 
 @pytest.fixture
@@ -110,7 +85,7 @@ async def test_all_five_operations_answer_as_without_recipient(stack: Stack) -> 
     assert "CiphertextForRecipient" not in answers["GenerateDataKeyPair"]
     assert answers["GenerateDataKeyPair"]["KeyPairSpec"] == "ECC_NIST_P256"
     assert answers["DeriveSharedSecret"]["SharedSecret"] == b64(b"shared").decode()
-    assert stack.nsm.calls == 4  # a fresh attestation document for every call
+    assert stack.nsm.calls == 4  # the fake's documents cannot be read: none is reused
     assert stack.kms.connections == 1  # one kept-alive connection carried them all
 
 

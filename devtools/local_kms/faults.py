@@ -7,6 +7,12 @@ A plan is set through the admin endpoint and consumed one call of its ``service`
   botocore retries it);
 - ``delay``: the call is answered normally after ``delay`` seconds.
 Setting a plan replaces the previous one; ``count`` 0 clears it.
+
+A rule, by contrast, holds until it is replaced: ``DocumentAgeRule`` refuses every
+Recipient whose attestation document is older than ``max_age`` seconds (its
+``timestamp`` against the stand-in's clock), answering HTTP 400 with ``answer``, one
+of the two shapes real KMS might use for a document it will not take (AWS documents
+neither). Tests of the agent's document reuse play a strict KMS with it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ ERRORS: dict[str, dict[str, tuple[int, str]]] = {
     "ssm": {"internal": (500, "InternalServerError"), "throttle": (400, "ThrottlingException")},
     "s3": {"internal": (500, "InternalError"), "throttle": (503, "SlowDown")},
 }
+DOCUMENT_ANSWERS = ("ValidationException", "AccessDeniedException")
 MAX_COUNT = 10_000
 MAX_DELAY = 300.0
 
@@ -105,3 +112,24 @@ class FaultInjector:
         if self._left == 0:
             self._plan = None
         return Fault(plan.kind, plan.delay, plan.service)
+
+
+@dataclass(frozen=True)
+class DocumentAgeRule:
+    max_age: float  # seconds
+    answer: str = "ValidationException"
+
+
+def parse_document_age_rule(document: Any) -> DocumentAgeRule | None:
+    """Read ``{"max_age": seconds, "answer": ...}``; ``max_age`` null clears the rule."""
+    if not isinstance(document, dict):
+        raise FaultError("document age rule must be a JSON object")
+    max_age = document.get("max_age")
+    if max_age is None:
+        return None
+    if isinstance(max_age, bool) or not isinstance(max_age, int | float) or max_age < 0:
+        raise FaultError("max_age must be a number of seconds, 0 or more (null: no rule)")
+    answer = document.get("answer", "ValidationException")
+    if answer not in DOCUMENT_ANSWERS:
+        raise FaultError(f"answer must be one of {', '.join(DOCUMENT_ANSWERS)}")
+    return DocumentAgeRule(float(max_age), answer)

@@ -6,6 +6,8 @@ KMS (service.LocalKms) and, with ``--stores``, Secrets Manager, SSM and S3
 that its signature was made for it. On the KMS endpoint, routes:
 - ``POST /`` with ``X-Amz-Target: TrentService.<Op>``: a KMS call;
 - ``POST /_local_kms/faults``: set a fault plan (faults.parse_plan);
+- ``POST /_local_kms/document_age``: refuse attestation documents older than
+  ``{"max_age": seconds, "answer": ...}`` from now on (faults.parse_document_age_rule);
 - ``POST /_local_kms/credentials``: mint short-lived credentials
   ``{"ttl": seconds, "account": id, "principal": arn}`` (credentials.mint_requested);
 - ``GET /_local_kms/healthz``.
@@ -27,8 +29,14 @@ from typing import Any, Protocol
 import trio
 
 from devtools.local_kms.credentials import CredentialStore
-from devtools.local_kms.faults import ERRORS, FaultError, FaultInjector, parse_plan
-from devtools.local_kms.service import Reply, new_request_id
+from devtools.local_kms.faults import (
+    ERRORS,
+    FaultError,
+    FaultInjector,
+    parse_document_age_rule,
+    parse_plan,
+)
+from devtools.local_kms.service import LocalKms, Reply, new_request_id
 from devtools.local_kms.sigv4 import Request
 from enclave_common import http_server
 from enclave_common.http_server import Answer, HttpServer, Limits, Report
@@ -116,7 +124,8 @@ class StandInServer:
 
     async def _dispatch(self, service: Service, request: Request) -> Reply:
         if service.name == "kms" and request.target.startswith(ADMIN_PREFIX):
-            return self._admin(request)
+            assert isinstance(service, LocalKms)
+            return self._admin(request, service)
         fault = self.admin.faults.next_call(service.name)
         if fault is not None:
             if fault.delay:
@@ -131,7 +140,7 @@ class StandInServer:
             status, error_type = ERRORS[service.name]["internal"]
             return service.error(status, error_type, "local stand-in internal error", request)
 
-    def _admin(self, request: Request) -> Reply:
+    def _admin(self, request: Request, kms: LocalKms) -> Reply:
         path = request.target.partition("?")[0]
         if path == ADMIN_PREFIX + "healthz" and request.method == "GET":
             return _json_reply(200, {"status": "ok"})
@@ -158,6 +167,18 @@ class StandInServer:
                 delay=plan.delay,
             )
             return _json_reply(200, {"pending": self.admin.faults.pending})
+        if path == ADMIN_PREFIX + "document_age":
+            try:
+                rule = parse_document_age_rule(document)
+            except FaultError as exc:
+                return _json_reply(400, {"error": str(exc)})
+            kms.document_age = rule
+            log.info(
+                "document_age_set",
+                max_age=rule.max_age if rule else None,
+                answer=rule.answer if rule else None,
+            )
+            return _json_reply(200, {"max_age": rule.max_age if rule else None})
         if path == ADMIN_PREFIX + "credentials":
             try:
                 credential = self.admin.credentials.mint_requested(document, datetime.now(UTC))

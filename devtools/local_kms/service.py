@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from devtools.local_kms.backend import MOTO_OPERATIONS, KeyInfo, MotoBackendError, MotoKms
 from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.envelope import encrypt_for_recipient
+from devtools.local_kms.faults import DocumentAgeRule
 from devtools.local_kms.policy import (
     Caller,
     Decision,
@@ -171,6 +172,7 @@ class LocalKms:
         self.roots = list(roots)
         self.credentials = credentials
         self.moto = moto or MotoKms(region, credentials.accounts)
+        self.document_age: DocumentAgeRule | None = None  # set through the admin route
         if self.moto.accounts != credentials.accounts:
             raise ValueError("moto and the credentials must speak for the same accounts")
 
@@ -213,6 +215,7 @@ class LocalKms:
                 recipient = verify_recipient(body.pop("Recipient"), self.roots, now)
             except RecipientError as exc:
                 raise _validation(str(exc)) from exc
+            self._check_document_age(recipient, now, caller)
         if operation in ("CreateKey", "PutKeyPolicy") and body.get("Policy") is not None:
             if not isinstance(body["Policy"], str):
                 raise _validation("Policy must be a string")
@@ -252,6 +255,27 @@ class LocalKms:
             envelope = encrypt_for_recipient(secret, recipient.public_key_der)
             answer["CiphertextForRecipient"] = base64.b64encode(envelope).decode()
         return Reply(200, json.dumps(answer).encode(), operation)
+
+    def _check_document_age(
+        self, recipient: VerifiedRecipient, now: datetime, caller: Caller
+    ) -> None:
+        rule = self.document_age
+        if rule is None:
+            return
+        age = (now - recipient.timestamp).total_seconds()
+        if age <= rule.max_age:
+            return
+        if rule.answer == "AccessDeniedException":
+            raise ServiceError(
+                rule.answer,
+                f"User: {caller.arn} is not authorized to use this attestation document: "
+                f"it is {age:.1f} s old, more than {rule.max_age:g} s (local KMS rule)",
+                400,
+            )
+        raise _validation(
+            f"invalid attestation document: it is {age:.1f} s old, more than "
+            f"{rule.max_age:g} s (local KMS rule)"
+        )
 
     def _moto(self, account: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
         """moto's answer to ``operation`` in ``account``, or its error as a ServiceError."""

@@ -1,11 +1,12 @@
 """The agent's KMS client: one ``KmsGateway.call`` per app request, many at once.
 
-Each call: validate the app's body → a fresh attestation document carrying our
-public key (the NSM, in a worker thread: it is a blocking ioctl) → ``Recipient``
-added → SigV4 (``sigv4``) with the proxy's credentials → HTTPS through
-the proxy's CONNECT tunnel on a pooled connection → KMS's answer read →
-``CiphertextForRecipient`` opened with our private key → the answer KMS gives the
-same call without ``Recipient``. Before the envelope is opened, the key that
+Each call: validate the app's body → an attestation document carrying our public
+key (``documents``: one is reused for ``attestation_reuse`` seconds, bounded by its
+own certificate; a new one comes from the NSM in a worker thread, as it is a
+blocking ioctl) → ``Recipient`` added → SigV4 (``sigv4``) with the proxy's
+credentials → HTTPS through the proxy's CONNECT tunnel on a pooled connection →
+KMS's answer read → ``CiphertextForRecipient`` opened with our private key → the
+answer KMS gives the same call without ``Recipient``. Before the envelope is opened, the key that
 answered must be one of ``KmsSettings.trusted_keys`` (``kms_protocol`` checks it);
 a refusal of an untrusted key is final, never retried.
 
@@ -14,10 +15,12 @@ the app side raises what it would raise against KMS. KMS's own errors pass throu
 unchanged; failures of our own path (proxy, TLS, NSM, envelope, deadline) get
 KMS-style type names and a message naming the cause. Retries: throttling, 5xx and
 broken connections, with full-jitter exponential backoff, all inside the call's
-deadline; one extra try with new credentials when KMS says the token expired.
+deadline; one extra try with new credentials when KMS says the token expired, and
+one with a new attestation document when KMS refuses a call that carried a reused
+one in a way that may mean the document (``KmsFailure.may_reject_document``).
 
-No background tasks and no global lock: the pool and credentials refresh lazily,
-the pool's size bounds how many requests are on the wire at once.
+No background tasks and no global lock: the pool, credentials and documents refresh
+lazily, the pool's size bounds how many requests are on the wire at once.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ from enclave_agent.runtime.credentials import (
     CredentialsError,
     CredentialsProvider,
     proxy_fetcher,
+)
+from enclave_agent.runtime.documents import (
+    DEFAULT_REUSE_SECONDS,
+    AttestationDocuments,
+    Lease,
 )
 from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import Attester, NsmError, request_attestation
@@ -72,6 +80,8 @@ class KmsSettings:
     pool_size: int = 16  # most kept-alive TLS connections (and requests in flight)
     call_timeout: float = 10.0  # deadline per app call, retries included
     max_attempts: int = 4
+    # Seconds one attestation document is reused (0: a fresh one per call); ``documents``.
+    attestation_reuse: float = DEFAULT_REUSE_SECONDS
     # The keys whose answers may be opened; empty (the default): no key operation at all.
     trusted_keys: TrustedKeys = field(default_factory=TrustedKeys)
 
@@ -99,11 +109,19 @@ def endpoint_host_port(settings: KmsSettings) -> tuple[str, int]:
 
 
 class _AttemptFailed(Exception):
-    def __init__(self, error: KmsError, *, retryable: bool, expired: Credentials | None = None):
+    def __init__(
+        self,
+        error: KmsError,
+        *,
+        retryable: bool,
+        expired: Credentials | None = None,
+        rejected: Lease | None = None,
+    ):
         super().__init__(str(error))
         self.error = error
         self.retryable = retryable
         self.expired = expired  # credentials KMS called expired
+        self.rejected = rejected  # a reused attestation document KMS may have refused
 
 
 @dataclass
@@ -137,6 +155,9 @@ class KmsGateway:
             pool_size=settings.pool_size,
         )
         self.credentials = CredentialsProvider(proxy_fetcher(settings.proxy))
+        self.documents = AttestationDocuments(
+            self._attestation, settings.attestation_reuse, shared=(KmsError,)
+        )
         self.signing_keys = sigv4.SigningKeyCache()
         self.metrics = metrics or AgentMetrics()
 
@@ -203,6 +224,7 @@ class KmsGateway:
         self, validated: kms_protocol.ValidatedRequest, record: _CallRecord
     ) -> dict[str, Any]:
         refreshed_for_expiry = False
+        refreshed_document = False
         failures = 0
         while True:
             record.attempts += 1
@@ -213,6 +235,10 @@ class KmsGateway:
                 if failed.expired is not None and not refreshed_for_expiry:
                     refreshed_for_expiry = True  # once only: a second expiry is an error
                     await self._refresh_expired(failed.expired)
+                    continue
+                if failed.rejected is not None and not refreshed_document:
+                    refreshed_document = True  # once only: the next one is fetched fresh
+                    self._discard_document(failed.rejected, failed.error)
                     continue
                 failures += 1
                 if not failed.retryable or failures >= self._settings.max_attempts:
@@ -225,6 +251,19 @@ class KmsGateway:
             await self.credentials.refresh_after_expired(stale)
         except CredentialsError as exc:
             raise KmsError("ExpiredTokenException", _short(exc.message), 400) from None
+
+    def _discard_document(self, rejected: Lease, error: KmsError) -> None:
+        self.documents.discard(rejected)
+        # What KMS answers to a document it will not take is undocumented: this event
+        # is how the real behaviour gets known (error type only; its message names
+        # principals and keys).
+        _log.warning(
+            "attestation_refreshed",
+            reason="kms_refused_reused_document",
+            error_type=error.error_type,
+            status=error.status,
+            document_age_s=round(self.documents.age(rejected), 1),
+        )
 
     async def _credentials(self) -> Credentials:
         try:
@@ -270,8 +309,8 @@ class KmsGateway:
     ) -> dict[str, Any]:
         operation = validated.operation
         creds = await self._credentials()
-        document = await self._attestation()
-        body = kms_protocol.build_request(validated, document)
+        lease = await self.documents.get()
+        body = kms_protocol.build_request(validated, lease.document.data)
         headers = self._sign(creds, operation, body)
         try:
             response = await self.pool.request("POST", "/", headers, body)
@@ -298,6 +337,7 @@ class KmsGateway:
                 KmsError(result.error_type, _short(result.message), result.status),
                 retryable=result.retryable,
                 expired=creds if result.expired_token else None,
+                rejected=lease if result.may_reject_document and not lease.fresh else None,
             )
         try:
             plaintext = self._recipient.open(result.ciphertext_for_recipient)

@@ -258,7 +258,11 @@ class KmsConnectionPool:
     ) -> Response:
         if self._closed:
             raise TransportError("the KMS connection pool is closed", retryable=False)
-        async with self._slots:
+        try:
+            self._slots.acquire_nowait()  # usually free: no trip through the scheduler
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             conn = self._take_idle()
             while self._expired:
                 await _drop(self._expired.pop())
@@ -285,6 +289,8 @@ class KmsConnectionPool:
             else:
                 await _drop(conn)
             return response
+        finally:
+            self._slots.release()
 
     async def aclose(self) -> None:
         self._closed = True
