@@ -19,9 +19,11 @@ import base64
 import json
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +67,14 @@ def stack() -> Iterator[Stack]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_app(stack: Stack, *command: str) -> tuple[str, str]:
-    """``enclave-agent run -- COMMAND`` with nothing in the environment but a PATH and
-    an empty HOME; (the app's stdout, the agent's and the app's stderr)."""
+def run_app(
+    stack: Stack, *command: str, image_env: dict[str, str] | None = None
+) -> tuple[str, str]:
+    """``enclave-agent run -- COMMAND`` with nothing in the environment but a PATH, an
+    empty HOME and ``image_env`` (what the image's own environment adds); (the app's
+    stdout, the agent's and the app's stderr)."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(stack.home), "LANG": "C.UTF-8"}
+    env.update(image_env or {})
     result = subprocess.run(
         [*AGENT, "run", "--config", str(stack.config), "--", *command],
         cwd=REPO,
@@ -157,3 +163,70 @@ def test_javascript_sdk_v3(stack: Stack) -> None:
     answer = json.loads(out.strip().splitlines()[-1])
     assert answer == {"plaintext": MARKER, "dataKeyBytes": 32, "dataKeyId": stack.key_arn}
     # (The app signed with the placeholder credentials; KMS checked the agent's signature.)
+
+
+# Decrypts, then says whether the image's own bypass still holds.
+DECRYPT_APP = """
+import sys, urllib.request, boto3
+blob = open(sys.argv[1], "rb").read()
+print(boto3.client("kms").decrypt(CiphertextBlob=blob)["Plaintext"].decode())
+print(urllib.request.proxy_bypass_environment("example.com"))
+"""
+
+
+class Forwarder:
+    """A forwarding HTTP proxy an image routes its HTTP through (``HTTP_PROXY``), played
+    by the parent: it keeps every request and answers each one as KMS would, with a
+    plaintext of its own choosing."""
+
+    PLANTED = b"planted-by-the-parent"
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.requests: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        body = json.dumps({"Plaintext": base64.b64encode(self.PLANTED).decode()}).encode()
+        answer = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with client:
+                client.settimeout(10)
+                self.requests.append(client.recv(65536))
+                client.sendall(answer)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(timeout=10)
+
+
+def test_an_image_that_routes_http_through_a_forwarder_still_talks_to_the_agent(
+    stack: Stack,
+) -> None:
+    """An image may send its HTTP through a forwarder that leads to the parent (the
+    usual way out of an enclave), naming other hosts to bypass. boto3 honours
+    HTTP_PROXY for the agent's http:// endpoint unless NO_PROXY names it: the parent
+    would then get every request and answer it with a plaintext of its choosing."""
+    forwarder = Forwarder()
+    try:
+        proxies = {"HTTP_PROXY": forwarder.url, "http_proxy": forwarder.url}
+        bypass = {"NO_PROXY": "example.com"}  # (upper case only; urllib reads no_proxy first)
+        out, _ = run_app(
+            stack, sys.executable, "-c", DECRYPT_APP, str(stack.blob), image_env=proxies | bypass
+        )
+    finally:
+        forwarder.close()
+    assert out.splitlines() == [MARKER, "True"]
+    assert forwarder.requests == []

@@ -47,6 +47,9 @@ PLACEHOLDER_KEY_ID = "ENCLAVEAGENTSIGNS"
 PLACEHOLDER_SECRET = "placeholder-the-enclave-agent-signs-with-its-own-credentials"  # noqa: S105
 # Variables that would keep an SDK from the agent's endpoint or mix credentials.
 _SDK_UNSET = ("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+# The hosts an HTTP client reaches without the image's forwarding proxy (HTTP_PROXY);
+# Python's urllib (boto3, the AWS CLI) reads the lower-case one first.
+_NO_PROXY = ("no_proxy", "NO_PROXY")
 # What can stop the agent from starting, each with a message fit for the log: a secret
 # KMS refused, a bad CA bundle or endpoint (ValueError), the NSM device or the socket
 # path (OSError, NsmError).
@@ -254,6 +257,7 @@ def app_environment(
     host = f"[{ready.tcp.host}]" if ":" in ready.tcp.host else ready.tcp.host
     endpoint = f"http://{host}:{ready.tcp.port}"
     env[ENDPOINT_ENV] = endpoint
+    _bypass_forwarding_proxies(env, ready.tcp.host)
     if config.run.sdk_env:
         for name in _SDK_UNSET:
             env.pop(name, None)
@@ -265,6 +269,27 @@ def app_environment(
             AWS_SECRET_ACCESS_KEY=PLACEHOLDER_SECRET,
         )
     return env
+
+
+def _bypass_forwarding_proxies(env: dict[str, str], host: str) -> None:
+    """Add the agent's host to ``NO_PROXY`` and ``no_proxy``, both then naming what
+    either named.
+
+    Why: an image may send its HTTP through a forwarder (``HTTP_PROXY``), usually one
+    that leads out of the enclave to the parent. boto3 and the AWS CLI honour it for
+    the agent's ``http://`` endpoint too, bypassing only what ``NO_PROXY`` names (no
+    exception for loopback): every request would reach the parent, and it would
+    answer in the agent's place, plaintexts of its own choosing included."""
+    entries = [
+        entry.strip()
+        for variable in _NO_PROXY
+        for entry in env.get(variable, "").split(",")
+        if entry.strip()
+    ]
+    names = [host, f"[{host}]"] if ":" in host else [host]
+    bypass = ",".join(dict.fromkeys([*entries, *names]))
+    for variable in _NO_PROXY:
+        env[variable] = bypass
 
 
 # --- app-side verbs -------------------------------------------------------------
