@@ -5,10 +5,12 @@ driver (``http_server``) and ``ClientConnection`` below are the only code that d
 h11, so a limit behaves the same at every end.
 
 The head rule, one for requests and responses: a head is at most ``max_head_bytes`` on
-the wire, counted exactly. h11 counts a head that is still arriving (its buffer,
-``max_incomplete_event_size``) but parses one that arrives whole in a single read at
-any size; so ``Wire`` counts that one itself, as the bytes it fed h11 since the head
-began minus the bytes h11 still holds. Both give ``RemoteProtocolError`` with hint 431.
+the wire, counted exactly; an answer's interim (1xx) heads count toward its final head,
+so a peer sending ``100 Continue`` for ever is cut off like one endless head. h11
+counts a head that is still arriving (its buffer, ``max_incomplete_event_size``) but
+parses one that arrives whole in a single read at any size; so ``Wire`` counts that one
+itself, as the bytes it fed h11 since the head began minus the bytes h11 still holds.
+Both give ``RemoteProtocolError`` with hint 431.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class Wire:
             consumed = self._fed - len(self.h11.trailing_data[0])
             if consumed - self._head_start > self.max_head_bytes:
                 raise h11.RemoteProtocolError("head too large", error_status_hint=431)
-            self._head_start = consumed
+            if not isinstance(event, h11.InformationalResponse):
+                self._head_start = consumed
         elif isinstance(event, h11.EndOfMessage):
             self._head_start = self._fed - len(self.h11.trailing_data[0])
         return event

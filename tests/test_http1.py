@@ -71,6 +71,16 @@ async def test_head_limit_is_exact_in_one_read_and_in_a_trickle(nursery: trio.Nu
     assert (await failure(nursery, endless)).kind == "malformed"
 
 
+async def test_interim_answers_count_toward_the_head_limit(nursery: trio.Nursery) -> None:
+    """Interim (1xx) heads and the final head share one budget: a server sending
+    ``100 Continue`` for ever cannot keep the client reading and parsing for ever."""
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    answer = await get(nursery, answering(interim * 3 + head_of(LIMIT - 3 * len(interim))))
+    assert answer.status == 200
+    error = await failure(nursery, answering(forever=interim))
+    assert (error.kind, error.detail) == ("malformed", "head too large")
+
+
 @pytest.mark.parametrize(
     ("answer", "kind", "fragment"),
     [

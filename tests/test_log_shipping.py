@@ -5,6 +5,7 @@ counted in a ``dropped`` record that reaches the receiver."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -235,6 +236,36 @@ async def test_a_proxy_answering_garbage_is_left_and_tried_again(garbage: bytes)
     ][:1]
     assert event["event"] == "log_shipping_interrupted"
     assert "proxy" in event["reason"]
+
+
+async def test_a_proxy_answering_100_continue_for_ever_is_left() -> None:
+    """Interim answers never end an answer: a parent sending them without end would
+    keep the shipper parsing them (an enclave core) for as long as it liked. They
+    count toward the answer's head limit, so the shipper leaves and comes back later."""
+    logs = io.StringIO()
+    configure_logging("info", stream=logs, process="test")
+    connections = 0
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n" * 1000
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(trio.BrokenResourceError):
+            for _ in range(2000):  # 50 MB at most
+                await stream.send_all(interim)
+            await trio.sleep(30)
+
+    async with trio.open_nursery() as nursery:
+        port = await listen(nursery, handler)
+        async with shipping(TcpAddress("127.0.0.1", port), LogBuffer(4096)):
+            with trio.fail_after(30):
+                await eventually(lambda: connections >= 2)
+        nursery.cancel_scope.cancel()
+    (event,) = [
+        e for e in map(json.loads, logs.getvalue().splitlines()) if e["event"] != "library"
+    ][:1]
+    assert event["event"] == "log_shipping_interrupted"
+    assert event["reason"] == "the proxy closed the stream (malformed)"
 
 
 async def test_flush_waits_for_the_buffer_when_connected_and_not_when_not() -> None:
