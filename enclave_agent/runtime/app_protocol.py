@@ -30,12 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from enclave_agent.runtime.config import SECRET_NAME
+from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 
 KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "TrentService."
-OPERATIONS = frozenset(
-    {"Decrypt", "GenerateDataKey", "GenerateRandom", "GenerateDataKeyPair", "DeriveSharedSecret"}
-)
 ATTESTATION_FIELDS = ("nonce", "user_data", "public_key")
 MAX_ATTESTATION_FIELD = 1024  # the NSM's limit on each of user_data, nonce, public_key
 
@@ -130,10 +128,10 @@ def _kms(headers: Mapping[str, str], body: bytes) -> KmsCall:
     if target is None:
         raise AppProtocolError("UnknownOperationException", "missing X-Amz-Target header")
     service, _, operation = target.partition(".")
-    if f"{service}." != TARGET_PREFIX or operation not in OPERATIONS:
+    if f"{service}." != TARGET_PREFIX or operation not in OPERATION_TABLE:
         raise AppProtocolError(
             "UnknownOperationException",
-            f"the agent serves {', '.join(sorted(OPERATIONS))} only (X-Amz-Target "
+            f"the agent serves {', '.join(sorted(OPERATION_TABLE))} only (X-Amz-Target "
             f"{TARGET_PREFIX}<Operation>)",
         )
     content_type = headers.get("content-type", KMS_CONTENT_TYPE).split(";")[0].strip()

@@ -1,13 +1,15 @@
 """The agent's KMS client: one ``KmsGateway.call`` per app request, many at once.
 
-Each call: validate the app's body → a fresh attestation document carrying our
-public key (the NSM, in a worker thread: it is a blocking ioctl) → ``Recipient``
-added → SigV4 (``sigv4``) with the proxy's credentials → HTTPS through
-the proxy's CONNECT tunnel on a pooled connection → KMS's answer read →
-``CiphertextForRecipient`` opened with our private key → the answer KMS gives the
-same call without ``Recipient``. Before the envelope is opened, the key that
-answered must be one of ``KmsSettings.trusted_keys`` (``kms_protocol`` checks it);
-a refusal of an untrusted key is final, never retried.
+Each call: validate the app's body → for a Recipient operation, a fresh attestation
+document carrying our public key (the NSM, in a worker thread: it is a blocking
+ioctl) and ``Recipient`` added → SigV4 (``sigv4``) with the proxy's credentials →
+HTTPS through the proxy's CONNECT tunnel on a pooled connection → KMS's answer read
+→ ``CiphertextForRecipient`` opened with our private key → the answer KMS gives the
+same call without ``Recipient``. A pass-through operation (``kms_operations``: one
+that returns no secret) is the same call without the document and the envelope.
+Before the envelope is opened or a pass-through answer returned, every key the
+answer names must be one of ``KmsSettings.trusted_keys`` (``kms_protocol`` checks
+it); a refusal of an untrusted key is final, never retried.
 
 Failures keep KMS's shape (``KmsError``: type, message, HTTP status) so an SDK on
 the app side raises what it would raise against KMS. KMS's own errors pass through
@@ -39,6 +41,7 @@ from enclave_agent.runtime.credentials import (
     CredentialsProvider,
     proxy_fetcher,
 )
+from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_agent.runtime.nsm import Attester
 from enclave_agent.runtime.transport import KmsConnectionPool, TransportError, make_ssl_context
 from enclave_agent.runtime.trusted_keys import TrustedKeys
@@ -281,7 +284,8 @@ class KmsGateway:
     ) -> dict[str, Any]:
         operation = validated.operation
         creds = await self._credentials()
-        document = await self._attestation()
+        recipient = OPERATION_TABLE[operation].recipient
+        document = await self._attestation() if recipient else None
         body = kms_protocol.build_request(validated, document)
         headers = self._sign(creds, operation, body)
         try:
@@ -310,6 +314,8 @@ class KmsGateway:
                 retryable=result.retryable,
                 expired=creds if result.expired_token else None,
             )
+        if isinstance(result, kms_protocol.PassThroughAnswer):
+            return result.members
         try:
             plaintext = self._recipient.open(result.ciphertext_for_recipient)
         # Whatever the envelope's decoder raises (malformed CMS, another recipient's
