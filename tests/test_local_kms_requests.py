@@ -69,12 +69,14 @@ def call(kms: LocalKms, operation: str, body: Any) -> tuple[int, dict[str, Any]]
 OPERATIONS = [
     "CreateKey", "Decrypt", "DescribeKey", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair",
     "GenerateRandom", "GetKeyPolicy", "ListKeys", "PutKeyPolicy", "ReEncrypt", "CreateAlias",
-    "GenerateDataKeyWithoutPlaintext", "DeriveSharedSecret", "NotAnOperation",
+    "GenerateDataKeyWithoutPlaintext", "DeriveSharedSecret", "NotAnOperation", "Sign", "Verify",
+    "GenerateMac", "VerifyMac", "GetPublicKey", "ListAliases",
 ]  # fmt: skip
 MEMBERS = [
     "KeyId", "CiphertextBlob", "Plaintext", "NumberOfBytes", "KeySpec", "KeyPairSpec",
     "Recipient", "Policy", "PolicyName", "EncryptionContext", "DestinationKeyId", "AliasName",
-    "TargetKeyId", "GrantTokens",
+    "TargetKeyId", "GrantTokens", "Message", "SigningAlgorithm", "MacAlgorithm", "Mac",
+    "Signature", "PublicKey", "KeyAgreementAlgorithm", "MessageType", "Limit", "Marker",
 ]  # fmt: skip
 scalars = (
     st.none()
@@ -94,6 +96,11 @@ scalars = (
             "arn:aws:kms:eu-west-1:111122223333:key/x",
             "arn:",
             "alias/aws/ebs",
+            "ECDSA_SHA_256",
+            "HMAC_SHA_256",
+            "ECDH",
+            "DIGEST",
+            "1",
         ]
     )
 )
@@ -155,6 +162,8 @@ def test_wrong_types_and_missing_members_are_refused_as_aws_does(kms: LocalKms) 
     status, answer = call(kms, "Decrypt", {"CiphertextBlob": "%%%"})
     assert (status, answer["__type"]) == (400, "SerializationException")
     status, answer = call(kms, "DeriveSharedSecret", {})
+    assert (status, answer["__type"]) == (400, "ValidationException")
+    status, answer = call(kms, "CreateCustomKeyStore", {"CustomKeyStoreName": "x"})
     assert (status, answer["__type"]) == (400, "UnsupportedOperationException")
 
 
