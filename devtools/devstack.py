@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -600,7 +601,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine until SIGTERM/SIGINT.",
     )
     parser.add_argument("--state-file", type=Path, required=True, help="JSON written when ready")
-    parser.add_argument("--work-dir", type=Path, help="logs, sockets, CA (default: a new temp dir)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="logs, sockets, the simulated CA (default: a new temporary folder, removed "
+        "when the stack stops; a folder given here is kept)",
+    )
     parser.add_argument("--region", default="us-east-1")
     parser.add_argument(
         "--credentials",
@@ -627,7 +633,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pcr", type=_parse_pcr, action="append", default=[], metavar="N=HEX")
     args = parser.parse_args(argv)
 
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="devstack-"))
+    state_file: Path = args.state_file.resolve()
+    if not state_file.parent.is_dir() or not os.access(state_file.parent, os.W_OK):
+        print(
+            f"devstack: cannot write the state file {state_file}: its folder "
+            f"{state_file.parent} does not exist or is not writable",
+            file=sys.stderr,
+        )
+        return 2
+    temporary = args.work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="devstack-")) if temporary else args.work_dir
     stack = DevStack(
         work_dir=work_dir.resolve(),
         region=args.region,
@@ -644,12 +659,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    state_file: Path = args.state_file.resolve()
     status = 0
     try:
+        print(
+            f"devstack: starting; logs, sockets and the simulated CA in {work_dir}", file=sys.stderr
+        )
         state = stack.start()
         _write_atomically(state_file, json.dumps(state, indent=2) + "\n")
-        print(f"devstack: ready; state in {state_file}, logs in {work_dir}", file=sys.stderr)
+        print(
+            f"devstack: ready; state in {state_file}; agent socket {state['agent_socket']}; "
+            f"logs {', '.join(p.log_path.name for p in stack.processes)} in {work_dir}; "
+            "stop with Ctrl-C or SIGTERM",
+            file=sys.stderr,
+        )
         while not stopping:
             dead = stack.dead()
             if dead:
@@ -660,9 +682,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DevStackError as exc:
         print(f"devstack: {exc}", file=sys.stderr)
         status = 1
+    except OSError as exc:  # the state file could not be written after all
+        print(
+            f"devstack: cannot write the state file {state_file}: {exc.strerror}", file=sys.stderr
+        )
+        status = 1
     finally:
         stack.stop()
         state_file.unlink(missing_ok=True)
+        # The temporary folder holds the simulated CA's private key: it goes with the stack.
+        if temporary:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        print(
+            f"devstack: stopped; {'removed' if temporary else 'kept'} {work_dir}", file=sys.stderr
+        )
     return status
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from enclave_common.address import TcpAddress, is_loopback_ip, listener_address, open_listener
+from enclave_common.cli import UsageError, run_command
 from enclave_common.logs import LEVELS, configure_logging, get_logger
 
 from .allowlist import Allowlist
@@ -211,8 +212,7 @@ def check_config(argv: Sequence[str]) -> int:
     try:
         config = load_config(args.file, CliOptions())
     except ConfigError as e:
-        print(f"enclave-proxy check-config: {e}", file=sys.stderr)
-        return 1
+        raise UsageError(str(e)) from None
     print(f"listen: {config.listen}")
     print(f"region: {config.region or '(from IMDSv2 at start-up)'}")
     if config.allow or config.region:
@@ -229,7 +229,7 @@ def check_config(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["check-config"]:
-        return check_config(args_list[1:])
+        return run_command("enclave-proxy check-config", lambda: check_config(args_list[1:]))
     args = _parser().parse_args(args_list)
     cli = CliOptions(
         listen=args.listen, allow=tuple(args.allow), region=args.region, log_level=args.log_level

@@ -14,19 +14,48 @@ from devtools.devstack import running_local_kms
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def vectors_path() -> Path:
+    return Path(os.environ.get("ENCLAVE_KMS_VECTORS", REPO_ROOT.parent / "shared" / "vectors"))
+
+
+def _vectors_absent() -> str | None:
+    """Why the vectors cannot be read, or None when they can."""
+    path = vectors_path()
+    if (path / "expected.jsonl").is_file():
+        return None
+    return f"test vectors not found at {path} (set ENCLAVE_KMS_VECTORS=DIR)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without the vectors, say so once, at the top of the run, and leave their tests
+    out (deselected), rather than a SKIPPED line each. Under CI=true they stay in and
+    fail (``vectors_dir``): CI must have them."""
+    reason = _vectors_absent()
+    if reason is None or os.environ.get("CI") == "true":
+        return
+    needing = [item for item in items if "vectors_dir" in getattr(item, "fixturenames", ())]
+    if not needing:
+        return
+    config.hook.pytest_deselected(items=needing)
+    items[:] = [item for item in items if item not in needing]
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"{reason}: the {len(needing)} tests that read them are not run")
+
+
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
     """The real-world vectors in ../shared/vectors (or $ENCLAVE_KMS_VECTORS), read in place.
 
-    Absent: skip with a reason, except under CI=true, where absence is a failure.
+    Absent: their tests are deselected (pytest_collection_modifyitems), except under
+    CI=true, where absence is a failure.
     """
-    path = Path(os.environ.get("ENCLAVE_KMS_VECTORS", REPO_ROOT.parent / "shared" / "vectors"))
-    if not (path / "expected.jsonl").is_file():
-        message = f"test vectors not found at {path} (set ENCLAVE_KMS_VECTORS)"
+    reason = _vectors_absent()
+    if reason is not None:
         if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return vectors_path()
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,8 @@ def test_simulated_document_with_its_root_and_base64_input(
 
 
 def test_missing_file_and_bad_instant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["verify-attestation", str(tmp_path / "absent.cbor")]) == 1
+    # An input that cannot be read is a usage error (2); a refused document is 1.
+    assert main(["verify-attestation", str(tmp_path / "absent.cbor")]) == 2
     assert "cannot read" in capsys.readouterr().err
     with pytest.raises(SystemExit) as caught:
         main(["verify-attestation", str(tmp_path / "absent.cbor"), "--at", "yesterday"])

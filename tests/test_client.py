@@ -29,6 +29,8 @@ class Gateway:
             blob = base64.b64decode(request["CiphertextBlob"])
             if blob == b"denied":
                 raise KmsError("AccessDeniedException", "PCR0 mismatch", 400)
+            if blob == b"wrong context":  # as KMS answers it: no message at all
+                raise KmsError("InvalidCiphertextException", "", 400)
             context = request.get("EncryptionContext", {})
             return {
                 "Plaintext": base64.b64encode(b"plain:" + blob).decode(),
@@ -220,3 +222,14 @@ async def test_cli_verbs(socket_path: str, tmp_path: Path) -> None:
     assert b"AccessDeniedException: PCR0 mismatch" in result.stderr
     result = await cli(socket_path, "secret", "absent")
     assert result.returncode == 1 and b"NotFoundException" in result.stderr
+
+
+async def test_cli_explains_a_kms_error_that_has_no_message(socket_path: str) -> None:
+    blob = base64.b64encode(b"wrong context").decode()
+    result = await cli(socket_path, "decrypt", "--ciphertext-base64", blob)
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        "enclave-agent decrypt: InvalidCiphertextException (KMS gave no message; usually "
+        "the encryption context differs from the one the ciphertext was made with (give "
+        "it with --encryption-context K=V), or the ciphertext is damaged)\n"
+    )

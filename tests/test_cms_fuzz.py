@@ -138,3 +138,41 @@ def test_ber_reader_agrees_with_asn1crypto(encoded: bytes, trailing: bytes) -> N
     expected, size = _theirs(data)
     assert end == size == len(encoded)
     assert _ours(tlv) == expected
+
+
+# --- OIDs in error messages: our decoder against asn1crypto's --------------------
+
+
+@st.composite
+def oid_contents(draw: st.DrawFn) -> bytes:
+    """Any OBJECT IDENTIFIER's contents, or bytes cut short in the middle of an arc."""
+    first = draw(st.integers(0, 2))
+    arcs = [first * 40 + draw(st.integers(0, 39 if first < 2 else 10**6))]
+    arcs += draw(st.lists(st.integers(0, 2**70), max_size=6))
+    out = bytearray()
+    for arc in arcs:
+        groups = [arc & 0x7F]
+        while arc > 0x7F:
+            arc >>= 7
+            groups.append(arc & 0x7F | 0x80)
+        out += bytes(reversed(groups))
+    return bytes(out)
+
+
+@FUZZ
+@given(oid_contents())
+def test_oid_names_in_errors_agree_with_asn1crypto(contents: bytes) -> None:
+    from asn1crypto import core
+
+    from enclave_agent.runtime import cms as cms_module
+
+    assert cms_module._dotted(contents) == core.ObjectIdentifier(contents=contents).dotted
+
+
+@FUZZ
+@given(st.binary(max_size=12))
+def test_oid_name_of_any_bytes_is_a_short_string(contents: bytes) -> None:
+    from enclave_agent.runtime import cms as cms_module
+
+    named = cms_module._dotted(contents)
+    assert named == contents.hex() or named.count(".") >= 1

@@ -10,7 +10,13 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-DOCS = ["docs/security.md", "docs/operations.md", "README.md"]
+DOCS = [
+    "docs/security.md",
+    "docs/operations.md",
+    "docs/deploy.md",
+    "docs/benchmarks.md",
+    "README.md",
+]
 REFERENCE = re.compile(r"(test_\w+\.py)::(test_\w+)")
 
 

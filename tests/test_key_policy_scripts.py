@@ -20,7 +20,20 @@ from enclave_agent.operator.key_policy import parse_measurements
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
-BASIC_TOOLS = ("bash", "dirname", "mkdir", "mktemp", "sed", "mv", "cat", "rm", "head")
+BASIC_TOOLS = (
+    "bash",
+    "dirname",
+    "mkdir",
+    "mktemp",
+    "sed",
+    "mv",
+    "cat",
+    "rm",
+    "head",
+    "grep",
+    "cut",
+)
+EPOCH = "1700000000"  # SOURCE_DATE_EPOCH: the tree here is no git checkout
 
 FAKE_DOCKER = """#!/bin/sh
 echo "docker $*" >>"$FAKE_LOG"
@@ -73,6 +86,7 @@ def tree(tmp_path: Path) -> Path:
         shutil.copy2(REPO / "scripts" / name, root / "scripts" / name)
     (root / "deploy" / "secrets").mkdir(parents=True)
     shutil.copy2(REPO / "deploy" / "Dockerfile", root / "deploy" / "Dockerfile")
+    shutil.copy2(REPO / "deploy" / "agent.toml", root / "deploy" / "agent.toml")
     (root / "deploy" / "secrets" / "example.ciphertext").write_bytes(b"\x01\x02ciphertext")
     return root
 
@@ -145,11 +159,13 @@ def test_build_eif_names_unreachable_daemon_and_missing_secret(tree: Path, tmp_p
 
 def test_build_eif_builds_and_saves_measurements(tree: Path, tmp_path: Path) -> None:
     bindir = _bin(tmp_path, {"docker": FAKE_DOCKER, "nitro-cli": FAKE_NITRO_CLI})
-    result = _run(tree, "build-eif", ["--tag", "example:test"], bindir)
+    result = _run(tree, "build-eif", ["--tag", "example:test"], bindir, SOURCE_DATE_EPOCH=EPOCH)
     assert result.returncode == 0, result.stderr
     assert _calls(tree) == [
         "docker info",
-        "docker build --file deploy/Dockerfile --tag example:test .",
+        "docker buildx version",
+        f"docker buildx build --file deploy/Dockerfile --build-arg SOURCE_DATE_EPOCH={EPOCH} "
+        "--output type=docker,name=example:test,rewrite-timestamp=true .",
         "nitro-cli build-enclave --docker-uri example:test --output-file build/enclave.eif",
     ]
     saved = (tree / "build" / "enclave.measurements.json").read_text()
@@ -157,10 +173,30 @@ def test_build_eif_builds_and_saves_measurements(tree: Path, tmp_path: Path) -> 
     assert parse_measurements(saved) == parse_measurements(
         (DATA / "nitro_cli_build_enclave.out").read_text()
     )
-    assert "enclave-agent key-policy --measurements build/enclave.measurements.json" in (
+    assert (tree / "build" / "enclave.eif").exists()
+    # For a person: each PCR, the image's trusted_keys, and the key-policy and
+    # put-key-policy commands filled in from deploy/agent.toml.
+    for index, value in json.loads(saved)["Measurements"].items():
+        if index.startswith("PCR"):
+            assert f"\n  {index} {value}\n" in result.stderr
+    key = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    assert f'\n  trusted_keys = ["{key}"]\n' in result.stderr
+    assert (
+        "  enclave-agent key-policy --measurements build/enclave.measurements.json \\\n"
+        "      --role-arn arn:aws:iam::111122223333:role/ROLE --region us-east-1 "
+        "--key-id 1234abcd-12ab-34cd-56ef-1234567890ab \\\n"
+    ) in result.stderr
+    assert "aws kms put-key-policy --key-id 1234abcd-12ab-34cd-56ef-1234567890ab " in (
         result.stderr
     )
-    assert (tree / "build" / "enclave.eif").exists()
+
+
+def test_build_eif_needs_the_commit_time(tree: Path, tmp_path: Path) -> None:
+    bindir = _bin(tmp_path, {"docker": FAKE_DOCKER, "nitro-cli": FAKE_NITRO_CLI})
+    result = _run(tree, "build-eif", [], bindir)
+    assert result.returncode == 1
+    assert "the commit's time: 'git log' failed" in result.stderr
+    assert _calls(tree) == ["docker info", "docker buildx version"], "nothing may be built"
 
 
 def test_build_eif_signing_needs_both_files(tree: Path, tmp_path: Path) -> None:

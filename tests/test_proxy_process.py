@@ -273,7 +273,8 @@ def test_check_config(tmp_path: Path) -> None:
     assert "kms.cn-north-1.amazonaws.com.cn:443" in done.stdout
 
     done = check_config("bad.toml", 'allow = ["*.com:443"]\nmax_tunels = 5\n')
-    assert done.returncode == 1
+    assert done.returncode == 2  # a configuration error (enclave_common.cli)
+    assert done.stderr.startswith("enclave-proxy check-config: ")
     assert "bad.toml" in done.stderr and ("max_tunels" in done.stderr or "*.com" in done.stderr)
 
 

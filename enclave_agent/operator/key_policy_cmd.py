@@ -28,6 +28,7 @@ from enclave_agent.operator.key_policy import (
     with_extra_pcrs,
 )
 from enclave_agent.runtime.trusted_keys import KeyArn, toml_line
+from enclave_common.cli import UsageError
 
 
 def _read_measurements(path: str) -> bytes:
@@ -100,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
                 encrypt_principal=args.encrypt_principal,
             )
     except KeyPolicyError as error:
-        print(f"enclave-agent key-policy: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
     json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")
     sys.stderr.write(_trusted_keys_note(entry, args.encrypt_principal))

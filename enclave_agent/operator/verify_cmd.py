@@ -1,7 +1,8 @@
 """``enclave-agent verify-attestation``: check an attestation document and print its fields.
 
 Operators use it to read an enclave's PCRs (for key policies) from a document they
-trust only after this check. Prints JSON on success; exit 1 with the reason otherwise.
+trust only after this check. Prints JSON on success; exit 1 with the reason when the
+document is refused, 2 when an input cannot be read.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from enclave_agent.operator.attestation import (
     AttestationError,
     verify_attestation,
 )
+from enclave_common.cli import CommandFailed, UsageError
 
 # Base64 text of the largest document, with room for line breaks.
 _MAX_INPUT_BYTES = MAX_DOCUMENT_BYTES * 2
@@ -97,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         document = _document_bytes(_read(args.file))
         root = AWS_NITRO_ROOT_G1_PEM if args.root is None else _read(args.root)
+    except _InputError as error:
+        raise UsageError(str(error)) from None
+    try:
         verified = verify_attestation(document, root=root, at=args.at)
-    except (_InputError, AttestationError) as error:
-        print(f"verify-attestation: refused: {error}", file=sys.stderr)
-        return 1
+    except AttestationError as error:
+        raise CommandFailed(f"refused: {error}") from None
     json.dump(describe(verified), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

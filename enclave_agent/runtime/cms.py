@@ -10,7 +10,7 @@ take neither OAEP nor BER.
 The envelope is opened on every KMS call, next to one RSA-2048 decryption, so it is
 read in a single pass by a small BER reader (indefinite lengths, constructed
 strings) that checks exactly the fields KMS sends; asn1crypto's typed model cost as
-much as the RSA operation itself. asn1crypto still names unexpected OIDs in errors.
+much as the RSA operation itself.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import hmac
 from collections.abc import Callable
 from typing import NamedTuple
 
-from asn1crypto import core as asn1_core
 from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP
@@ -268,10 +267,19 @@ def _oid(tlv: _Tlv, what: str) -> bytes:
 
 
 def _dotted(oid: bytes) -> str:
-    try:
-        return str(asn1_core.ObjectIdentifier(contents=oid).dotted)
-    except Exception:  # noqa: BLE001 - only used to word an error message
+    """An OBJECT IDENTIFIER's contents in dotted form (X.690 8.19), for error messages;
+    hex when the contents do not decode."""
+    arcs: list[int] = []
+    value = 0
+    for byte in oid:
+        value = value << 7 | byte & 0x7F
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    if not arcs or oid[-1] & 0x80:
         return oid.hex()
+    first = min(arcs[0] // 40, 2)
+    return ".".join(map(str, [first, arcs[0] - 40 * first, *arcs[1:]]))
 
 
 def _integer(tlv: _Tlv, what: str) -> int:

@@ -6,6 +6,8 @@
   set; signals forwarded, orphans reaped, CMD's exit status returned.
 - ``decrypt``, ``generate-data-key``, ``generate-random``, ``secret``: talk to a
   running agent over its socket (``enclave_agent.client``), for shell scripts.
+
+Errors and exit codes follow ``enclave_common.cli`` (2 usage or config, 1 runtime).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -29,6 +31,7 @@ from enclave_agent.runtime.config import AgentConfig, ConfigError, load_config
 from enclave_agent.runtime.nsm import NsmError
 from enclave_agent.runtime.secrets import SecretError
 from enclave_agent.runtime.service import AgentReady, run_agent
+from enclave_common.cli import CommandFailed, UsageError
 from enclave_common.logs import configure_logging, get_logger
 
 DEFAULT_CONFIG = "/etc/enclave-agent/agent.toml"
@@ -38,6 +41,15 @@ ENDPOINT_ENV = "ENCLAVE_AGENT_ENDPOINT"
 # KMS refused, a bad CA bundle or endpoint (ValueError), the NSM device or the socket
 # path (OSError, NsmError).
 STARTUP_ERRORS = (SecretError, ValueError, OSError, NsmError)
+# What a KMS error with no message (KMS often sends none) most likely means.
+EMPTY_MESSAGE_HINTS = {
+    "InvalidCiphertextException": "usually the encryption context differs from the one "
+    "the ciphertext was made with (give it with --encryption-context K=V), or the "
+    "ciphertext is damaged",
+    "IncorrectKeyException": "the ciphertext was made under another key than --key-id",
+    "AccessDeniedException": "the key policy does not admit this enclave or role",
+}
+T = TypeVar("T")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -92,19 +104,16 @@ def add_parser(subparsers: Any) -> None:
 # --- the agent ----------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> AgentConfig | None:
+def _load(args: argparse.Namespace) -> AgentConfig:
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"enclave-agent: {exc}", file=sys.stderr)
-        return None
+        raise UsageError(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
-    if config is None:
-        return 2
     configure_logging(config.log_level, process="enclave-agent")
     _no_core_dumps()
     return trio.run(_serve_async, config)
@@ -172,11 +181,8 @@ def _run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        print("enclave-agent run: give the command after --", file=sys.stderr)
-        return 2
+        raise UsageError("give the command after --")
     config = _load(args)
-    if config is None:
-        return 2
     configure_logging(config.log_level, process="enclave-agent")
     _no_core_dumps()
     return trio.run(_run_async, config, command)
@@ -217,35 +223,47 @@ def _context(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"enclave-agent: --encryption-context wants KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--encryption-context wants KEY=VALUE, got {pair!r}")
         context[key] = value
     return context
 
 
-def _client_call(args: argparse.Namespace, action: Any) -> int:
+def _describe(error: AgentError) -> str:
+    if error.message:
+        return f"{error.error_type}: {error.message}"
+    hint = EMPTY_MESSAGE_HINTS.get(error.error_type)
+    return f"{error.error_type} (KMS gave no message{'; ' + hint if hint else ''})"
+
+
+def _ask(args: argparse.Namespace, call: Callable[[AgentClient], T]) -> T:
+    """One exchange with the agent; its refusals and an unreachable socket as errors."""
+    client = AgentClient(args.socket)
     try:
-        with AgentClient(args.socket) as client:
-            return int(action(client))
+        with client:
+            return call(client)
     except AgentError as exc:
-        print(f"enclave-agent: {exc.error_type}: {exc.message}", file=sys.stderr)
-        return 1
+        raise CommandFailed(_describe(exc)) from None
     except OSError as exc:
-        print(f"enclave-agent: cannot reach the agent: {exc}", file=sys.stderr)
-        return 1
+        raise CommandFailed(
+            f"cannot reach the agent at {client.socket_path} ({exc.strerror or exc}); "
+            f"name its socket with --socket PATH or ${SOCKET_ENV}"
+        ) from None
 
 
 def _write_out(data: bytes, output: Path | None) -> None:
     if output is None:
         sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
         return
     # The mode given to open() applies only to a new file: an existing one keeps its
     # own (perhaps world-readable) mode unless narrowed before the plaintext goes in,
     # and a symlink planted at the path must not redirect it.
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(handle.fileno(), 0o600)
-        handle.write(data)
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+    except OSError as exc:
+        raise CommandFailed(f"cannot write {output}: {exc.strerror}") from None
 
 
 def _decrypt(args: argparse.Namespace) -> int:
@@ -257,61 +275,52 @@ def _decrypt(args: argparse.Namespace) -> int:
         else:
             blob = args.ciphertext_file.read_bytes()
     except (binascii.Error, ValueError):
-        print("enclave-agent: --ciphertext-base64 is not valid base64", file=sys.stderr)
-        return 2
+        raise UsageError("--ciphertext-base64 is not valid base64") from None
     except OSError as exc:
-        print(f"enclave-agent: cannot read the ciphertext: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cannot read the ciphertext: {exc}") from None
     context = _context(args.encryption_context)
-
-    def action(client: AgentClient) -> int:
-        plaintext = client.decrypt(blob, key_id=args.key_id, encryption_context=context or None)
-        try:
-            _write_out(plaintext, args.output)
-        except OSError as exc:
-            print(f"enclave-agent: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
-            return 1
-        return 0
-
-    return _client_call(args, action)
+    plaintext = _ask(
+        args,
+        lambda client: client.decrypt(blob, key_id=args.key_id, encryption_context=context or None),
+    )
+    _write_out(plaintext, args.output)
+    return 0
 
 
 def _generate_data_key(args: argparse.Namespace) -> int:
     context = _context(args.encryption_context)
-
-    def action(client: AgentClient) -> int:
-        key = client.generate_data_key(
+    key = _ask(
+        args,
+        lambda client: client.generate_data_key(
             args.key_id,
             key_spec=None if args.number_of_bytes else args.key_spec,
             number_of_bytes=args.number_of_bytes,
             encryption_context=context or None,
-        )
-        out = {
-            "KeyId": key.key_id,
-            "Plaintext": base64.b64encode(key.plaintext).decode(),
-            "CiphertextBlob": base64.b64encode(key.ciphertext_blob).decode(),
-        }
-        print(json.dumps(out))
-        return 0
-
-    return _client_call(args, action)
+        ),
+    )
+    out = {
+        "KeyId": key.key_id,
+        "Plaintext": base64.b64encode(key.plaintext).decode(),
+        "CiphertextBlob": base64.b64encode(key.ciphertext_blob).decode(),
+    }
+    print(json.dumps(out))
+    return 0
 
 
 def _generate_random(args: argparse.Namespace) -> int:
-    def action(client: AgentClient) -> int:
-        data = client.generate_random(args.number_of_bytes)
-        if args.base64:
-            print(base64.b64encode(data).decode())
-        else:
-            _write_out(data, None)
-        return 0
-
-    return _client_call(args, action)
+    if not args.base64 and sys.stdout.isatty():
+        raise UsageError(
+            "will not write raw random bytes to a terminal: add --base64, or redirect "
+            "the output (> FILE or | CMD)"
+        )
+    data = _ask(args, lambda client: client.generate_random(args.number_of_bytes))
+    if args.base64:
+        print(base64.b64encode(data).decode())
+    else:
+        _write_out(data, None)
+    return 0
 
 
 def _secret(args: argparse.Namespace) -> int:
-    def action(client: AgentClient) -> int:
-        _write_out(client.secret(args.name), None)
-        return 0
-
-    return _client_call(args, action)
+    _write_out(_ask(args, lambda client: client.secret(args.name)), None)
+    return 0
