@@ -4,13 +4,11 @@ in the docs; and botocore's absence from the agent's runtime."""
 
 from __future__ import annotations
 
-import functools
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import botocore.session
 import pytest
 
 from enclave_agent.runtime.kms_operations import (
@@ -29,6 +27,7 @@ from enclave_agent.runtime.kms_operations import (
     Struct,
     Text,
 )
+from tests.support.kms_model import botocore_operation, service_model
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_BEGIN = "<!-- served-operations: generated from kms_operations.OPERATION_TABLE"
@@ -48,16 +47,6 @@ ISSUE_PASS_THROUGH = {
     "ListAliases",
     "ListKeys",
 }
-
-
-@functools.cache
-def _model() -> Any:
-    return botocore.session.get_session().get_service_model("kms")
-
-
-def botocore_operation(name: str) -> Any:
-    """botocore's model of one KMS operation (tests only: the agent carries no SDK)."""
-    return _model().operation_model(name)
 
 
 _KINDS: dict[type, set[str]] = {
@@ -156,7 +145,7 @@ def test_served_operations_are_the_recipient_ones_and_the_issues_pass_through_li
     assert set(PASS_THROUGH_OPERATIONS) == ISSUE_PASS_THROUGH
     assert set(RECIPIENT_OPERATIONS) == {
         name
-        for name in _model().operation_names
+        for name in service_model().operation_names
         if "Recipient" in botocore_operation(name).input_shape.members
     }
 

@@ -24,7 +24,7 @@ from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.service import LocalKms
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import SimulatedNsm
-from tests.test_local_kms_requests import REGION, call
+from tests.support.local_kms_calls import REGION, call
 
 ACCOUNT = "111122223333"
 MESSAGE = b"a message the app signs"
