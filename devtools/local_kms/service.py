@@ -63,6 +63,15 @@ LOCAL_OPERATIONS = frozenset(
 # and the member of the answer they page. moto answers every entry at once.
 _PAGED = {"ListKeys": "Keys", "ListAliases": "Aliases"}
 _DEFAULT_PAGE = 100
+# Answer member → the request member naming the algorithm (default SYMMETRIC_DEFAULT).
+_ALGORITHMS_ANSWERED = {
+    "Decrypt": {"EncryptionAlgorithm": "EncryptionAlgorithm"},
+    "Encrypt": {"EncryptionAlgorithm": "EncryptionAlgorithm"},
+    "ReEncrypt": {
+        "SourceEncryptionAlgorithm": "SourceEncryptionAlgorithm",
+        "DestinationEncryptionAlgorithm": "DestinationEncryptionAlgorithm",
+    },
+}
 # Operations not scoped to one key: IAM decides them on AWS, and every caller of the
 # stand-in holds every IAM permission. They act in the caller's account.
 _KEYLESS = frozenset(
@@ -260,10 +269,9 @@ class LocalKms:
             answer = self._moto(owners.pop() if owners else caller.account, operation, body)
         if operation in _PAGED:
             answer = _page(answer, _PAGED[operation], body)
-        if operation == "Decrypt":
-            answer.setdefault(
-                "EncryptionAlgorithm", body.get("EncryptionAlgorithm", "SYMMETRIC_DEFAULT")
-            )
+        # The algorithms KMS names in its answers and moto leaves out.
+        for member, asked in _ALGORITHMS_ANSWERED.get(operation, {}).items():
+            answer.setdefault(member, body.get(asked, "SYMMETRIC_DEFAULT"))
         if recipient is not None:
             secret_field = RECIPIENT_OPERATIONS[operation]
             secret = base64.b64decode(answer.pop(secret_field))
