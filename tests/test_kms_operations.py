@@ -170,7 +170,7 @@ def _keys_checked(operation: Operation) -> str:
     parts = []
     if operation.key_members:
         names = ", ".join(f"`{name}`" for name in operation.key_members)
-        parts.append(f"request {names} (an exact key ARN)")
+        parts.append(f"request {names} if a key ARN, before any call")
     if operation.answer_keys:
         names = ", ".join(f"`{'.'.join(path)}`" for path in operation.answer_keys)
         parts.append(f"answer {names}")
