@@ -273,6 +273,22 @@ def test_retry_and_expiry_classification() -> None:
     assert kp.KmsFailure("ExpiredTokenException", "", 400).expired_token
 
 
+listed_entries = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "KeyArn": st.sampled_from([KEY_ARN, KEY_ARN.replace("111122223333", "999988887777")]),
+            "KeyId": st.sampled_from([KEY_ARN[-36:], "x"]),
+            "AliasArn": st.sampled_from(
+                ["arn:aws:kms:us-east-1:111122223333:alias/a", "arn:aws:kms:us-east-1:9:alias/a"]
+            ),
+            "TargetKeyId": st.sampled_from([KEY_ARN[-36:], "99999999-12ab-34cd-56ef-1234567890ab"]),
+        },
+    )
+    | json_values
+)
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     st.sampled_from(OPERATIONS),
@@ -284,6 +300,11 @@ def test_retry_and_expiry_classification() -> None:
                 "CiphertextForRecipient",
                 "Plaintext",
                 "KeyId",
+                "SourceKeyId",
+                "KeyMetadata",
+                "Keys",
+                "Aliases",
+                "NextMarker",
                 "__type",
                 "message",
                 "Message",
@@ -292,7 +313,9 @@ def test_retry_and_expiry_classification() -> None:
         ),
         json_values
         | st.just(base64.b64encode(b"abc").decode())
-        | st.sampled_from([KEY_ARN, KEY_ARN.replace("111122223333", "999988887777")]),
+        | st.sampled_from([KEY_ARN, KEY_ARN.replace("111122223333", "999988887777")])
+        | st.fixed_dictionaries({"Arn": st.sampled_from([KEY_ARN, "x"])})
+        | st.lists(listed_entries, max_size=4),
     ).map(lambda d: json.dumps(d).encode()),
 )
 def test_response_reader_never_fails_otherwise(operation: str, status: int, body: bytes) -> None:
@@ -312,9 +335,16 @@ def test_response_reader_never_fails_otherwise(operation: str, status: int, body
         assert not set(result.members) & {"Plaintext", "SharedSecret", "PrivateKeyPlaintext"}
         kp.finish_answer(result, b"p")
     elif isinstance(result, kp.PassThroughAnswer):
-        assert status == 200 and set(result.members) <= set(OPERATION_TABLE[operation].answer)
-        for path in OPERATION_TABLE[operation].answer_keys:
-            assert result.members[path[0]] == KEY_ARN
+        table = OPERATION_TABLE[operation]
+        assert status == 200 and set(result.members) <= set(table.answer)
+        for path in table.answer_keys:
+            value: Any = result.members
+            for name in path:
+                value = value[name]
+            assert value == KEY_ARN
+        named_by = {"Keys": "KeyArn", "Aliases": "AliasArn"}.get(table.listing or "")
+        for entry in result.members.get(table.listing or "", []):  # the trusted account's only
+            assert ":111122223333:" in entry[named_by]
     else:
         assert status != 200 and result.error_type
 
