@@ -335,21 +335,14 @@ def test_re_encrypt_needs_from_on_the_source_and_to_on_the_destination(kms: Loca
     blob = ok(kms, "Encrypt", {"KeyId": source, "Plaintext": b64(b"data")})["CiphertextBlob"]
     answer = ok(kms, "ReEncrypt", {"CiphertextBlob": blob, "DestinationKeyId": destination})
     assert (answer["SourceKeyId"], answer["KeyId"]) == (source, destination)
-    message = refused(
-        kms,
-        "ReEncrypt",
-        {"CiphertextBlob": blob, "DestinationKeyId": source},
-        "AccessDeniedException",
-    )
-    assert "kms:ReEncryptTo" in message
-    back = answer["CiphertextBlob"]
-    message = refused(
-        kms,
-        "ReEncrypt",
-        {"CiphertextBlob": back, "DestinationKeyId": destination},
-        "AccessDeniedException",
-    )
-    assert "kms:ReEncryptFrom" in message
+    # To the source (no ReEncryptTo there), and onward from the destination (no
+    # ReEncryptFrom there): each refused for the action its key's policy lacks.
+    for ciphertext, to, action in (
+        (blob, source, "kms:ReEncryptTo"),
+        (answer["CiphertextBlob"], destination, "kms:ReEncryptFrom"),
+    ):
+        request = {"CiphertextBlob": ciphertext, "DestinationKeyId": to}
+        assert action in refused(kms, "ReEncrypt", request, "AccessDeniedException")
 
 
 # --- the listings page as KMS does --------------------------------------------------------

@@ -180,11 +180,30 @@ class Operation:
         return bool(self.key_members or self.answer_keys or self.listing)
 
 
-_KEY_ANSWER = (("KeyId",),)
+def _keyed(
+    request: Struct,
+    answer: tuple[str, ...],
+    *,
+    key_policy_actions: tuple[str, ...],
+    plaintext_member: str | None = None,
+    exactly_one_of: tuple[str, ...] = (),
+) -> Operation:
+    """An operation on the one key its request's ``KeyId`` names and its answer's
+    ``KeyId`` names back (as an ARN)."""
+    return Operation(
+        request,
+        answer,
+        key_members=("KeyId",),
+        answer_keys=(("KeyId",),),
+        plaintext_member=plaintext_member,
+        key_policy_actions=key_policy_actions,
+        exactly_one_of=exactly_one_of,
+    )
+
 
 OPERATION_TABLE: dict[str, Operation] = {
     # --- Recipient: the secret comes back only as CiphertextForRecipient --------------
-    "Decrypt": Operation(
+    "Decrypt": _keyed(
         _struct(
             (),
             CiphertextBlob=CIPHERTEXT,
@@ -196,12 +215,10 @@ OPERATION_TABLE: dict[str, Operation] = {
             DryRunModifiers=DRY_RUN_MODIFIERS,
         ),
         ("KeyId", "Plaintext", "EncryptionAlgorithm", "KeyMaterialId"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         plaintext_member="Plaintext",
         key_policy_actions=("kms:Decrypt",),
     ),
-    "GenerateDataKey": Operation(
+    "GenerateDataKey": _keyed(
         _struct(
             ("KeyId",),
             KeyId=KEY_ID,
@@ -211,8 +228,6 @@ OPERATION_TABLE: dict[str, Operation] = {
             **_COMMON,
         ),
         ("CiphertextBlob", "Plaintext", "KeyId", "KeyMaterialId"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         plaintext_member="Plaintext",
         key_policy_actions=("kms:GenerateDataKey",),
         exactly_one_of=("KeySpec", "NumberOfBytes"),
@@ -223,7 +238,7 @@ OPERATION_TABLE: dict[str, Operation] = {
         plaintext_member="Plaintext",
         key_policy_actions=("kms:GenerateRandom",),
     ),
-    "GenerateDataKeyPair": Operation(
+    "GenerateDataKeyPair": _keyed(
         _struct(
             ("KeyId", "KeyPairSpec"),
             EncryptionContext=ENCRYPTION_CONTEXT,
@@ -239,12 +254,10 @@ OPERATION_TABLE: dict[str, Operation] = {
             "KeyPairSpec",
             "KeyMaterialId",
         ),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         plaintext_member="PrivateKeyPlaintext",
         key_policy_actions=("kms:GenerateDataKeyPair",),
     ),
-    "DeriveSharedSecret": Operation(
+    "DeriveSharedSecret": _keyed(
         _struct(
             ("KeyId", "KeyAgreementAlgorithm", "PublicKey"),
             KeyId=KEY_ID,
@@ -253,13 +266,11 @@ OPERATION_TABLE: dict[str, Operation] = {
             **_COMMON,
         ),
         ("KeyId", "SharedSecret", "KeyAgreementAlgorithm", "KeyOrigin"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         plaintext_member="SharedSecret",
         key_policy_actions=("kms:DeriveSharedSecret",),
     ),
     # --- pass-through: nothing secret in the answer ------------------------------------
-    "Encrypt": Operation(
+    "Encrypt": _keyed(
         _struct(
             ("KeyId", "Plaintext"),
             KeyId=KEY_ID,
@@ -270,8 +281,6 @@ OPERATION_TABLE: dict[str, Operation] = {
             DryRun=DRY_RUN,
         ),
         ("CiphertextBlob", "KeyId", "EncryptionAlgorithm"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         key_policy_actions=("kms:Encrypt",),
     ),
     "ReEncrypt": Operation(
@@ -301,7 +310,7 @@ OPERATION_TABLE: dict[str, Operation] = {
         answer_keys=(("SourceKeyId",), ("KeyId",)),
         key_policy_actions=("kms:ReEncryptFrom", "kms:ReEncryptTo"),
     ),
-    "GenerateDataKeyWithoutPlaintext": Operation(
+    "GenerateDataKeyWithoutPlaintext": _keyed(
         _struct(
             ("KeyId",),
             KeyId=KEY_ID,
@@ -311,12 +320,10 @@ OPERATION_TABLE: dict[str, Operation] = {
             **_COMMON,
         ),
         ("CiphertextBlob", "KeyId", "KeyMaterialId"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         key_policy_actions=("kms:GenerateDataKeyWithoutPlaintext",),
         exactly_one_of=("KeySpec", "NumberOfBytes"),
     ),
-    "GenerateDataKeyPairWithoutPlaintext": Operation(
+    "GenerateDataKeyPairWithoutPlaintext": _keyed(
         _struct(
             ("KeyId", "KeyPairSpec"),
             EncryptionContext=ENCRYPTION_CONTEXT,
@@ -325,8 +332,6 @@ OPERATION_TABLE: dict[str, Operation] = {
             **_COMMON,
         ),
         ("PrivateKeyCiphertextBlob", "PublicKey", "KeyId", "KeyPairSpec", "KeyMaterialId"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         key_policy_actions=("kms:GenerateDataKeyPairWithoutPlaintext",),
     ),
     "DescribeKey": Operation(
@@ -336,7 +341,7 @@ OPERATION_TABLE: dict[str, Operation] = {
         answer_keys=(("KeyMetadata", "Arn"),),
         key_policy_actions=("kms:DescribeKey",),
     ),
-    "GetPublicKey": Operation(
+    "GetPublicKey": _keyed(
         _struct(("KeyId",), KeyId=KEY_ID, GrantTokens=GRANT_TOKENS),
         (
             "KeyId",
@@ -349,11 +354,9 @@ OPERATION_TABLE: dict[str, Operation] = {
             "KeyAgreementAlgorithms",
             "EncapsulationAlgorithms",
         ),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         key_policy_actions=("kms:GetPublicKey",),
     ),
-    "Sign": Operation(
+    "Sign": _keyed(
         _struct(
             ("KeyId", "Message", "SigningAlgorithm"),
             KeyId=KEY_ID,
@@ -364,11 +367,9 @@ OPERATION_TABLE: dict[str, Operation] = {
             DryRun=DRY_RUN,
         ),
         ("KeyId", "Signature", "SigningAlgorithm"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         key_policy_actions=("kms:Sign",),
     ),
-    "Verify": Operation(
+    "Verify": _keyed(
         _struct(
             ("KeyId", "Message", "Signature", "SigningAlgorithm"),
             KeyId=KEY_ID,
@@ -380,11 +381,9 @@ OPERATION_TABLE: dict[str, Operation] = {
             DryRun=DRY_RUN,
         ),
         ("KeyId", "SignatureValid", "SigningAlgorithm"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         key_policy_actions=("kms:Verify",),
     ),
-    "GenerateMac": Operation(
+    "GenerateMac": _keyed(
         _struct(
             ("Message", "KeyId", "MacAlgorithm"),
             Message=PLAINTEXT,
@@ -393,11 +392,9 @@ OPERATION_TABLE: dict[str, Operation] = {
             **_COMMON,
         ),
         ("Mac", "MacAlgorithm", "KeyId"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         key_policy_actions=("kms:GenerateMac",),
     ),
-    "VerifyMac": Operation(
+    "VerifyMac": _keyed(
         _struct(
             ("Message", "KeyId", "MacAlgorithm", "Mac"),
             Message=PLAINTEXT,
@@ -407,8 +404,6 @@ OPERATION_TABLE: dict[str, Operation] = {
             **_COMMON,
         ),
         ("KeyId", "MacValid", "MacAlgorithm"),
-        key_members=("KeyId",),
-        answer_keys=_KEY_ANSWER,
         key_policy_actions=("kms:VerifyMac",),
     ),
     "ListAliases": Operation(
