@@ -131,6 +131,11 @@ def _operation(name: str) -> Operation:
     return operation
 
 
+def _kms_broke(message: str) -> KmsProtocolError:
+    """An answer from KMS (or something in its place) the agent cannot use."""
+    return KmsProtocolError(message, error_type="KMSInternalException", status=502)
+
+
 # ---------------------------------------------------------------- request side
 
 
@@ -157,8 +162,6 @@ def validate_request(
             "Recipient is added by the enclave agent; send the request without it"
         )
     members = {k: v for k, v in body.items() if v is not None}
-    if table.recipient:
-        members.pop("Recipient", None)
     _check_structure(table.request, members, "", operation)
     if table.exactly_one_of and sum(name in members for name in table.exactly_one_of) != 1:
         raise KmsProtocolError(
@@ -298,11 +301,7 @@ def _load_answer(body: bytes) -> Any:
     try:
         return json.loads(body, object_pairs_hook=_no_repeats)
     except _RepeatedMember:
-        raise KmsProtocolError(
-            "KMS answered with a JSON object that repeats a member",
-            error_type="KMSInternalException",
-            status=502,
-        ) from None
+        raise _kms_broke("KMS answered with a JSON object that repeats a member") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
@@ -332,10 +331,6 @@ def read_failure(status: int, headers: Sequence[tuple[str, str]], body: bytes) -
         if not message:
             message = f"KMS answered HTTP {status} without a KMS error body"
     return KmsFailure(error_type, message, status)
-
-
-def _kms_broke(message: str) -> KmsProtocolError:
-    return KmsProtocolError(message, error_type="KMSInternalException", status=502)
 
 
 def _member_at(document: Mapping[str, Any], path: tuple[str, ...]) -> Any:
