@@ -58,6 +58,12 @@ class UnixAddress:
 
 Address = VsockAddress | TcpAddress | UnixAddress
 
+# The wire contract between the processes: enclave-proxy listens on this vsock port of
+# the parent instance, which is always CID 3 as an enclave sees it.
+PROXY_PORT = 8000
+PARENT_CID = 3
+DEFAULT_PROXY = VsockAddress(PARENT_CID, PROXY_PORT)  # where the agent finds the proxy
+
 
 def _parse_int(text: str, what: str, maximum: int, original: str) -> int:
     if not text.isdigit():
@@ -124,6 +130,12 @@ def is_loopback_ip(host: str) -> bool:
     what a name resolves to is known once it is bound."""
     address = parse_ip(host)
     return address is not None and address.is_loopback
+
+
+def is_loopback_host(host: str) -> bool:
+    """A loopback IP literal, or the name ``localhost``: where a listener with no caller
+    check may be put."""
+    return host == "localhost" or is_loopback_ip(host)
 
 
 def _vsock_family() -> int:

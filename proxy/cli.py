@@ -27,13 +27,13 @@ import trio
 
 from enclave_common.address import TcpAddress, is_loopback_ip, listener_address, open_listener
 from enclave_common.cli import UsageError, run_command
+from enclave_common.config import ConfigError, read_text
 from enclave_common.logs import LEVELS, configure_logging, get_logger
 
 from .allowlist import Allowlist
 from .config import (
     DEFAULT_LISTEN,
     CliOptions,
-    ConfigError,
     ProxyConfig,
     build_config,
     default_allow_entries,
@@ -50,14 +50,11 @@ log = get_logger()
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
+    text = read_text(Path(path))
     try:
         return parse_config_text(text)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise e.within(path) from None
 
 
 def load_config(config_path: str | None, cli: CliOptions) -> ProxyConfig:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import trio
 
-from .config import REGION_NAME
+from enclave_common.aws import is_region
 
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
 # botocore's AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6 (IPv6-only instances).
@@ -72,6 +72,6 @@ async def discover_region(
             f"no region configured and the instance metadata service at {endpoint} did not "
             f"answer ({type(e).__name__}): {hint}"
         ) from None
-    if not REGION_NAME.match(region):
+    if not is_region(region):
         raise RegionError(f"instance metadata returned an invalid region {region[:40]!r}: {hint}")
     return region

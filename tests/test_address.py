@@ -11,6 +11,7 @@ from enclave_common.address import (
     TcpAddress,
     UnixAddress,
     VsockAddress,
+    is_loopback_host,
     listener_address,
     open_listener,
     open_stream,
@@ -104,3 +105,25 @@ async def test_vsock_listener_binds_without_connecting() -> None:
         pytest.skip(f"vsock bind unavailable here: {exc}")
     async with listener:
         assert isinstance(listener_address(listener, VsockAddress(VMADDR_CID_ANY, 0)), VsockAddress)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.0.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),  # a name: the agent checks what it resolved to once bound
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.1", False),
+        ("localhost.example.com", False),
+        ("", False),
+    ],
+)
+def test_the_one_loopback_rule_for_listeners_without_a_caller_check(
+    host: str, loopback: bool
+) -> None:
+    # The agent's listen.tcp and local-kms --host (enclave_common.address).
+    assert is_loopback_host(host) is loopback

@@ -164,7 +164,7 @@ def test_per_uid_shares_default_and_must_stay_below_their_whole() -> None:
     # A share as large as its whole would let one uid take every connection or KMS call.
     for text, message in [
         (
-            "max_connections = 16",
+            "max_connections = 16\nmax_connections_per_uid = 64",
             r"limits.max_connections_per_uid \(64\) must be smaller than "
             r"limits.max_connections \(16\)",
         ),
@@ -177,6 +177,28 @@ def test_per_uid_shares_default_and_must_stay_below_their_whole() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_config(f'region = "us-east-1"\n[limits]\n{text}')
+
+
+@pytest.mark.parametrize(
+    ("limits", "per_uid"),
+    [
+        ("max_connections = 32", (16, 8)),  # refused before the shares were derived
+        ("max_connections = 100000", (64, 8)),
+        ("max_connections = 2\nkms_pool_size = 3", (1, 1)),
+        ("kms_pool_size = 4", (64, 2)),
+        ("kms_pool_size = 64", (64, 8)),
+    ],
+)
+def test_unset_per_uid_shares_are_derived_from_their_whole(
+    limits: str, per_uid: tuple[int, int]
+) -> None:
+    # A config that sets only the whole keeps starting: each share is its default or
+    # half the whole, whichever is smaller; one set explicitly is still checked.
+    config = parse_config(f'region = "us-east-1"\n[limits]\n{limits}').limits
+    assert (config.max_connections_per_uid, config.max_kms_calls_per_uid) == per_uid
+    for whole in ("max_connections", "kms_pool_size"):
+        with pytest.raises(ConfigError, match=f"limits.{whole} must be an integer of at least 2"):
+            parse_config(f'region = "us-east-1"\n[limits]\n{whole} = 1')
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from devtools.devstack import DevStack, local_kms_client, local_operator_arn
-from enclave_agent.runtime.config import parse_config
+from enclave_agent.runtime.config import load_config
 from enclave_common.address import VsockAddress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +39,9 @@ ALIAS = "alias/enclave-kms-example"
 def test_shipped_agent_toml_is_what_the_enclave_needs(tmp_path: Path) -> None:
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "example.ciphertext").write_bytes(b"\x01blob")
-    config = parse_config(AGENT_TOML.read_text(), base_dir=tmp_path, source=str(AGENT_TOML))
+    # The shipped file, next to a ciphertext of its own: load_config reads ciphertext_file.
+    (tmp_path / "agent.toml").write_text(AGENT_TOML.read_text())
+    config = load_config(tmp_path / "agent.toml")
     assert config.proxy == VsockAddress(cid=3, port=8000)
     assert config.nsm == "/dev/nsm"
     assert config.kms_endpoint is None and config.ca_bundle is None  # real KMS, certifi

@@ -273,11 +273,26 @@ def test_config_errors(text: str, message: str) -> None:
 def test_a_share_per_peer_must_stay_below_the_whole() -> None:
     # As large as max_tunnels, one peer at its share would refuse every other peer.
     with pytest.raises(ConfigError, match=r"max_tunnels_per_peer \(256\) must be smaller"):
-        build_config(parse_config_text("max_tunnels = 256"), CliOptions())
+        build_config(
+            parse_config_text("max_tunnels = 256\nmax_tunnels_per_peer = 256"), CliOptions()
+        )
     config = build_config(
         parse_config_text("max_tunnels = 8\nmax_tunnels_per_peer = 7"), CliOptions()
     )
     assert (config.max_tunnels, config.max_tunnels_per_peer) == (8, 7)
+
+
+@pytest.mark.parametrize(
+    ("max_tunnels", "per_peer"), [(1024, 256), (100_000, 256), (512, 256), (256, 128), (3, 1)]
+)
+def test_an_unset_share_per_peer_is_derived_from_the_whole(max_tunnels: int, per_peer: int) -> None:
+    # A config written before the share existed keeps starting: the share is the
+    # default or half of max_tunnels, whichever is smaller.
+    config = build_config(parse_config_text(f"max_tunnels = {max_tunnels}"), CliOptions())
+    assert config.max_tunnels_per_peer == per_peer
+    # A whole of one leaves no share smaller than it.
+    with pytest.raises(ConfigError, match="max_tunnels must be an integer between 2 and"):
+        parse_config_text("max_tunnels = 1")
 
 
 def test_listen_addresses_on_loopback_vsock_and_unix_are_accepted() -> None:

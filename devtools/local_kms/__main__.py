@@ -9,7 +9,6 @@ state file and CA file are removed on the way out.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import secrets
@@ -28,6 +27,7 @@ from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.faults import FaultInjector
 from devtools.local_kms.server import Admin, KmsHttpServer
 from devtools.local_kms.service import LocalKms
+from enclave_common.address import is_loopback_host
 from enclave_common.logs import LEVELS, configure_logging, get_logger
 
 SIMULATED_ROOT_FILE = "root.pem"
@@ -72,11 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_loopback(host: str) -> None:
     # Development credentials and a fake KMS have no business on a real network.
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback_host(host):
         raise SystemExit(f"local-kms: --host must be a loopback address, got {host!r}")
 
 

@@ -29,6 +29,7 @@ from werkzeug.exceptions import HTTPException
 from devtools.local_kms.key_ops import KeyMaterial
 from devtools.local_kms.policy import ACCOUNT_ID as ACCOUNT_ID_PATTERN
 from devtools.local_kms.policy import default_policy
+from enclave_common.aws import kms_host
 
 # Operations moto implements (moto.kms.responses.KmsResponse), which the stand-in passes on.
 MOTO_OPERATIONS = frozenset(
@@ -125,7 +126,7 @@ class MotoKms:
             )
         self.accounts = tuple(accounts)
         self.region = region
-        self._url = f"https://kms.{region}.amazonaws.com/"
+        self._url = f"https://{kms_host(region)}/"
         self._authorization = (
             f"AWS4-HMAC-SHA256 Credential={_ACCESS_KEY}/20000101/{region}/kms/aws4_request, "
             "SignedHeaders=host, Signature=0"
@@ -154,7 +155,7 @@ class MotoKms:
                         "X-Amz-Target": f"TrentService.{operation}",
                         "Content-Type": "application/x-amz-json-1.1",
                         "Authorization": self._authorization,
-                        "Host": f"kms.{self.region}.amazonaws.com",
+                        "Host": kms_host(self.region),
                         "x-moto-account-id": account,
                     },
                     json.dumps(body).encode(),

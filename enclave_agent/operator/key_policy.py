@@ -46,6 +46,7 @@ from typing import Any
 from enclave_agent.runtime import kms_operations
 from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_agent.runtime.trusted_keys import KeyArn, KeyArnError, account_entry, parse_key_arn
+from enclave_common.aws import PARTITION_PATTERN
 
 # nitro-cli prints SHA-384 values: 48 bytes, 96 hex digits.
 PCR_HEX_LENGTH = 96
@@ -121,7 +122,7 @@ _PCR_KEY = re.compile(r"PCR(0|[1-9][0-9]?)")
 _HEX = re.compile(r"[0-9a-fA-F]*")
 # An IAM role or user ARN: (partition, account, "role" | "user").
 _PRINCIPAL_ARN = re.compile(
-    r"arn:(aws|aws-cn|aws-us-gov):iam::([0-9]{12}):(role|user)/[\w+=,.@/-]{1,512}"
+    rf"arn:({PARTITION_PATTERN}):iam::([0-9]{{12}}):(role|user)/[\w+=,.@/-]{{1,512}}"
 )
 _ACCOUNT_ID = re.compile(r"[0-9]{12}")
 

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from enclave_agent.client import SOCKET_ENV, AgentClient, AgentError
+from enclave_agent.client import DEFAULT_SOCKET, SOCKET_ENV, AgentClient, AgentError
 from enclave_agent.runtime import init
 from enclave_agent.runtime.config import AgentConfig, ConfigError, load_config
 from enclave_agent.runtime.nsm import NsmError
@@ -66,7 +66,7 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     run.set_defaults(func=_run)
 
-    socket_help = f"the agent's socket (default ${SOCKET_ENV} or /run/enclave-agent/agent.sock)"
+    socket_help = f"the agent's socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})"
 
     decrypt = subparsers.add_parser("decrypt", help="KMS Decrypt through the agent; plaintext out")
     decrypt.add_argument("--socket", help=socket_help)

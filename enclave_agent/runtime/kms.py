@@ -45,10 +45,10 @@ from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_agent.runtime.nsm import Attester
 from enclave_agent.runtime.transport import KmsConnectionPool, TransportError, make_ssl_context
 from enclave_agent.runtime.trusted_keys import TrustedKeys
-from enclave_common.address import Address, VsockAddress
+from enclave_common.address import DEFAULT_PROXY, Address
+from enclave_common.aws import kms_host
 from enclave_common.logs import get_logger
 
-DEFAULT_PROXY = VsockAddress(3, 8000)
 _BACKOFF_BASE = 0.05  # seconds; full jitter: sleep uniform(0, min(cap, base * 2**n))
 _BACKOFF_CAP = 2.0
 _MAX_MESSAGE = 300  # error messages from elsewhere are cut, so nothing large is echoed
@@ -69,7 +69,7 @@ class Recipient(Protocol):
 class KmsSettings:
     region: str
     proxy: Address = DEFAULT_PROXY
-    endpoint: str | None = None  # "https://host[:port]"; default https://kms.{region}.amazonaws.com
+    endpoint: str | None = None  # "https://host[:port]"; default: the region's KMS
     ca_bundle: str | None = None  # PEM file; default certifi's bundle
     pool_size: int = 16  # most kept-alive TLS connections (and requests in flight)
     call_timeout: float = 10.0  # deadline per app call, retries included
@@ -96,14 +96,8 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
 
 
-def default_endpoint(region: str) -> str:
-    # China regions live under their own DNS suffix.
-    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"https://kms.{region}.{suffix}"
-
-
 def endpoint_host_port(settings: KmsSettings) -> tuple[str, int]:
-    endpoint = settings.endpoint or default_endpoint(settings.region)
+    endpoint = settings.endpoint or f"https://{kms_host(settings.region)}"
     parts = urlsplit(endpoint)
     if parts.scheme != "https" or not parts.hostname:
         raise ValueError(f"KMS endpoint must be https://HOST[:PORT], got {endpoint!r}")

@@ -18,8 +18,8 @@ Rules of this file:
   as a full key ARN (no wildcard) and then match an entry exactly, character for
   character, or match an account entry's partition, region and account.
 - Key ids are what KMS issues: a lower-case UUID, or ``mrk-`` and 32 lower-case hex
-  digits for a multi-Region key (AWS KMS API reference, "KeyId"). Regions follow the
-  pattern AWS documents for them (``^([a-z]+-){2,3}\\d+$``, API_MultiRegionKey).
+  digits for a multi-Region key (AWS KMS API reference, "KeyId"). Partitions and
+  regions are the names enclave_common.aws knows (every AWS partition's).
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from enclave_common.aws import PARTITION_PATTERN, is_region
+
 CONFIG_KEY = "trusted_keys"
 ACCOUNT_WILDCARD = "*"
-_PARTITION = re.compile(r"aws(-[a-z]+){0,3}")
-_REGION = re.compile(r"([a-z]+-){2,3}[0-9]+")
+_PARTITION = re.compile(PARTITION_PATTERN)
 _ACCOUNT = re.compile(r"[0-9]{12}")
 _KEY_ID = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}"
@@ -88,7 +89,7 @@ def _parse(text: Any, *, account_entry: bool) -> KeyArn:
         raise KeyArnError(f"{quoted(text)}: {quoted(partition)} is not an AWS partition")
     if service != "kms":
         raise KeyArnError(f"{quoted(text)} is not a KMS ARN (service {quoted(service)})")
-    if not _REGION.fullmatch(region):
+    if not is_region(region):
         raise KeyArnError(f"{quoted(text)}: {quoted(region)} is not a region name")
     if not _ACCOUNT.fullmatch(account):
         raise KeyArnError(f"{quoted(text)}: the account must be 12 digits")
