@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,17 @@ class Attack:
 
     def kms_events(self) -> list[dict[str, Any]]:
         return [e for e in log_events(self.dev.log_path("kms")) if e.get("event") == "request"]
+
+    def kms_answered(self, before: int, operation: str) -> list[dict[str, Any]]:
+        """The local KMS's events for ``operation`` after the first ``before``. It logs
+        a request once its answer is sent, so the event can land just after the app has
+        the agent's answer: look again for a while (bounded) before giving up."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = [e for e in self.kms_events()[before:] if e.get("operation") == operation]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +110,7 @@ def test_generate_data_key_under_the_parents_alias_is_refused(attack: Attack) ->
         app.generate_data_key("alias/app")
     assert_refused(caught, attack.key_b["Arn"])
     # KMS answered, honestly and under B's key: the refusal is the agent's check.
-    answered = [e for e in attack.kms_events()[before:] if e.get("operation") == "GenerateDataKey"]
+    answered = attack.kms_answered(before, "GenerateDataKey")
     assert answered and all(e["status"] == 200 for e in answered)
 
 
