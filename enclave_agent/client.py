@@ -32,6 +32,9 @@ _KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
 class AgentError(Exception):
     """The agent (or KMS behind it) refused: ``error_type`` is KMS's error name."""
 
+    # The fields of enclave_common.errors.ShownError, which the agent answered with;
+    # a class of its own since this library imports nothing but the standard library.
+
     def __init__(self, error_type: str, message: str, status: int) -> None:
         super().__init__(f"{error_type}: {message}")
         self.error_type = error_type

@@ -10,7 +10,9 @@ Theory of operation. ``HttpServer.serve(stream, handler, admit=, report=)`` runs
 connection to its end and closes it:
 1. ``admit``, an async context manager, is entered before any byte is read and left
    when the connection ends (per-caller shares are released exactly once). If it
-   yields an ``Answer``, that is a raw refusal: written without reading the request.
+   yields an ``Answer``, that is a raw refusal: written without reading the request,
+   then the draining close unless the answer says ``linger=False``.
+   ``admit_by_shares`` is that for per-caller shares (enclave_common.shares).
 2. Waiting for a request the connection is idle: the first byte must come within
    ``idle_timeout`` (``header_timeout`` for a connection's first request), and
    ``close_idle()`` (a shutdown) ends it at once. From its first byte (from accept for
@@ -19,62 +21,48 @@ connection to its end and closes it:
 3. The handler gets the head as a ``Request``; the body is read only when it asks:
    whole (``body()``: at most ``max_body_bytes`` unless it says otherwise, 413 before
    a byte is read when Content-Length is larger), or piece by piece (``stream()``:
-   its own limit or none, its own deadline per piece). ``100 Continue`` goes out when
-   it first reads, never for a CONNECT (whose client expects the 2xx as first line).
+   its own limit or none, its own deadline per piece); a body cut short gets 400 (the
+   client may have only half-closed). ``100 Continue`` goes out when it first reads,
+   never for a CONNECT (whose client expects the 2xx as first line).
    While the handler works no deadline of the driver runs: an answer may be held.
 4. It returns an ``Answer`` (written; then the next request, unless either side asked
    to close, the body was left unread or the server is shutting down), a ``Switch`` (a
    CONNECT accepted: its 2xx is written and ``run`` owns the raw stream, given the
    bytes the client sent after its head; the connection ends when run returns), or
-   raises ``HttpError``: ``errors(status, reason)`` is written with Connection: close,
-   then the draining close. The driver's own 400/408/413/431 take that path, and an
-   unexpected exception in the handler becomes a 500. An answer must be taken by the
-   client within ``idle_timeout``.
+   raises a ``ShownError`` (enclave_common.errors; ``HttpError`` adds headers):
+   ``errors(status, message)`` is written with Connection: close, then the draining
+   close. The driver's own 400/408/413/431 take that path, and an unexpected
+   exception in the handler becomes a 500. An answer must be taken by the client
+   within ``idle_timeout``.
 5. Draining close: after the answer, end our sending side, read and drop what the
    client still sends (``linger_seconds``, ``linger_bytes``), then close, so the
    client reads the answer instead of a reset.
 6. ``report`` gets one ``Report`` per request (status, outcome, reason, bytes), and one
    for a connection that ends without a request; the user logs it in its own shape.
 
-How the three servers map onto it (two still to migrate, mechanically):
-- devtools/local_kms/server.py (migrated): TLS handshake, then ``serve``; the handler
-  reads ``body()`` and routes; ``report`` writes its request/bad_http events.
-- proxy/http_front.py: ``HttpServer(Limits(max_head_bytes=MAX_REQUEST_HEAD,
-  header_timeout=config.header_timeout, idle_timeout=config.header_timeout), errors=``
-  its ``{"error": ...}`` JSON; the driver's reasons are already the proxy's words).
-  Per-peer shares become ``admit`` (503, raw); the max_tunnels check too, or stays in
-  the handler as ``HttpError(503, ...)`` to keep today's order (after the head). GET:
-  ``body(limit=_MAX_IGNORED_BODY)`` (its 413 re-raised as ``HttpError(400, "request
-  body not expected")``), then an Answer; each ``_fail`` becomes ``raise
-  HttpError(status, reason, headers)``. CONNECT: ``body()``, allowlist,
-  ``open_upstream`` (its errors raised as HttpError), then ``Switch(Answer(200,
-  reason="Connection established", note=relay_fields), run)``, run sending ``early``
-  upstream first. ``shutting_down`` and ``idle_connections`` become ``close_idle()``;
-  ``_Record.emit`` becomes ``report`` (it skips outcome "client_closed" when
-  ``number > 0``: a keep-alive hang-up). One deadline now covers head and body.
-- enclave_agent/runtime/server.py: ``HttpServer(Limits(`` from its config ``Limits``),
-  ``errors=`` its ``error_response``, mapping 408/413/431/400 to its error types).
-  SO_PEERCRED, the connection slot and per-uid shares become ``admit`` (403
-  AccessDeniedException / 503 ThrottlingException, raw); the handler is ``body()``
-  then ``_respond``, answering app errors as plain Answers (the connection stays
-  open), with operation and error type in the ``note`` for its request event. The
-  first request's deadline now counts from accept. Coming: the long-poll secret wait
-  is a handler that awaits; streamed enclave logs are ``stream(limit=None, ...)``.
+Its users: proxy/http_front.py (CONNECT as a ``Switch``, ``close_idle()`` on SIGTERM),
+enclave_agent/runtime/server.py (SO_PEERCRED and per-uid shares in ``admit``; it logs
+each answered request itself, before the answer goes out) and
+devtools/local_kms/server.py (behind TLS). Coming: the long-poll secret wait is a
+handler that awaits; streamed enclave logs are ``stream(limit=None, ...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import h11
 import trio
 
+from enclave_common.errors import ShownError
 from enclave_common.http1 import RECEIVE_SIZE, Wire
+from enclave_common.shares import ShareRefused, Shares
 
 
 @dataclass(frozen=True)
@@ -96,25 +84,30 @@ class Answer:
     body: bytes = b""
     reason: str | None = None  # the status line's phrase; default: the standard one
     note: Mapping[str, Any] = field(default_factory=dict)  # for the report, never sent
+    linger: bool = True  # a raw refusal: drain what the client sends (False: close at once)
 
 
 @dataclass(frozen=True)
 class Switch:
     """A CONNECT accepted: ``answer`` (2xx, no body) is written, then ``run(stream,
     early)`` owns the raw stream. The report comes when run returns, with the answer's
-    ``note`` (give a dict that run fills, e.g. with relay counts)."""
+    ``note`` (give a dict that run fills, e.g. with relay counts). ``close``, if given,
+    is awaited at the end whether run ran or not (the client may be gone before the
+    2xx is written): it releases what the handler opened for run, even when cancelled."""
 
     answer: Answer
     run: Callable[[trio.abc.Stream, bytes], Awaitable[None]]
+    close: Callable[[], Awaitable[None]] | None = None
 
 
-class HttpError(Exception):
-    """Answer ``errors(status, reason)`` plus ``headers``, then close the connection."""
+class HttpError(ShownError):
+    """An error in HTTP's own words (its ``error_type`` is the status phrase), with
+    ``headers`` to add to its answer. The driver's own errors are these; a handler
+    raises them, or any ``ShownError``: ``errors(status, message)`` is answered, then
+    the connection closed."""
 
-    def __init__(self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()):
+        super().__init__(_phrase(status), message, status)
         self.headers = headers
 
 
@@ -125,7 +118,7 @@ class _ClientGone(Exception):
 Outcome = Literal[
     "answered",  # the handler's Answer was written
     "switched",  # a Switch's run ended
-    "rejected",  # an HttpError (the driver's or the handler's) was answered
+    "rejected",  # a ShownError (the driver's or the handler's) was answered
     "failed",  # the handler (or a Switch's run) raised: 500 answered if still possible
     "refused",  # admit refused: the answer written raw, the request never read
     "idle_closed",  # no request came within the idle deadline
@@ -196,8 +189,7 @@ class Request:
         except trio.TooSlowError:
             raise HttpError(408, "request body not received in time") from None
         except h11.RemoteProtocolError:
-            if wire.eof:
-                raise _ClientGone from None
+            # Cut short by the client's end too: it may still read the answer.
             raise HttpError(400, "malformed request body") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise _ClientGone from None
@@ -302,7 +294,8 @@ class _Connection:
     async def refuse(self, record: Report, answer: Answer) -> bool:
         record.outcome, record.status, record.note = "refused", answer.status, answer.note
         await self._answer(answer, close=True, conn=h11.Connection(h11.SERVER))
-        await self._linger()
+        if answer.linger:
+            await self._linger()
         return False
 
     async def exchange(self, record: Report) -> bool:
@@ -314,7 +307,7 @@ class _Connection:
             record.request = request
             try:
                 answer = await self.handler(request)
-            except (HttpError, _ClientGone):
+            except (ShownError, _ClientGone):
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed request still gets an answer
                 await self._reject(HttpError(500, "internal error"), record)
@@ -324,7 +317,7 @@ class _Connection:
                 await self._switch(request, answer, record)
                 return False
             complete = request._complete()
-        except HttpError as exc:
+        except ShownError as exc:
             await self._reject(exc, record)
             return False
         finally:
@@ -374,27 +367,34 @@ class _Connection:
         return Request(event, self, deadline)
 
     async def _switch(self, request: Request, switch: Switch, record: Report) -> None:
-        await request.body()
-        reason = switch.answer.reason or _phrase(switch.answer.status)
-        head = h11.Response(
-            status_code=switch.answer.status, headers=list(switch.answer.headers), reason=reason
-        )
-        await self.write(self.wire.h11.send(head))
-        if self.wire.h11.our_state is not h11.SWITCHED_PROTOCOL:
-            raise RuntimeError("a Switch answers a CONNECT with a 2xx")
-        record.outcome, record.status, record.note = (
-            "switched",
-            head.status_code,
-            switch.answer.note,
-        )
-        await switch.run(self.stream, self.wire.h11.trailing_data[0])
+        try:
+            await request.body()
+            answer = switch.answer
+            reason = answer.reason or _phrase(answer.status)
+            head = h11.Response(
+                status_code=answer.status, headers=list(answer.headers), reason=reason
+            )
+            await self.write(self.wire.h11.send(head))
+            if self.wire.h11.our_state is not h11.SWITCHED_PROTOCOL:
+                raise RuntimeError("a Switch answers a CONNECT with a 2xx")
+            record.outcome, record.status, record.note = "switched", answer.status, answer.note
+            await switch.run(self.stream, self.wire.h11.trailing_data[0])
+        finally:
+            if switch.close is not None:
+                await switch.close()
 
-    async def _reject(self, error: HttpError, record: Report) -> None:
-        record.outcome, record.status, record.reason = "rejected", error.status, error.reason
-        answer = self.server.errors(error.status, error.reason)
-        answer = Answer(answer.status, [*answer.headers, *error.headers], answer.body)
+    async def _reject(self, error: ShownError, record: Report) -> None:
+        record.outcome, record.status, record.reason = "rejected", error.status, error.message
+        answer = self.server.errors(error.status, error.message)
+        extra = error.headers if isinstance(error, HttpError) else ()
+        answer = Answer(answer.status, [*answer.headers, *extra], answer.body)
         if self.wire.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            await self._answer(answer, close=True)
+            request = record.request
+            # A head refused before it was handed over (h11 may have parsed it, as one
+            # over max_head_bytes in a single read) is answered as a raw refusal is.
+            conn = None if request else h11.Connection(h11.SERVER)
+            head_only = request is not None and request.method == "HEAD"
+            await self._answer(answer, close=True, head_only=head_only, conn=conn)
         await self._linger()
 
     async def _answer(
@@ -429,6 +429,36 @@ class _Connection:
                     dropped += len(piece)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # the client is gone; nothing left to tell it
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+@contextlib.asynccontextmanager
+async def admit_by_shares(
+    key: K,
+    connections: Shares[K],
+    lingering: Shares[K],
+    refusal: Callable[[ShareRefused], Answer],
+    *,
+    denied: Answer | None = None,
+) -> AsyncIterator[Answer | None]:
+    """An ``admit`` for per-caller shares: the connection holds one of ``key``'s
+    ``connections`` from before its first byte to its end. Without one, or ``denied``,
+    it is refused raw (``refusal`` says how), and drains what its client still sends
+    only while one of ``lingering``'s shares for ``key`` is free: a flood of refused
+    connections holds a bounded number of descriptors."""
+    with contextlib.ExitStack() as held:
+        answer = denied
+        if answer is None:
+            try:
+                held.enter_context(connections.share(key))
+            except ShareRefused as refused:
+                answer = refusal(refused)
+        if answer is not None:
+            linger = held.enter_context(lingering.share_if_free(key))
+            answer = dataclasses.replace(answer, linger=linger)
+        yield answer
 
 
 async def _send_eof(stream: trio.abc.Stream) -> None:

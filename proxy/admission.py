@@ -1,7 +1,7 @@
 """Each peer's share of the proxy, so one enclave can never cost another its service.
 
 Policy lives here (what a peer is, which limits apply); the counting is
-``enclave_common.shares``. The rule:
+``enclave_common.shares``, the raw refusal the driver's (``admit_by_shares``). The rule:
 
 - A peer is its CID on vsock, its address on tcp, its uid on unix (SO_PEERCRED).
 - Every connection holds one of its peer's ``max_tunnels_per_peer`` shares, and one
@@ -22,16 +22,18 @@ Policy lives here (what a peer is, which limits apply); the counting is
 from __future__ import annotations
 
 import socket
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Protocol
 
 from enclave_common.address import parse_ip
+from enclave_common.http_server import Answer, admit_by_shares
 from enclave_common.logs import get_logger
 from enclave_common.peercred import PeerCredError, peer_credentials
 from enclave_common.shares import ShareRefused, Shares
 
 from .config import ProxyConfig
+from .http_front import error_answer
 
 PeerKey = tuple[str, int | str | None]  # ("cid", 16), ("address", "127.0.0.2"), ("uid", 0)
 
@@ -48,14 +50,6 @@ class _Socket(Protocol):
     def getpeername(self) -> object: ...
 
     def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
-
-
-class Refused(Exception):
-    """Over a limit: ``reason`` is the 503's text."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def peer_key(sock: _Socket) -> PeerKey:
@@ -82,14 +76,15 @@ def describe(key: PeerKey) -> str:
     return f"{name} {'unknown' if value is None else value}"
 
 
-def _refused(key: PeerKey, refused: ShareRefused) -> Refused:
+def _refused(key: PeerKey, refused: ShareRefused) -> Answer:
     limit = "max_tunnels" if refused.whole else "max_tunnels_per_peer"
     log.warning("connection_refused", peer=describe(key), limit=limit)
     if refused.whole:
-        return Refused(f"over the connection limit ({refused.limit}, {limit})")
-    return Refused(
+        return error_answer(503, f"over the connection limit ({refused.limit}, {limit})")
+    return error_answer(
+        503,
         f"over the connection limit: {describe(key)} has {refused.limit} connections "
-        f"open, its whole share ({limit})"
+        f"open, its whole share ({limit})",
     )
 
 
@@ -98,11 +93,6 @@ class Admission:
         self._connections: Shares[PeerKey] = Shares(config.max_tunnels_per_peer, config.max_tunnels)
         self._lingering: Shares[PeerKey] = Shares(_LINGERING_PER_PEER, _LINGERING)
 
-    def connection(self, key: PeerKey) -> AbstractContextManager[None]:
-        """Hold one of the peer's connections; ``Refused`` before the block when it
-        has none left, or all peers together have none."""
-        return self._connections.share(key, refused=partial(_refused, key))
-
-    def refusal(self, key: PeerKey) -> AbstractContextManager[bool]:
-        """For a refused connection: may it linger to read what its client still sends?"""
-        return self._lingering.share_if_free(key)
+    def admit(self, key: PeerKey) -> AbstractAsyncContextManager[Answer | None]:
+        """The driver's ``admit``: one of the peer's connections, or a 503 at once."""
+        return admit_by_shares(key, self._connections, self._lingering, partial(_refused, key))

@@ -110,7 +110,7 @@ async def _handle_signals(
     async for signum in signals:
         if signum == signal.SIGHUP:
             _reload(server, config_path, cli, region)
-        elif server.ctx.shutting_down:
+        elif server.shutting_down:
             log.warning("shutdown_forced", signal=signal.Signals(signum).name)
             cancel.cancel()
         else:

@@ -119,8 +119,8 @@ class ProxyConfig:
     )
     header_timeout: float = setting(
         _SECONDS,
-        "seconds to receive a request head, and again for any request body (`408` after, "
-        "or a quiet close when idle)",
+        "seconds to receive a request's head and body, and for a kept-alive connection's "
+        "next request to begin (`408` after, or a quiet close when idle)",
         default=10.0,
     )
     drain_timeout: float = setting(

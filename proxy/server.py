@@ -8,20 +8,21 @@ for requests that arrive afterwards; open tunnels keep running untouched.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket
+from functools import partial
 
 import trio
 
 from enclave_common.address import describe_peer
+from enclave_common.http_server import HttpServer
 from enclave_common.logs import get_logger
 
-from .admission import Admission, Refused, peer_key
+from .admission import Admission, peer_key
 from .allowlist import Allowlist
 from .config import ProxyConfig
 from .credentials import CredentialSource
-from .http_front import ProxyContext, refuse_connection, serve_connection
+from .http_front import ProxyContext, error_answer, handle, limits, log_request
 from .upstream import Connector, Resolver, connect_tcp, system_resolver
 
 # Out of descriptors: refusing to accept for a moment beats spinning on the error.
@@ -63,23 +64,24 @@ class ProxyServer:
             resolver=resolver,
             connector=connector,
         )
+        self.http = HttpServer(limits(config), errors=error_answer)
+        self.active_connections = 0
         self._admission = Admission(config)
         self._accept_scope = trio.CancelScope()
         self._drained = trio.Event()
 
     @property
-    def active_connections(self) -> int:
-        return self.ctx.active_connections
+    def shutting_down(self) -> bool:
+        return self.http.closing
 
     def reload(self, allowlist: Allowlist) -> None:
         self.ctx.allowlist = allowlist
 
     def shutdown(self) -> None:
-        """Stop accepting and start draining (idempotent, callable from any task)."""
-        self.ctx.shutting_down = True
+        """Stop accepting and start draining (idempotent, callable from any task):
+        idle connections close now, busy ones after their answer or tunnel."""
+        self.http.close_idle()
         self._accept_scope.cancel()
-        for idle in list(self.ctx.idle_connections):
-            idle.cancel()
 
     def _peer_allowed(self, stream: trio.SocketStream) -> bool:
         vsock = getattr(socket, "AF_VSOCK", None)
@@ -92,25 +94,22 @@ class ProxyServer:
         return vsock_peer_allowed(cid, self.ctx.config.allowed_cids)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        self.ctx.active_connections += 1
+        self.active_connections += 1
         try:
+            peer = describe_peer(stream)
             if not self._peer_allowed(stream):
-                log.warning("peer_refused", peer=describe_peer(stream))
+                log.warning("peer_refused", peer=peer)
                 await trio.aclose_forcefully(stream)
                 return
-            peer = peer_key(stream.socket)
-            with contextlib.ExitStack() as share:
-                try:
-                    share.enter_context(self._admission.connection(peer))
-                except Refused as refused:
-                    with self._admission.refusal(peer) as linger:
-                        await refuse_connection(stream, 503, refused.reason, linger=linger)
-                    await trio.aclose_forcefully(stream)
-                    return
-                await serve_connection(stream, self.ctx)
+            await self.http.serve(
+                stream,
+                partial(handle, self.ctx),
+                admit=self._admission.admit(peer_key(stream.socket)),
+                report=partial(log_request, peer),
+            )
         finally:
-            self.ctx.active_connections -= 1
-            if self.ctx.shutting_down and self.ctx.active_connections == 0:
+            self.active_connections -= 1
+            if self.shutting_down and self.active_connections == 0:
                 self._drained.set()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
@@ -136,12 +135,12 @@ class ProxyServer:
                 task_status.started()
                 await self._accept_loop(listener, connections)
             await listener.aclose()
-            open_now = self.ctx.active_connections
+            open_now = self.active_connections
             log.info("draining", open_connections=open_now, grace_s=self.ctx.config.drain_timeout)
             if open_now:
                 with trio.move_on_after(self.ctx.config.drain_timeout):
                     await self._drained.wait()
-            left = self.ctx.active_connections
+            left = self.active_connections
             if left:
                 log.warning("drain_timeout", cancelled_connections=left)
             connections.cancel_scope.cancel()

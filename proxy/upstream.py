@@ -22,6 +22,8 @@ from typing import Any
 
 import trio
 
+from enclave_common.http_server import HttpError
+
 from .allowlist import Allowlist, IPAddress, Target
 
 SockAddr = tuple[Any, ...]
@@ -32,13 +34,8 @@ Connector = Callable[[int, SockAddr], Awaitable[trio.SocketStream]]
 HAPPY_EYEBALLS_DELAY = 0.25
 
 
-class UpstreamError(Exception):
+class UpstreamError(HttpError):
     """The tunnel cannot be opened; ``status`` is the HTTP answer for the client."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 async def system_resolver(host: str, port: int) -> list[Resolved]:

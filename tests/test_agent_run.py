@@ -245,6 +245,11 @@ def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
         while not (shared / "a").exists() and process.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # Serving (the socket is bound a moment before): a SIGTERM now is a stop, not
+        # a start cut short (exit 143).
+        from enclave_agent.client import AgentClient
+
+        assert AgentClient(str(shared / "a")).health() == {"status": "ok"}
         process.send_signal(signal.SIGTERM)
     finally:
         code, log = finish(process)

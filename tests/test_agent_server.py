@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ import trio
 
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings
-from enclave_agent.runtime.server import AppServer, Gateway
+from enclave_agent.runtime.nsm import request_attestation
+from enclave_agent.runtime.server import AppServer, Attester, Gateway
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import (
     TcpAddress,
@@ -101,13 +103,14 @@ async def start(
     access: AccessConfig | None = None,
     limits: Limits | None = None,
     gateway: Gateway | None = None,
+    attest: Attester = fake_attest,
 ) -> Running:
     logs = io.StringIO()
     configure_logging("info", stream=logs, process="test-agent")
     fake = FakeGateway()
     server = AppServer(
         gateway=gateway or fake,
-        attest=fake_attest,
+        attest=attest,
         secrets=Secrets(),
         access=access or AccessConfig(),
         limits=limits or Limits(),
@@ -437,6 +440,69 @@ async def test_connection_limit(nursery: trio.Nursery, tmp_path: Path) -> None:
         [(status, _, body)] = await unix_exchange(running.socket, request("GET", "/healthz"))
         assert status == 503
         assert json.loads(body)["__type"] == "ThrottlingException"
+
+
+async def test_a_caller_over_its_share_is_refused_before_it_sends_a_byte(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    running = await start(nursery, tmp_path, limits=Limits(max_connections=1))
+    holder = await trio.open_unix_socket(running.socket)
+    async with holder:
+        await holder.send_all(request("GET", "/healthz", close=False))
+        assert b"200" in await holder.receive_some(1000)
+        refused = await trio.open_unix_socket(running.socket)
+        async with refused:  # sends nothing: the answer comes anyway, then the close
+            data = b""
+            with trio.fail_after(10):
+                while chunk := await refused.receive_some(65536):
+                    data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
+    assert json.loads(body)["__type"] == "ThrottlingException"
+    [event] = running.events("connection_refused")
+    assert event["limit"] == "limits.max_connections"
+    assert [e["path"] for e in running.events("request")] == ["/healthz"]
+
+
+async def test_a_stuck_nsm_costs_the_attestation_its_deadline_and_nothing_more(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The NSM ioctl blocks: /v1/attestation answers at its deadline (kms_call_timeout),
+    abandoning the call, and the agent keeps serving everything else."""
+    release = threading.Event()
+
+    class StuckNsm(FakeNsm):
+        def attestation(self, **fields: bytes | None) -> bytes:
+            release.wait(30)
+            return super().attestation(**fields)
+
+    nsm = StuckNsm()
+
+    async def attest(nonce: bytes | None, user_data: bytes | None, pk: bytes | None) -> bytes:
+        return await request_attestation(nsm, nonce=nonce, user_data=user_data, public_key=pk)
+
+    running = await start(nursery, tmp_path, limits=Limits(kms_call_timeout=0.5), attest=attest)
+    path = running.socket
+    try:
+        with trio.fail_after(20):
+            [(status, _, body)] = await unix_exchange(
+                path, request("POST", "/v1/attestation", b"{}")
+            )
+            assert (status, json.loads(body)) == (
+                503,
+                {
+                    "__type": "DependencyTimeoutException",
+                    "message": "the NSM did not answer within 0.5 s",
+                },
+            )
+            [(status, _, _)] = await unix_exchange(path, request("GET", "/healthz"))
+            assert status == 200
+    finally:
+        release.set()
+    # Once the NSM returns, attestation works again.
+    [(status, _, body)] = await unix_exchange(path, request("POST", "/v1/attestation", b"{}"))
+    assert (status, body) == (200, b"ATTESTATION:")
+    assert nsm.calls == 2
 
 
 async def test_boto3_over_tcp_listener(running: Running) -> None:

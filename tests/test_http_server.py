@@ -1,6 +1,6 @@
 """The HTTP/1.1 server driver against hostile clients, over real loopback sockets.
 
-Each server in the project (local KMS now; the proxy front and the agent next) runs
+Each server in the project (the local KMS, the proxy front, the agent) runs
 on this driver, so the hostile-input cases are played here once: heads too large in
 one read or trickled, slow heads, idle clients, bodies over the limit, garbage,
 pipelining, 100-continue, clients that never read or leave mid-body, raw refusals,
@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import trio
@@ -28,7 +28,9 @@ from enclave_common.http_server import (
     Report,
     Request,
     Switch,
+    admit_by_shares,
 )
+from enclave_common.shares import Shares
 
 LIMITS = Limits(max_head_bytes=1024, max_body_bytes=4096, header_timeout=1.0, idle_timeout=1.0)
 MARKER = b"request-body-marker-5e1d"
@@ -48,12 +50,13 @@ class App:
     piece_seen: trio.Event = field(default_factory=trio.Event)
     early: list[bytes] = field(default_factory=list)
     calls: int = 0
+    released: int = 0  # Switches closed
 
     async def __call__(self, request: Request) -> Answer | Switch:
         self.calls += 1
         path = request.target.partition("?")[0]
         if request.method == "CONNECT":
-            return Switch(Answer(200, reason="Connection established"), self.tunnel)
+            return Switch(Answer(200, reason="Connection established"), self.tunnel, self.release)
         if path == "/echo":
             return Answer(200, body=await request.body())
         if path == "/big":
@@ -72,6 +75,9 @@ class App:
         if path == "/teapot":
             raise HttpError(418, "no coffee", [("x-reason", "teapot")])
         return Answer(404)
+
+    async def release(self) -> None:
+        self.released += 1
 
     async def tunnel(self, stream: trio.abc.Stream, early: bytes) -> None:
         self.early.append(early)
@@ -254,7 +260,9 @@ async def test_a_client_leaving_mid_body_ends_only_its_connection(nursery: trio.
     async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
         await stream.send_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n12345")
     (report,) = await settled(served.reports, 1)
-    assert (report.outcome, report.status, report.received) == ("client_gone", None, 5)
+    # A body cut short by the client's end is answered 400: the client may only have
+    # half-closed and still read (the agent and the proxy answered so before the driver).
+    assert (report.outcome, report.status, report.received) == ("rejected", 400, 5)
     assert statuses(await exchange(served.port, head_of(200))) == [200]
 
 
@@ -323,6 +331,37 @@ async def test_connect_hands_over_the_stream_and_the_bytes_sent_after_the_head(
     assert served.app.early == [b"EARLY"]
     (report,) = await settled(served.reports, 1)
     assert (report.outcome, report.status) == ("switched", 200)
+    assert served.app.released == 1
+
+
+async def test_a_switch_that_cannot_happen_still_releases_what_it_holds(
+    nursery: trio.Nursery,
+) -> None:
+    served = await start(nursery)
+    head = b"CONNECT kms:443 HTTP/1.1\r\nhost: kms:443\r\ncontent-length: 5000\r\n\r\n"
+    assert statuses(await exchange(served.port, head)) == [413]  # its body: over the limit
+    (report,) = await settled(served.reports, 1)
+    assert (report.outcome, served.app.early, served.app.released) == ("rejected", [], 1)
+
+
+async def test_admit_by_shares_refuses_raw_and_bounds_the_lingering() -> None:
+    connections: Shares[str] = Shares(1)
+    lingering: Shares[str] = Shares(1)
+    full = Answer(503, body=b"full")
+
+    def admit(denied: Answer | None = None) -> AbstractAsyncContextManager[Answer | None]:
+        return admit_by_shares("k", connections, lingering, lambda _: full, denied=denied)
+
+    async with admit() as first:
+        assert first is None and connections.held("k") == 1
+        async with admit() as second, admit() as third:
+            # Refused both; only the first of them may linger (one lingering share).
+            assert (second, third) == (replace(full, linger=True), replace(full, linger=False))
+        async with admit() as again:
+            assert again == replace(full, linger=True)
+    async with admit(denied=Answer(403)) as denied:
+        assert denied == Answer(403) and connections.in_use == 0  # denied: no share taken
+    assert connections.in_use == lingering.in_use == 0
 
 
 async def test_close_idle_ends_idle_connections_now_and_busy_ones_after_their_answer(
@@ -358,6 +397,17 @@ async def test_handler_failures_and_errors_are_answered_and_reported(nursery: tr
         ("rejected", 418, "no coffee"),
         ("rejected", 400, "malformed request"),
     ]
+
+
+async def test_errors_to_a_head_request_are_answered(nursery: trio.Nursery) -> None:
+    served = await start(nursery)
+    answer = await exchange(served.port, b"HEAD /teapot HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert statuses(answer) == [418] and answer.endswith(b"\r\n\r\n")  # no body
+    # Over max_head_bytes in one read: h11 parsed it, the driver refuses it.
+    big = b"HEAD /echo HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 1100 + b"\r\n\r\n"
+    assert statuses(await exchange(served.port, big)) == [431]
+    reports = await settled(served.reports, 2)
+    assert sorted((r.outcome, r.status) for r in reports) == [("rejected", 418), ("rejected", 431)]
 
 
 async def test_reports_carry_no_request_or_answer_bytes(nursery: trio.Nursery) -> None:

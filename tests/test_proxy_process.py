@@ -12,7 +12,14 @@ import pytest
 import trio
 from stack import proxy_env as _env
 from stack import start_proxy
-from test_proxy_support import echo_handler, open_tunnel, request, tcp_server
+from test_proxy_support import (
+    echo_handler,
+    open_tunnel,
+    read_head,
+    read_to_eof,
+    request,
+    tcp_server,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = b"SUBPROCESS-MARKER-51c0ffee-never-in-logs"
@@ -92,6 +99,27 @@ async def test_sigterm_drains_open_tunnels(tmp_path: Path) -> None:
             (connect,) = [e for e in events if e.get("method") == "CONNECT"]
             assert connect["outcome"] == "closed" and connect["bytes_up"] == len(MARKER)
             assert not [e for e in events if e.get("event") == "drain_timeout"]
+
+
+async def test_sigterm_closes_idle_keep_alive_connections_at_once(tmp_path: Path) -> None:
+    """An idle kept-alive connection does not hold the drain: it is closed on SIGTERM,
+    quietly, and the proxy exits without waiting out drain_timeout."""
+    config = tmp_path / "proxy.toml"
+    config.write_text('region = "us-east-1"\nheader_timeout = 60\ndrain_timeout = 60\n')
+    with start_proxy(tmp_path, "--config", str(config), "--listen", "tcp:127.0.0.1:0") as proxy:
+        port = await proxy.port()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, rest = await read_head(stream)
+            assert status == 200
+            proxy.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):  # well before drain_timeout or header_timeout
+                assert await read_to_eof(stream, rest) == b'{"status":"ok"}'
+        assert await proxy.wait_exit() == 0
+        events = proxy.events()
+        assert [e["outcome"] for e in events if e.get("event") == "request"] == ["ok"]
+        assert not [e for e in events if e.get("event") == "drain_timeout"]
 
 
 async def test_sigterm_grace_period_ends_stuck_tunnels(tmp_path: Path) -> None:

@@ -674,3 +674,60 @@ async def test_expect_100_continue_is_answered() -> None:
             status, _, _ = await read_head(stream)
         assert status == 200
         await stream.aclose()
+
+
+async def test_a_peer_over_its_share_is_refused_before_it_sends_a_byte() -> None:
+    logs = capture_logs()
+    async with running_proxy((), max_tunnels=4, max_tunnels_per_peer=1, header_timeout=60) as proxy:
+        held = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        async with held:
+            with trio.fail_after(10):
+                while proxy.server.active_connections < 1:
+                    await trio.sleep(0.01)
+            refused = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            async with refused:  # sends nothing: the answer comes anyway, then the close
+                with trio.fail_after(10):
+                    answer = await read_to_eof(refused)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
+    assert json.loads(body) == {
+        "error": "over the connection limit: peer 127.0.0.1 has 1 connections open, "
+        "its whole share (max_tunnels_per_peer)"
+    }
+    events = log_events(logs)
+    assert len([e for e in events if e["event"] == "connection_refused"]) == 1
+    # The refused connection has no request event; the held one, closed unused, has.
+    assert [e["outcome"] for e in events if e["event"] == "request"] == ["client_closed"]
+
+
+async def test_request_events_keep_their_shape() -> None:
+    """One ``request`` event per request, with the fields it always had; a kept-alive
+    connection's hang-up and a refused connection are none."""
+    logs = capture_logs()
+    async with tcp_server(echo_handler) as port:
+        target = f"127.0.0.1:{port}"
+        async with running_proxy((target,)) as proxy:
+            stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            async with stream:
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await read_head(stream))[0] == 200
+            assert (await request(proxy.port, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 404
+            status, tunnel, rest = await open_tunnel(proxy.port, target, early=b"hi")
+            assert status == 200
+            await tunnel.send_eof()
+            assert await read_to_eof(tunnel, rest) == b"hi"
+            await tunnel.aclose()
+            with trio.fail_after(10):
+                while proxy.server.active_connections:
+                    await trio.sleep(0.01)
+    events = {e["target"]: e for e in log_events(logs) if e["event"] == "request"}
+    assert len([e for e in log_events(logs) if e["event"] == "request"]) == 3
+    ok, error, connect = events["/healthz"], events["/nope"], events[target]
+    assert (ok["target"], ok["status"], ok["outcome"]) == ("/healthz", 200, "ok")
+    assert (error["status"], error["outcome"], error["reason"]) == (404, "refused", "no such path")
+    assert (connect["method"], connect["status"], connect["outcome"]) == ("CONNECT", 200, "closed")
+    assert (connect["upstream"], connect["bytes_up"], connect["bytes_down"]) == (target, 2, 2)
+    assert isinstance(connect["spliced"], bool)
+    assert {"peer", "method", "target", "status", "outcome", "duration_s"} <= set(ok)
+    assert set(error) == set(ok) | {"reason"}
+    assert set(connect) == set(ok) | {"upstream", "bytes_up", "bytes_down", "spliced"}

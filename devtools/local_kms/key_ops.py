@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from enclave_common.errors import ShownError
+
 # Signing algorithm → (hash, RSA padding kind or None for ECDSA); the hash named at
 # the end of each name (KMS API reference, Sign: MessageType).
 _SIGNING: dict[str, tuple[type[hashes.HashAlgorithm], str | None]] = {
@@ -63,11 +65,8 @@ _MAC_FOR_SPEC = {
 }
 
 
-class KeyOpError(Exception):
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
+class KeyOpError(ShownError):
+    """KMS's refusal of the operation (status 400)."""
 
 
 @dataclass(frozen=True, repr=False)

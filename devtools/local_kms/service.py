@@ -42,8 +42,9 @@ from devtools.local_kms.policy import (
     recipient_context,
 )
 from devtools.local_kms.recipient import RecipientError, VerifiedRecipient, verify_recipient
-from devtools.local_kms.shapes import ShapeError, check_request, operation_names
-from devtools.local_kms.sigv4 import Request, SignatureError, check_signature
+from devtools.local_kms.shapes import check_request, operation_names
+from devtools.local_kms.sigv4 import Request, check_signature
+from enclave_common.errors import ShownError
 
 TARGET_PREFIX = "TrentService."
 JSON_CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -123,16 +124,12 @@ class Reply:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-class KmsError(Exception):
-    def __init__(self, status: int, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
+class KmsError(ShownError):
+    """What KMS itself would answer."""
 
 
 def _validation(message: str) -> KmsError:
-    return KmsError(400, "ValidationException", message)
+    return KmsError("ValidationException", message, 400)
 
 
 def error_reply(status: int, error_type: str, message: str, operation: str | None) -> Reply:
@@ -165,29 +162,27 @@ class LocalKms:
             caller = self._authenticate(request, now)
             body = self._body(request)
             return self._call(operation, body, now, caller)
-        except KmsError as exc:
+        except ShownError as exc:  # KmsError, and the signature's and the shape's errors
             return error_reply(exc.status, exc.error_type, exc.message, operation)
-        except SignatureError as exc:
-            return error_reply(400, exc.error_type, exc.message, operation)
         except MotoBackendError as exc:
             return error_reply(500, "KMSInternalException", str(exc), operation)
 
     def _operation(self, request: Request) -> str:
         if request.method != "POST" or request.target.partition("?")[0] != "/":
-            raise KmsError(404, "UnknownOperationException", "KMS answers POST / only")
+            raise KmsError("UnknownOperationException", "KMS answers POST / only", 404)
         target = request.headers.get("x-amz-target", "")
         if not target.startswith(TARGET_PREFIX):
             raise KmsError(
-                400, "UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>"
+                "UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>", 400
             )
         operation = target[len(TARGET_PREFIX) :]
         if operation not in operation_names():
-            raise KmsError(400, "UnknownOperationException", "unknown operation")
+            raise KmsError("UnknownOperationException", "unknown operation", 400)
         if operation not in MOTO_OPERATIONS and operation not in LOCAL_OPERATIONS:
             raise KmsError(
-                400,
                 "UnsupportedOperationException",
                 f"the local KMS does not implement {operation}",
+                400,
             )
         return operation
 
@@ -207,16 +202,13 @@ class LocalKms:
         try:
             body = json.loads(request.body) if request.body else {}
         except (ValueError, RecursionError) as exc:
-            raise KmsError(400, "SerializationException", "request body is not JSON") from exc
+            raise KmsError("SerializationException", "request body is not JSON", 400) from exc
         if not isinstance(body, dict):
-            raise KmsError(400, "SerializationException", "request body must be a JSON object")
+            raise KmsError("SerializationException", "request body must be a JSON object", 400)
         return body
 
     def _call(self, operation: str, body: dict[str, Any], now: datetime, caller: Caller) -> Reply:
-        try:
-            body = check_request(operation, body)
-        except ShapeError as exc:
-            raise KmsError(400, exc.error_type, exc.message) from exc
+        body = check_request(operation, body)
         if operation == "GenerateRandom" and body.get("NumberOfBytes") is None:
             # Optional in the model, but KMS has no default length (and moto crashes).
             raise _validation("NumberOfBytes is required")
@@ -233,7 +225,7 @@ class LocalKms:
             try:
                 parse_policy(body["Policy"])
             except PolicyError as exc:
-                raise KmsError(400, "MalformedPolicyDocumentException", str(exc)) from exc
+                raise KmsError("MalformedPolicyDocumentException", str(exc), 400) from exc
         if (
             operation == "CreateKey"
             and body.get("KeyUsage") == "KEY_AGREEMENT"
@@ -294,7 +286,7 @@ class LocalKms:
         try:
             return key_ops.OPERATIONS[operation](material, body)
         except key_ops.KeyOpError as exc:
-            raise KmsError(400, exc.error_type, exc.message) from None
+            raise KmsError(exc.error_type, exc.message, exc.status) from None
 
     def _moto(self, account: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
         """moto's answer to ``operation`` in ``account``, or its error as a KmsError."""
@@ -302,7 +294,7 @@ class LocalKms:
         if reply.status >= 400:
             error_type = str(reply.body.get("__type", "KMSInternalException"))
             message = str(reply.body.get("message", reply.body.get("Message", "")))
-            raise KmsError(reply.status, error_type.rpartition("#")[2], message)
+            raise KmsError(error_type.rpartition("#")[2], message, reply.status)
         return reply.body
 
     def _re_encrypt_across(self, body: dict[str, Any], keys: dict[str, KeyInfo]) -> dict[str, Any]:
@@ -365,10 +357,10 @@ class LocalKms:
                 named_key = lookup(reference)
                 if named_key is not None and named_key.key_id != key.key_id:
                     raise KmsError(
-                        400,
                         "IncorrectKeyException",
                         "The key ID in the request does not identify a CMK that can perform "
                         "this operation.",
+                        400,
                     )
             references.append((action, key))
 
@@ -394,7 +386,7 @@ class LocalKms:
         except PolicyError as exc:
             # Every policy set through the stand-in was validated; only a moto default
             # this evaluator cannot read gets here.
-            raise KmsError(500, "KMSInternalException", f"stored key policy: {exc}") from exc
+            raise KmsError("KMSInternalException", f"stored key policy: {exc}", 500) from exc
         if decision is Decision.ALLOW:
             return
         reason = (
@@ -449,7 +441,7 @@ def _page(answer: dict[str, Any], member: str, body: dict[str, Any]) -> dict[str
     start = 0
     if marker is not None:
         if not (isinstance(marker, str) and marker.isdigit() and int(marker) <= len(entries)):
-            raise KmsError(400, "InvalidMarkerException", "The marker is not valid.")
+            raise KmsError("InvalidMarkerException", "The marker is not valid.", 400)
         start = int(marker)
     end = start + int(body.get("Limit") or _DEFAULT_PAGE)
     page: dict[str, Any] = {member: entries[start:end], "Truncated": end < len(entries)}
@@ -460,10 +452,10 @@ def _page(answer: dict[str, Any], member: str, body: dict[str, Any]) -> dict[str
 
 def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> KmsError:
     return KmsError(
-        400,
         "AccessDeniedException",
         f"User: {caller.arn} is not authorized to perform: {action} on resource: "
         f"{key.arn} {reason}",
+        400,
     )
 
 
@@ -476,8 +468,8 @@ def _not_found(reference: str, account: str, region: str) -> KmsError:
         kind = "" if reference.startswith("alias/") else "key/"
         arn = f"arn:aws:kms:{region}:{account}:{kind}{reference}"
     if ":alias/" in arn:
-        return KmsError(400, "NotFoundException", f"Alias {arn} is not found.")
-    return KmsError(400, "NotFoundException", f"Key '{arn}' does not exist")
+        return KmsError("NotFoundException", f"Alias {arn} is not found.", 400)
+    return KmsError("NotFoundException", f"Key '{arn}' does not exist", 400)
 
 
 def new_request_id() -> str:

@@ -16,14 +16,13 @@ from typing import Any
 
 import botocore.session
 
+from enclave_common.errors import ShownError
+
 MAX_DEPTH = 20
 
 
-class ShapeError(Exception):
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
+class ShapeError(ShownError):
+    """The body does not fit the operation's model, as KMS says so (400)."""
 
 
 @cache

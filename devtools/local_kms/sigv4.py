@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
+from enclave_common.errors import ShownError
+
 ALGORITHM = "AWS4-HMAC-SHA256"
 MAX_CLOCK_SKEW = timedelta(minutes=15)
 _AUTH = re.compile(
@@ -30,13 +32,8 @@ BAD_SIGNATURE_MESSAGE = (
 )
 
 
-class SignatureError(Exception):
-    """The request is not correctly signed; ``error_type`` is what AWS answers."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
+class SignatureError(ShownError):
+    """The request is not correctly signed; ``error_type`` is what AWS answers (400)."""
 
 
 @dataclass(frozen=True)

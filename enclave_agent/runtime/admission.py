@@ -25,11 +25,14 @@ counting is ``enclave_common.shares``. The rules:
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 
 from enclave_agent.runtime.app_protocol import AppProtocolError
 from enclave_agent.runtime.config import Limits
+from enclave_common.errors import ShownError
+from enclave_common.http_server import Answer, admit_by_shares
 from enclave_common.logs import get_logger
 from enclave_common.peercred import PeerCred
 from enclave_common.shares import QueuedShares, ShareRefused, Shares
@@ -91,7 +94,8 @@ def _kms_call_refused(
 
 
 class Admission:
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, render: Callable[[ShownError], Answer]) -> None:
+        self._render = render
         self._unix: Shares[Caller] = Shares(limits.max_connections_per_uid, limits.max_connections)
         self._tcp: Shares[Caller] = Shares(limits.max_connections_per_uid)
         self._kms_calls: QueuedShares[Caller] = QueuedShares(
@@ -99,11 +103,17 @@ class Admission:
         )
         self._lingering: Shares[Caller] = Shares(_LINGERING_PER_CALLER, _LINGERING)
 
-    def connection(self, caller: Caller) -> AbstractContextManager[None]:
-        """Hold one of ``caller``'s connections; ``AppProtocolError`` (Throttling)
-        before the block when it has none left."""
+    def admit(
+        self, caller: Caller, *, denied: Answer | None = None
+    ) -> AbstractAsyncContextManager[Answer | None]:
+        """The driver's ``admit``: ``denied`` (the access rules refuse the caller) at
+        once, or one of ``caller``'s connections, or ThrottlingException at once."""
         shares = self._tcp if caller == TCP_CALLERS else self._unix
-        return shares.share(caller, refused=partial(_connection_refused, caller))
+
+        def refusal(refused: ShareRefused) -> Answer:
+            return self._render(_connection_refused(caller, refused))
+
+        return admit_by_shares(caller, shares, self._lingering, refusal, denied=denied)
 
     def kms_call(self, caller: Caller, operation: str) -> AbstractAsyncContextManager[None]:
         """Hold one of ``caller``'s KMS calls in flight, waiting in the caller's own
@@ -112,7 +122,3 @@ class Admission:
         return self._kms_calls.share(
             caller, refused=partial(_kms_call_refused, caller, operation, patience)
         )
-
-    def refusal(self, caller: Caller) -> AbstractContextManager[bool]:
-        """For a refused connection: may it linger to read what its client still sends?"""
-        return self._lingering.share_if_free(caller)

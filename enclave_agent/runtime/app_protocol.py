@@ -31,6 +31,7 @@ from typing import Any
 
 from enclave_agent.runtime.config import SECRET_NAME
 from enclave_agent.runtime.kms_operations import OPERATION_TABLE
+from enclave_common.errors import ShownError
 
 KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "TrentService."
@@ -38,14 +39,8 @@ ATTESTATION_FIELDS = ("nonce", "user_data", "public_key")
 MAX_ATTESTATION_FIELD = 1024  # the NSM's limit on each of user_data, nonce, public_key
 
 
-class AppProtocolError(Exception):
+class AppProtocolError(ShownError):
     """A request the agent will not serve, already in KMS's error vocabulary."""
-
-    def __init__(self, error_type: str, message: str, status: int = 400) -> None:
-        super().__init__(f"{error_type}: {message}")
-        self.error_type = error_type
-        self.message = message
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -153,8 +153,8 @@ class Limits:
     )
     header_timeout: float = setting(
         number(),
-        "seconds for a whole request to arrive once its first byte came; also how long a "
-        "new connection may stay silent; `408` / close",
+        "seconds for a whole request to arrive: from connect for a connection's first "
+        "request (a silent one is closed), from its first byte for a later one; `408` / close",
         default=10.0,
     )
     idle_timeout: float = setting(

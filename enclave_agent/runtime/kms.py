@@ -24,7 +24,6 @@ the pool's size bounds how many requests are on the wire at once.
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,11 +41,12 @@ from enclave_agent.runtime.credentials import (
     proxy_fetcher,
 )
 from enclave_agent.runtime.kms_operations import OPERATION_TABLE
-from enclave_agent.runtime.nsm import Attester
+from enclave_agent.runtime.nsm import Attester, NsmError, request_attestation
 from enclave_agent.runtime.transport import KmsConnectionPool, TransportError, make_ssl_context
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import DEFAULT_PROXY, Address
 from enclave_common.aws import kms_host
+from enclave_common.errors import ShownError
 from enclave_common.logs import get_logger
 
 _BACKOFF_BASE = 0.05  # seconds; full jitter: sleep uniform(0, min(cap, base * 2**n))
@@ -78,18 +78,8 @@ class KmsSettings:
     trusted_keys: TrustedKeys = field(default_factory=TrustedKeys)
 
 
-class KmsError(Exception):
-    """What the app gets, in KMS's error shape."""
-
-    def __init__(self, error_type: str, message: str, status: int) -> None:
-        super().__init__(f"{error_type}: {message}")
-        self.error_type = error_type
-        self.message = message
-        self.status = status
-
-    def to_json(self) -> dict[str, str]:
-        """KMS JSON 1.1 error body."""
-        return {"__type": self.error_type, "message": self.message}
+class KmsError(ShownError):
+    """What the app gets from a KMS call, in KMS's error shape."""
 
 
 def _short(text: str) -> str:
@@ -238,17 +228,11 @@ class KmsGateway:
             ) from None
 
     async def _attestation(self) -> bytes:
-        call = functools.partial(self._nsm.attestation, public_key=self._recipient.public_key_der)
         try:
-            # Abandoned on cancellation so a hung ioctl cannot hold the call past its
-            # deadline; the thread keeps its limiter token until the ioctl returns,
-            # so hung calls stay bounded by trio's thread limit.
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-        # The NSM is whatever implements the protocol (device or simulator); any
-        # failure of it is reported as an NSM error, by its NSM error name when it has one.
-        except Exception as exc:  # noqa: BLE001
-            name = getattr(exc, "error_name", None) or type(exc).__name__
-            raise KmsError("KMSInternalException", f"NSM error: {name}", 500) from None
+            # Cancellable: a hung ioctl cannot hold the call past its deadline.
+            return await request_attestation(self._nsm, public_key=self._recipient.public_key_der)
+        except NsmError as exc:
+            raise KmsError("KMSInternalException", f"NSM error: {exc.error_name}", 500) from None
 
     def _sign(self, creds: Credentials, operation: str, body: bytes) -> list[tuple[str, str]]:
         headers = kms_protocol.request_headers(operation)

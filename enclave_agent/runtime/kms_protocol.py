@@ -58,6 +58,7 @@ from enclave_agent.runtime.trusted_keys import (
     off_reason,
     parse_key_arn,
 )
+from enclave_common.errors import ShownError
 
 TARGET_PREFIX = "TrentService"
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -67,14 +68,12 @@ _THROTTLING_TYPES = frozenset({"ThrottlingException"})
 _EXPIRED_TOKEN_TYPES = frozenset({"ExpiredTokenException", "ExpiredToken"})
 
 
-class KmsProtocolError(Exception):
-    """A request or answer that cannot be used, in KMS's error vocabulary."""
+class KmsProtocolError(ShownError):
+    """A request or answer that cannot be used, in KMS's error vocabulary (mostly
+    ValidationException, hence the order of the arguments)."""
 
     def __init__(self, message: str, *, error_type: str = "ValidationException", status: int = 400):
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
-        self.status = status
+        super().__init__(error_type, message, status)
 
 
 @dataclass(frozen=True)

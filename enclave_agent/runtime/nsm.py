@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import io
 import os
 import struct
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import cbor2
+import trio
 
 NSM_DEVICE_PATH = "/dev/nsm"
 NSM_IOCTL_REQUEST = 0xC0200A00  # _IOWR(0x0A, 0, 32-byte struct nsm_raw)
@@ -73,6 +75,29 @@ class Nsm(Attester, Protocol):
     def describe_pcr(self, index: int) -> tuple[bool, bytes]: ...
 
     def describe_nsm(self) -> dict[str, Any]: ...
+
+
+async def request_attestation(
+    nsm: Attester,
+    *,
+    user_data: bytes | None = None,
+    nonce: bytes | None = None,
+    public_key: bytes | None = None,
+) -> bytes:
+    """The attestation document, from every caller this way: off the event loop (the
+    ioctl blocks) and cancellable. A cancelled caller returns at once; a hung ioctl
+    keeps its worker thread, and one of trio's thread tokens, until it returns, so
+    hung calls stay bounded. Any failure of the NSM (device or simulator) is an
+    ``NsmError``, named by its NSM error name when it has one."""
+    call = functools.partial(
+        nsm.attestation, user_data=user_data, nonce=nonce, public_key=public_key
+    )
+    try:
+        return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+    except NsmError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever implements the protocol
+        raise NsmError(getattr(exc, "error_name", None) or type(exc).__name__) from None
 
 
 # --- messages (pure) ------------------------------------------------------------

@@ -27,7 +27,7 @@ import trio
 
 from enclave_agent.runtime.config import NSM_SIMULATED, AgentConfig
 from enclave_agent.runtime.kms import KmsGateway, KmsSettings
-from enclave_agent.runtime.nsm import Nsm, NsmDevice
+from enclave_agent.runtime.nsm import Nsm, NsmDevice, request_attestation
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.runtime.secrets import SecretStore
 from enclave_agent.runtime.server import AppServer
@@ -133,10 +133,7 @@ async def run_agent(
     gateway = KmsGateway(kms_settings(config), nsm, recipient)
 
     async def attest(nonce: bytes | None, user_data: bytes | None, key: bytes | None) -> bytes:
-        # The NSM is a blocking ioctl: keep it off the event loop.
-        return await trio.to_thread.run_sync(
-            lambda: nsm.attestation(nonce=nonce, user_data=user_data, public_key=key)
-        )
+        return await request_attestation(nsm, nonce=nonce, user_data=user_data, public_key=key)
 
     store = SecretStore(config.secrets)
     bound_socket = False
