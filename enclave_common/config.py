@@ -198,6 +198,12 @@ def string(value: Any, at: At) -> str:
     return value
 
 
+def boolean(value: Any, at: At) -> bool:
+    if not isinstance(value, bool):
+        raise at.wrong_type("true or false", value)
+    return value
+
+
 def integer(minimum: int = 1, maximum: int | None = None) -> Check[int]:
     if maximum is not None:
         rule = f"an integer between {minimum} and {maximum}"

@@ -325,9 +325,10 @@ class _Connection:
         record.outcome, record.status, record.note = "answered", answer.status, answer.note
         close = self.server.closing or not complete
         await self._answer(answer, close=close, head_only=request.method == "HEAD")
-        if not complete:
-            await self._linger()
         if close or self.wire.h11.our_state is not h11.DONE:
+            # Whatever ends the connection here (our close, an HTTP/1.0 client, its
+            # Connection: close), the client may still be sending: close draining.
+            await self._linger()
             return False
         self.wire.h11.start_next_cycle()
         return True

@@ -25,6 +25,8 @@ def test_minimal_config_has_safe_defaults() -> None:
     assert config.listen.socket == DEFAULT_SOCKET
     assert config.listen.socket_mode == 0o660
     assert config.listen.tcp is None
+    assert not config.listen.tcp_open  # no inet_diag: a set tcp does not start
+    assert config.run.sdk_env
     assert config.kms_endpoint is None
     assert not config.secrets
     assert not config.trusted_keys  # secure by default: no key operation
@@ -51,6 +53,10 @@ socket = "agent.sock"
 socket_mode = "0600"
 socket_group = 1000
 tcp = "tcp:127.0.0.1:9000"
+tcp_open = true
+
+[run]
+sdk_env = false
 
 [access]
 allowed_uids = [0, 1000]
@@ -82,6 +88,7 @@ ciphertext_file = "blob.bin"
     assert config.listen.socket_mode == 0o600
     assert config.listen.socket_group == 1000
     assert config.listen.tcp == TcpAddress("127.0.0.1", 9000)
+    assert config.listen.tcp_open and not config.run.sdk_env
     assert config.access.allowed_uids == {0, 1000}
     assert config.access.allowed_gids == {50}
     assert config.limits.max_body_bytes == 1024
@@ -102,6 +109,7 @@ ciphertext_file = "blob.bin"
         ('region = "us-east-1"\nregoin = "x"', ["regoin"]),
         ('region = "us-east-1"\n[access]\nalowed_uids = [1]\nextra = 2', ["alowed_uids", "extra"]),
         ('region = "us-east-1"\n[limits]\nmax_body = 3', ["max_body"]),
+        ('region = "us-east-1"\n[run]\nsdk_envs = false', ["sdk_envs"]),
         (f'region = "us-east-1"\n[secrets.a]\nciphertext = "{BLOB}"\nkeyid = "k"', ["keyid"]),
     ],
 )
@@ -133,6 +141,9 @@ def test_unknown_keys_are_named(text: str, names: list[str]) -> None:
         'region = "us-east-1"\n[listen]\nsocket_group = 4294967295',
         'region = "us-east-1"\n[listen]\ntcp = "tcp:0.0.0.0:9000"',
         'region = "us-east-1"\n[listen]\ntcp = "unix:/x"',
+        'region = "us-east-1"\n[listen]\ntcp_open = "yes"',
+        'region = "us-east-1"\n[listen]\ntcp_open = 1',
+        'region = "us-east-1"\n[run]\nsdk_env = "false"',
         'region = "us-east-1"\n[access]\nallowed_uids = ["root"]',
         'region = "us-east-1"\n[limits]\nmax_body_bytes = 0',
         'region = "us-east-1"\n[limits]\nmax_body_bytes = true',

@@ -436,3 +436,60 @@ def test_the_tcp_listener_must_end_up_on_loopback() -> None:
     for host in ("10.0.0.1", "0.0.0.0", "::"):
         with pytest.raises(OSError, match="not a loopback"):
             require_loopback(Listener(host))  # type: ignore[arg-type]
+
+
+SDK_VARIABLES = (
+    "AWS_ENDPOINT_URL_KMS",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+)
+# Prints what the app got: the SDK variables and ENCLAVE_AGENT_ENDPOINT (JSON), after
+# checking the endpoint answers.
+_SHOW_ENV = f"""
+import json, os, urllib.request
+names = [*{SDK_VARIABLES!r}, "ENCLAVE_AGENT_ENDPOINT", "AWS_SESSION_TOKEN", "AWS_PROFILE"]
+if "ENCLAVE_AGENT_ENDPOINT" in os.environ:
+    url = os.environ["ENCLAVE_AGENT_ENDPOINT"] + "/healthz"
+    assert json.load(urllib.request.urlopen(url, timeout=10)) == {{"status": "ok"}}
+print(json.dumps({{name: os.environ.get(name) for name in names}}))
+"""
+
+
+def run_showing_env(tmp_path: Path, extra: str = "") -> tuple[dict[str, str | None], str]:
+    config = write_config(tmp_path, extra=extra)
+    # What an image may carry: a profile and a session token of its own.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_PROFILE": "x", "AWS_SESSION_TOKEN": "t"}
+    result = subprocess.run(
+        [*AGENT, "run", "--config", str(config), "--", sys.executable, "-c", _SHOW_ENV],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    log = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, log
+    return json.loads(result.stdout), log
+
+
+def test_run_gives_the_app_what_an_aws_sdk_needs(tmp_path: Path) -> None:
+    seen, log = run_showing_env(tmp_path)
+    endpoint = seen["ENCLAVE_AGENT_ENDPOINT"]
+    assert endpoint is not None and endpoint.startswith("http://127.0.0.1:")
+    assert seen["AWS_ENDPOINT_URL_KMS"] == endpoint
+    assert seen["AWS_REGION"] == seen["AWS_DEFAULT_REGION"] == "us-east-1"
+    # Placeholders: the agent signs every request itself.
+    assert seen["AWS_ACCESS_KEY_ID"] == "ENCLAVEAGENTSIGNS"
+    assert seen["AWS_SECRET_ACCESS_KEY"]
+    assert seen["AWS_SESSION_TOKEN"] is None and seen["AWS_PROFILE"] is None
+    [ready] = [e for e in events(log) if e["event"] == "ready"]
+    assert ready["tcp_callers"] == "checked"
+
+
+def test_run_with_sdk_env_false_sets_none_of_it_and_opens_no_tcp(tmp_path: Path) -> None:
+    seen, log = run_showing_env(tmp_path, "[run]\nsdk_env = false\n")
+    assert all(seen[name] is None for name in (*SDK_VARIABLES, "ENCLAVE_AGENT_ENDPOINT"))
+    assert (seen["AWS_PROFILE"], seen["AWS_SESSION_TOKEN"]) == ("x", "t")  # left alone
+    [ready] = [e for e in events(log) if e["event"] == "ready"]
+    assert ready["tcp"] is None

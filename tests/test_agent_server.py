@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import pwd
 import shutil
 import sys
 import tempfile
@@ -21,9 +22,11 @@ import pytest
 import structlog
 import trio
 
+from enclave_agent.runtime.callers import Callers
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings
 from enclave_agent.runtime.nsm import request_attestation
+from enclave_agent.runtime.peercred import database_groups, is_uid_allowed
 from enclave_agent.runtime.server import AppServer, Attester, Gateway
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import (
@@ -33,7 +36,10 @@ from enclave_common.address import (
     open_listener,
     parse_address,
 )
+from enclave_common.inet_diag import Answer, Endpoint, FourTuple
 from enclave_common.logs import configure_logging
+from enclave_common.tcp_peercred import Query, ask_kernel
+from tests.support.inet_diag_answers import DONE, FIN_WAIT1, SEQ, socket_answer
 from tests.test_kms_fakes import (
     FAKE_KEY_ARN,
     FakeKms,
@@ -104,6 +110,8 @@ async def start(
     limits: Limits | None = None,
     gateway: Gateway | None = None,
     attest: Attester = fake_attest,
+    tcp_callers: Callers = Callers.TCP,
+    query: Query = ask_kernel,
 ) -> Running:
     logs = io.StringIO()
     configure_logging("info", stream=logs, process="test-agent")
@@ -114,6 +122,7 @@ async def start(
         secrets=Secrets(),
         access=access or AccessConfig(),
         limits=limits or Limits(),
+        query=query,
     )
     path = str(tmp_path / "agent.sock")
     unix = await open_listener(UnixAddress(path), unix_mode=0o660)
@@ -122,10 +131,10 @@ async def start(
     port = listener_address(tcp, tcp_requested)
     assert isinstance(port, TcpAddress)
     await nursery.start(
-        lambda task_status: server.serve(unix, check_peer=True, task_status=task_status)
+        lambda task_status: server.serve(unix, callers=Callers.UNIX, task_status=task_status)
     )
     await nursery.start(
-        lambda task_status: server.serve(tcp, check_peer=False, task_status=task_status)
+        lambda task_status: server.serve(tcp, callers=tcp_callers, task_status=task_status)
     )
     return Running(path, port.port, fake, logs)
 
@@ -271,11 +280,14 @@ async def test_caller_not_allowed_is_refused(nursery: trio.Nursery, tmp_path: Pa
     events = [json.loads(line) for line in running.logs.getvalue().splitlines()]
     refused = [e for e in events if e["event"] == "caller_refused"]
     assert refused and refused[0]["uid"] == os.getuid() and refused[0]["pid"] == os.getpid()
-    # The TCP listener has no caller check (loopback only, opt-in).
+    assert refused[0]["listener"] == "unix"
+    # The TCP listener checks its callers too (inet_diag), with the same answer.
     stream = await trio.open_tcp_stream("127.0.0.1", running.tcp_port)
     async with stream:
-        [(status, _, _)] = await send_and_read(stream, request("GET", "/healthz"))
-    assert status == 200
+        [(status, _, body)] = await send_and_read(stream, request("GET", "/healthz"))
+    assert status == 403
+    assert json.loads(body)["__type"] == "AccessDeniedException"
+    assert running.events("caller_refused")[-1]["listener"] == "tcp"
 
 
 async def test_refused_caller_is_answered_before_its_request_and_holds_no_slot(
@@ -286,7 +298,8 @@ async def test_refused_caller_is_answered_before_its_request_and_holds_no_slot(
         nursery,
         tmp_path,
         access=AccessConfig(allowed_uids=frozenset({other})),
-        limits=Limits(max_connections=1, header_timeout=60, idle_timeout=60),
+        limits=Limits(max_connections=2, header_timeout=60, idle_timeout=60),
+        tcp_callers=Callers.TCP_OPEN,  # here: an app the rules cannot refuse
     )
     # A refused caller that sends nothing is answered at once (its request is never
     # read), and while it stays connected an allowed app still gets the one slot.
@@ -557,26 +570,33 @@ async def test_expect_100_continue(running: Running) -> None:
 OTHER_UID = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a caller of another uid needs root")
 # Run as root, then drop to another uid (group 0, so the socket's mode 0660 lets it
-# in): the interpreter is loaded before, so it need not be readable by that uid.
+# in): the interpreter is loaded before, so it need not be readable by that uid. The
+# target is a socket path or tcp:HOST:PORT.
 _AS_OTHER_UID = """
 import os, socket, sys
 os.setgroups([])
 os.setgid(0)
 os.setuid(int(sys.argv[1]))
-s = socket.socket(socket.AF_UNIX)
+if sys.argv[2].startswith("tcp:"):
+    host, _, port = sys.argv[2][len("tcp:"):].rpartition(":")
+    s = socket.socket()
+    address = (host, int(port))
+else:
+    s = socket.socket(socket.AF_UNIX)
+    address = sys.argv[2]
 s.settimeout(30)
-s.connect(sys.argv[2])
+s.connect(address)
 s.sendall(sys.stdin.buffer.read())
 while chunk := s.recv(65536):
     sys.stdout.buffer.write(chunk)
 """
 
 
-async def exchange_as_other_uid(path: str, raw: bytes) -> tuple[int, bytes]:
-    """One request from a process of uid OTHER_UID: (status, body)."""
+async def exchange_as_other_uid(target: str, raw: bytes, uid: int = OTHER_UID) -> tuple[int, bytes]:
+    """One request from a process of ``uid``: (status, body)."""
     with trio.fail_after(30):
         result = await trio.run_process(
-            [sys.executable, "-c", _AS_OTHER_UID, str(OTHER_UID), path],
+            [sys.executable, "-c", _AS_OTHER_UID, str(uid), target],
             stdin=raw,
             capture_stdout=True,
         )
@@ -646,11 +666,23 @@ async def test_one_uid_holding_its_connections_does_not_stop_another_uid(
             await stream.aclose()
 
 
+@pytest.mark.parametrize(
+    ("tcp_callers", "holder", "whose"),
+    [
+        # Checked: the uid's share of the TCP listener's own budget.
+        (Callers.TCP, f"uid={os.getuid()}", f"uid {os.getuid()} has 2 connections open, its"),
+        # tcp_open: all TCP callers are one caller.
+        (Callers.TCP_OPEN, "tcp", "the TCP listener's callers have 2 connections open, their"),
+    ],
+)
 async def test_the_tcp_listeners_callers_at_their_share_do_not_stop_the_unix_socket(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, tcp_callers: Callers, holder: str, whose: str
 ) -> None:
     running = await start(
-        nursery, tmp_path, limits=Limits(max_connections=4, max_connections_per_uid=2)
+        nursery,
+        tmp_path,
+        limits=Limits(max_connections=4, max_connections_per_uid=2),
+        tcp_callers=tcp_callers,
     )
     held, refusal = await hold_until_refused(
         lambda: trio.open_tcp_stream("127.0.0.1", running.tcp_port), 4
@@ -663,13 +695,10 @@ async def test_the_tcp_listeners_callers_at_their_share_do_not_stop_the_unix_soc
         assert (len(held), len(unix)) == (2, 2)
         for stream in unix:
             await stream.aclose()
-        assert refusal_message(refusal) == (
-            "the TCP listener's callers have 2 connections open, their whole share "
-            "(limits.max_connections_per_uid)"
-        )
+        assert refusal_message(refusal) == f"{whose} whole share (limits.max_connections_per_uid)"
         assert "limits.max_connections_per_uid" in refusal_message(unix_refusal)
         events = running.events("connection_refused")
-        assert [e["caller"] for e in events] == ["tcp", f"uid={os.getuid()}"]
+        assert [e["caller"] for e in events] == [holder, f"uid={os.getuid()}"]
     finally:
         for stream in held:
             await stream.aclose()
@@ -780,3 +809,182 @@ async def test_a_kms_call_waits_for_its_callers_share_at_most_the_call_timeout(
         await gateway.aclose()
     [event] = running.events("kms_call_refused")
     assert event["limit"] == "limits.max_kms_calls_per_uid" and event["operation"] == "Decrypt"
+
+
+# --- the TCP listener checks its callers too (inet_diag) ------------------------------
+
+
+DENIED = {
+    "__type": "AccessDeniedException",
+    "message": "this process is not allowed to use the enclave agent",
+}
+
+
+async def as_uid(target: str, raw: bytes, uid: int = OTHER_UID) -> tuple[int, Any]:
+    """(status, JSON body) of one request from a process of ``uid``."""
+    status, body = await exchange_as_other_uid(target, raw, uid)
+    return status, json.loads(body)
+
+
+async def tcp_exchange(port: int, raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        return await send_and_read(stream, raw)
+
+
+@needs_root
+async def test_an_allowed_and_a_refused_uid_on_both_listeners(
+    nursery: trio.Nursery, shared_dir: Path
+) -> None:
+    running = await start(nursery, shared_dir, access=AccessConfig(allowed_uids=frozenset({0})))
+    for target in (running.socket, f"tcp:127.0.0.1:{running.tcp_port}"):
+        assert await as_uid(target, request("GET", "/healthz"), uid=0) == (200, {"status": "ok"})
+        # Refused before its request is read, with the same answer on either listener.
+        raw = kms("Decrypt", {"CiphertextBlob": "AAAA"})
+        assert await as_uid(target, raw) == (403, DENIED)
+    assert running.gateway.calls == []
+    refused = running.events("caller_refused")
+    assert [(e["listener"], e["uid"]) for e in refused] == [
+        ("unix", OTHER_UID),
+        ("tcp", OTHER_UID),
+    ]
+    # The refused requests never reached the request log.
+    assert all(e["caller"].startswith("uid=0") for e in running.events("request"))
+
+
+@needs_root
+async def test_tcp_callers_groups_come_from_the_group_database(
+    nursery: trio.Nursery, shared_dir: Path
+) -> None:
+    # The kernel names only a uid on TCP: its groups are the database's, not the
+    # process's. OTHER_UID's child runs with gid 0 and no other group, yet its passwd
+    # gid admits it on TCP; on the Unix socket its process's groups (0) are judged.
+    try:
+        primary = pwd.getpwuid(OTHER_UID).pw_gid
+    except KeyError:
+        pytest.skip(f"uid {OTHER_UID} has no passwd entry here")
+    running = await start(
+        nursery, shared_dir, access=AccessConfig(allowed_gids=frozenset({primary}))
+    )
+    health = request("GET", "/healthz")
+    tcp = f"tcp:127.0.0.1:{running.tcp_port}"
+    assert await as_uid(tcp, health) == (200, {"status": "ok"})
+    assert await as_uid(running.socket, health) == (403, DENIED)
+
+
+def test_the_group_database_rule() -> None:
+    assert 0 in database_groups(0)
+    unknown = next(uid for uid in range(54321, 60000) if not _has_passwd_entry(uid))
+    assert database_groups(unknown) == frozenset()
+    # A uid without a passwd entry has no groups: only a uid rule admits it.
+    assert not is_uid_allowed(unknown, AccessConfig(allowed_gids=frozenset({0, unknown})))
+    assert is_uid_allowed(unknown, AccessConfig(allowed_uids=frozenset({unknown})))
+    # No rule: the agent's own uid and root, as on the socket.
+    assert is_uid_allowed(0, AccessConfig()) and not is_uid_allowed(unknown, AccessConfig())
+
+
+def _has_passwd_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+async def test_a_tcp_callers_kms_calls_count_against_its_uids_share(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    gateway = FakeGateway(hold=trio.Event())
+    running = await start(
+        nursery,
+        tmp_path,
+        limits=Limits(max_kms_calls_per_uid=2, kms_pool_size=4, kms_call_timeout=0.5),
+        gateway=gateway,
+    )
+    decrypt = kms("Decrypt", {"CiphertextBlob": "AAAA"})
+    async with trio.open_nursery() as held:
+        for _ in range(2):  # our uid's whole share, by the Unix socket
+            held.start_soon(unix_exchange, running.socket, decrypt)
+        with trio.fail_after(10):
+            while gateway.in_flight < 2:
+                await trio.sleep(0.01)
+        # The same uid by TCP waits in the same queue, and is refused when it is not served.
+        [(status, _, body)] = await tcp_exchange(running.tcp_port, decrypt)
+        assert status == 503
+        assert json.loads(body)["message"].startswith(f"uid {os.getuid()} kept 2 KMS calls")
+        gateway.hold.set()
+    [(status, _, _)] = await tcp_exchange(running.tcp_port, decrypt)
+    assert status == 200
+
+
+# --- a kernel that cannot, or will not, name the caller --------------------------------
+
+
+async def test_a_connection_the_kernel_does_not_attribute_is_refused_and_others_are_served(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    lies: list[bytes] = []
+
+    async def lying(asked: FourTuple) -> Answer:
+        if not lies:
+            return await ask_kernel(asked)
+        answer = Answer(SEQ)
+        answer.feed(lies.pop())
+        return answer
+
+    running = await start(nursery, tmp_path, query=lying)
+    health = request("GET", "/healthz")
+    wrong: list[Callable[[FourTuple], bytes]] = [
+        # Another socket (the agent's own end, uid 0): a mismatched answer.
+        lambda c: socket_answer(c.destination, c.source, uid=0),
+        # The client's socket, twice, different owners.
+        lambda c: (
+            socket_answer(c.source, c.destination, uid=0, multi=True)
+            + socket_answer(c.source, c.destination, uid=1, multi=True)
+            + DONE
+        ),
+        # No match at all.
+        lambda c: DONE,
+        # The client's socket closing: uid 0 (as if root) in FIN_WAIT1.
+        lambda c: socket_answer(c.source, c.destination, uid=0, state=FIN_WAIT1, inode=0),
+    ]
+    for craft in wrong:
+        # The client's port is known before it connects: the lie is ready when asked.
+        sock = trio.socket.socket()
+        await sock.bind(("127.0.0.1", 0))
+        ours = Endpoint.of("127.0.0.1", sock.getsockname()[1])
+        lies.append(craft(FourTuple(ours, Endpoint.of("127.0.0.1", running.tcp_port))))
+        await sock.connect(("127.0.0.1", running.tcp_port))
+        async with trio.SocketStream(sock) as stream:
+            [(status, _, body)] = await send_and_read(stream, health)
+        assert (status, json.loads(body)) == (403, DENIED)
+        # The kernel's true answer, next: served.
+        [(status, _, _)] = await tcp_exchange(running.tcp_port, health)
+        assert status == 200
+    reasons = [e["reason"] for e in running.events("caller_refused")]
+    assert len(reasons) == 4
+    assert "another socket" in reasons[0] and "2 different sockets" in reasons[1]
+    assert "named no socket" in reasons[2] and "FIN_WAIT1, not ESTABLISHED" in reasons[3]
+
+
+async def test_a_client_gone_before_it_is_named_is_refused_cleanly(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    closed = trio.Event()
+
+    async def after_the_client_left(asked: FourTuple) -> Answer:
+        await closed.wait()  # the lookup races the client's close, and loses
+        return await ask_kernel(asked)
+
+    running = await start(nursery, tmp_path, query=after_the_client_left)
+    stream = await trio.open_tcp_stream("127.0.0.1", running.tcp_port)
+    await stream.send_all(request("GET", "/healthz"))
+    await stream.aclose()
+    closed.set()
+    with trio.fail_after(10):
+        while not running.events("caller_refused"):
+            await trio.sleep(0.01)
+    [event] = running.events("caller_refused")
+    assert event["listener"] == "tcp"
+    assert "not ESTABLISHED" in event["reason"] or "no such connection" in event["reason"]
+    assert running.events("request") == []

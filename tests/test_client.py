@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from enclave_agent.client import AgentClient, AgentError
+from enclave_agent.runtime.callers import Callers
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.kms import KmsError
 from enclave_agent.runtime.server import AppServer
@@ -70,7 +71,7 @@ async def socket_path(nursery: trio.Nursery, tmp_path: Path) -> str:
     path = str(tmp_path / "agent.sock")
     listener = await open_listener(UnixAddress(path))
     await nursery.start(
-        lambda task_status: server.serve(listener, check_peer=True, task_status=task_status)
+        lambda task_status: server.serve(listener, callers=Callers.UNIX, task_status=task_status)
     )
     return path
 

@@ -42,6 +42,8 @@ AGENT_SAMPLES: dict[str, st.SearchStrategy[Any]] = {
     "listen.socket_mode": st.sampled_from(["0600", "0666", 0o640, "rw"]),
     "listen.socket_group": st.integers(-1, 2**32),
     "listen.tcp": st.sampled_from(["tcp:127.0.0.1:9000", "tcp:localhost:0", "tcp:0.0.0.0:1"]),
+    "listen.tcp_open": st.sampled_from([True, False, "true", 1]),
+    "run.sdk_env": st.sampled_from([True, False, "false", 0]),
     "access.allowed_uids": st.lists(st.integers(-1, 2**32), max_size=3),
     "secrets.<NAME>.ciphertext": st.sampled_from(["AQJjaXBoZXJ0ZXh0", "!!!"]),
     "secrets.<NAME>.ciphertext_file": st.sampled_from(["blob.bin", "/does/not/exist"]),

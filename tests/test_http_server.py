@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import trio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from enclave_common.http_server import (
@@ -451,6 +451,9 @@ request_bytes = st.one_of(
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(request_bytes, min_size=1, max_size=3))
+# An HTTP/1.0 request (answered, then closed) with a byte after it: the close must
+# drain, or the unread byte makes the kernel reset the connection.
+@example([b"! ! HTTP/0.0\n\n", b"\x00"])
 def test_any_request_bytes_get_http_answers_or_a_close_never_a_failure(
     pieces: list[bytes],
 ) -> None:

@@ -3,14 +3,18 @@
 Policy lives here (who a caller is, which limit applies, what a refusal says); the
 counting is ``enclave_common.shares``. The rules:
 
-- A caller on the Unix socket is its uid (SO_PEERCRED). Each uid may hold
-  ``max_connections_per_uid`` connections, all uids together ``max_connections``,
-  and each uid may have ``max_kms_calls_per_uid`` KMS calls in flight. The config
-  keeps each share below its whole (``kms_pool_size`` for KMS calls), so one uid at
-  its cap never stops another uid's request.
-- The TCP listener's callers carry no uid: together they are one caller with one
-  share of connections, counted apart from ``max_connections`` so they can never
-  take the Unix socket's, and one share of KMS calls.
+- A caller is its uid (``callers``: SO_PEERCRED on the Unix socket, inet_diag on
+  the TCP listener). Each uid may hold ``max_connections_per_uid`` connections on a
+  listener, all uids together ``max_connections`` on it, and each uid may have
+  ``max_kms_calls_per_uid`` KMS calls in flight, whichever listener they came by.
+  The config keeps each share below its whole (``kms_pool_size`` for KMS calls), so
+  one uid at its cap never stops another uid's request.
+- The two listeners count connections apart: the TCP listener has its own
+  ``max_connections`` budget, so TCP connections can never take the Unix socket's
+  (apps that want no TCP are never crowded out by apps that use it). A uid may so
+  hold its share on each listener.
+- A TCP listener that cannot name its callers (``[listen] tcp_open``) counts them
+  all as one caller, ``TCP_CALLERS``: one share of connections and one of KMS calls.
 - A connection over its caller's share gets ``ThrottlingException`` (503) naming the
   limit and its config key at once, and the agent logs ``connection_refused``. A KMS
   call over its caller's share waits in that caller's own queue, for at most
@@ -34,23 +38,16 @@ from enclave_agent.runtime.config import Limits
 from enclave_common.errors import ShownError
 from enclave_common.http_server import Answer, admit_by_shares
 from enclave_common.logs import get_logger
-from enclave_common.peercred import PeerCred
 from enclave_common.shares import QueuedShares, ShareRefused, Shares
 
 Caller = int | str  # a uid, or one of the names below
 TCP_CALLERS: Caller = "tcp"
-UNKNOWN_CALLER: Caller = "unknown"  # a Unix socket peer without credentials
+UNKNOWN_CALLER: Caller = "unknown"  # a peer the kernel could not name (refused)
 
 _LINGERING_PER_CALLER = 16
 _LINGERING = 64
 
 log = get_logger()
-
-
-def caller_of(cred: PeerCred | None, *, unix: bool) -> Caller:
-    if not unix:
-        return TCP_CALLERS
-    return cred.uid if cred is not None else UNKNOWN_CALLER
 
 
 def _logged(caller: Caller) -> str:
@@ -97,18 +94,19 @@ class Admission:
     def __init__(self, limits: Limits, render: Callable[[ShownError], Answer]) -> None:
         self._render = render
         self._unix: Shares[Caller] = Shares(limits.max_connections_per_uid, limits.max_connections)
-        self._tcp: Shares[Caller] = Shares(limits.max_connections_per_uid)
+        self._tcp: Shares[Caller] = Shares(limits.max_connections_per_uid, limits.max_connections)
         self._kms_calls: QueuedShares[Caller] = QueuedShares(
             limits.max_kms_calls_per_uid, patience=limits.kms_call_timeout
         )
         self._lingering: Shares[Caller] = Shares(_LINGERING_PER_CALLER, _LINGERING)
 
     def admit(
-        self, caller: Caller, *, denied: Answer | None = None
+        self, caller: Caller, *, tcp: bool, denied: Answer | None = None
     ) -> AbstractAsyncContextManager[Answer | None]:
         """The driver's ``admit``: ``denied`` (the access rules refuse the caller) at
-        once, or one of ``caller``'s connections, or ThrottlingException at once."""
-        shares = self._tcp if caller == TCP_CALLERS else self._unix
+        once, or one of ``caller``'s connections on its listener (``tcp`` or the Unix
+        socket), or ThrottlingException at once."""
+        shares = self._tcp if tcp else self._unix
 
         def refusal(refused: ShareRefused) -> Answer:
             return self._render(_connection_refused(caller, refused))

@@ -3,7 +3,9 @@
 - ``serve [--config FILE]``: the agent alone, until SIGTERM/SIGINT.
 - ``run [--config FILE] -- CMD [ARGS...]``: the enclave's first process: loopback
   up, agent ready (named secrets fetched), then CMD with ``ENCLAVE_AGENT_SOCKET``
-  set; signals forwarded, orphans reaped, CMD's exit status returned.
+  set, and (unless ``[run] sdk_env = false``) everything an AWS SDK needs to use the
+  agent unchanged (``app_environment``); signals forwarded, orphans reaped, CMD's
+  exit status returned.
 - ``decrypt``, ``generate-data-key``, ``generate-random``, ``secret``: talk to a
   running agent over its socket (``enclave_agent.client``), for shell scripts.
 
@@ -19,7 +21,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +40,12 @@ from enclave_common.logs import configure_logging, get_logger
 DEFAULT_CONFIG = "/etc/enclave-agent/agent.toml"
 CONFIG_ENV = "ENCLAVE_AGENT_CONFIG"
 ENDPOINT_ENV = "ENCLAVE_AGENT_ENDPOINT"
+# Credentials for SDKs to sign with, which the agent ignores: it signs every KMS request
+# itself, with the parent's credentials (an SDK insists on having some).
+PLACEHOLDER_KEY_ID = "ENCLAVEAGENTSIGNS"
+PLACEHOLDER_SECRET = "placeholder-the-enclave-agent-signs-with-its-own-credentials"  # noqa: S105
+# Variables that would keep an SDK from the agent's endpoint or mix credentials.
+_SDK_UNSET = ("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 # What can stop the agent from starting, each with a message fit for the log: a secret
 # KMS refused, a bad CA bundle or endpoint (ValueError), the NSM device or the socket
 # path (OSError, NsmError).
@@ -129,7 +138,11 @@ def _no_core_dumps() -> None:
 
 
 async def _start(
-    nursery: trio.Nursery, config: AgentConfig, signals: AsyncIterator[int]
+    nursery: trio.Nursery,
+    config: AgentConfig,
+    signals: AsyncIterator[int],
+    *,
+    tcp_for_sdks: bool = False,
 ) -> AgentReady | int:
     """Start the agent in ``nursery``; an exit code instead if it cannot start or a
     SIGTERM/SIGINT comes first (fetching secrets can take a KMS deadline or more)."""
@@ -147,7 +160,7 @@ async def _start(
 
         startup.start_soon(watch)
         try:
-            ready = await nursery.start(run_agent, config)
+            ready = await nursery.start(partial(run_agent, config, tcp_for_sdks=tcp_for_sdks))
         except STARTUP_ERRORS as exc:
             log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
             startup.cancel_scope.cancel()
@@ -202,17 +215,42 @@ async def _run_async(config: AgentConfig, command: list[str]) -> int:
     # the start, and one arriving as CMD starts waits here for the supervisor.
     with trio.open_signal_receiver(*init.SUPERVISED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
-            started = await _start(nursery, config, signals)
+            started = await _start(nursery, config, signals, tcp_for_sdks=config.run.sdk_env)
             if isinstance(started, int):
                 nursery.cancel_scope.cancel()
                 return started
-            env = dict(os.environ)
-            env[SOCKET_ENV] = started.socket
-            if started.tcp is not None:
-                env[ENDPOINT_ENV] = f"http://{started.tcp.host}:{started.tcp.port}"
+            env = app_environment(os.environ, started, config)
             status = await init.supervise(command, env, signals)
             nursery.cancel_scope.cancel()
     return status
+
+
+def app_environment(
+    base: Mapping[str, str], ready: AgentReady, config: AgentConfig
+) -> dict[str, str]:
+    """CMD's environment: ``base`` plus where the agent is. With the TCP listener and
+    ``[run] sdk_env`` (default true), also what an AWS SDK (boto3, the AWS CLI, the
+    JavaScript SDK v3, the Encryption SDK...) needs to call KMS through the agent with
+    no change: the service endpoint (``AWS_ENDPOINT_URL_KMS``), the region, and
+    placeholder credentials (the agent signs each request itself)."""
+    env = dict(base)
+    env[SOCKET_ENV] = ready.socket
+    if ready.tcp is None:
+        return env
+    host = f"[{ready.tcp.host}]" if ":" in ready.tcp.host else ready.tcp.host
+    endpoint = f"http://{host}:{ready.tcp.port}"
+    env[ENDPOINT_ENV] = endpoint
+    if config.run.sdk_env:
+        for name in _SDK_UNSET:
+            env.pop(name, None)
+        env.update(
+            AWS_ENDPOINT_URL_KMS=endpoint,
+            AWS_REGION=config.region,
+            AWS_DEFAULT_REGION=config.region,
+            AWS_ACCESS_KEY_ID=PLACEHOLDER_KEY_ID,
+            AWS_SECRET_ACCESS_KEY=PLACEHOLDER_SECRET,
+        )
+    return env
 
 
 # --- app-side verbs -------------------------------------------------------------

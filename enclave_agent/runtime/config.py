@@ -30,6 +30,7 @@ from enclave_common.config import (
     Table,
     Tables,
     address,
+    boolean,
     build,
     integer,
     list_of,
@@ -102,9 +103,7 @@ def _socket_mode(value: Any, at: At) -> int:
 def _tcp(value: Any, at: At) -> TcpAddress:
     tcp = address(value, at)
     if not isinstance(tcp, TcpAddress) or not is_loopback_host(tcp.host):
-        raise at.must_be(
-            "a loopback tcp: address such as tcp:127.0.0.1:9000 (it has no caller check)", value
-        )
+        raise at.must_be("a loopback tcp: address such as tcp:127.0.0.1:9000", value)
     return tcp
 
 
@@ -122,8 +121,30 @@ class ListenConfig:
     )
     tcp: TcpAddress | None = setting(
         _tcp,
-        "`tcp:HOST:PORT`, loopback only: a listener for SDKs via `endpoint_url` (no caller check)",
+        "`tcp:HOST:PORT`, loopback only: the listener for SDKs (callers checked by uid, "
+        "inet_diag); unset: none, but `run` opens one on 127.0.0.1 (`run.sdk_env`)",
         default=None,
+    )
+    tcp_open: bool = setting(
+        boolean,
+        "`true`: where the kernel cannot name TCP callers (no inet_diag), serve TCP anyway, "
+        "unchecked, all callers as one (a warning); `false`: such a kernel stops a set "
+        "`tcp` from starting",
+        default=False,
+        shown="`false`",
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``enclave-agent run``: what CMD gets for AWS SDKs."""
+
+    sdk_env: bool = setting(
+        boolean,
+        "`run` gives CMD `AWS_ENDPOINT_URL_KMS`, the region and placeholder credentials, "
+        "and opens the TCP listener for them; `false`: neither",
+        default=True,
+        shown="`true`",
     )
 
 
@@ -133,15 +154,17 @@ def _ids(value: Any, at: At) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class AccessConfig:
-    """Callers allowed on the Unix socket. Empty both: the agent's own uid and root."""
+    """Callers allowed on either listener. Empty both: the agent's own uid and root."""
 
     allowed_uids: frozenset[int] = setting(
-        _ids, "uids allowed on the Unix socket (SO_PEERCRED)", default=frozenset()
+        _ids,
+        "uids allowed (Unix socket: SO_PEERCRED; TCP: the uid owning the client's socket)",
+        default=frozenset(),
     )
     allowed_gids: frozenset[int] = setting(
         _ids,
-        "gids allowed: the caller's primary or a supplementary gid. Both lists empty: the "
-        "agent's own uid and root",
+        "gids allowed: the caller's primary or a supplementary gid (on TCP: the uid's groups "
+        "in the group database). Both lists empty: the agent's own uid and root",
         default=frozenset(),
     )
 
@@ -162,24 +185,25 @@ class Limits:
     )
     max_connections: int = setting(
         integer(2),
-        "Unix socket connections open at once, all uids together; `503 ThrottlingException` "
-        "above it",
+        "connections open at once on each listener (the TCP listener's counted apart from "
+        "the Unix socket's), all uids together; `503 ThrottlingException` above it",
         default=256,
     )
     # Each caller's share, so one at its cap never stops another (``admission``).
     max_connections_per_uid: int = setting(
         integer(),
-        "each uid's share of those, from accept (idle ones included); the TCP listener's "
-        "callers together get one such share, counted apart from `max_connections`. Set, it "
-        "must be below `max_connections`",
+        "each uid's share of those on a listener, from accept (idle ones included); with "
+        "`tcp_open` and no caller check, all TCP callers together get one. Set, it must be "
+        "below `max_connections`",
         default=64,
         share_of=Share("max_connections", "uid"),
     )
     max_kms_calls_per_uid: int = setting(
         integer(),
-        "KMS calls in flight per uid (the TCP listener's callers: one share); more wait in "
-        "that uid's own queue, up to `kms_call_timeout`. Set, it must be below "
-        "`kms_pool_size`, so one uid at its cap leaves pooled connections for the others",
+        "KMS calls in flight per uid, whichever listener they come by (unchecked TCP "
+        "callers: one share); more wait in that uid's own queue, up to `kms_call_timeout`. "
+        "Set, it must be below `kms_pool_size`, so one uid at its cap leaves pooled "
+        "connections for the others",
         default=8,
         share_of=Share("kms_pool_size", "uid"),
     )
@@ -297,6 +321,7 @@ class AgentConfig:
         Table(SimulatedNsmConfig), factory=SimulatedNsmConfig
     )
     listen: ListenConfig = setting(Table(ListenConfig), factory=ListenConfig)
+    run: RunConfig = setting(Table(RunConfig), factory=RunConfig)
     access: AccessConfig = setting(Table(AccessConfig), factory=AccessConfig)
     limits: Limits = setting(Table(Limits), factory=Limits)
     secrets: Mapping[str, SecretConfig] = setting(
@@ -390,6 +415,7 @@ __all__ = [
     "ConfigError",
     "Limits",
     "ListenConfig",
+    "RunConfig",
     "SecretConfig",
     "SimulatedNsmConfig",
     "load_config",

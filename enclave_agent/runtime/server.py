@@ -10,12 +10,12 @@ connection may idle at most ``idle_timeout``, an answer must be taken within
 ``idle_timeout``, and a body above ``max_body_bytes`` gets 413 before it is read.
 A failure in one connection ends that connection only.
 
-On the Unix socket the caller's SO_PEERCRED decides, on every connection, before
-any of its bytes are read or a connection slot is taken; a refused caller gets
-KMS's ``AccessDeniedException`` at once and a ``caller_refused`` log event. The TCP listener is
-loopback only (the config insists) and has no caller check: it exists for SDK
-apps that can only speak TCP. Each caller (a uid; the TCP listener's callers
-together) gets its own share of connections and of KMS calls in flight
+On every connection, before any of its bytes are read or a connection slot is
+taken, the kernel names the caller (``callers``: SO_PEERCRED on the Unix socket,
+inet_diag on the loopback TCP listener, which exists for SDK apps that can only
+speak TCP) and the ``[access]`` rules decide; a refused caller gets KMS's
+``AccessDeniedException`` at once and a ``caller_refused`` log event. Each caller
+(a uid) gets its own share of connections and of KMS calls in flight
 (``admission``), so one caller at its cap never stops another.
 
 Logs: one ``request`` event per request (method, path, operation, status, error
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import trio
 
 from enclave_agent.runtime import app_protocol
-from enclave_agent.runtime.admission import Admission, Caller, caller_of
+from enclave_agent.runtime.admission import Admission, Caller
 from enclave_agent.runtime.app_protocol import (
     AppProtocolError,
     AppResponse,
@@ -42,15 +42,14 @@ from enclave_agent.runtime.app_protocol import (
     Route,
     SecretCall,
 )
+from enclave_agent.runtime.callers import Callers, identify
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.nsm import NsmError
-from enclave_agent.runtime.peercred import is_allowed
 from enclave_common import http_server
-from enclave_common.address import describe_peer
 from enclave_common.errors import ShownError
 from enclave_common.http_server import Answer, HttpServer, Report, Request
 from enclave_common.logs import get_logger
-from enclave_common.peercred import PeerCredError, peer_credentials
+from enclave_common.tcp_peercred import Query, ask_kernel
 
 MAX_HEADER_BYTES = 16 * 1024
 _LOGGED_PATH = 200
@@ -91,8 +90,10 @@ class AppServer:
         secrets: SecretLookup,
         access: AccessConfig,
         limits: Limits,
+        query: Query = ask_kernel,
     ) -> None:
         self._gateway = gateway
+        self._query = query
         self._attest = attest
         self._secrets = secrets
         self._access = access
@@ -112,43 +113,34 @@ class AppServer:
         self,
         listener: trio.SocketListener,
         *,
-        check_peer: bool,
+        callers: Callers,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         async def handler(stream: trio.SocketStream) -> None:
-            await self.handle_connection(stream, check_peer=check_peer)
+            await self.handle_connection(stream, callers=callers)
 
         async with trio.open_nursery() as nursery:
             # serve_listeners copes with EMFILE and friends by pausing accept.
             await nursery.start(trio.serve_listeners, handler, [listener])
             task_status.started()
 
-    async def handle_connection(self, stream: trio.SocketStream, *, check_peer: bool) -> None:
+    async def handle_connection(self, stream: trio.SocketStream, *, callers: Callers) -> None:
         """Serve one connection to its end; never raises for the client's doing (an
         exception would end trio.serve_listeners, so the server, for every app)."""
+        # Who is calling is decided before a byte of the request is read or a
+        # connection slot is taken: a refused caller's request is never parsed and
+        # cannot hold slots that allowed apps need.
         try:
-            # Who is calling is decided before a byte of the request is read or a
-            # connection slot is taken: a refused caller's request is never parsed
-            # and cannot hold slots that allowed apps need.
-            cred = peer_credentials(stream.socket) if check_peer else None
-        except PeerCredError:
-            cred = None
-        denied: Answer | None = None
-        if check_peer and (cred is None or not is_allowed(cred, self._access)):
-            log.warning(
-                "caller_refused",
-                uid=cred.uid if cred else None,
-                gid=cred.gid if cred else None,
-                pid=cred.pid if cred else None,
-            )
-            denied = error_answer(_DENIED)
-        caller = caller_of(cred, unix=check_peer)
-        peer = f"uid={cred.uid},pid={cred.pid}" if cred else describe_peer(stream)
+            who = await identify(stream, callers, self._access, self._query)
+        except BaseException:  # cancelled (shutting down): the driver never got the stream
+            await trio.aclose_forcefully(stream)
+            raise
+        denied = None if who.allowed else error_answer(_DENIED)
         await self._http.serve(
             stream,
-            partial(self._handle, peer, caller),
-            admit=self._admission.admit(caller, denied=denied),
-            report=partial(_log, peer),
+            partial(self._handle, who.peer, who.caller),
+            admit=self._admission.admit(who.caller, tcp=callers is not Callers.UNIX, denied=denied),
+            report=partial(_log, who.peer),
         )
 
     async def _handle(self, peer: str, caller: Caller, request: Request) -> Answer:

@@ -4,7 +4,8 @@
            ──▶ NSM (device or simulated) ──┐
            ──▶ RecipientKey (RSA-2048, in memory, never leaves the process)
            ──▶ KmsGateway(settings, nsm, key)  (pool + credentials, refreshed lazily)
-           ──▶ listeners bound (Unix socket mode from config; optional loopback TCP)
+           ──▶ listeners bound (Unix socket mode from config; loopback TCP if
+               [listen] tcp names it or ``run`` wants it for SDKs; ``open_tcp``)
            ──▶ SecretStore.load(gateway)    (every named secret decrypted, else stop)
            ──▶ AppServer.serve on each listener  ──▶ "ready"
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+from enclave_agent.runtime.callers import Callers
 from enclave_agent.runtime.config import NSM_SIMULATED, AgentConfig
 from enclave_agent.runtime.kms import KmsGateway, KmsSettings
 from enclave_agent.runtime.nsm import Nsm, NsmDevice, request_attestation
@@ -39,9 +41,19 @@ from enclave_common.address import (
     listener_address,
     open_listener,
 )
+from enclave_common.inet_diag import NotAttributed
 from enclave_common.logs import get_logger
+from enclave_common.tcp_peercred import Query, ask_kernel, self_check
 
 log = get_logger()
+
+
+# Where ``run`` puts the TCP listener for SDKs when [listen] tcp names none.
+RUN_TCP = TcpAddress("127.0.0.1", 0)
+
+
+class CallerCheckUnavailable(ValueError):
+    """[listen] tcp is set, the kernel cannot name TCP callers, tcp_open is not set."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,14 @@ class AgentReady:
     socket: str
     tcp: TcpAddress | None
     secrets: int
+    tcp_checked: bool = False  # the TCP listener's callers are attributed to their uids
+
+
+@dataclass(frozen=True)
+class TcpListener:
+    listener: trio.SocketListener
+    address: TcpAddress
+    checked: bool  # callers known by uid (inet_diag); else one shared caller (tcp_open)
 
 
 def open_nsm(config: AgentConfig) -> Nsm:
@@ -93,9 +113,10 @@ def check_socket_directory(directory: Path) -> None:
 
 
 def require_loopback(listener: trio.SocketListener) -> None:
-    """The TCP listener has no caller check: it must not be reachable from off the
-    enclave. The config admits only loopback literals and ``localhost``; this checks
-    what ``localhost`` actually resolved to."""
+    """The TCP listener's caller check is for local processes (and with tcp_open
+    there is none): it must not be reachable from off the enclave. The config admits
+    only loopback literals and ``localhost``; this checks what ``localhost`` actually
+    resolved to."""
     host = str(listener.socket.getsockname()[0])
     if not is_loopback_ip(host):
         raise OSError(
@@ -116,11 +137,61 @@ def kms_settings(config: AgentConfig) -> KmsSettings:
     )
 
 
+async def open_tcp(
+    config: AgentConfig, listeners: contextlib.AsyncExitStack, *, for_sdks: bool, query: Query
+) -> TcpListener | None:
+    """The loopback TCP listener, if there is to be one, and whether its callers are
+    checked. It is wanted when [listen] tcp names it, or by ``run`` for SDKs
+    (``for_sdks``: then on 127.0.0.1, a port of the kernel's choosing). Its callers
+    are checked when the kernel can name them (``self_check``); when it cannot, the
+    listener runs unchecked only with [listen] tcp_open = true (a warning), is left
+    off when only ``run`` wanted it (the log says why), and otherwise stops the start."""
+    requested = config.listen.tcp or (RUN_TCP if for_sdks else None)
+    if requested is None:
+        return None
+    listener = await open_listener(requested)
+    listeners.push_async_callback(listener.aclose)
+    require_loopback(listener)
+    bound = listener_address(listener, requested)
+    assert isinstance(bound, TcpAddress)
+    try:
+        await self_check(str(listener.socket.getsockname()[0]), query=query)
+    except NotAttributed as exc:
+        if config.listen.tcp_open:
+            log.warning(
+                "tcp_callers_unchecked",
+                tcp=str(bound),
+                reason=exc.reason,
+                consequence="listen.tcp_open = true: every process in the enclave may use "
+                "the TCP listener, all of them as one caller",
+            )
+            return TcpListener(listener, bound, checked=False)
+        if config.listen.tcp is None:
+            await listener.aclose()
+            log.warning(
+                "tcp_listener_off",
+                reason=f"the kernel cannot name TCP callers: {exc.reason}",
+                consequence="no AWS_ENDPOINT_URL_KMS for the app: SDKs cannot reach the "
+                "agent, the Unix socket client can; [listen] tcp_open = true would serve "
+                "TCP without the caller check",
+            )
+            return None
+        raise CallerCheckUnavailable(
+            f"listen.tcp: this kernel cannot name the TCP listener's callers ({exc.reason}); "
+            "set [listen] tcp_open = true to serve it without the caller check"
+        ) from None
+    return TcpListener(listener, bound, checked=True)
+
+
 async def run_agent(
     config: AgentConfig,
     *,
+    tcp_for_sdks: bool = False,
+    query: Query = ask_kernel,
     task_status: trio.TaskStatus[AgentReady] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """The agent until cancelled. ``tcp_for_sdks``: ``run`` wants the TCP listener for
+    the app's SDKs (``open_tcp``); ``query`` asks the kernel who a TCP caller is."""
     socket_path = config.listen.socket
     Path(socket_path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     check_socket_directory(Path(socket_path).parent)
@@ -147,15 +218,7 @@ async def run_agent(
                 # The apps' group may connect (mode 0660) without being root's group.
                 os.chown(socket_path, -1, config.listen.socket_group)
             listeners.push_async_callback(unix_listener.aclose)
-            tcp_listener = None
-            tcp_address: TcpAddress | None = None
-            if config.listen.tcp is not None:
-                tcp_listener = await open_listener(config.listen.tcp)
-                listeners.push_async_callback(tcp_listener.aclose)
-                require_loopback(tcp_listener)
-                bound = listener_address(tcp_listener, config.listen.tcp)
-                assert isinstance(bound, TcpAddress)
-                tcp_address = bound
+            tcp = await open_tcp(config, listeners, for_sdks=tcp_for_sdks, query=query)
 
             # Apps may connect from now on; they wait in the backlog until secrets are in.
             await store.load(gateway)
@@ -166,21 +229,31 @@ async def run_agent(
                 secrets=store,
                 access=config.access,
                 limits=config.limits,
+                query=query,
             )
             async with trio.open_nursery() as nursery:
-                await nursery.start(partial(server.serve, unix_listener, check_peer=True))
-                if tcp_listener is not None:
-                    await nursery.start(partial(server.serve, tcp_listener, check_peer=False))
+                await nursery.start(partial(server.serve, unix_listener, callers=Callers.UNIX))
+                if tcp is not None:
+                    callers = Callers.TCP if tcp.checked else Callers.TCP_OPEN
+                    await nursery.start(partial(server.serve, tcp.listener, callers=callers))
                 log.info(
                     "ready",
                     socket=socket_path,
-                    tcp=str(tcp_address) if tcp_address else None,
+                    tcp=str(tcp.address) if tcp else None,
+                    tcp_callers=("checked" if tcp.checked else "unchecked") if tcp else None,
                     secrets=len(store),
                     nsm=config.nsm,
                     proxy=str(config.proxy),
                     trusted_keys=[str(entry) for entry in config.trusted_keys.entries],
                 )
-                task_status.started(AgentReady(socket_path, tcp_address, len(store)))
+                task_status.started(
+                    AgentReady(
+                        socket_path,
+                        tcp.address if tcp else None,
+                        len(store),
+                        tcp_checked=tcp is not None and tcp.checked,
+                    )
+                )
     finally:
         store.remove_files()
         with trio.CancelScope(shield=True):
