@@ -4,10 +4,11 @@
 
 1. a simulated NSM CA (``python -m enclave_agent.simulated.nsm init-ca DIR``), which the
    agent signs attestation documents under and the local KMS trusts;
-2. the local KMS stand-in (HTTPS on loopback, moto behind it);
+2. the local KMS stand-in (HTTPS on loopback, moto behind it), with its Secrets
+   Manager, SSM and S3 endpoints (``--stores``);
 3. enclave-proxy on ``tcp:127.0.0.1:0`` in place of vsock, allowing only the local
-   KMS, with credentials for it from a ``credential_process`` (short-lived, as an
-   instance role's are) or from environment variables;
+   KMS and its stores, with credentials for them from a ``credential_process``
+   (short-lived, as an instance role's are) or from environment variables;
 4. enclave-agent ``serve`` with ``nsm = "simulated"``, talking to KMS through the
    proxy, its app socket in the work directory, trusting every key of the local
    KMS's account (``trusted_keys = ["arn:aws:kms:REGION:ACCOUNT:key/*"]``).
@@ -41,6 +42,7 @@ from typing import Any, TypeVar
 from devtools.local_kms.admin_client import account_credentials, mint_credentials
 from devtools.local_kms.policy import Caller
 from enclave_agent.runtime.trusted_keys import TrustedKeys, account_entry, toml_line
+from enclave_common.aws import STORE_SERVICES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
@@ -256,11 +258,17 @@ def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def local_kms_client(
-    kms_state: Mapping[str, Any], *, account: str | None = None, **overrides: Any
+    kms_state: Mapping[str, Any],
+    *,
+    account: str | None = None,
+    service: str = "kms",
+    **overrides: Any,
 ) -> Any:
-    """boto3 straight to the local KMS (its state file's content) with the long-term
-    credentials of its primary account or of ``account``, without retries (each answer
-    is seen as given); ``overrides`` replace any ``boto3.client`` argument."""
+    """boto3 straight to the local KMS (its state file's content), or to one of its
+    stores (``service``: "secretsmanager", "ssm", "s3"; the stand-in runs with
+    ``--stores``), with the long-term credentials of its primary account or of
+    ``account``, without retries (each answer is seen as given); ``overrides`` replace
+    any ``boto3.client`` argument."""
     import boto3
     from botocore.config import Config
 
@@ -271,14 +279,14 @@ def local_kms_client(
     )
     settings: dict[str, Any] = {
         "region_name": kms_state["region"],
-        "endpoint_url": kms_state["endpoint"],
+        "endpoint_url": kms_state["endpoint" if service == "kms" else f"{service}_endpoint"],
         "verify": kms_state["ca_bundle"],
         "aws_access_key_id": key_id,
         "aws_secret_access_key": secret,
         "config": Config(retries={"total_max_attempts": 1, "mode": "standard"}),
     }
     settings.update(overrides)
-    return boto3.client("kms", **settings)
+    return boto3.client(service, **settings)
 
 
 def minted_kms_client(
@@ -310,6 +318,9 @@ class DevStack:
     # serves the agent another account's credentials is the cross-account attack.
     accounts: Sequence[str] = ()
     proxy_account: str | None = None
+    # The local KMS's Secrets Manager, SSM and S3 (each its own endpoint, allowed by
+    # the proxy). Off: the stand-in starts seconds sooner, the state has None for them.
+    stores: bool = True
     python: str = sys.executable
     processes: list[_Process] = field(default_factory=list)
     kms: dict[str, Any] = field(default_factory=dict)
@@ -371,6 +382,7 @@ class DevStack:
             "--simulated-nsm-ca",
             str(self.ca_dir),
             *(argument for account in self.accounts for argument in ("--account", account)),
+            *(["--stores"] if self.stores else []),
             log_path=self.log_path("kms"),
             env=self._env(),
             python=self.python,
@@ -379,9 +391,18 @@ class DevStack:
         self.kms = kms.state
         return self.kms
 
-    def start_proxy(self, allow: str | None = None) -> str:
-        """Start the proxy allowing ``allow`` (default: the local KMS's host:port)."""
-        allow = allow or f"{self.kms['host']}:{self.kms['port']}"
+    def local_endpoints(self) -> list[str]:
+        """``host:port`` of the local KMS and of each of its stores."""
+        urls = [self.kms["endpoint"]] + [
+            self.kms[f"{service}_endpoint"]
+            for service in STORE_SERVICES
+            if f"{service}_endpoint" in self.kms
+        ]
+        return [str(url).removeprefix("https://") for url in urls]
+
+    def start_proxy(self, allow: Sequence[str] | None = None) -> str:
+        """Start the proxy allowing ``allow`` (default: the local KMS and its stores)."""
+        allow = allow or self.local_endpoints()
         account = self.proxy_account or str(self.kms["account_id"])
         if self.credentials == "static":
             key_id, secret = account_credentials(self.kms, account)
@@ -409,8 +430,7 @@ class DevStack:
                 "proxy.cli",
                 "--listen",
                 "tcp:127.0.0.1:0",
-                "--allow",
-                allow,
+                *(argument for entry in allow for argument in ("--allow", entry)),
                 "--region",
                 self.region,
             ],
@@ -505,6 +525,10 @@ class DevStack:
             "agent_tcp_endpoint": self.agent_tcp_endpoint,
             "agent_config": str(self.agent_config) if self.agent_config else None,
             "kms_endpoint": self.kms["endpoint"],
+            **{
+                f"{service}_endpoint": self.kms.get(f"{service}_endpoint")
+                for service in STORE_SERVICES
+            },
             "kms_ca_bundle": self.kms["ca_bundle"],
             "kms_state_file": self.kms["state_file"],
             "region": self.region,

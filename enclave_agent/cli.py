@@ -12,11 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from enclave_agent.operator import key_policy_cmd, verify_cmd
+from enclave_agent.operator import key_policy_cmd, seal, verify_cmd
 from enclave_agent.runtime import commands
 from enclave_common.cli import run_command
 
-COMMAND_MODULES = (key_policy_cmd, verify_cmd, commands)
+COMMAND_MODULES = (key_policy_cmd, verify_cmd, seal, commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

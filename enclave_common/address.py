@@ -145,6 +145,17 @@ def _vsock_family() -> int:
     return int(family)
 
 
+async def close_now(stream: trio.abc.Stream) -> None:
+    """Close a stream we are done with, without further ado: a plain socket
+    synchronously (no cancel scope, no Cancelled raised and caught, no schedule point:
+    two such closes were a fifth of a short proxy tunnel's Python work), anything else
+    (TLS) with ``trio.aclose_forcefully``."""
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
+    else:
+        await trio.aclose_forcefully(stream)
+
+
 async def open_stream(address: Address) -> trio.SocketStream:
     """Connect to ``address``. TCP uses trio's happy-eyeballs connector."""
     if isinstance(address, TcpAddress):

@@ -1,4 +1,5 @@
-"""AWS names both processes check or build: partitions, region names, KMS endpoints. Pure.
+"""AWS names both processes check or build: partitions, region names, account ids, the
+endpoints of KMS and of the secret stores. Pure.
 
 A region name follows the pattern AWS documents for it, ``([a-z]+-){2,3}[0-9]+`` (the
 AWS KMS API reference, MultiRegionKey ``Region``). It covers every partition's names:
@@ -40,8 +41,19 @@ PARTITIONS = (
 PARTITION_PATTERN = "|".join(p.name for p in PARTITIONS)  # an ARN's partition field
 
 
+ACCOUNT_PATTERN = r"[0-9]{12}"
+_ACCOUNT = re.compile(ACCOUNT_PATTERN)
+# The services a sealed secret can be read from (docs/secrets.md), by their endpoint
+# prefix; S3's regional endpoint is the path-style one (s3.REGION.amazonaws.com).
+STORE_SERVICES = ("secretsmanager", "ssm", "s3")
+
+
 def is_region(text: str) -> bool:
     return _REGION.fullmatch(text) is not None
+
+
+def is_account_id(text: str) -> bool:
+    return _ACCOUNT.fullmatch(text) is not None
 
 
 def partition_of(region: str) -> Partition:
@@ -51,6 +63,16 @@ def partition_of(region: str) -> Partition:
     return DEFAULT_PARTITION
 
 
+def service_host(service: str, region: str) -> str:
+    """The regional endpoint's host name of ``service`` (its endpoint prefix) in ``region``."""
+    return f"{service}.{region}.{partition_of(region).dns_suffix}"
+
+
 def kms_host(region: str, *, fips: bool = False) -> str:
     """The KMS endpoint's host name in ``region`` (``kms-fips.…`` for the FIPS one)."""
-    return f"kms{'-fips' if fips else ''}.{region}.{partition_of(region).dns_suffix}"
+    return service_host("kms-fips" if fips else "kms", region)
+
+
+def store_hosts(region: str) -> tuple[str, ...]:
+    """The regional endpoints of Secrets Manager, SSM and S3 (path-style) in ``region``."""
+    return tuple(service_host(service, region) for service in STORE_SERVICES)

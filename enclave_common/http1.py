@@ -23,6 +23,10 @@ import trio
 RECEIVE_SIZE = 64 * 1024
 
 
+# What a Wire's h11 becomes once its stream has switched protocol (``Wire.forget``).
+_SPENT = h11.Connection(h11.SERVER)
+
+
 class Wire:
     """One h11 connection on one trio stream."""
 
@@ -35,6 +39,12 @@ class Wire:
         self.eof = False
         self._fed = 0  # bytes handed to h11 so far
         self._head_start = 0  # of those, where the current head begins
+
+    def forget(self) -> None:
+        """After a switch of protocol the stream carries other bytes: drop h11's state
+        and buffers (an idle tunnel would hold them for its whole life). Nothing may use
+        this Wire afterwards but to read ``eof``."""
+        self.h11 = _SPENT
 
     @property
     def head_bytes(self) -> int:

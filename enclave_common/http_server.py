@@ -55,11 +55,12 @@ import http
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import h11
 import trio
 
+from enclave_common.address import close_now
 from enclave_common.errors import ShownError
 from enclave_common.http1 import RECEIVE_SIZE, Wire
 from enclave_common.shares import ShareRefused, Shares
@@ -241,7 +242,7 @@ class HttpServer:
                 else:
                     await connection.step(lambda record: connection.refuse(record, refusal))
         finally:
-            await trio.aclose_forcefully(stream)
+            await close_now(stream)
 
 
 class _Connection:
@@ -372,14 +373,19 @@ class _Connection:
             await request.body()
             answer = switch.answer
             reason = answer.reason or _phrase(answer.status)
-            head = h11.Response(
-                status_code=answer.status, headers=list(answer.headers), reason=reason
+            await self.write(
+                self.wire.h11.send(
+                    h11.Response(
+                        status_code=answer.status, headers=list(answer.headers), reason=reason
+                    )
+                )
             )
-            await self.write(self.wire.h11.send(head))
             if self.wire.h11.our_state is not h11.SWITCHED_PROTOCOL:
                 raise RuntimeError("a Switch answers a CONNECT with a 2xx")
             record.outcome, record.status, record.note = "switched", answer.status, answer.note
-            await switch.run(self.stream, self.wire.h11.trailing_data[0])
+            early = self.wire.h11.trailing_data[0]
+            self.wire.forget()  # the run owns the stream: h11 is done with it
+            await switch.run(self.stream, early)
         finally:
             if switch.close is not None:
                 await switch.close()
@@ -435,31 +441,64 @@ class _Connection:
 K = TypeVar("K", bound=Hashable)
 
 
-@contextlib.asynccontextmanager
-async def admit_by_shares(
+def admit_by_shares(
     key: K,
     connections: Shares[K],
     lingering: Shares[K],
     refusal: Callable[[ShareRefused], Answer],
     *,
     denied: Answer | None = None,
-) -> AsyncIterator[Answer | None]:
+) -> AbstractAsyncContextManager[Answer | None]:
     """An ``admit`` for per-caller shares: the connection holds one of ``key``'s
     ``connections`` from before its first byte to its end. Without one, or ``denied``,
     it is refused raw (``refusal`` says how), and drains what its client still sends
     only while one of ``lingering``'s shares for ``key`` is free: a flood of refused
     connections holds a bounded number of descriptors."""
-    with contextlib.ExitStack() as held:
-        answer = denied
+    return _SharesAdmit(key, connections, lingering, refusal, denied)
+
+
+class _SharesAdmit(Generic[K]):
+    """``admit_by_shares`` as a plain object, not generator-based context managers: a
+    connection (a proxy tunnel, however long it idles) holds it for its whole life,
+    and their frames cost every connection about 1.5 KiB."""
+
+    def __init__(
+        self,
+        key: K,
+        connections: Shares[K],
+        lingering: Shares[K],
+        refusal: Callable[[ShareRefused], Answer],
+        denied: Answer | None,
+    ) -> None:
+        self.key = key
+        self.connections = connections
+        self.lingering = lingering
+        self.refusal = refusal
+        self.denied = denied
+        self.held = self.lingers = False
+
+    async def __aenter__(self) -> Answer | None:
+        answer = self.denied
         if answer is None:
             try:
-                held.enter_context(connections.share(key))
+                self.connections.acquire(self.key)
+                self.held = True
             except ShareRefused as refused:
-                answer = refusal(refused)
+                answer = self.refusal(refused)
         if answer is not None:
-            linger = held.enter_context(lingering.share_if_free(key))
-            answer = dataclasses.replace(answer, linger=linger)
-        yield answer
+            try:
+                self.lingering.acquire(self.key)
+                self.lingers = True
+            except ShareRefused:
+                pass
+            answer = dataclasses.replace(answer, linger=self.lingers)
+        return answer
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.lingers:
+            self.lingering.release(self.key)
+        if self.held:
+            self.connections.release(self.key)
 
 
 async def _send_eof(stream: trio.abc.Stream) -> None:

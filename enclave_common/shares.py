@@ -129,9 +129,15 @@ class QueuedShares(Generic[K]):
         token = object()
         acquired = False
         try:
-            with trio.move_on_after(self.patience):
-                await queue.acquire_on_behalf_of(token)
+            try:
+                # The usual case, a share free at once: no timer, no trip through the
+                # scheduler (the caller's own awaits are checkpoints enough).
+                queue.acquire_on_behalf_of_nowait(token)
                 acquired = True
+            except trio.WouldBlock:
+                with trio.move_on_after(self.patience):
+                    await queue.acquire_on_behalf_of(token)
+                    acquired = True
             if not acquired:
                 exc = ShareRefused(whole=False, limit=self.per_key)
                 if refused is None:

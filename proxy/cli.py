@@ -217,7 +217,7 @@ def check_config(argv: Sequence[str]) -> int:
         print("allowlist:")
     else:
         entries = list(default_allow_entries("<region>"))
-        print("allowlist (the KMS endpoints of the region found at start-up):")
+        print("allowlist (the KMS and secret-store endpoints of the region found at start-up):")
     for entry in entries:
         print(f"  {entry}")
     return 0

@@ -22,7 +22,7 @@ from enclave_common.address import (
     is_loopback_ip,
     parse_ip,
 )
-from enclave_common.aws import PARTITION_PATTERN, kms_host
+from enclave_common.aws import PARTITION_PATTERN, kms_host, store_hosts
 from enclave_common.config import (
     At,
     ConfigError,
@@ -95,11 +95,13 @@ class ProxyConfig:
     )
     allow: tuple[str, ...] = setting(
         list_of(_allow_entry, '"HOST:PORT" strings'),
-        '`["HOST:PORT", ...]`; when empty: the region\'s `kms.<region>.<suffix>:443` and '
-        "`kms-fips.<region>.<suffix>:443` (the suffix of the region's partition: "
-        "`amazonaws.com`, `amazonaws.com.cn` for `cn-*`, ...)",
+        '`["HOST:PORT", ...]`; when empty: the region\'s `kms.<region>.<suffix>:443`, '
+        "`kms-fips.<region>.<suffix>:443` and the secret stores' "
+        "`secretsmanager.<region>.<suffix>:443`, `ssm.<region>.<suffix>:443`, "
+        "`s3.<region>.<suffix>:443` (S3's path-style regional endpoint; the suffix of the "
+        "region's partition: `amazonaws.com`, `amazonaws.com.cn` for `cn-*`, ...)",
         default=(),
-        shown="KMS of the region",
+        shown="KMS and the secret stores of the region",
     )
     region: str | None = setting(
         region_name,
@@ -203,16 +205,21 @@ def build_config(file_settings: Mapping[str, Any], cli: CliOptions) -> ProxyConf
 
 
 def default_allow_entries(region: str) -> tuple[str, ...]:
-    """The KMS and KMS-FIPS endpoints of a region, used when nothing is listed."""
-    return (f"{kms_host(region)}:443", f"{kms_host(region, fips=True)}:443")
+    """The endpoints of a region the agent uses, allowed when nothing is listed: KMS and
+    KMS-FIPS, then the stores a sealed secret is read from (Secrets Manager, SSM, S3
+    path-style); exact names, no wildcard."""
+    hosts = (kms_host(region), kms_host(region, fips=True), *store_hosts(region))
+    return tuple(f"{host}:443" for host in hosts)
 
 
 def effective_allowlist(config: ProxyConfig, region: str | None) -> Allowlist:
-    """The allowlist in force: the listed entries, else the region's KMS endpoints."""
+    """The allowlist in force: the listed entries, else the region's endpoints."""
     entries = config.allow
     if not entries:
         if region is None:
-            raise ConfigError("no allow entries and no region: cannot choose KMS endpoints")
+            raise ConfigError(
+                "no allow entries and no region: cannot choose the region's endpoints"
+            )
         entries = default_allow_entries(region)
     try:
         return Allowlist.from_strings(entries)

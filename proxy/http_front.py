@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from enclave_common.address import close_now
 from enclave_common.http_server import Answer, HttpError, Limits, Report, Request, Switch
 from enclave_common.logs import get_logger
 
@@ -120,23 +121,38 @@ async def _tunnel(ctx: ProxyContext, raw_target: str) -> Switch:
         connector=ctx.connector,
         connect_timeout=ctx.config.connect_timeout,
     )
-    result = RelayResult()
-    note: dict[str, Any] = {"target": str(target), "upstream": used, "relay": result}
+    tunnel = _Tunnel(upstream, ctx.config.idle_timeout, str(target), used)
+    answer = Answer(200, reason="Connection established", note=tunnel.note)
+    return Switch(answer, tunnel.run, tunnel.close)
 
-    async def run(stream: trio.abc.Stream, early: bytes) -> None:
+
+class _Tunnel:
+    """What an accepted CONNECT hands the driver: one object, no closures, as an idle
+    tunnel holds it for its whole life."""
+
+    __slots__ = ("idle_timeout", "note", "result", "upstream")
+
+    def __init__(
+        self, upstream: trio.SocketStream, idle_timeout: float, target: str, used: str
+    ) -> None:
+        self.upstream = upstream
+        self.idle_timeout = idle_timeout
+        self.result = RelayResult()
+        self.note: dict[str, Any] = {"target": target, "upstream": used, "relay": self.result}
+
+    async def run(self, stream: trio.abc.Stream, early: bytes) -> None:
+        result = self.result
         try:
             if early:
-                await upstream.send_all(early)
+                await self.upstream.send_all(early)
                 result.bytes_a_to_b += len(early)
-            await relay(stream, upstream, idle_timeout=ctx.config.idle_timeout, result=result)
-            note["outcome"] = result.outcome
+            await relay(stream, self.upstream, idle_timeout=self.idle_timeout, result=result)
+            self.note["outcome"] = result.outcome
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            note["outcome"] = "reset"
+            self.note["outcome"] = "reset"
 
-    async def close() -> None:
-        await trio.aclose_forcefully(upstream)
-
-    return Switch(Answer(200, reason="Connection established", note=note), run, close)
+    async def close(self) -> None:
+        await close_now(self.upstream)
 
 
 def log_request(peer: str, report: Report) -> None:

@@ -80,6 +80,34 @@ def format_sockaddr(sockaddr: SockAddr) -> str:
     return f"[{host}]:{sockaddr[1]}" if ":" in host else f"{host}:{sockaddr[1]}"
 
 
+async def _connect(
+    addresses: Sequence[Resolved], connector: Connector
+) -> tuple[trio.SocketStream, SockAddr]:
+    """One address (an IP literal, a name with one address): connect, no race, so
+    no nursery, task or timer of its own; several: race them."""
+    if len(addresses) != 1:
+        return await _race(addresses, connector)
+    family, sockaddr = addresses[0]
+    try:
+        stream = await connector(family, sockaddr)
+    except OSError as e:
+        raise _connect_failed([e]) from None
+    try:
+        # Cancelled from outside just as the connection was made: nobody will use it.
+        await trio.lowlevel.checkpoint_if_cancelled()
+    except BaseException:
+        stream.socket.close()
+        raise
+    return stream, sockaddr
+
+
+def _connect_failed(errors: Sequence[OSError]) -> UpstreamError:
+    if any(e.errno == errno.ECONNREFUSED for e in errors):
+        return UpstreamError(502, "upstream refused the connection")
+    detail = os.strerror(errors[0].errno) if errors and errors[0].errno else "connection failed"
+    return UpstreamError(502, f"upstream unreachable: {detail}")
+
+
 async def _race(
     addresses: Sequence[Resolved], connector: Connector
 ) -> tuple[trio.SocketStream, SockAddr]:
@@ -117,10 +145,7 @@ async def _race(
 
     if winner is not None:
         return winner
-    if any(e.errno == errno.ECONNREFUSED for e in errors):
-        raise UpstreamError(502, "upstream refused the connection")
-    detail = os.strerror(errors[0].errno) if errors and errors[0].errno else "connection failed"
-    raise UpstreamError(502, f"upstream unreachable: {detail}")
+    raise _connect_failed(errors)
 
 
 async def open_upstream(
@@ -164,7 +189,7 @@ async def open_upstream(
                 raise UpstreamError(403, "target resolves only to addresses that are refused")
             raise UpstreamError(502, "upstream name could not be resolved")
     with trio.move_on_at(deadline):
-        stream, used = await _race(_interleave(candidates), connector)
+        stream, used = await _connect(_interleave(candidates), connector)
         this_host = _address_of_this_host(stream)
         if this_host is not None and not allowlist.lists_address(*this_host):
             await trio.aclose_forcefully(stream)

@@ -80,3 +80,27 @@ def local_kms(
         work / "state.json", "--simulated-nsm-ca", str(enclave_ca), log_path=log
     ) as kms:
         yield {**kms.state, "log": log}
+
+
+STORE_ACCOUNTS = ("111122223333", "444455556666")
+
+
+@pytest.fixture(scope="module")
+def local_stores(
+    tmp_path_factory: pytest.TempPathFactory, enclave_ca: Path
+) -> Iterator[dict[str, Any]]:
+    """``local_kms`` with its Secrets Manager, SSM and S3 (``--stores``) and two accounts,
+    ``STORE_ACCOUNTS`` (the first is the primary): the state adds
+    ``secretsmanager_endpoint``, ``ssm_endpoint`` and ``s3_endpoint``."""
+    work = tmp_path_factory.mktemp("local-stores")
+    log = work / "local-kms.log"
+    accounts = [argument for account in STORE_ACCOUNTS for argument in ("--account", account)]
+    with running_local_kms(
+        work / "state.json",
+        "--simulated-nsm-ca",
+        str(enclave_ca),
+        "--stores",
+        *accounts,
+        log_path=log,
+    ) as kms:
+        yield {**kms.state, "log": log}

@@ -264,3 +264,15 @@ def test_a_named_secret_under_an_untrusted_key_arn_is_a_config_error() -> None:
             f'[secrets.db]\nciphertext = "{BLOB}"\nkey_id = "{other}"\n'
         )
     assert f"secrets.db.key_id: key {other} is not in the agent's trusted_keys" in str(info.value)
+
+
+def test_attestation_reuse_seconds() -> None:
+    assert parse_config('region = "us-east-1"').limits.attestation_reuse_seconds == 300.0
+    for value, expected in (("0", 0.0), ("60", 60.0), ("3600", 3600.0), ("12.5", 12.5)):
+        limits = parse_config(
+            f'region = "us-east-1"\n[limits]\nattestation_reuse_seconds = {value}'
+        ).limits
+        assert limits.attestation_reuse_seconds == expected
+    for bad in ("-1", "3601", "nan", "inf", "true", '"300"'):
+        with pytest.raises(ConfigError, match=r"limits\.attestation_reuse_seconds"):
+            parse_config(f'region = "us-east-1"\n[limits]\nattestation_reuse_seconds = {bad}')

@@ -40,7 +40,7 @@ from enclave_common.inet_diag import Answer, Endpoint, FourTuple
 from enclave_common.logs import configure_logging
 from enclave_common.tcp_peercred import Query, ask_kernel
 from tests.support.inet_diag_answers import DONE, FIN_WAIT1, SEQ, socket_answer
-from tests.test_kms_fakes import (
+from tests.support.kms_fakes import (
     FAKE_KEY_ARN,
     FakeKms,
     FakeNsm,

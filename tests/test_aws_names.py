@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 from enclave_agent.operator.key_policy import parse_role_arn
 from enclave_agent.runtime.config import parse_config
 from enclave_agent.runtime.trusted_keys import parse_key_arn
-from enclave_common.aws import PARTITIONS, REGION_PATTERN, is_region, kms_host, partition_of
+from enclave_common.aws import (
+    PARTITIONS,
+    REGION_PATTERN,
+    is_region,
+    kms_host,
+    partition_of,
+    store_hosts,
+)
 from proxy.config import CliOptions, build_config, default_allow_entries, parse_config_text
 
 ENDPOINTS = json.loads((Path(botocore.__file__).parent / "data" / "endpoints.json").read_text())
@@ -52,12 +59,16 @@ def botocore_partition(region: str) -> str:
 
 @cache
 def botocore_kms_host(region: str, fips: bool) -> str:
+    return botocore_host("kms", region, Config(use_fips_endpoint=fips))
+
+
+def botocore_host(service: str, region: str, config: Config | None = None) -> str:
     client = _session().create_client(
-        "kms",
+        service,
         region_name=region,
         aws_access_key_id="AKIDEXAMPLE",
         aws_secret_access_key="secret",  # never used: no request is made
-        config=Config(use_fips_endpoint=fips),
+        config=config,
     )
     host = client.meta.endpoint_url.removeprefix("https://")
     client.close()
@@ -82,6 +93,14 @@ def test_every_region_botocore_lists_is_one_in_its_partition(region: str, partit
     assert partition_of(region).name == partition == botocore_partition(region)
     for fips in (False, True):
         assert kms_host(region, fips=fips) == botocore_kms_host(region, fips)
+    # The stores' regional endpoints; S3's path-style one (us-east-1's too, not the
+    # legacy global s3.amazonaws.com).
+    s3 = Config(s3={"addressing_style": "path", "us_east_1_regional_endpoint": "regional"})
+    assert store_hosts(region) == (
+        botocore_host("secretsmanager", region),
+        botocore_host("ssm", region),
+        botocore_host("s3", region, s3),
+    )
 
 
 def _claimed_names(regex: str) -> st.SearchStrategy[str]:
@@ -138,4 +157,5 @@ def test_both_configs_the_key_arns_and_the_allowlist_take_every_partitions_regio
     assert default_allow_entries(region) == (
         f"{botocore_kms_host(region, False)}:443",
         f"{botocore_kms_host(region, True)}:443",
+        *(f"{host}:443" for host in store_hosts(region)),
     )

@@ -6,16 +6,14 @@ import hashlib
 import os
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from enclave_agent.runtime.cms import CmsError, WrongRecipientError
 from enclave_agent.runtime.recipient import RecipientKey
+from tests.support.openssl_cms import kms_recipient_certificate
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not found")
 
@@ -26,21 +24,8 @@ def recipient() -> RecipientKey:
 
 
 def _certificate(key: RecipientKey, directory: Path) -> Path:
-    """A throwaway self-signed certificate whose SKI is SHA-256 of the SPKI, as KMS uses."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "recipient")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key._private_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectKeyIdentifier(key.key_identifier), critical=False)
-        .sign(key._private_key, hashes.SHA256())
-    )
     path = directory / "recipient.pem"
+    certificate = kms_recipient_certificate(key._private_key)
     path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return path
 

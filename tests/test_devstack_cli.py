@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +20,15 @@ READY_SECONDS = 90
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+
+
+def _connect_status(proxy_address: str, endpoint: str) -> int:
+    """The status the proxy answers to CONNECT for ``endpoint``'s host:port."""
+    host, _, port = proxy_address.removeprefix("tcp:").rpartition(":")
+    target = endpoint.removeprefix("https://")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        return int(connection.recv(4096).split()[1])
 
 
 def test_devstack_sets_itself_up_like_demo_and_test() -> None:
@@ -68,6 +78,11 @@ def test_devstack_names_its_files_and_removes_its_temporary_folder(tmp_path: Pat
         state = json.loads(state_file.read_text())
         work_dir = Path(state["work_dir"])
         assert (work_dir / "simulated-nsm-ca").is_dir()
+        # The local KMS's stores: in the state file, and allowed by the proxy.
+        stores = [state[f"{s}_endpoint"] for s in ("secretsmanager", "ssm", "s3")]
+        for endpoint in [state["kms_endpoint"], *stores]:
+            assert _connect_status(state["proxy_address"], endpoint) == 200, endpoint
+        assert _connect_status(state["proxy_address"], "https://127.0.0.1:9") == 403
     finally:
         status = stop_process(process, timeout=60)  # SIGTERM, as Ctrl-C would; always reaped
     assert status == 0

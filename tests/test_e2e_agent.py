@@ -102,7 +102,7 @@ def stack() -> Iterator[Stack]:
         dev.make_ca()
         kms_state = dev.start_kms()
         hop = RecordingHop((kms_state["host"], kms_state["port"]))
-        dev.start_proxy(allow=f"127.0.0.1:{hop.port}")
+        dev.start_proxy(allow=[f"127.0.0.1:{hop.port}"])
         state = {**dev.state(), "agent_socket": ""}
         pcr0 = dev.pcrs()["0"]
         kms = direct_kms_client(state)

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from devtools.devstack import DevStack, direct_kms_client, log_events
 from enclave_agent.client import AgentClient, AgentError
 from enclave_agent.runtime.kms_operations import OPERATION_TABLE, PASS_THROUGH_OPERATIONS
-from tests.stack import find_leaks
+from tests.support.stack import find_leaks
 
 PLAINTEXT = b"app data for Encrypt, never logged " + secrets.token_hex(8).encode()
 MESSAGE = b"a message the app signs, never logged " + secrets.token_hex(8).encode()

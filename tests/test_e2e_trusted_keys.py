@@ -32,7 +32,7 @@ from devtools.devstack import (
     log_events,
 )
 from enclave_agent.client import AgentClient, AgentError
-from tests.stack import find_leaks
+from tests.support.stack import find_leaks
 
 PLANTED = b"planted-by-the-parent-" + secrets.token_hex(12).encode()
 SECRET = b"named-secret-under-a-" + secrets.token_hex(12).encode()

@@ -1,6 +1,6 @@
 """Faults with real processes: local KMS, enclave-proxy and enclave-agent subprocesses.
 
-One stack for the module (tests.stack.FaultStack): the proxy's credential_process
+One stack for the module (tests.support.stack.FaultStack): the proxy's credential_process
 mints credentials living a few seconds, the agent has a short KMS deadline, and the
 proxy also allows a name that cannot resolve. Faults come from the local KMS's
 admin endpoint (500, throttling, delay), from killing processes we started (by PID),
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stack import FaultStack, agent_config, events_since
 
 from devtools.devstack import create_enclave_key, direct_kms_client, log_events
 from devtools.local_kms.admin_client import set_faults
 from enclave_agent.client import AgentClient, AgentError
+from tests.support.stack import FaultStack, agent_config, events_since
 
 CALL_TIMEOUT = 4.0
 CREDENTIAL_TTL = 4

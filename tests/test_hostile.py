@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stack import (
+
+from devtools.devstack import create_enclave_key, direct_kms_client, log_events
+from enclave_agent.client import AgentClient
+from tests.support.stack import (
     FaultStack,
     agent_config,
     connect,
@@ -36,9 +39,6 @@ from stack import (
     read_until_closed,
     status_of,
 )
-
-from devtools.devstack import create_enclave_key, direct_kms_client, log_events
-from enclave_agent.client import AgentClient
 
 HEADER_TIMEOUT = 1.0
 IDLE_TIMEOUT = 2.0

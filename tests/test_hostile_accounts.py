@@ -28,7 +28,7 @@ import pytest
 
 from devtools.devstack import DevStack, create_enclave_key, local_kms_client, log_events
 from enclave_agent.client import AgentClient, AgentError
-from tests.stack import find_leaks
+from tests.support.stack import find_leaks
 
 A = "111122223333"  # the image's account: the local KMS's primary
 B = "444455556666"  # the parent's own account

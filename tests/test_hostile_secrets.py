@@ -28,7 +28,6 @@ import pytest
 import structlog
 import trio
 from cryptography.hazmat.primitives import serialization
-from stack import find_leaks
 
 from devtools.devstack import DevStack, create_enclave_key, direct_kms_client
 from devtools.local_kms.admin_client import set_faults
@@ -37,6 +36,7 @@ from enclave_agent.runtime import service
 from enclave_agent.runtime.config import load_config
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_common.logs import configure_logging
+from tests.support.stack import find_leaks
 
 SECRET = b"named-secret-" + secrets.token_hex(16).encode()
 PLAINTEXT = b"decrypted-" + secrets.token_hex(16).encode()

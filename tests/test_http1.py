@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from enclave_common.address import open_stream, parse_address
 from enclave_common.http1 import ClientConnection, ErrorKind, ExchangeError, Response
-from tests.test_transport import raw_server, read_head
+from tests.support.raw_http import raw_server, read_head
 
 Server = Callable[[trio.SocketStream], Awaitable[None]]
 GET = [("Host", "x")]

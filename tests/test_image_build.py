@@ -136,6 +136,7 @@ def test_the_installed_agent_imports_everything_from_its_own_packages(
         "secret",
         "key-policy",
         "verify-attestation",
+        "seal",
     ],
 )
 def test_every_verb_starts_from_the_installed_agent(
@@ -144,6 +145,22 @@ def test_every_verb_starts_from_the_installed_agent(
     result = _run_installed(builds[0], tmp_path, "-m", "enclave_agent.cli", verb, "--help")
     assert result.returncode == 0, result.stderr
     assert f"enclave-agent {verb}" in result.stdout
+
+
+def test_seal_without_the_operator_extra_says_what_to_install(
+    builds: tuple[Path, Path], tmp_path: Path
+) -> None:
+    value = tmp_path / "value"
+    value.write_bytes(b"v")
+    result = _run_installed(
+        builds[0], tmp_path, "-m", "enclave_agent.cli", "seal", "db", "--key-id", "k",
+        "--to", "file:out", "--from-file", str(value),
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (
+        2,
+        "enclave-agent seal: boto3 is not installed: seal needs the operator extra "
+        "(pip install 'enclave-kms[operator]')\n",
+    )
 
 
 def _security_doc_packages() -> set[str]:

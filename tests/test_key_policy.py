@@ -360,7 +360,7 @@ def test_encrypt_goes_to_the_named_operator_only() -> None:
         "Sid": "EncryptByTheOperator",
         "Effect": "Allow",
         "Principal": {"AWS": OPERATOR},
-        "Action": "kms:Encrypt",
+        "Action": ["kms:Encrypt", "kms:GenerateDataKey"],
         "Resource": "*",
     }
     granted = [s for s in policy["Statement"] if "kms:Encrypt" in str(s["Action"])]

@@ -5,7 +5,7 @@ nitro-cli's output shape, turned into a policy by the real command, given to
 CreateKey through boto3. Then Decrypt with a Recipient document from a simulated
 enclave with those PCRs succeeds, and is denied (AccessDeniedException) for an
 enclave whose PCR0 or PCR1 differs and for a call without any attestation. The
-README's upgrade flow (old image, old + new, new only) runs through PutKeyPolicy.
+docs/deploy.md's upgrade flow (old image, old + new, new only) runs through PutKeyPolicy.
 
 The role half of the policy is enforced too: credentials minted for the named role
 decrypt, credentials of another role of the same account do not (the account's
@@ -138,7 +138,7 @@ def test_printed_policy_admits_the_measured_enclave_only(
 def test_upgrade_flow_of_the_guide(
     tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
 ) -> None:
-    """README 'Upgrading': old image only -> old and new -> new only, with PutKeyPolicy."""
+    """docs/deploy.md, 'Upgrading': old image only -> old and new -> new only, with PutKeyPolicy."""
     old = SimulatedNsm.load(enclave_ca)
     new = SimulatedNsm.load(enclave_ca, pcrs={**old.pcrs, 0: _other_pcr("new image")})
     third = SimulatedNsm.load(enclave_ca, pcrs={**old.pcrs, 0: _other_pcr("third image")})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,9 +15,9 @@ import trustme
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings, endpoint_host_port
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import parse_address
-from tests.test_kms_fakes import (
+from tests.support.kms_fakes import (
+    CIPHERTEXT,
     FAKE_KEY_ARN,
-    FAKE_TRUSTED,
     FakeKms,
     FakeNsm,
     FakeRecipient,
@@ -26,33 +25,9 @@ from tests.test_kms_fakes import (
     kms_error,
     start_kms_and_relay,
 )
-
-CIPHERTEXT = base64.b64encode(b"ciphertext blob").decode()
-
-
-@dataclass
-class Stack:
-    kms: FakeKms
-    relay: Relay
-    nsm: FakeNsm
-    gateway: KmsGateway
-    ca_path: Path
-
-    recipient: FakeRecipient = field(default_factory=FakeRecipient)
-
-    def gateway_with(self, **changes: object) -> KmsGateway:
-        return KmsGateway(self.settings(**changes), self.nsm, self.recipient)
-
-    def settings(self, **changes: object) -> KmsSettings:
-        fields: dict[str, object] = {
-            "region": "us-east-1",
-            "proxy": parse_address(self.relay.address),
-            "endpoint": f"https://127.0.0.1:{self.kms.port}",
-            "ca_bundle": str(self.ca_path),
-            "trusted_keys": TrustedKeys.parse([FAKE_TRUSTED]),
-        }
-        fields.update(changes)
-        return KmsSettings(**fields)  # type: ignore[arg-type]
+from tests.support.kms_fakes import (
+    GatewayStack as Stack,
+)
 
 
 @pytest.fixture
@@ -111,7 +86,7 @@ async def test_all_five_operations_answer_as_without_recipient(stack: Stack) -> 
     assert "CiphertextForRecipient" not in answers["GenerateDataKeyPair"]
     assert answers["GenerateDataKeyPair"]["KeyPairSpec"] == "ECC_NIST_P256"
     assert answers["DeriveSharedSecret"]["SharedSecret"] == b64(b"shared").decode()
-    assert stack.nsm.calls == 4  # a fresh attestation document for every call
+    assert stack.nsm.calls == 4  # the fake's documents cannot be read: none is reused
     assert stack.kms.connections == 1  # one kept-alive connection carried them all
 
 
@@ -534,7 +509,7 @@ KEY_REQUESTS = {
 
 def _answering_as(key_id: str | None) -> object:
     """The fake's normal answer (a sealed envelope that would open), from ``key_id``."""
-    from tests.test_kms_fakes import Seen, decrypt_ok
+    from tests.support.kms_fakes import Seen, decrypt_ok
 
     def reply(seen: Seen) -> tuple[int, dict[str, object]]:
         status, body = decrypt_ok(seen)

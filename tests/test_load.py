@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 import trio
-from stack import ProxyProcess, agent_config, start_proxy
-from test_proxy_support import echo_handler, open_tunnel, tcp_server
 
 from devtools.devstack import DevStack, create_enclave_key, direct_kms_client, log_events
 from enclave_agent.client import AgentClient
+from tests.support.proxy_harness import echo_handler, open_tunnel, tcp_server
+from tests.support.stack import ProxyProcess, agent_config, start_proxy
 
 CALLERS = 64
 REQUESTS = 1000

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
 from asn1crypto import cms
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devtools.local_kms.envelope import CONTENT_CHUNK, EnvelopeError, encrypt_for_recipient
 from enclave_agent.runtime.cms import decrypt_for_recipient
+from tests.support.openssl_cms import openssl_decrypt, spki
 
 # Real KMS blob → (its encrypted content length, whether it is chunked-constructed).
 REAL_BLOBS = {
@@ -31,12 +28,6 @@ REAL_BLOBS = {
 @pytest.fixture(scope="module")
 def rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def spki(key: rsa.RSAPrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def skeleton(data: bytes) -> list[tuple[int, int, str]]:
@@ -154,52 +145,6 @@ def test_crypto_core_opens_every_envelope(rsa_key: rsa.RSAPrivateKey, plaintext:
     chunks = cms.ContentInfo.load(envelope)["content"]["encrypted_content_info"]
     assert len(chunks["encrypted_content"].native) == (len(plaintext) // 16 + 1) * 16
     assert CONTENT_CHUNK == 1000
-
-
-def self_signed_with_kms_ski(key: rsa.RSAPrivateKey) -> x509.Certificate:
-    """A throwaway certificate whose SubjectKeyIdentifier is SHA-256 of the SPKI, as KMS uses."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enclave recipient")])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectKeyIdentifier(hashlib.sha256(spki(key)).digest()), False)
-        .sign(key, hashes.SHA256())
-    )
-
-
-def openssl_decrypt(tmp_path: Path, envelope: bytes, key: rsa.RSAPrivateKey) -> bytes:
-    (tmp_path / "env.der").write_bytes(envelope)
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (tmp_path / "cert.pem").write_bytes(
-        self_signed_with_kms_ski(key).public_bytes(serialization.Encoding.PEM)
-    )
-    # -recip makes openssl pick the recipient by identifier and fail when none matches,
-    # and -debug_decrypt turns off the random-key fallback (without them openssl may
-    # "decrypt" to garbage without an error).
-    result = subprocess.run(
-        [
-            "openssl", "cms", "-decrypt", "-inform", "DER", "-in", str(tmp_path / "env.der"),
-            "-inkey", str(tmp_path / "key.pem"), "-recip", str(tmp_path / "cert.pem"),
-            "-binary", "-debug_decrypt",
-        ],
-        capture_output=True,
-        timeout=30,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr.decode(errors="replace"))
-    return result.stdout
 
 
 def test_openssl_opens_the_envelope(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:

@@ -19,13 +19,18 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from devtools.devstack import local_kms_client, local_operator_arn, start_local_kms
+from devtools.devstack import (
+    local_kms_client,
+    local_operator_arn,
+    minted_kms_client,
+    start_local_kms,
+)
 from devtools.local_kms.admin_client import mint_credentials, set_faults
 from enclave_agent.operator.key_policy import Measurements, build_key_policy
 from enclave_agent.runtime.cms import decrypt_for_recipient
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import DEFAULT_SIMULATED_PCRS, SimulatedNsm
-from tests.test_local_kms_envelope import openssl_decrypt
+from tests.support.openssl_cms import openssl_decrypt
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = b"local-kms-plaintext-marker-7f3a"
@@ -172,6 +177,7 @@ def test_bad_signature_and_unknown_key_are_refused(local_kms: dict[str, Any]) ->
 
 
 def test_generate_data_key_for_recipient_round_trips(
+    local_kms: dict[str, Any],
     kms: Any,
     attested_key: str,
     nsm: SimulatedNsm,
@@ -186,8 +192,11 @@ def test_generate_data_key_for_recipient_round_trips(
     assert len(data_key) == 32
     again = kms.decrypt(CiphertextBlob=answer["CiphertextBlob"], Recipient=recipient(nsm, key))
     assert key.open(again["CiphertextForRecipient"]) == data_key
+    # The enclave's role gets a data key only with attestation (the operator, who
+    # seals secrets, may have one without: enclave-agent seal's envelopes).
+    role = minted_kms_client(local_kms, principal="arn:aws:iam::111122223333:role/enclave-parent")
     with pytest.raises(ClientError) as caught:
-        kms.generate_data_key(KeyId=attested_key, KeySpec="AES_256")
+        role.generate_data_key(KeyId=attested_key, KeySpec="AES_256")
     assert error_code(caught) == "AccessDeniedException"
 
 
@@ -509,11 +518,11 @@ async def test_a_body_that_never_arrives_does_not_hold_the_connection(
     credentials = CredentialStore(["111122223333"])
     kms = LocalKms(region="us-east-1", roots=[], credentials=credentials)
     admin = server_module.Admin("token", FaultInjector(), credentials)
-    http = server_module.KmsHttpServer(kms, admin, server_context)
+    http = server_module.StandInServer(admin, server_context)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(http.serve, listeners)
+        nursery.start_soon(http.serve, kms, listeners)
         stream = await trio.open_ssl_over_tcp_stream(
             "127.0.0.1", port, ssl_context=client_context, https_compatible=True
         )

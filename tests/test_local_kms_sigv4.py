@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
-from botocore.auth import SigV4Auth
+from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.config import Config
 from botocore.credentials import Credentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -262,3 +265,149 @@ def test_host_and_x_amz_date_must_be_signed() -> None:
     with pytest.raises(SignatureError, match="'X-Amz-Date' must be a 'SignedHeader'") as caught:
         check(_signed_over(request, ("host",)))
     assert caught.value.error_type == "InvalidSignatureException"
+
+
+# --- S3's rules (the stand-in's S3 endpoint) --------------------------------------------
+
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def s3_signed(
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    headers: dict[str, str] | None = None,
+    unsigned_payload: bool = False,
+    auth_class: type[SigV4Auth] = S3SigV4Auth,
+) -> Request:
+    """A request signed by botocore's S3 signer (``path`` already URI-encoded)."""
+    aws = AWSRequest(
+        method=method, url=f"https://127.0.0.1:4443{path}", data=body, headers=headers or {}
+    )
+    if unsigned_payload:
+        aws.context["client_config"] = Config(s3={"payload_signing_enabled": False})
+    auth_class(Credentials(KEY_ID, SECRET), "s3", "us-east-1").add_auth(aws)
+    prepared = aws.prepare()
+    received = {k.lower(): v for k, v in prepared.headers.items()}
+    received["host"] = "127.0.0.1:4443"
+    return Request(method, path, received, body)
+
+
+def check_s3(request: Request) -> None:
+    check_signature(
+        request,
+        service="s3",
+        region="us-east-1",
+        secret_for=lambda key: SECRET if key == KEY_ID else None,
+        now=datetime.now(UTC),
+    )
+
+
+def s3_error(request: Request) -> tuple[int, str]:
+    with pytest.raises(SignatureError) as caught:
+        check_s3(request)
+    return caught.value.s3
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.text(min_size=1, max_size=40), body=st.binary(max_size=200))
+def test_botocore_signed_s3_requests_verify(key: str, body: bytes) -> None:
+    path = "/bucket/" + quote(key, safe="/~")  # how botocore's S3 client sends a key
+    check_s3(s3_signed("PUT", path, body, headers={"x-amz-expected-bucket-owner": ACCOUNT_A}))
+
+
+def test_s3_paths_are_encoded_once_the_others_twice() -> None:
+    path = "/bucket/a%20b%2Bc"
+    check_s3(s3_signed("GET", path))
+    # botocore's generic signer encodes the path a second time, as KMS expects: not S3.
+    empty = {"x-amz-content-sha256": EMPTY_SHA256}
+    assert s3_error(s3_signed("GET", path, headers=empty, auth_class=SigV4Auth)) == (
+        403,
+        "SignatureDoesNotMatch",
+    )
+    check_s3(
+        s3_signed("GET", "/bucket/plain-key", headers=empty, auth_class=SigV4Auth)
+    )  # nothing to encode
+
+
+def test_unsigned_payload_is_accepted_and_a_wrong_hash_is_refused() -> None:
+    request = s3_signed("PUT", "/bucket/k", b"hello", unsigned_payload=True)
+    assert request.headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    check_s3(request)
+    check_s3(Request("PUT", "/bucket/k", request.headers, b"another body"))
+    signed = s3_signed("PUT", "/bucket/k", b"hello")
+    assert s3_error(Request("PUT", "/bucket/k", signed.headers, b"hellO")) == (
+        400,
+        "XAmzContentSHA256Mismatch",
+    )
+
+
+def test_s3_requires_a_usable_content_sha256() -> None:
+    signed = s3_signed("GET", "/bucket/k")
+    without = {k: v for k, v in signed.headers.items() if k != "x-amz-content-sha256"}
+    assert s3_error(Request("GET", "/bucket/k", without, b"")) == (400, "InvalidRequest")
+    for value, expected in [
+        ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", (501, "NotImplemented")),
+        ("sha256 please", (400, "InvalidArgument")),
+        (
+            "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            (400, "InvalidArgument"),
+        ),
+    ]:
+        headers = dict(signed.headers, **{"x-amz-content-sha256": value})
+        assert s3_error(Request("GET", "/bucket/k", headers, b"")) == expected
+
+
+def test_every_x_amz_header_must_be_signed_for_s3() -> None:
+    signed = s3_signed("GET", "/bucket/k", headers={"x-amz-expected-bucket-owner": ACCOUNT_A})
+    check_s3(signed)
+    added = dict(signed.headers, **{"x-amz-expected-bucket-owner": ACCOUNT_B})
+    assert s3_error(Request("GET", "/bucket/k", added, b"")) == (403, "SignatureDoesNotMatch")
+    extra = dict(signed.headers, **{"x-amz-acl": "public-read"})
+    with pytest.raises(SignatureError, match="not signed: x-amz-acl") as caught:
+        check_s3(Request("GET", "/bucket/k", extra, b""))
+    assert caught.value.s3 == (403, "AccessDenied")
+    # KMS has no such rule: an unsigned x-amz-* header there changes nothing.
+    request = botocore_signed(b"{}")
+    check(Request("POST", "/", dict(request.headers, **{"x-amz-acl": "x"}), b"{}"))
+
+
+def test_a_signature_scoped_to_another_service_is_refused_by_each() -> None:
+    kms_request = botocore_signed(b"{}")
+    with pytest.raises(SignatureError, match="correct service: 's3'") as caught:
+        check_s3(
+            Request(
+                "POST",
+                "/",
+                dict(kms_request.headers, **{"x-amz-content-sha256": "UNSIGNED-PAYLOAD"}),
+                b"{}",
+            )
+        )
+    assert caught.value.s3 == (400, "AuthorizationHeaderMalformed")
+    for service in ("ssm", "secretsmanager"):
+        with pytest.raises(SignatureError, match=f"correct service: '{service}'") as caught:
+            check_signature(
+                kms_request,
+                service=service,
+                region="us-east-1",
+                secret_for=lambda _key: SECRET,
+                now=datetime.now(UTC),
+            )
+        assert caught.value.error_type == "InvalidSignatureException"
+
+
+def test_s3_error_codes_for_credentials() -> None:
+    store = CredentialStore([ACCOUNT_A])
+    minted = store.mint(timedelta(seconds=60), NOW)
+    cases = [
+        ((minted.access_key_id, "wrong"), (400, "InvalidToken")),
+        (("ASIAUNKNOWN", "token"), (403, "InvalidAccessKeyId")),
+        (("AKIAUNKNOWN", None), (403, "InvalidAccessKeyId")),
+        ((minted.access_key_id, minted.session_token), (400, "ExpiredToken")),
+    ]
+    for (key, token), expected in cases:
+        with pytest.raises(SignatureError) as caught:
+            store.credential_for(key, token, NOW + timedelta(seconds=61))
+        assert caught.value.s3 == expected

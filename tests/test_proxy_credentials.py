@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_proxy_support import capture_logs, log_events, request, running_proxy
 
 from proxy.credentials import CredentialSource, CredentialsUnavailable
 from proxy.region import RegionError, discover_region
+from tests.support.proxy_harness import capture_logs, log_events, request, running_proxy
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY-SECRET-MARKER"
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from stack import proxy_env as _env
-from stack import start_proxy
-from test_proxy_support import (
+
+from tests.support.proxy_harness import (
     echo_handler,
     open_tunnel,
     read_head,
@@ -20,6 +19,8 @@ from test_proxy_support import (
     request,
     tcp_server,
 )
+from tests.support.stack import proxy_env as _env
+from tests.support.stack import start_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = b"SUBPROCESS-MARKER-51c0ffee-never-in-logs"
@@ -41,6 +42,9 @@ async def test_listening_sd_notify_watchdog_and_sigterm(tmp_path: Path) -> None:
             assert event["allowlist"] == [
                 "kms.us-east-1.amazonaws.com:443",
                 "kms-fips.us-east-1.amazonaws.com:443",
+                "secretsmanager.us-east-1.amazonaws.com:443",
+                "ssm.us-east-1.amazonaws.com:443",
+                "s3.us-east-1.amazonaws.com:443",
             ]
             messages: list[str] = []
             with trio.fail_after(20):

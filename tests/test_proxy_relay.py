@@ -166,3 +166,73 @@ async def test_tcp_urgent_data_is_relayed_inline(eof_after: bool) -> None:
             nursery.start_soon(client_side)
             await relay(a, b, idle_timeout=30, result=result)
     assert result.bytes_a_to_b == len(expected)
+
+
+class _Spawns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.count += 1
+
+
+def _pipe_fds() -> int:
+    return sum(
+        stat.S_ISFIFO(os.stat(f"/proc/self/fd/{fd}").st_mode)
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
+
+
+async def test_a_tunnel_costs_one_task_per_direction_and_holds_no_pipe_while_idle() -> None:
+    """One more task than the caller's, and pipes only while bytes move: an idle
+    tunnel's pipes are back in the pool (and the next tunnel reuses them)."""
+    client, a, b, upstream = await _socket_pairs()
+    spawns = _Spawns()
+    result = RelayResult()
+    others = _pipe_fds() - 2 * len(relay_module._pool.pipes)  # pipes not the relay's
+
+    async def traffic_then_idle() -> None:
+        for _ in range(3):
+            await client.send_all(b"ping")
+            assert await upstream.receive_some(10) == b"ping"
+            await upstream.send_all(b"pong")
+            assert await client.receive_some(10) == b"pong"
+        await trio.testing.wait_all_tasks_blocked()
+        # Idle now: every pipe the relay made is back in the pool.
+        assert _pipe_fds() - others == 2 * len(relay_module._pool.pipes)
+        assert len(relay_module._pool.pipes) >= 1
+        await client.send_eof()
+        await upstream.send_eof()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(traffic_then_idle)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.add_instrument(spawns)
+            try:
+                await relay(a, b, idle_timeout=30, result=result)
+            finally:
+                trio.lowlevel.remove_instrument(spawns)
+    assert spawns.count == 1
+    assert (result.bytes_a_to_b, result.bytes_b_to_a, result.outcome) == (12, 12, "closed")
+    pooled = len(relay_module._pool.pipes)
+    await _exercise(*await _socket_pairs())  # the next tunnel takes pipes from the pool
+    assert len(relay_module._pool.pipes) == pooled
+
+
+async def test_cancelled_from_outside_raises_one_cancelled() -> None:
+    """A shutdown's drain cancels the tunnel: the caller's ``except trio.Cancelled``
+    (which logs the tunnel's end) must see a Cancelled, not a group of two."""
+    _client, a, b, _upstream = await _socket_pairs()
+    result = RelayResult()
+    seen: list[BaseException] = []
+    with trio.move_on_after(0.2) as outer:
+        try:
+            await relay(a, b, idle_timeout=30, result=result)
+        except BaseException as exc:
+            seen.append(exc)
+            raise
+    assert outer.cancelled_caught
+    assert len(seen) == 1 and isinstance(seen[0], trio.Cancelled)
+    assert result.outcome == "closed"  # not an idle timeout: the caller decides

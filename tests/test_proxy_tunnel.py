@@ -13,7 +13,11 @@ import trio
 import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_proxy_support import (
+
+from enclave_common.address import TcpAddress
+from proxy.allowlist import Allowlist
+from proxy.upstream import SockAddr
+from tests.support.proxy_harness import (
     capture_logs,
     echo_handler,
     log_events,
@@ -24,10 +28,6 @@ from test_proxy_support import (
     running_proxy,
     tcp_server,
 )
-
-from enclave_common.address import TcpAddress
-from proxy.allowlist import Allowlist
-from proxy.upstream import SockAddr
 
 MARKER = b"MARKER-7f3c9a-must-never-be-logged"
 

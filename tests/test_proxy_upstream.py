@@ -15,7 +15,7 @@ from proxy.upstream import Resolved, SockAddr, UpstreamError, open_upstream
 async def test_connect_timeout_covers_resolution_and_connect(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """README: connect_timeout is the time for name resolution *plus* the connect."""
+    """docs/proxy.md: connect_timeout is the time for name resolution *plus* the connect."""
 
     async def slow_resolver(host: str, port: int) -> list[Resolved]:
         await trio.sleep(0.7)

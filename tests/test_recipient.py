@@ -40,12 +40,12 @@ def test_no_plaintext_or_key_reaches_the_logs() -> None:
     import io
 
     import structlog
-    from test_cms_shapes import build  # tests/ is on sys.path (rootdir-relative imports)
 
     from enclave_agent.operator.attestation import verify_attestation
     from enclave_agent.runtime.cms import CmsError
     from enclave_agent.simulated.nsm import SimulatedNsm
     from enclave_common.logs import configure_logging
+    from tests.support.cms_builder import build
 
     stream = io.StringIO()
     saved = structlog.get_config(), structlog.contextvars.get_contextvars()

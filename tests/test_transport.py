@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -23,26 +21,10 @@ from enclave_agent.runtime.transport import (
     open_tunnel,
 )
 from enclave_common.address import parse_address
-from tests.test_kms_fakes import FakeKms, Relay, start_kms_and_relay
+from tests.support.kms_fakes import FakeKms, Relay, start_kms_and_relay
+from tests.support.raw_http import raw_server, read_head
 
 HEADERS = [("X-Amz-Target", "TrentService.GenerateRandom")]
-
-
-async def raw_server(
-    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
-) -> str:
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return f"tcp:127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-
-
-async def read_head(stream: trio.SocketStream) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 async def test_tunnel_keeps_bytes_that_came_with_the_connect_answer(nursery: trio.Nursery) -> None:

@@ -1,1 +1,4 @@
-"""Local AWS KMS stand-in that speaks Recipient (development tooling; see README `local-kms`)."""
+"""Local AWS KMS stand-in that speaks Recipient (development tooling).
+
+How to run and use it: devtools/local_kms/README.md.
+"""

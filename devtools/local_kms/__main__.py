@@ -1,9 +1,11 @@
 """``python -m devtools.local_kms --state-file FILE ...``: run the local KMS stand-in.
 
 Assembles the stand-in in one place: TLS material (trustme, fresh each start), the
-trusted attestation roots, the credentials, moto, the HTTPS server. Once listening it
-writes the state file (temp file + rename); SIGTERM or SIGINT stops it cleanly, and the
-state file and CA file are removed on the way out.
+trusted attestation roots, the credentials, moto, the HTTPS server with one endpoint
+per service (KMS; with ``--stores`` also Secrets Manager, SSM and S3, each on its own
+port, as each AWS service has its own host). Once listening it writes the state file
+(temp file + rename); SIGTERM or SIGINT stops it cleanly, and the state file and CA
+file are removed on the way out.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from cryptography import x509
 from devtools.local_kms.backend import MotoKms, default_accounts
 from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.faults import FaultInjector
-from devtools.local_kms.server import Admin, KmsHttpServer
+from devtools.local_kms.server import Admin, Service, StandInServer
 from devtools.local_kms.service import LocalKms
 from enclave_common.address import is_loopback_host
 from enclave_common.logs import LEVELS, configure_logging, get_logger
@@ -65,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PEM",
         help="trust attestation documents under this root certificate (PEM)",
+    )
+    parser.add_argument(
+        "--stores",
+        action="store_true",
+        help="also serve Secrets Manager, SSM and S3 (each on a port of its own; the state "
+        "file gains secretsmanager_endpoint, ssm_endpoint and s3_endpoint)",
     )
     parser.add_argument("--log-level", default="info", choices=LEVELS)
     return parser
@@ -129,21 +137,38 @@ async def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"local-kms: --account: {exc}") from exc
     credentials = CredentialStore(moto.accounts)
-    kms = LocalKms(region=args.region, roots=roots, credentials=credentials, moto=moto)
-    admin = Admin(secrets.token_urlsafe(32), FaultInjector(), credentials)
-    server = KmsHttpServer(kms, admin, ssl_context)
+    services: list[Service] = [
+        LocalKms(region=args.region, roots=roots, credentials=credentials, moto=moto)
+    ]
+    if args.stores:
+        # Imported only here: moto's stores take seconds to import, KMS alone does not.
+        from devtools.local_kms.stores import build_stores
 
-    # "localhost" may resolve to two addresses, each with its own port 0: keep one.
-    listeners = await trio.open_tcp_listeners(args.port, host=args.host)
-    for extra in listeners[1:]:
-        await extra.aclose()
-    listeners = listeners[:1]
-    port = listeners[0].socket.getsockname()[1]
+        services += build_stores(region=args.region, credentials=credentials)
+    admin = Admin(secrets.token_urlsafe(32), FaultInjector(), credentials)
+    server = StandInServer(admin, ssl_context)
+
+    listeners = {}
+    for service in services:
+        # KMS on --port, each store on a free port. "localhost" may resolve to two
+        # addresses, each with its own port 0: keep one.
+        port = args.port if service.name == "kms" else 0
+        opened = await trio.open_tcp_listeners(port, host=args.host)
+        for extra in opened[1:]:
+            await extra.aclose()
+        listeners[service.name] = opened[:1]
+    ports = {name: opened[0].socket.getsockname()[1] for name, opened in listeners.items()}
+    port = ports["kms"]
     state_file: Path = args.state_file.resolve()
     ca_file = ca_path_for(state_file)
     host_in_url = f"[{args.host}]" if ":" in args.host else args.host
     state = {
         "endpoint": f"https://{host_in_url}:{port}",
+        **{
+            f"{name}_endpoint": f"https://{host_in_url}:{number}"
+            for name, number in ports.items()
+            if name != "kms"
+        },
         "host": args.host,
         "port": port,
         "ca_bundle": str(ca_file),
@@ -170,7 +195,8 @@ async def run(args: argparse.Namespace) -> int:
             # Written here so that it is removed in every case it was written in.
             _write_atomically(ca_file, ca.cert_pem.bytes().decode())
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.serve, listeners)
+                for service in services:
+                    nursery.start_soon(server.serve, service, listeners[service.name])
                 _write_atomically(state_file, json.dumps(state, indent=2) + "\n")
                 log.info("listening", endpoint=state["endpoint"], state_file=str(state_file))
                 async for signum in signals:

@@ -3,8 +3,13 @@
     python -m devtools.local_kms.admin_client --state-file F faults internal --count 2
     python -m devtools.local_kms.admin_client --state-file F faults delay --count 1 --delay 3
     python -m devtools.local_kms.admin_client --state-file F faults internal --count 0  # clear
+    python -m devtools.local_kms.admin_client --state-file F faults internal --service ssm
+    python -m devtools.local_kms.admin_client --state-file F document-age 60 [--answer T]
+    python -m devtools.local_kms.admin_client --state-file F document-age none  # clear
 
-From Python (tests): ``set_faults(state_file, "throttle", count=3)``,
+From Python (tests): ``set_faults(state_file, "throttle", count=3)`` (``service=``
+"secretsmanager", "ssm" or "s3" for a store of a stand-in run with ``--stores``),
+``set_document_age(state_file, 1.0, answer="AccessDeniedException")``,
 ``mint_credentials(state_file, ttl=60, account="444455556666")``,
 ``account_credentials(state, account)``.
 """
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from devtools.local_kms.faults import KINDS
+from devtools.local_kms.faults import DOCUMENT_ANSWERS, KINDS, SERVICES
 
 ADMIN_TOKEN_HEADER = "X-Local-Kms-Admin-Token"
 TIMEOUT = 10.0
@@ -70,12 +75,25 @@ def _post(state_file: Path, path: str, document: dict[str, Any]) -> dict[str, An
     return answer
 
 
-def set_faults(state_file: Path, kind: str, *, count: int = 1, delay: float = 0.0) -> int:
-    """Make the next ``count`` KMS calls fail or stall; returns the number pending."""
-    document: dict[str, Any] = {"kind": kind, "count": count}
+def set_faults(
+    state_file: Path, kind: str, *, count: int = 1, delay: float = 0.0, service: str = "kms"
+) -> int:
+    """Make the next ``count`` calls to ``service`` fail or stall (replacing any plan
+    set before); returns the number pending."""
+    document: dict[str, Any] = {"kind": kind, "count": count, "service": service}
     if delay:
         document["delay"] = delay
     return int(_post(state_file, "faults", document)["pending"])
+
+
+def set_document_age(
+    state_file: Path, max_age: float | None, *, answer: str = "ValidationException"
+) -> float | None:
+    """Refuse attestation documents older than ``max_age`` seconds (None: no more), with
+    ``answer`` (ValidationException or AccessDeniedException)."""
+    document: dict[str, Any] = {"max_age": max_age, "answer": answer}
+    result = _post(state_file, "document_age", document)["max_age"]
+    return None if result is None else float(result)
 
 
 def mint_credentials(
@@ -105,17 +123,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.local_kms.admin_client")
     parser.add_argument("--state-file", type=Path, required=True)
     commands = parser.add_subparsers(dest="command", required=True)
-    faults = commands.add_parser("faults", help="make the next KMS calls fail or stall")
+    faults = commands.add_parser("faults", help="make the next calls to a service fail or stall")
     faults.add_argument("kind", choices=KINDS)
     faults.add_argument("--count", type=int, default=1)
     faults.add_argument("--delay", type=float, default=0.0)
+    faults.add_argument("--service", choices=SERVICES, default="kms")
+    age = commands.add_parser("document-age", help="refuse attestation documents older than N s")
+    age.add_argument("max_age", help="seconds, or 'none' to clear the rule")
+    age.add_argument("--answer", choices=DOCUMENT_ANSWERS, default="ValidationException")
     args = parser.parse_args(argv)
     try:
-        pending = set_faults(args.state_file, args.kind, count=args.count, delay=args.delay)
-    except AdminError as exc:
+        if args.command == "document-age":
+            limit = None if args.max_age == "none" else float(args.max_age)
+            answer: dict[str, Any] = {
+                "max_age": set_document_age(args.state_file, limit, answer=args.answer)
+            }
+        else:
+            count = set_faults(
+                args.state_file,
+                args.kind,
+                count=args.count,
+                delay=args.delay,
+                service=args.service,
+            )
+            answer = {"pending": count}
+    except (AdminError, ValueError) as exc:
         print(f"local-kms admin: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"pending": pending}))
+    print(json.dumps(answer))
     return 0
 
 

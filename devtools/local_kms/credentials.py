@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from devtools.local_kms.policy import Caller, principal_account
-from devtools.local_kms.sigv4 import SignatureError
+from devtools.local_kms.sigv4 import Request, SignatureError, check_signature
 
 MAX_TTL = timedelta(hours=12)
 DEFAULT_TTL = 3600.0
@@ -142,7 +142,7 @@ class CredentialStore:
         for long_term in self._long_term.values():
             if access_key_id == long_term.access_key_id:
                 if session_token is not None:
-                    raise SignatureError("UnrecognizedClientException", _INVALID_TOKEN)
+                    raise _invalid_token()
                 return long_term
         credential = self._minted.get(access_key_id)
         if (
@@ -151,9 +151,37 @@ class CredentialStore:
             or credential.session_token is None
             or not hmac.compare_digest(credential.session_token, session_token)
         ):
-            raise SignatureError("UnrecognizedClientException", _INVALID_TOKEN)
+            # S3 tells an unknown key id from a bad token; the JSON services do not.
+            raise _invalid_token() if credential is not None else _unknown_key()
         if credential.expiration is not None and now >= credential.expiration:
             raise SignatureError(
-                "ExpiredTokenException", "The security token included in the request is expired"
+                "ExpiredTokenException",
+                "The security token included in the request is expired",
+                (400, "ExpiredToken"),
             )
         return credential
+
+    def authenticate(self, request: Request, *, service: str, region: str, now: datetime) -> Caller:
+        """Who signed ``request`` (sent to ``service``'s endpoint in ``region``), or
+        SignatureError as AWS would answer."""
+        token = request.headers.get("x-amz-security-token")
+        signer: list[Credential] = []
+
+        def secret_for(key_id: str) -> str:
+            signer.append(self.credential_for(key_id, token, now))
+            return signer[-1].secret_access_key
+
+        check_signature(request, service=service, region=region, secret_for=secret_for, now=now)
+        return signer[-1].caller  # check_signature returns only after asking for a secret
+
+
+def _invalid_token() -> SignatureError:
+    return SignatureError("UnrecognizedClientException", _INVALID_TOKEN, (400, "InvalidToken"))
+
+
+def _unknown_key() -> SignatureError:
+    return SignatureError(
+        "UnrecognizedClientException",
+        _INVALID_TOKEN,
+        (403, "InvalidAccessKeyId"),
+    )

@@ -44,6 +44,8 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any
 
+from enclave_common.aws import ACCOUNT_PATTERN
+
 RECIPIENT_KEY_PREFIX = "kms:recipientattestation:"
 IMAGE_SHA384_KEY = RECIPIENT_KEY_PREFIX + "imagesha384"
 MAX_PCR = 31
@@ -58,7 +60,7 @@ _OPERATORS: dict[str, tuple[bool, bool]] = {
 CALLER_ACCOUNT_KEY = "kms:calleraccount"
 _PLAIN_KEYS = frozenset({IMAGE_SHA384_KEY, CALLER_ACCOUNT_KEY})
 _PCR_KEY = re.compile(r"kms:recipientattestation:pcr([0-9]{1,2})")
-ACCOUNT_ID = re.compile(r"[0-9]{12}")
+ACCOUNT_ID = re.compile(ACCOUNT_PATTERN)
 # An IAM principal ARN: the account root, or a user or role (with its path).
 _IAM_ARN = re.compile(r"arn:aws[a-z-]*:iam::([0-9]{12}):(root|(?:user|role)/[A-Za-z0-9+=,.@_/-]+)")
 

@@ -30,6 +30,7 @@ class RecipientError(Exception):
 class VerifiedRecipient:
     public_key_der: bytes
     pcrs: dict[int, bytes]
+    timestamp: datetime  # when the NSM made the document (its own field)
 
 
 def verify_recipient(raw: Any, roots: Sequence[bytes], now: datetime) -> VerifiedRecipient:
@@ -67,7 +68,7 @@ def verify_recipient(raw: Any, roots: Sequence[bytes], now: datetime) -> Verifie
         load_recipient_key(verified.public_key)
     except EnvelopeError as exc:
         raise RecipientError(f"attestation document public_key: {exc}") from exc
-    return VerifiedRecipient(verified.public_key, dict(verified.pcrs))
+    return VerifiedRecipient(verified.public_key, dict(verified.pcrs), verified.timestamp)
 
 
 # The stand-in serves on one thread; the cache needs no lock.

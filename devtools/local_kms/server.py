@@ -1,8 +1,13 @@
 """The stand-in's HTTPS edge: TLS, HTTP/1.1 (enclave_common.http_server), faults, logs.
 
-Routes:
-- ``POST /`` with ``X-Amz-Target: TrentService.<Op>``: a KMS call (service.LocalKms);
+Each service has its own endpoint (listeners), as each AWS service has its own host:
+KMS (service.LocalKms) and, with ``--stores``, Secrets Manager, SSM and S3
+(stores.py). A request is the service's whose endpoint it reached; the service checks
+that its signature was made for it. On the KMS endpoint, routes:
+- ``POST /`` with ``X-Amz-Target: TrentService.<Op>``: a KMS call;
 - ``POST /_local_kms/faults``: set a fault plan (faults.parse_plan);
+- ``POST /_local_kms/document_age``: refuse attestation documents older than
+  ``{"max_age": seconds, "answer": ...}`` from now on (faults.parse_document_age_rule);
 - ``POST /_local_kms/credentials``: mint short-lived credentials
   ``{"ttl": seconds, "account": id, "principal": arn}`` (credentials.mint_requested);
 - ``GET /_local_kms/healthz``.
@@ -19,19 +24,19 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from devtools.local_kms.credentials import CredentialStore
-from devtools.local_kms.faults import FaultError, FaultInjector, parse_plan
-from devtools.local_kms.service import (
-    JSON_CONTENT_TYPE,
-    LocalKms,
-    Reply,
-    error_reply,
-    new_request_id,
+from devtools.local_kms.faults import (
+    ERRORS,
+    FaultError,
+    FaultInjector,
+    parse_document_age_rule,
+    parse_plan,
 )
+from devtools.local_kms.service import LocalKms, Reply, new_request_id
 from devtools.local_kms.sigv4 import Request
 from enclave_common import http_server
 from enclave_common.http_server import Answer, HttpServer, Limits, Report
@@ -54,17 +59,29 @@ class Admin:
     credentials: CredentialStore
 
 
+class Service(Protocol):
+    """One AWS service of the stand-in (service.LocalKms, stores.JsonStore, stores.S3Store)."""
+
+    name: str
+
+    def handle(self, request: Request, now: datetime) -> Reply:
+        """The answer to a request that reached this service's endpoint."""
+
+    def error(self, status: int, error_type: str, message: str, request: Request) -> Reply:
+        """An error answer in this service's shape."""
+
+
 def _json_reply(status: int, document: dict[str, Any]) -> Reply:
     return Reply(status, json.dumps(document).encode())
 
 
-class KmsHttpServer:
-    def __init__(self, kms: LocalKms, admin: Admin, ssl_context: ssl.SSLContext) -> None:
-        self.kms = kms
+class StandInServer:
+    def __init__(self, admin: Admin, ssl_context: ssl.SSLContext) -> None:
         self.admin = admin
         self.ssl_context = ssl_context
 
-    async def serve(self, listeners: list[trio.SocketListener]) -> None:
+    async def serve(self, service: Service, listeners: list[trio.SocketListener]) -> None:
+        """Serve ``service`` on ``listeners`` (the admin routes with KMS)."""
         limits = Limits(
             max_head_bytes=MAX_HEADERS,
             max_body_bytes=MAX_BODY,
@@ -76,10 +93,12 @@ class KmsHttpServer:
             trio.SSLListener(listener, self.ssl_context, https_compatible=True)
             for listener in listeners
         ]
-        await trio.serve_listeners(functools.partial(self._connection, http), ssl_listeners)
+        await trio.serve_listeners(
+            functools.partial(self._connection, http, service), ssl_listeners
+        )
 
     async def _connection(
-        self, http: HttpServer, stream: trio.SSLStream[trio.SocketStream]
+        self, http: HttpServer, service: Service, stream: trio.SSLStream[trio.SocketStream]
     ) -> None:
         peer = "?"
         try:
@@ -91,36 +110,37 @@ class KmsHttpServer:
             log.debug("connection_closed", peer=peer, reason=type(exc).__name__)
             await trio.aclose_forcefully(stream)
             return
-        await http.serve(stream, self._handle, report=functools.partial(_log, peer))
+        handler = functools.partial(self._handle, service)
+        await http.serve(stream, handler, report=functools.partial(_log, service.name, peer))
 
-    async def _handle(self, http_request: http_server.Request) -> Answer:
+    async def _handle(self, service: Service, http_request: http_server.Request) -> Answer:
         request = Request(
             method=http_request.method,
             target=http_request.target,
             headers=_headers(http_request.headers),
             body=await http_request.body(),
         )
-        return _answer(await self._dispatch(request))
+        return _answer(await self._dispatch(service, request))
 
-    async def _dispatch(self, request: Request) -> Reply:
-        if request.target.startswith(ADMIN_PREFIX):
-            return self._admin(request)
-        fault = self.admin.faults.next_call()
+    async def _dispatch(self, service: Service, request: Request) -> Reply:
+        if service.name == "kms" and request.target.startswith(ADMIN_PREFIX):
+            assert isinstance(service, LocalKms)
+            return self._admin(request, service)
+        fault = self.admin.faults.next_call(service.name)
         if fault is not None:
             if fault.delay:
                 await trio.sleep(fault.delay)
             error = fault.error()
             if error is not None:
-                return error_reply(*error, operation=_operation_of(request))
+                return service.error(*error, request)
         try:
-            return self.kms.handle(request, datetime.now(UTC))
-        except Exception as exc:  # noqa: BLE001 - a bug here answers 500, as KMS would
-            log.error("internal_error", operation=_operation_of(request), error=type(exc).__name__)
-            return error_reply(
-                500, "KMSInternalException", "local KMS internal error", _operation_of(request)
-            )
+            return service.handle(request, datetime.now(UTC))
+        except Exception as exc:  # noqa: BLE001 - a bug here answers 500, as AWS would
+            log.error("internal_error", service=service.name, error=type(exc).__name__)
+            status, error_type = ERRORS[service.name]["internal"]
+            return service.error(status, error_type, "local stand-in internal error", request)
 
-    def _admin(self, request: Request) -> Reply:
+    def _admin(self, request: Request, kms: LocalKms) -> Reply:
         path = request.target.partition("?")[0]
         if path == ADMIN_PREFIX + "healthz" and request.method == "GET":
             return _json_reply(200, {"status": "ok"})
@@ -139,8 +159,26 @@ class KmsHttpServer:
             except FaultError as exc:
                 return _json_reply(400, {"error": str(exc)})
             self.admin.faults.set(plan)
-            log.info("faults_set", kind=plan.kind, count=plan.count, delay=plan.delay)
+            log.info(
+                "faults_set",
+                service=plan.service,
+                kind=plan.kind,
+                count=plan.count,
+                delay=plan.delay,
+            )
             return _json_reply(200, {"pending": self.admin.faults.pending})
+        if path == ADMIN_PREFIX + "document_age":
+            try:
+                rule = parse_document_age_rule(document)
+            except FaultError as exc:
+                return _json_reply(400, {"error": str(exc)})
+            kms.document_age = rule
+            log.info(
+                "document_age_set",
+                max_age=rule.max_age if rule else None,
+                answer=rule.answer if rule else None,
+            )
+            return _json_reply(200, {"max_age": rule.max_age if rule else None})
         if path == ADMIN_PREFIX + "credentials":
             try:
                 credential = self.admin.credentials.mint_requested(document, datetime.now(UTC))
@@ -153,7 +191,7 @@ class KmsHttpServer:
 
 def _answer(reply: Reply) -> Answer:
     headers = [
-        ("Content-Type", JSON_CONTENT_TYPE),
+        ("Content-Type", reply.content_type),
         ("x-amzn-RequestId", new_request_id()),
         *reply.headers,
     ]
@@ -167,11 +205,12 @@ def _bad_http(status: int, reason: str) -> Answer:
     return Answer(status, [("Content-Type", "application/json")], body)
 
 
-def _log(peer: str, report: Report) -> None:
+def _log(service: str, peer: str, report: Report) -> None:
     """One event per request, with its outcome and never a body."""
     if report.outcome == "answered" and report.request is not None:
         log.info(
             "request",
+            service=service,
             peer=peer,
             method=report.request.method,
             path=report.request.target.partition("?")[0],
@@ -193,8 +232,3 @@ def _headers(raw: Iterable[tuple[str, str]]) -> dict[str, str]:
     for key, text in raw:
         headers[key] = f"{headers[key]},{text}" if key in headers else text
     return headers
-
-
-def _operation_of(request: Request) -> str | None:
-    target = request.headers.get("x-amz-target", "")
-    return target.partition(".")[2] or None

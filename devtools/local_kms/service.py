@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devtools.local_kms import key_ops
 from devtools.local_kms.backend import MOTO_OPERATIONS, KeyInfo, MotoBackendError, MotoKms
-from devtools.local_kms.credentials import Credential, CredentialStore
+from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.envelope import encrypt_for_recipient
+from devtools.local_kms.faults import DocumentAgeRule
 from devtools.local_kms.policy import (
     Caller,
     Decision,
@@ -43,7 +44,7 @@ from devtools.local_kms.policy import (
 )
 from devtools.local_kms.recipient import RecipientError, VerifiedRecipient, verify_recipient
 from devtools.local_kms.shapes import check_request, operation_names
-from devtools.local_kms.sigv4 import Request, check_signature
+from devtools.local_kms.sigv4 import Request
 from enclave_common.errors import ShownError
 
 TARGET_PREFIX = "TrentService."
@@ -122,23 +123,59 @@ class Reply:
     operation: str | None = None
     error_type: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = JSON_CONTENT_TYPE
 
 
-class KmsError(ShownError):
-    """What KMS itself would answer."""
+class ServiceError(ShownError):
+    """What the service itself would answer (KMS, Secrets Manager, SSM)."""
 
 
-def _validation(message: str) -> KmsError:
-    return KmsError("ValidationException", message, 400)
+def _validation(message: str) -> ServiceError:
+    return ServiceError("ValidationException", message, 400)
 
 
 def error_reply(status: int, error_type: str, message: str, operation: str | None) -> Reply:
+    """An error of a JSON 1.1 service (KMS, Secrets Manager, SSM) in AWS's shape."""
     body = json.dumps({"__type": error_type, "message": message}).encode()
     return Reply(status, body, operation, error_type, [("x-amzn-ErrorType", error_type)])
 
 
+def json_object(request: Request) -> dict[str, Any]:
+    """A JSON service's request body: a JSON object, else SerializationException."""
+    try:
+        body = json.loads(request.body) if request.body else {}
+    except (ValueError, RecursionError) as exc:
+        raise ServiceError("SerializationException", "request body is not JSON", 400) from exc
+    if not isinstance(body, dict):
+        raise ServiceError("SerializationException", "request body must be a JSON object", 400)
+    return body
+
+
+def target_operation(request: Request, prefix: str, service: str) -> str:
+    """The operation a JSON 1.1 request names (``X-Amz-Target: PREFIX.Operation``) if
+    botocore's model of ``service`` has it, else UnknownOperationException."""
+    if request.method != "POST" or request.target.partition("?")[0] != "/":
+        raise ServiceError("UnknownOperationException", f"{service} answers POST / only", 404)
+    target = request.headers.get("x-amz-target", "")
+    if not target.startswith(prefix):
+        raise ServiceError(
+            "UnknownOperationException", f"X-Amz-Target must be {prefix}<Operation>", 400
+        )
+    operation = target[len(prefix) :]
+    if operation not in operation_names(service):
+        raise ServiceError("UnknownOperationException", "unknown operation", 400)
+    return operation
+
+
+def operation_of(request: Request) -> str | None:
+    """The operation a JSON 1.1 request names, for logs (unchecked)."""
+    return request.headers.get("x-amz-target", "").partition(".")[2] or None
+
+
 class LocalKms:
     """The stand-in's KMS: SigV4, Recipient, key policies, and moto for the rest."""
+
+    name = "kms"
 
     def __init__(
         self,
@@ -152,6 +189,7 @@ class LocalKms:
         self.roots = list(roots)
         self.credentials = credentials
         self.moto = moto or MotoKms(region, credentials.accounts)
+        self.document_age: DocumentAgeRule | None = None  # set through the admin route
         if self.moto.accounts != credentials.accounts:
             raise ValueError("moto and the credentials must speak for the same accounts")
 
@@ -159,53 +197,28 @@ class LocalKms:
         operation: str | None = None
         try:
             operation = self._operation(request)
-            caller = self._authenticate(request, now)
-            body = self._body(request)
+            caller = self.credentials.authenticate(
+                request, service="kms", region=self.region, now=now
+            )
+            body = json_object(request)
             return self._call(operation, body, now, caller)
-        except ShownError as exc:  # KmsError, and the signature's and the shape's errors
+        except ShownError as exc:  # ServiceError, and the signature's and the shape's errors
             return error_reply(exc.status, exc.error_type, exc.message, operation)
         except MotoBackendError as exc:
             return error_reply(500, "KMSInternalException", str(exc), operation)
 
+    def error(self, status: int, error_type: str, message: str, request: Request) -> Reply:
+        return error_reply(status, error_type, message, operation_of(request))
+
     def _operation(self, request: Request) -> str:
-        if request.method != "POST" or request.target.partition("?")[0] != "/":
-            raise KmsError("UnknownOperationException", "KMS answers POST / only", 404)
-        target = request.headers.get("x-amz-target", "")
-        if not target.startswith(TARGET_PREFIX):
-            raise KmsError(
-                "UnknownOperationException", "X-Amz-Target must be TrentService.<Operation>", 400
-            )
-        operation = target[len(TARGET_PREFIX) :]
-        if operation not in operation_names():
-            raise KmsError("UnknownOperationException", "unknown operation", 400)
+        operation = target_operation(request, TARGET_PREFIX, self.name)
         if operation not in MOTO_OPERATIONS and operation not in LOCAL_OPERATIONS:
-            raise KmsError(
+            raise ServiceError(
                 "UnsupportedOperationException",
                 f"the local KMS does not implement {operation}",
                 400,
             )
         return operation
-
-    def _authenticate(self, request: Request, now: datetime) -> Caller:
-        token = request.headers.get("x-amz-security-token")
-        signer: list[Credential] = []
-
-        def secret_for(key_id: str) -> str:
-            signer.append(self.credentials.credential_for(key_id, token, now))
-            return signer[-1].secret_access_key
-
-        check_signature(request, service="kms", region=self.region, secret_for=secret_for, now=now)
-        return signer[-1].caller  # check_signature returns only after asking for a secret
-
-    @staticmethod
-    def _body(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(request.body) if request.body else {}
-        except (ValueError, RecursionError) as exc:
-            raise KmsError("SerializationException", "request body is not JSON", 400) from exc
-        if not isinstance(body, dict):
-            raise KmsError("SerializationException", "request body must be a JSON object", 400)
-        return body
 
     def _call(self, operation: str, body: dict[str, Any], now: datetime, caller: Caller) -> Reply:
         body = check_request(operation, body)
@@ -219,13 +232,14 @@ class LocalKms:
                 recipient = verify_recipient(body.pop("Recipient"), self.roots, now)
             except RecipientError as exc:
                 raise _validation(str(exc)) from exc
+            self._check_document_age(recipient, now, caller)
         if operation in ("CreateKey", "PutKeyPolicy") and body.get("Policy") is not None:
             if not isinstance(body["Policy"], str):
                 raise _validation("Policy must be a string")
             try:
                 parse_policy(body["Policy"])
             except PolicyError as exc:
-                raise KmsError("MalformedPolicyDocumentException", str(exc), 400) from exc
+                raise ServiceError("MalformedPolicyDocumentException", str(exc), 400) from exc
         if (
             operation == "CreateKey"
             and body.get("KeyUsage") == "KEY_AGREEMENT"
@@ -286,15 +300,36 @@ class LocalKms:
         try:
             return key_ops.OPERATIONS[operation](material, body)
         except key_ops.KeyOpError as exc:
-            raise KmsError(exc.error_type, exc.message, exc.status) from None
+            raise ServiceError(exc.error_type, exc.message, exc.status) from None
+
+    def _check_document_age(
+        self, recipient: VerifiedRecipient, now: datetime, caller: Caller
+    ) -> None:
+        rule = self.document_age
+        if rule is None:
+            return
+        age = (now - recipient.timestamp).total_seconds()
+        if age <= rule.max_age:
+            return
+        if rule.answer == "AccessDeniedException":
+            raise ServiceError(
+                rule.answer,
+                f"User: {caller.arn} is not authorized to use this attestation document: "
+                f"it is {age:.1f} s old, more than {rule.max_age:g} s (local KMS rule)",
+                400,
+            )
+        raise _validation(
+            f"invalid attestation document: it is {age:.1f} s old, more than "
+            f"{rule.max_age:g} s (local KMS rule)"
+        )
 
     def _moto(self, account: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
-        """moto's answer to ``operation`` in ``account``, or its error as a KmsError."""
+        """moto's answer to ``operation`` in ``account``, or its error as a ServiceError."""
         reply = self.moto.call(account, operation, body)
         if reply.status >= 400:
             error_type = str(reply.body.get("__type", "KMSInternalException"))
             message = str(reply.body.get("message", reply.body.get("Message", "")))
-            raise KmsError(error_type.rpartition("#")[2], message, reply.status)
+            raise ServiceError(error_type.rpartition("#")[2], message, reply.status)
         return reply.body
 
     def _re_encrypt_across(self, body: dict[str, Any], keys: dict[str, KeyInfo]) -> dict[str, Any]:
@@ -356,7 +391,7 @@ class LocalKms:
             if key is not None and isinstance(reference, str):
                 named_key = lookup(reference)
                 if named_key is not None and named_key.key_id != key.key_id:
-                    raise KmsError(
+                    raise ServiceError(
                         "IncorrectKeyException",
                         "The key ID in the request does not identify a CMK that can perform "
                         "this operation.",
@@ -386,7 +421,7 @@ class LocalKms:
         except PolicyError as exc:
             # Every policy set through the stand-in was validated; only a moto default
             # this evaluator cannot read gets here.
-            raise KmsError("KMSInternalException", f"stored key policy: {exc}", 500) from exc
+            raise ServiceError("KMSInternalException", f"stored key policy: {exc}", 500) from exc
         if decision is Decision.ALLOW:
             return
         reason = (
@@ -441,7 +476,7 @@ def _page(answer: dict[str, Any], member: str, body: dict[str, Any]) -> dict[str
     start = 0
     if marker is not None:
         if not (isinstance(marker, str) and marker.isdigit() and int(marker) <= len(entries)):
-            raise KmsError("InvalidMarkerException", "The marker is not valid.", 400)
+            raise ServiceError("InvalidMarkerException", "The marker is not valid.", 400)
         start = int(marker)
     end = start + int(body.get("Limit") or _DEFAULT_PAGE)
     page: dict[str, Any] = {member: entries[start:end], "Truncated": end < len(entries)}
@@ -450,8 +485,8 @@ def _page(answer: dict[str, Any], member: str, body: dict[str, Any]) -> dict[str
     return page
 
 
-def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> KmsError:
-    return KmsError(
+def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> ServiceError:
+    return ServiceError(
         "AccessDeniedException",
         f"User: {caller.arn} is not authorized to perform: {action} on resource: "
         f"{key.arn} {reason}",
@@ -459,7 +494,7 @@ def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> Km
     )
 
 
-def _not_found(reference: str, account: str, region: str) -> KmsError:
+def _not_found(reference: str, account: str, region: str) -> ServiceError:
     """KMS's (and moto's) NotFoundException for a key or alias name that names nothing;
     a name without ARN is shown as the ARN it has in ``account``."""
     if reference.startswith("arn:"):
@@ -468,8 +503,8 @@ def _not_found(reference: str, account: str, region: str) -> KmsError:
         kind = "" if reference.startswith("alias/") else "key/"
         arn = f"arn:aws:kms:{region}:{account}:{kind}{reference}"
     if ":alias/" in arn:
-        return KmsError("NotFoundException", f"Alias {arn} is not found.", 400)
-    return KmsError("NotFoundException", f"Key '{arn}' does not exist", 400)
+        return ServiceError("NotFoundException", f"Alias {arn} is not found.", 400)
+    return ServiceError("NotFoundException", f"Key '{arn}' does not exist", 400)
 
 
 def new_request_id() -> str:

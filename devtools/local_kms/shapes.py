@@ -1,4 +1,5 @@
-"""Check a KMS request body against botocore's model of KMS, as AWS's front end does.
+"""Check a JSON request body against botocore's model of its service (KMS, Secrets
+Manager, SSM), as AWS's front end does.
 
 AWS refuses a member of the wrong JSON type with ``SerializationException`` and a
 missing required member with ``ValidationException``; moto trusts its input, so without
@@ -26,17 +27,17 @@ class ShapeError(ShownError):
 
 
 @cache
-def _model() -> Any:
-    return botocore.session.get_session().get_service_model("kms")
+def _model(service: str) -> Any:
+    return botocore.session.get_session().get_service_model(service)
 
 
-def operation_names() -> frozenset[str]:
-    return frozenset(_model().operation_names)
+def operation_names(service: str = "kms") -> frozenset[str]:
+    return frozenset(_model(service).operation_names)
 
 
-def check_request(operation: str, body: dict[str, Any]) -> dict[str, Any]:
+def check_request(operation: str, body: dict[str, Any], service: str = "kms") -> dict[str, Any]:
     """``body`` without null or unknown members; ShapeError unless it fits the model."""
-    shape = _model().operation_model(operation).input_shape
+    shape = _model(service).operation_model(operation).input_shape
     if shape is None:
         return {}
     _check(shape, body, operation, 0)
@@ -95,9 +96,10 @@ def _check(shape: Any, value: Any, path: str, depth: int) -> None:
         if not isinstance(value, str):
             raise _serialization(path, "a base64 string")
         try:
-            base64.b64decode(value, validate=True)
+            decoded = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise _serialization(path, "valid base64") from exc
+        _check_range(shape, len(decoded), path, "length")
     elif kind == "timestamp" and (isinstance(value, bool) or not isinstance(value, int | float)):
         raise _serialization(path, "a number of seconds")
 

@@ -135,7 +135,7 @@ def verify_attestation(
     at: datetime | None = None,
     chains: ChainCache | None = None,
 ) -> AttestationDocument:
-    """Parse ``document`` and check it fully (DESIGN.md §5); return its fields.
+    """Parse ``document`` and check it fully; return its fields.
 
     ``root`` is the trusted root certificate, PEM or DER (default: AWS Nitro root G1).
     ``at`` is the instant the chain must be valid at (default now; naive means UTC).

@@ -26,10 +26,12 @@ outside the enclave, while the key can still be updated for a new image or
 scheduled for deletion. (Whoever may replace the policy can of course grant
 themselves more; that power is what "manageable" means.)
 
-``kms:Encrypt`` goes to one named principal, the operator who encrypts the
-image's secrets, and never through the account root: whoever may Encrypt under a
-key the enclave trusts can make a valid ciphertext of any value and have the
-enclave "decrypt" it, so the parent's role must not hold it.
+``kms:Encrypt`` and ``kms:GenerateDataKey`` go to one named principal, the operator
+who seals the image's secrets (``enclave-agent seal``: Encrypt for a small value, a
+data key for a large one), and never through the account root: whoever may Encrypt
+under a key the enclave trusts, or get a data key from it, can make a valid
+ciphertext of any value and have the enclave "decrypt" it, so the parent's role must
+not hold either without the attestation condition.
 
 ``trusted_keys_entry`` gives the agent-config entry that goes with the policy (the
 key's ARN, or its whole account in the region), in the agent's own grammar.
@@ -46,7 +48,7 @@ from typing import Any
 from enclave_agent.runtime import kms_operations
 from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_agent.runtime.trusted_keys import KeyArn, KeyArnError, account_entry, parse_key_arn
-from enclave_common.aws import PARTITION_PATTERN
+from enclave_common.aws import PARTITION_PATTERN, is_account_id
 
 # nitro-cli prints SHA-384 values: 48 bytes, 96 hex digits.
 PCR_HEX_LENGTH = 96
@@ -124,7 +126,6 @@ _HEX = re.compile(r"[0-9a-fA-F]*")
 _PRINCIPAL_ARN = re.compile(
     rf"arn:({PARTITION_PATTERN}):iam::([0-9]{{12}}):(role|user)/[\w+=,.@/-]{{1,512}}"
 )
-_ACCOUNT_ID = re.compile(r"[0-9]{12}")
 
 
 class KeyPolicyError(ValueError):
@@ -329,7 +330,8 @@ def parse_role_arn(role_arn: str) -> tuple[str, str]:
 
 
 def encrypt_statement(encrypt_principal: str, role_arn: str) -> dict[str, Any]:
-    """``kms:Encrypt`` for the operator's own IAM role or user, never the enclave's role."""
+    """``kms:Encrypt`` and ``kms:GenerateDataKey`` for the operator's own IAM role or user
+    (what ``enclave-agent seal`` calls), never the enclave's role."""
     match = _PRINCIPAL_ARN.fullmatch(encrypt_principal)
     if match is None:
         raise KeyPolicyError(
@@ -352,7 +354,7 @@ def encrypt_statement(encrypt_principal: str, role_arn: str) -> dict[str, Any]:
         "Sid": ENCRYPT_SID,
         "Effect": "Allow",
         "Principal": {"AWS": encrypt_principal},
-        "Action": "kms:Encrypt",
+        "Action": ["kms:Encrypt", "kms:GenerateDataKey"],
         "Resource": "*",
     }
 
@@ -506,8 +508,9 @@ def build_key_policy(
 ) -> dict[str, Any]:
     """A whole key policy: account administration (no decryption, no encryption) +
     one enclave statement per image (several while an upgrade rolls out: old and new
-    image) + ``kms:Encrypt`` for ``encrypt_principal`` if given (else nobody may) + the
-    ``pass_through`` operations for the role, if any (``pass_through_statement``)."""
+    image) + ``kms:Encrypt`` and ``kms:GenerateDataKey`` for ``encrypt_principal`` if
+    given (else nobody may) + the ``pass_through`` operations for the role, if any
+    (``pass_through_statement``)."""
     images = [measurements] if isinstance(measurements, Measurements) else list(measurements)
     if not images:
         raise KeyPolicyError("at least one set of measurements is needed")
@@ -526,7 +529,7 @@ def build_key_policy(
     partition, role_account = parse_role_arn(role_arn)
     if account_id is None:
         account_id = role_account
-    elif not _ACCOUNT_ID.fullmatch(account_id):
+    elif not is_account_id(account_id):
         raise KeyPolicyError(f"an account id is 12 digits, got {account_id!r}")
     return {
         "Version": "2012-10-17",

@@ -173,8 +173,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--encrypt-principal",
         metavar="ARN",
-        help="the IAM role or user (not the enclave's role) that may kms:Encrypt under the "
-        "key, to make the image's secrets; without it nobody may",
+        help="the IAM role or user (not the enclave's role) that may kms:Encrypt and "
+        "kms:GenerateDataKey under the key, to seal the image's secrets; without it nobody may",
     )
     parser.add_argument(
         "--operation",

@@ -5,7 +5,7 @@ body) and returns a typed route or raises ``AppProtocolError``; it shapes answer
 into bytes. It does not know which socket the request came from nor who sent it
 (``server`` checks callers), and it never talks to KMS (``kms.KmsGateway`` does).
 
-The app-facing protocol (DESIGN.md section 3):
+The app-facing protocol (docs/agent.md, "The app socket"):
 
 - ``POST /`` with ``X-Amz-Target: TrentService.<Op>``: the KMS JSON 1.1 protocol, so
   an SDK pointed at the agent works unchanged. The agent adds ``Recipient`` itself,

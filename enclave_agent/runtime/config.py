@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from enclave_agent.client import DEFAULT_SOCKET
+from enclave_agent.runtime.documents import DEFAULT_REUSE_SECONDS, MAX_REUSE_SECONDS
 from enclave_agent.runtime.trusted_keys import CONFIG_KEY, KeyArnError, TrustedKeys
 from enclave_common.address import DEFAULT_PROXY, Address, TcpAddress, is_loopback_host
 from enclave_common.config import (
@@ -219,8 +220,18 @@ class Limits:
     )
     kms_max_attempts: int = setting(
         integer(),
-        "attempts per call for retryable failures (plus one after an expired token)",
+        "attempts per call for retryable failures (plus one after an expired token, and one "
+        "with a new attestation document when KMS refuses a call that carried a reused one)",
         default=4,
+    )
+    # How long one attestation document serves KMS calls (runtime/documents.py).
+    attestation_reuse_seconds: float = setting(
+        number((0, MAX_REUSE_SECONDS)),
+        "seconds one attestation document serves KMS calls (`0`: a new one per call). Never "
+        "longer than the document's leaf certificate has left after its `timestamp` minus "
+        "15 minutes; the first call after 80 % of that fetches the next one. Why reuse is "
+        'safe: `docs/security.md`, "Attestation documents are reused"',
+        default=DEFAULT_REUSE_SECONDS,
     )
 
 

@@ -1,9 +1,10 @@
 """AWS credentials for signing, fetched from the proxy's ``GET /v1/credentials``.
 
-The parent holds the instance role's credentials anyway (DESIGN.md §2), so the agent
-asks the proxy for them instead of keeping any of its own. They are cached and
-refreshed lazily, ahead of ``Expiration``: five minutes before, or halfway through
-the remaining lifetime for credentials that live less than ten minutes. One refresh
+The parent holds the instance role's credentials anyway (docs/architecture.md, "The
+trust boundary"), so the agent asks the proxy for them instead of keeping any of its
+own. They are cached and refreshed lazily, ahead of ``Expiration``: five minutes
+before, or halfway through the remaining lifetime for credentials that live less than
+ten minutes. One refresh
 runs at a time (single flight): callers that arrive meanwhile wait for its result
 instead of each asking the proxy. When KMS says the token has expired anyway (clock
 skew, revoked session), ``refresh_after_expired`` forces one new fetch.
@@ -21,8 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import trio
-
+from enclave_agent.runtime.single_flight import SingleFlight
 from enclave_agent.runtime.transport import TransportError, http_get, proxy_error_reason
 from enclave_common.address import Address
 
@@ -88,7 +88,7 @@ def _parse_expiration(value: Any) -> datetime | None:
 
 
 def parse_credentials(body: bytes, *, now: datetime | None = None) -> Credentials:
-    """The proxy's JSON answer (contract in CONTRACTS.md, section A)."""
+    """The proxy's JSON answer (docs/proxy.md, "The proxy port")."""
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -140,13 +140,6 @@ def proxy_fetcher(proxy: Address) -> Callable[[], Awaitable[Credentials]]:
     return fetch
 
 
-class _Flight:
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: Credentials | None = None
-        self.error: CredentialsError | None = None
-
-
 class CredentialsProvider:
     """Cached credentials with lazy, single-flight refresh."""
 
@@ -159,7 +152,7 @@ class CredentialsProvider:
         self._fetch = fetch
         self._clock = clock
         self._current: Credentials | None = None
-        self._flight: _Flight | None = None
+        self._flight = SingleFlight(self._fetch_checked, shared=(CredentialsError,))
         self.fetches = 0  # how many times the proxy was asked (tests check single flight)
 
     def _usable(self, creds: Credentials) -> bool:
@@ -189,39 +182,22 @@ class CredentialsProvider:
         return await self._refresh()
 
     async def _refresh(self) -> Credentials:
-        while True:
-            flight = self._flight
-            if flight is None:
-                return await self._lead()
-            await flight.done.wait()
-            if flight.result is not None:
-                return flight.result
-            if flight.error is not None:
-                raise flight.error
-            # the leader was cancelled (its own deadline): take over
+        return await self._flight.run()
 
-    async def _lead(self) -> Credentials:
-        flight = self._flight = _Flight()
-        try:
-            self.fetches += 1
-            fetched = await self._fetch()
-            creds = Credentials(
-                access_key_id=fetched.access_key_id,
-                secret_access_key=fetched.secret_access_key,
-                token=fetched.token,
-                expiration=fetched.expiration,
-                region=fetched.region,
-                fetched_at=self._clock(),
+    async def _fetch_checked(self) -> Credentials:
+        self.fetches += 1
+        fetched = await self._fetch()
+        creds = Credentials(
+            access_key_id=fetched.access_key_id,
+            secret_access_key=fetched.secret_access_key,
+            token=fetched.token,
+            expiration=fetched.expiration,
+            region=fetched.region,
+            fetched_at=self._clock(),
+        )
+        if not self._usable(creds):
+            raise CredentialsError(
+                f"credentials from the proxy expired already at {creds.expiration}"
             )
-            if not self._usable(creds):
-                raise CredentialsError(
-                    f"credentials from the proxy expired already at {creds.expiration}"
-                )
-            self._current = flight.result = creds
-            return creds
-        except CredentialsError as exc:
-            flight.error = exc
-            raise
-        finally:
-            self._flight = None
-            flight.done.set()
+        self._current = creds
+        return creds

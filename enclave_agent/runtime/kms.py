@@ -1,25 +1,29 @@
 """The agent's KMS client: one ``KmsGateway.call`` per app request, many at once.
 
-Each call: validate the app's body → for a Recipient operation, a fresh attestation
-document carrying our public key (the NSM, in a worker thread: it is a blocking
-ioctl) and ``Recipient`` added → SigV4 (``sigv4``) with the proxy's credentials →
-HTTPS through the proxy's CONNECT tunnel on a pooled connection → KMS's answer read
-→ ``CiphertextForRecipient`` opened with our private key → the answer KMS gives the
-same call without ``Recipient``. A pass-through operation (``kms_operations``: one
-that returns no secret) is the same call without the document and the envelope.
-Before the envelope is opened or a pass-through answer returned, every key the
-answer names must be one of ``KmsSettings.trusted_keys`` (``kms_protocol`` checks
-it); a refusal of an untrusted key is final, never retried.
+Each call: validate the app's body → for a Recipient operation, an attestation
+document carrying our public key (``documents``: one is reused for
+``attestation_reuse`` seconds, bounded by its own certificate; a new one comes from
+the NSM in a worker thread, as it is a blocking ioctl) and ``Recipient`` added →
+SigV4 (``sigv4``) with the proxy's credentials → HTTPS through the proxy's CONNECT
+tunnel on a pooled connection → KMS's answer read → ``CiphertextForRecipient``
+opened with our private key → the answer KMS gives the same call without
+``Recipient``. A pass-through operation (``kms_operations``: one that returns no
+secret) is the same call without the document and the envelope. Before the envelope
+is opened or a pass-through answer returned, every key the answer names must be one
+of ``KmsSettings.trusted_keys`` (``kms_protocol`` checks it); a refusal of an
+untrusted key is final, never retried.
 
 Failures keep KMS's shape (``KmsError``: type, message, HTTP status) so an SDK on
 the app side raises what it would raise against KMS. KMS's own errors pass through
 unchanged; failures of our own path (proxy, TLS, NSM, envelope, deadline) get
 KMS-style type names and a message naming the cause. Retries: throttling, 5xx and
 broken connections, with full-jitter exponential backoff, all inside the call's
-deadline; one extra try with new credentials when KMS says the token expired.
+deadline; one extra try with new credentials when KMS says the token expired, and
+one with a new attestation document when KMS refuses a call that carried a reused
+one in a way that may mean the document (``KmsFailure.may_reject_document``).
 
-No background tasks and no global lock: the pool and credentials refresh lazily,
-the pool's size bounds how many requests are on the wire at once.
+No background tasks and no global lock: the pool, credentials and documents refresh
+lazily, the pool's size bounds how many requests are on the wire at once.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ from enclave_agent.runtime.credentials import (
     CredentialsError,
     CredentialsProvider,
     proxy_fetcher,
+)
+from enclave_agent.runtime.documents import (
+    DEFAULT_REUSE_SECONDS,
+    AttestationDocuments,
+    Lease,
 )
 from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_agent.runtime.nsm import Attester, NsmError, request_attestation
@@ -74,6 +83,8 @@ class KmsSettings:
     pool_size: int = 16  # most kept-alive TLS connections (and requests in flight)
     call_timeout: float = 10.0  # deadline per app call, retries included
     max_attempts: int = 4
+    # Seconds one attestation document is reused (0: a fresh one per call); ``documents``.
+    attestation_reuse: float = DEFAULT_REUSE_SECONDS
     # The keys whose answers may be opened; empty (the default): no key operation at all.
     trusted_keys: TrustedKeys = field(default_factory=TrustedKeys)
 
@@ -101,11 +112,19 @@ def endpoint_host_port(settings: KmsSettings) -> tuple[str, int]:
 
 
 class _AttemptFailed(Exception):
-    def __init__(self, error: KmsError, *, retryable: bool, expired: Credentials | None = None):
+    def __init__(
+        self,
+        error: KmsError,
+        *,
+        retryable: bool,
+        expired: Credentials | None = None,
+        rejected: Lease | None = None,
+    ):
         super().__init__(str(error))
         self.error = error
         self.retryable = retryable
         self.expired = expired  # credentials KMS called expired
+        self.rejected = rejected  # a reused attestation document KMS may have refused
 
 
 @dataclass
@@ -133,6 +152,9 @@ class KmsGateway:
             pool_size=settings.pool_size,
         )
         self.credentials = CredentialsProvider(proxy_fetcher(settings.proxy))
+        self.documents = AttestationDocuments(
+            self._attestation, settings.attestation_reuse, shared=(KmsError,)
+        )
         self.signing_keys = sigv4.SigningKeyCache()
 
     async def aclose(self) -> None:
@@ -148,8 +170,8 @@ class KmsGateway:
             outcome = {"outcome": "error", "error_type": exc.error_type, "status": exc.status}
             outcome["reason"] = exc.message
             raise
-        # A bug of ours must still reach the app in KMS's shape (the contract: KmsError
-        # for everything). The log gets the class name only, as its text could quote
+        # A bug of ours must still reach the app in KMS's shape (``call`` raises KmsError
+        # and nothing else). The log gets the class name only, as its text could quote
         # request data; the app not even that (no internals reach a client).
         except Exception as exc:
             name = type(exc).__name__
@@ -195,6 +217,7 @@ class KmsGateway:
         self, validated: kms_protocol.ValidatedRequest, record: _CallRecord
     ) -> dict[str, Any]:
         refreshed_for_expiry = False
+        refreshed_document = False
         failures = 0
         while True:
             record.attempts += 1
@@ -205,6 +228,10 @@ class KmsGateway:
                 if failed.expired is not None and not refreshed_for_expiry:
                     refreshed_for_expiry = True  # once only: a second expiry is an error
                     await self._refresh_expired(failed.expired)
+                    continue
+                if failed.rejected is not None and not refreshed_document:
+                    refreshed_document = True  # once only: the next one is fetched fresh
+                    self._discard_document(failed.rejected, failed.error)
                     continue
                 failures += 1
                 if not failed.retryable or failures >= self._settings.max_attempts:
@@ -217,6 +244,19 @@ class KmsGateway:
             await self.credentials.refresh_after_expired(stale)
         except CredentialsError as exc:
             raise KmsError("ExpiredTokenException", _short(exc.message), 400) from None
+
+    def _discard_document(self, rejected: Lease, error: KmsError) -> None:
+        self.documents.discard(rejected)
+        # What KMS answers to a document it will not take is undocumented: this event
+        # is how the real behaviour gets known (error type only; its message names
+        # principals and keys).
+        _log.warning(
+            "attestation_refreshed",
+            reason="kms_refused_reused_document",
+            error_type=error.error_type,
+            status=error.status,
+            document_age_s=round(self.documents.age(rejected), 1),
+        )
 
     async def _credentials(self) -> Credentials:
         try:
@@ -263,8 +303,8 @@ class KmsGateway:
         operation = validated.operation
         creds = await self._credentials()
         recipient = OPERATION_TABLE[operation].recipient
-        document = await self._attestation() if recipient else None
-        body = kms_protocol.build_request(validated, document)
+        lease = await self.documents.get() if recipient else None
+        body = kms_protocol.build_request(validated, lease.document.data if lease else None)
         headers = self._sign(creds, operation, body)
         try:
             response = await self.pool.request("POST", "/", headers, body)
@@ -291,6 +331,9 @@ class KmsGateway:
                 KmsError(result.error_type, _short(result.message), result.status),
                 retryable=result.retryable,
                 expired=creds if result.expired_token else None,
+                rejected=lease
+                if lease is not None and result.may_reject_document and not lease.fresh
+                else None,
             )
         if isinstance(result, kms_protocol.PassThroughAnswer):
             return result.members

@@ -66,6 +66,9 @@ KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
 _RECIPIENT_ANSWER_MEMBER = "CiphertextForRecipient"
 _THROTTLING_TYPES = frozenset({"ThrottlingException"})
 _EXPIRED_TOKEN_TYPES = frozenset({"ExpiredTokenException", "ExpiredToken"})
+_ACCESS_DENIED_TYPES = frozenset({"AccessDeniedException"})
+# CommonErrors lists ValidationError; JSON 1.1 answers say ValidationException.
+_VALIDATION_TYPES = frozenset({"ValidationException", "ValidationError"})
 
 
 class KmsProtocolError(ShownError):
@@ -97,6 +100,22 @@ class KmsFailure:
     @property
     def expired_token(self) -> bool:
         return self.error_type in _EXPIRED_TOKEN_TYPES
+
+    @property
+    def may_reject_document(self) -> bool:
+        """Whether this refusal may be KMS refusing the attestation document, so one
+        try with a new document is worth it. What KMS answers then is documented
+        nowhere: a validation error naming the document or the Recipient, or (a
+        ``kms:RecipientAttestation:*`` policy condition that no longer holds) an
+        AccessDeniedException, both HTTP 400."""
+        if self.status != 400:
+            return False
+        if self.error_type in _ACCESS_DENIED_TYPES:
+            return True
+        if self.error_type not in _VALIDATION_TYPES:
+            return False
+        text = self.message.lower()
+        return "attestation" in text or "recipient" in text
 
 
 @dataclass(frozen=True, repr=False)

@@ -1,7 +1,8 @@
 """Who may use the agent: the allow rule over a caller's uid and groups.
 
-Together with the socket file's mode this is the whole app-side boundary (DESIGN.md
-section 2). One rule for both listeners; what differs is where the groups come from:
+Together with the socket file's mode this is the whole app-side boundary
+(docs/architecture.md, "The trust boundary"). One rule for both listeners; what
+differs is where the groups come from:
 
 - Unix socket: SO_PEERCRED and SO_PEERGROUPS (``enclave_common.peercred``), the
   caller's primary and supplementary gids as of its connect().

@@ -133,6 +133,7 @@ def kms_settings(config: AgentConfig) -> KmsSettings:
         pool_size=config.limits.kms_pool_size,
         call_timeout=config.limits.kms_call_timeout,
         max_attempts=config.limits.kms_max_attempts,
+        attestation_reuse=config.limits.attestation_reuse_seconds,
         trusted_keys=config.trusted_keys,
     )
 

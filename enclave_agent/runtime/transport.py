@@ -2,8 +2,8 @@
 
 Why TLS starts here and not at the proxy: the parent instance is untrusted, and
 ``CiphertextForRecipient`` has no authenticity of its own, so the agent must verify
-KMS's certificate chain and host name itself (DESIGN.md §2). The proxy only ever
-sees the CONNECT line and TLS records.
+KMS's certificate chain and host name itself (docs/architecture.md, "The trust
+boundary"). The proxy only ever sees the CONNECT line and TLS records.
 
 Theory of operation: a connection is proxy stream → ``CONNECT host:port`` answered
 200 → ``trio.SSLStream`` (CA bundle, host name checked) → an HTTP/1.1 client
@@ -258,7 +258,11 @@ class KmsConnectionPool:
     ) -> Response:
         if self._closed:
             raise TransportError("the KMS connection pool is closed", retryable=False)
-        async with self._slots:
+        try:
+            self._slots.acquire_nowait()  # usually free: no trip through the scheduler
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             conn = self._take_idle()
             while self._expired:
                 await _drop(self._expired.pop())
@@ -285,6 +289,8 @@ class KmsConnectionPool:
             else:
                 await _drop(conn)
             return response
+        finally:
+            self._slots.release()
 
     async def aclose(self) -> None:
         self._closed = True

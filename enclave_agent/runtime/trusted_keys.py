@@ -30,12 +30,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from enclave_common.aws import PARTITION_PATTERN, is_region
+from enclave_common.aws import ACCOUNT_PATTERN, PARTITION_PATTERN, is_region
 
 CONFIG_KEY = "trusted_keys"
 ACCOUNT_WILDCARD = "*"
 _PARTITION = re.compile(PARTITION_PATTERN)
-_ACCOUNT = re.compile(r"[0-9]{12}")
+_ACCOUNT = re.compile(ACCOUNT_PATTERN)
 _KEY_ID = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}"
 )

@@ -129,8 +129,12 @@ class SimulatedNsm(NsmClient):
         intermediates: Sequence[x509.Certificate],
         issuer_key: ec.EllipticCurvePrivateKey,
         pcrs: Mapping[int, bytes] | None = None,
+        leaf_lifetime: timedelta = LEAF_LIFETIME,
     ) -> None:
         self.pcrs: dict[int, bytes] = _check_pcrs(pcrs)
+        # A real NSM's leaf lives about 3 hours; tests shorten it to play a leaf that
+        # has only minutes left (it is then re-issued for every document).
+        self.leaf_lifetime = leaf_lifetime
         self.fail_with: str | None = None
         self.root_pem: bytes = root.public_bytes(serialization.Encoding.PEM)
         self._root = root
@@ -150,7 +154,9 @@ class SimulatedNsm(NsmClient):
     # --- construction -------------------------------------------------------
 
     @classmethod
-    def create(cls, pcrs: Mapping[int, bytes] | None = None) -> SimulatedNsm:
+    def create(
+        cls, pcrs: Mapping[int, bytes] | None = None, *, leaf_lifetime: timedelta = LEAF_LIFETIME
+    ) -> SimulatedNsm:
         """A fresh in-memory CA: root → regional → zonal intermediate."""
         now = datetime.now(UTC) - CLOCK_SKEW
         root_key = ec.generate_private_key(ec.SECP384R1())
@@ -181,7 +187,13 @@ class SimulatedNsm(NsmClient):
                 )
             )
             issuer_key = key
-        return cls(root=root, intermediates=chain[1:], issuer_key=issuer_key, pcrs=pcrs)
+        return cls(
+            root=root,
+            intermediates=chain[1:],
+            issuer_key=issuer_key,
+            pcrs=pcrs,
+            leaf_lifetime=leaf_lifetime,
+        )
 
     @classmethod
     def load(cls, ca_dir: Path, pcrs: Mapping[int, bytes] | None = None) -> SimulatedNsm:
@@ -281,7 +293,7 @@ class SimulatedNsm(NsmClient):
             issuer=self._intermediates[-1] if self._intermediates else self._root,
             issuer_key=self._issuer_key,
             not_before=datetime.now(UTC) - CLOCK_SKEW,
-            lifetime=LEAF_LIFETIME,
+            lifetime=self.leaf_lifetime,
             path_length=None,
             ca=False,
         )

@@ -1,7 +1,6 @@
-"""Shared helpers for tests that run real processes (no tests here).
+"""Helpers for tests that run real processes.
 
-- ``start_proxy`` / ``ProxyProcess``: enclave-proxy as a subprocess with its own log
-  (moved here from test_proxy_process.py so the fault, load and hostile tests share it).
+- ``start_proxy`` / ``ProxyProcess``: enclave-proxy as a subprocess with its own log.
 - ``FaultStack``: ``devtools.devstack.DevStack`` whose proxy can be started on a
   chosen port (to restart it where the agent expects it) and with extra arguments
   (more ``--allow`` entries, a ``--config`` file).
@@ -29,7 +28,7 @@ import trio
 
 from devtools.devstack import DevStack, _Process, log_events, spawn
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- enclave-proxy as a subprocess ------------------------------------------------

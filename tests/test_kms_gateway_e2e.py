@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from devtools.devstack import (
     first_event,
@@ -26,7 +27,7 @@ from devtools.devstack import (
     stop_process,
     wait_for,
 )
-from devtools.local_kms.admin_client import set_faults
+from devtools.local_kms.admin_client import set_document_age, set_faults
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.runtime.trusted_keys import TrustedKeys, account_entry
@@ -298,7 +299,7 @@ async def test_expired_session_credentials_are_replaced_once(
 
     from devtools.local_kms.admin_client import mint_credentials
     from enclave_agent.runtime.credentials import CredentialsProvider, proxy_fetcher
-    from tests.test_kms_fakes import Relay
+    from tests.support.kms_fakes import Relay
 
     def proxy_shape(minted: str) -> dict[str, Any]:
         document = json.loads(minted)
@@ -330,3 +331,34 @@ async def test_expired_session_credentials_are_replaced_once(
         nursery.cancel_scope.cancel()
     assert len(base64.b64decode(answer["Plaintext"])) == 8
     assert relay.credential_requests == 2
+
+
+@pytest.mark.parametrize("answer", ["ValidationException", "AccessDeniedException"])
+async def test_a_kms_refusing_old_documents_gets_a_new_one_once(
+    local_kms: dict[str, Any], proxy: str, enclave_ca: Path, kms_client: Any, answer: str
+) -> None:
+    """The stand-in refuses documents older than 1 s: a reused one is refused, the
+    gateway fetches a new one and the call succeeds; with every document refused
+    (max_age 0) the refusal reaches the caller after one retry, never a loop."""
+    state_file = Path(local_kms["state_file"])
+    key_id = kms_client.create_key(Description="e2e reuse")["KeyMetadata"]["KeyId"]
+    blob = b64(kms_client.encrypt(KeyId=key_id, Plaintext=b"reused")["CiphertextBlob"])
+    gateway = make_gateway(local_kms, proxy, enclave_ca, attestation_reuse=60.0)
+    set_document_age(state_file, 1.0, answer=answer)
+    try:
+        await gateway.call("Decrypt", {"CiphertextBlob": blob})
+        await gateway.call("Decrypt", {"CiphertextBlob": blob})
+        assert gateway.documents.fetches == 1  # reused while young enough
+        await trio.sleep(1.5)
+        answer_now = await gateway.call("Decrypt", {"CiphertextBlob": blob})
+        assert base64.b64decode(answer_now["Plaintext"]) == b"reused"
+        assert gateway.documents.fetches == 2  # refused once, refreshed, retried
+        set_document_age(state_file, 0.0, answer=answer)
+        await trio.sleep(0.1)
+        with pytest.raises(KmsError) as info:
+            await gateway.call("Decrypt", {"CiphertextBlob": blob})
+        assert info.value.error_type == answer
+        assert gateway.documents.fetches == 3  # one retry with a new one, then final
+    finally:
+        set_document_age(state_file, None)
+        await gateway.aclose()

@@ -1,4 +1,4 @@
-"""Shared helpers for the proxy tests (no tests here): an in-process proxy on loopback,
+"""Helpers for the proxy tests: an in-process proxy on loopback,
 a CONNECT client, small upstream servers, and a resolver seam mapping test names to
 chosen addresses."""
 

@@ -19,7 +19,7 @@ from enclave_agent.runtime.credentials import (
     proxy_fetcher,
 )
 from enclave_common.address import parse_address
-from tests.test_kms_fakes import Relay
+from tests.support.kms_fakes import Relay
 
 T0 = datetime(2026, 11, 29, 0, 0, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""Test doubles for the agent's KMS client (imported by the other test_kms_* files).
+"""Test doubles for the agent's KMS client (gateway, transport, credentials, app server).
 
 - ``FakeKms``: an HTTPS server (trustme certificate, h11) that answers each request
   from a script, records what it got, can hold connections open and hold chosen
@@ -24,6 +24,10 @@ from typing import Any
 import h11
 import trio
 import trustme
+
+from enclave_agent.runtime.kms import KmsGateway, KmsSettings
+from enclave_agent.runtime.trusted_keys import TrustedKeys
+from enclave_common.address import parse_address
 
 SEAL = b"sealed:"
 FAKE_ACCOUNT = "111122223333"
@@ -343,3 +347,33 @@ class FakeRecipient:
         if not ciphertext_for_recipient.startswith(SEAL):
             raise ValueError("not sealed for us")
         return ciphertext_for_recipient[len(SEAL) :]
+
+
+CIPHERTEXT = base64.b64encode(b"ciphertext blob").decode()
+
+
+@dataclass
+class GatewayStack:
+    """A KmsGateway to a FakeKms through a Relay (the gateway tests' stack)."""
+
+    kms: FakeKms
+    relay: Relay
+    nsm: FakeNsm
+    gateway: KmsGateway
+    ca_path: Path
+
+    recipient: FakeRecipient = field(default_factory=FakeRecipient)
+
+    def gateway_with(self, **changes: object) -> KmsGateway:
+        return KmsGateway(self.settings(**changes), self.nsm, self.recipient)
+
+    def settings(self, **changes: object) -> KmsSettings:
+        fields: dict[str, object] = {
+            "region": "us-east-1",
+            "proxy": parse_address(self.relay.address),
+            "endpoint": f"https://127.0.0.1:{self.kms.port}",
+            "ca_bundle": str(self.ca_path),
+            "trusted_keys": TrustedKeys.parse([FAKE_TRUSTED]),
+        }
+        fields.update(changes)
+        return KmsSettings(**fields)  # type: ignore[arg-type]

@@ -269,23 +269,22 @@ def test_scripts_parse_with_bash_n() -> None:
 
 
 def test_guide_matches_the_tools() -> None:
-    """The README's deploy section names only flags, scripts and units that exist."""
+    """The deployment guide's steps name only flags, scripts and units that exist."""
     import re
 
     from enclave_agent.cli import build_parser
 
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("<!-- section: deploy -->", 1)[1].split("\n## ", 2)[1]
+    section = (REPO / "docs" / "deploy.md").read_text().split("\n## Installs", 1)[0]
     flags = re.compile(r"(?<![\w-])(--[a-z][a-z-]*)")
     subparsers = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     key_policy = {o for a in subparsers["key-policy"]._actions for o in a.option_strings}
-    step4 = section.split("### 4.", 1)[1].split("### 5.", 1)[0]
+    step4 = section.split("## 4.", 1)[1].split("## 5.", 1)[0]
     aws_cli = {"--key-id", "--policy-name", "--policy"}
     assert set(flags.findall(step4)) - aws_cli <= key_policy
     scripts_text = "".join((REPO / "scripts" / n).read_text() for n in ("build-eif", "run-enclave"))
     for usage in re.findall(r"scripts/(?:build-eif|run-enclave) +# (.*)", section):
         for flag in flags.findall(usage):
-            assert f"{flag})" in scripts_text, f"README shows {flag}"
+            assert f"{flag})" in scripts_text, f"docs/deploy.md shows {flag}"
     for path in re.findall(r"`(scripts/[\w-]+)", section):
         assert (REPO / path).is_file(), path
     unit = "enclave-proxy.service"
