@@ -86,7 +86,9 @@ def _pins_in(text: str, path: Path) -> dict[str, str]:
     pins: dict[str, str] = {}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
-        if line:
+        if line.startswith("-c "):
+            pins.update(pinned_versions(path.parent / line[3:].strip()))
+        elif line:
             name, sep, version = line.partition("==")
             if not sep:
                 raise ImageBuildError(f"{path}: not an exact pin: {line!r}")
@@ -95,7 +97,8 @@ def _pins_in(text: str, path: Path) -> dict[str, str]:
 
 
 def pinned_versions(path: Path = CONSTRAINTS) -> dict[str, str]:
-    """Canonical name → version of every ``name==version`` line in a constraints file."""
+    """Canonical name → version of every ``name==version`` line in a constraints file,
+    and in the files it includes (``-c FILE``, relative to it, as pip reads them)."""
     return _pins_in(path.read_text(), path)
 
 

@@ -50,6 +50,7 @@ from enclave_agent.runtime.documents import (
     Lease,
 )
 from enclave_agent.runtime.kms_operations import OPERATION_TABLE
+from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import Attester, NsmError, request_attestation
 from enclave_agent.runtime.transport import KmsConnectionPool, TransportError, make_ssl_context
 from enclave_agent.runtime.trusted_keys import TrustedKeys
@@ -135,7 +136,13 @@ class _CallRecord:
 
 
 class KmsGateway:
-    def __init__(self, settings: KmsSettings, nsm: Attester, recipient: Recipient) -> None:
+    def __init__(
+        self,
+        settings: KmsSettings,
+        nsm: Attester,
+        recipient: Recipient,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
         if settings.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if settings.call_timeout <= 0:
@@ -156,6 +163,7 @@ class KmsGateway:
             self._attestation, settings.attestation_reuse, shared=(KmsError,)
         )
         self.signing_keys = sigv4.SigningKeyCache()
+        self.metrics = metrics or AgentMetrics()
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -183,15 +191,18 @@ class KmsGateway:
             outcome = {"outcome": "ok"}
             return answer
         finally:
+            seconds = trio.current_time() - started
             # One event per call; fields only, never a body, key or credential.
             (_log.info if outcome["outcome"] == "ok" else _log.warning)(
                 "kms_call",
                 operation=operation,
                 attempts=record.attempts,
                 request_id=record.request_id,
-                duration_ms=round((trio.current_time() - started) * 1000, 1),
+                duration_ms=round(seconds * 1000, 1),
                 **outcome,
             )
+            label = outcome.get("error_type", outcome["outcome"])
+            self.metrics.kms_call(operation, label, seconds, record.attempts)
 
     async def _call(
         self, operation: str, request: Mapping[str, Any], record: _CallRecord

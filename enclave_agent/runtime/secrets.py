@@ -23,6 +23,7 @@ import trio
 
 from enclave_agent.runtime.config import SecretConfig
 from enclave_agent.runtime.kms import KmsError
+from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_common.logs import get_logger
 
 log = get_logger()
@@ -46,8 +47,11 @@ def decrypt_request(secret: SecretConfig) -> dict[str, Any]:
 
 
 class SecretStore:
-    def __init__(self, secrets: Mapping[str, SecretConfig]) -> None:
+    def __init__(
+        self, secrets: Mapping[str, SecretConfig], metrics: AgentMetrics | None = None
+    ) -> None:
         self._configs = dict(secrets)
+        self._metrics = metrics or AgentMetrics()
         self._values: dict[str, bytes] = {}
         self._written: dict[Path, tuple[int, int]] = {}  # file copy -> (st_dev, st_ino)
 
@@ -87,6 +91,7 @@ class SecretStore:
                         fstype=fstype,
                     )
             self._values[secret.name] = value
+            self._metrics.secret_fetched(secret.name)
             log.info("secret_loaded", name=secret.name, file=str(secret.file or "") or None)
 
         async with trio.open_nursery() as nursery:
