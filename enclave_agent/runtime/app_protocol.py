@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from enclave_agent.runtime.config import SECRET_NAME
-from enclave_agent.runtime.kms_protocol import OPERATIONS
+from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_common.errors import ShownError
 
 KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -131,10 +131,10 @@ def _kms(headers: Mapping[str, str], body: bytes) -> KmsCall:
     if target is None:
         raise AppProtocolError("UnknownOperationException", "missing X-Amz-Target header")
     service, _, operation = target.partition(".")
-    if f"{service}." != TARGET_PREFIX or operation not in OPERATIONS:
+    if f"{service}." != TARGET_PREFIX or operation not in OPERATION_TABLE:
         raise AppProtocolError(
             "UnknownOperationException",
-            f"the agent serves {', '.join(sorted(OPERATIONS))} only (X-Amz-Target "
+            f"the agent serves {', '.join(sorted(OPERATION_TABLE))} only (X-Amz-Target "
             f"{TARGET_PREFIX}<Operation>)",
         )
     content_type = headers.get("content-type", KMS_CONTENT_TYPE).split(";")[0].strip()

@@ -15,4 +15,7 @@ The rule: a test module imports shared helpers from this package (or fixtures fr
 - ``openssl_cms``: the OpenSSL CLI as an independent CMS consumer.
 - ``inet_diag_answers``: netlink/inet_diag answers built from the uapi layouts, as the
   kernel (or a lying one) would send them.
+- ``kms_model``: botocore's KMS service model (the agent's operations table is checked
+  against it) and valid requests for every served operation.
+- ``local_kms_calls``: signed calls to the local KMS in process, without a server.
 """
