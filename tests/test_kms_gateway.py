@@ -731,3 +731,24 @@ async def test_pass_through_calls_leave_no_plaintext_message_or_signature_in_the
     for value in (MESSAGE, SIGNATURE, mac, blob):
         for form in (value, b64(value), value[:20]):
             assert form.decode() not in text
+
+
+async def test_the_logged_reason_is_capped_whatever_the_app_sent(stack: Stack) -> None:
+    import io
+    import json
+
+    import structlog
+
+    from enclave_common.logs import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream, process="test")
+    long_name = "m" * 20_000  # an unknown member: the validation message quotes it
+    try:
+        with pytest.raises(KmsError) as info:
+            await stack.gateway.call("Decrypt", {"CiphertextBlob": CIPHERTEXT, long_name: 1})
+    finally:
+        structlog.reset_defaults()
+    assert long_name in info.value.message  # the app still gets the whole message
+    (call,) = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert call["event"] == "kms_call" and len(call["reason"]) <= 303

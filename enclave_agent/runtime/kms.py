@@ -176,7 +176,9 @@ class KmsGateway:
             answer = await self._call(operation, request, record)
         except KmsError as exc:
             outcome = {"outcome": "error", "error_type": exc.error_type, "status": exc.status}
-            outcome["reason"] = exc.message
+            # Capped: a validation message quotes names the app chose (member names,
+            # context keys), and this event is shipped to the parent.
+            outcome["reason"] = _short(exc.message)
             raise
         # A bug of ours must still reach the app in KMS's shape (``call`` raises KmsError
         # and nothing else). The log gets the class name only, as its text could quote
