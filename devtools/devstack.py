@@ -461,6 +461,11 @@ class DevStack:
             f"region = {_toml_string(self.region)}",
             f"proxy = {_toml_string(self.proxy_address)}",
             f"kms_endpoint = {_toml_string(kms_endpoint or self.kms['endpoint'])}",
+            *(
+                f"{service}_endpoint = {_toml_string(self.kms[f'{service}_endpoint'])}"
+                for service in STORE_SERVICES
+                if self.kms.get(f"{service}_endpoint")
+            ),
             f"ca_bundle = {_toml_string(self.kms['ca_bundle'])}",
             'nsm = "simulated"',
         ]
