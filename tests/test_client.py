@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from enclave_agent.client import AgentClient, AgentError
+from enclave_agent.client import AgentClient, AgentError, SecretVersion
 from enclave_agent.runtime.callers import Callers
 from enclave_agent.runtime.config import AccessConfig, Limits, SecretConfig
 from enclave_agent.runtime.kms import KmsError
@@ -66,21 +66,24 @@ async def attest(nonce: bytes | None, user_data: bytes | None, key: bytes | None
     return b"DOC" + (nonce or b"") + (user_data or b"") + (key or b"")
 
 
-@pytest.fixture
-async def socket_path(nursery: trio.Nursery, tmp_path: Path) -> str:
+async def serve(nursery: trio.Nursery, path: str, limits: Limits) -> str:
     server = AppServer(
         gateway=Gateway(),
         attest=attest,
         secrets=await secrets(),
         access=AccessConfig(),
-        limits=Limits(idle_timeout=0.2),
+        limits=limits,
     )
-    path = str(tmp_path / "agent.sock")
     listener = await open_listener(UnixAddress(path))
     await nursery.start(
         lambda task_status: server.serve(listener, callers=Callers.UNIX, task_status=task_status)
     )
     return path
+
+
+@pytest.fixture
+async def socket_path(nursery: trio.Nursery, tmp_path: Path) -> str:
+    return await serve(nursery, str(tmp_path / "agent.sock"), Limits(idle_timeout=0.2))
 
 
 async def test_client_verbs(socket_path: str) -> None:
@@ -135,6 +138,34 @@ async def test_the_version_and_the_wait_for_another(socket_path: str) -> None:
             assert "wait is a number of seconds from 0 to 300" in info.value.message
 
     await trio.to_thread.run_sync(use)
+
+
+async def test_a_held_wait_counts_against_the_callers_connections(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Three long-polls from one uid whose share is two connections: two are held (past
+    idle_timeout: no deadline runs while the answer is held), the third is refused at
+    once; the held ones end with the version they waited past."""
+    limits = Limits(max_connections=4, max_connections_per_uid=2, idle_timeout=0.2)
+    path = await serve(nursery, str(tmp_path / "tight.sock"), limits)
+    answers: list[SecretVersion | AgentError] = []
+
+    def poll() -> None:
+        try:
+            answers.append(AgentClient(path).secret_version("db", after="config", wait=1))
+        except AgentError as exc:
+            answers.append(exc)
+
+    async with trio.open_nursery() as polls:
+        for _ in range(3):
+            polls.start_soon(trio.to_thread.run_sync, poll)
+    refused = [a for a in answers if isinstance(a, AgentError)]
+    assert [(e.error_type, e.status) for e in refused] == [("ThrottlingException", 503)]
+    assert "its whole share (limits.max_connections_per_uid)" in refused[0].message
+    assert answers[0] is refused[0]  # refused at once, before the held ones ended
+    assert [a for a in answers if not isinstance(a, AgentError)] == [
+        SecretVersion(SECRET, "config")
+    ] * 2
 
 
 async def test_client_reconnects_after_the_agent_closed_an_idle_connection(
