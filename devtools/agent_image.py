@@ -84,11 +84,14 @@ def runtime_closure(exclude: Iterable[str] = ()) -> dict[str, str]:
 
 
 def pinned_versions(path: Path = CONSTRAINTS) -> dict[str, str]:
-    """Canonical name → version of every ``name==version`` line in a constraints file."""
+    """Canonical name → version of every ``name==version`` line in a constraints file,
+    and in the files it includes (``-c FILE``, relative to it, as pip reads them)."""
     pins: dict[str, str] = {}
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
-        if line:
+        if line.startswith("-c "):
+            pins.update(pinned_versions(path.parent / line[3:].strip()))
+        elif line:
             name, sep, version = line.partition("==")
             if not sep:
                 raise ImageBuildError(f"{path}: not an exact pin: {line!r}")

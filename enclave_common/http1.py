@@ -126,18 +126,51 @@ class ClientConnection:
         and read its answer, with a body of at most ``max_body`` bytes. A 2xx to CONNECT
         has no body: the stream is then ``detach()``'s. The deadline is the caller's
         cancel scope; an exchange cut short leaves the connection not ``reusable``."""
-        wire = self._wire
+        data = self._encode(method, target, headers)
+        data += self._encode_body(body) + self._encode_end()
+        await self._send(data)
+        return await self.answer(max_body=max_body)
+
+    async def begin(self, method: str, target: str, headers: Sequence[tuple[str, str]]) -> None:
+        """Send a request head whose body follows piece by piece (``send``), e.g. with
+        ``Transfer-Encoding: chunked`` among ``headers``; ``answer`` may be awaited
+        meanwhile, by another task, for a server that answers early."""
+        await self._send(self._encode(method, target, headers))
+
+    async def send(self, data: bytes) -> None:
+        """The next piece of a body ``begin`` started."""
+        await self._send(self._encode_body(data))
+
+    async def end(self) -> None:
+        """End a body ``begin`` started."""
+        await self._send(self._encode_end())
+
+    def _encode(self, method: str, target: str, headers: Sequence[tuple[str, str]]) -> bytes:
         self.requests += 1
         try:
             request = h11.Request(method=method, target=target, headers=list(headers))
-            data = wire.h11.send(request) + wire.h11.send(h11.Data(data=body))
-            data += wire.h11.send(h11.EndOfMessage())
+            return self._wire.h11.send(request)
         except (h11.LocalProtocolError, UnicodeEncodeError):
             # Its text would quote the value, which may be a credential: never repeat it.
             raise ExchangeError("unsent", "the request is not valid HTTP") from None
+
+    def _encode_body(self, data: bytes) -> bytes:
+        return self._wire.h11.send(h11.Data(data=data)) if data else b""
+
+    def _encode_end(self) -> bytes:
+        return self._wire.h11.send(h11.EndOfMessage())
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._wire.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ExchangeError("broken", str(exc) or type(exc).__name__) from None
+
+    async def answer(self, *, max_body: int) -> Response:
+        """Read the answer to the request sent, with a body of at most ``max_body``."""
+        wire = self._wire
         answered = False
         try:
-            await wire.stream.send_all(data)
             while isinstance(head := await wire.next_event(), h11.InformationalResponse):
                 pass
             if not isinstance(head, h11.Response):

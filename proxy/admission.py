@@ -76,6 +76,13 @@ def describe(key: PeerKey) -> str:
     return f"{name} {'unknown' if value is None else value}"
 
 
+def enclave_name(key: PeerKey) -> str:
+    """An enclave's name in logs and labels: ``cid:16`` (``tcp:ADDRESS``, ``uid:N``)."""
+    kind, value = key
+    prefix = {"cid": "cid", "uid": "uid", "address": "tcp"}.get(kind, kind)
+    return f"{prefix}:{'unknown' if value is None else value}"
+
+
 def _refused(key: PeerKey, refused: ShareRefused) -> Answer:
     limit = "max_tunnels" if refused.whole else "max_tunnels_per_peer"
     log.warning("connection_refused", peer=describe(key), limit=limit)

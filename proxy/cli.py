@@ -15,6 +15,7 @@ allowlist without touching open tunnels.
 from __future__ import annotations
 
 import argparse
+import errno
 import resource
 import signal
 import socket
@@ -25,7 +26,14 @@ from typing import Any
 
 import trio
 
-from enclave_common.address import TcpAddress, is_loopback_ip, listener_address, open_listener
+from enclave_common.address import (
+    Address,
+    TcpAddress,
+    VsockAddress,
+    is_loopback_ip,
+    listener_address,
+    open_listener,
+)
 from enclave_common.cli import UsageError, run_command
 from enclave_common.config import ConfigError, read_text
 from enclave_common.logs import LEVELS, configure_logging, get_logger
@@ -42,6 +50,7 @@ from .config import (
     parse_config_text,
 )
 from .credentials import CredentialSource
+from .metrics import serve_metrics
 from .notify import notify, watchdog_interval
 from .region import RegionError, discover_region
 from .server import ProxyServer
@@ -138,7 +147,7 @@ async def _watchdog(interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def _loopback_only(address: TcpAddress) -> TcpAddress:
+async def _loopback_only(address: TcpAddress, key: str = "listen") -> TcpAddress:
     """The address to bind for a tcp: listen address: a name (``localhost`` too) is
     resolved here and refused if any address it resolves to is off loopback; the
     first is bound, so what was checked is what listens."""
@@ -148,8 +157,39 @@ async def _loopback_only(address: TcpAddress) -> TcpAddress:
     hosts = list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in found))
     off_loopback = [host for host in hosts if not is_loopback_ip(host)]
     if off_loopback:
-        raise ConfigError(not_loopback(address, ", ".join(off_loopback)))
+        raise ConfigError(not_loopback(address, ", ".join(off_loopback), key=key))
     return TcpAddress(hosts[0], address.port)
+
+
+def address_in_use(address: Address, key: str = "listen") -> str:
+    """What to do when the listen address is taken, in one line.
+
+    Port 8000 on vsock is where AWS's own vsock-proxy listens in its service's default
+    configuration and tutorials: the likely culprit on a parent instance."""
+    if isinstance(address, VsockAddress):
+        return (
+            f"{address} is already in use, most likely by AWS's vsock-proxy "
+            "(nitro-enclaves-vsock-proxy.service, which listens on port 8000 too): stop it "
+            "(systemctl disable --now nitro-enclaves-vsock-proxy.service) or set "
+            f"{key} to a free port (and the agent's proxy address to match)"
+        )
+    return f"{address} is already in use by another process: stop it or set {key} to a free port"
+
+
+async def _open_listening(address: Address, key: str) -> trio.SocketListener | int:
+    """The listener for the setting ``key``, or the exit code when there is none to be
+    had (logged; a taken address also in one plain line saying what to do)."""
+    try:
+        bind = await _loopback_only(address, key) if isinstance(address, TcpAddress) else address
+        return await open_listener(bind)
+    except ConfigError as e:
+        log.error("listen_refused", setting=key, address=str(address), reason=str(e))
+        return 2
+    except OSError as e:
+        reason = address_in_use(address, key) if e.errno == errno.EADDRINUSE else str(e)
+        log.error("listen_failed", setting=key, address=str(address), reason=reason)
+        print(f"enclave-proxy: {reason}", file=sys.stderr)
+        return 1
 
 
 async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -> int:
@@ -167,17 +207,18 @@ async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -
             sts_endpoint=config.sts_endpoint,
         )
         server = ProxyServer(config, allowlist, region=region, credentials=credentials)
-        try:
-            listen = config.listen
-            if isinstance(listen, TcpAddress):
-                listen = await _loopback_only(listen)
-            listener = await open_listener(listen)
-        except ConfigError as e:
-            log.error("listen_refused", address=str(config.listen), reason=str(e))
-            return 2
-        except OSError as e:
-            log.error("listen_failed", address=str(config.listen), reason=str(e))
-            return 1
+        listener = await _open_listening(config.listen, "listen")
+        if isinstance(listener, int):
+            return listener
+        metrics_listener: trio.SocketListener | None = None
+        metrics_at = None
+        if config.metrics_listen is not None:
+            opened = await _open_listening(config.metrics_listen, "metrics_listen")
+            if isinstance(opened, int):
+                await listener.aclose()
+                return opened
+            metrics_listener = opened
+            metrics_at = str(listener_address(opened, config.metrics_listen))
         bound = listener_address(listener, config.listen)
         log.info(
             "listening",
@@ -185,6 +226,7 @@ async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -
             region=region,
             allowlist=allowlist.describe(),
             max_tunnels=config.max_tunnels,
+            metrics=metrics_at,
         )
         notify(f"READY=1\nSTATUS=listening on {bound}")
         async with trio.open_nursery() as nursery:
@@ -194,6 +236,8 @@ async def serve(config: ProxyConfig, config_path: str | None, cli: CliOptions) -
             interval = watchdog_interval()
             if interval is not None:
                 nursery.start_soon(_watchdog, interval)
+            if metrics_listener is not None:
+                await nursery.start(serve_metrics, metrics_listener, server.metrics)
             await server.run(listener)
             nursery.cancel_scope.cancel()
     return 0
@@ -211,6 +255,7 @@ def check_config(argv: Sequence[str]) -> int:
     except ConfigError as e:
         raise UsageError(str(e)) from None
     print(f"listen: {config.listen}")
+    print(f"metrics: {config.metrics_listen or 'off (metrics_listen)'}")
     print(f"region: {config.region or '(from IMDSv2 at start-up)'}")
     if config.allow or config.region:
         entries = effective_allowlist(config, config.region).describe()

@@ -55,18 +55,25 @@ def _listen(value: Any, at: At) -> Address:
         and parse_ip(listen.host) is not None
         and not is_loopback_ip(listen.host)
     ):
-        raise at.error(not_loopback(listen))
+        raise at.error(not_loopback(listen, key=at.key))
     return listen
 
 
-def not_loopback(address: TcpAddress, resolved: str | None = None) -> str:
-    """Why a tcp: listen address off loopback is refused (the proxy has no caller check)."""
+def _metrics_listen(value: Any, at: At) -> TcpAddress:
+    listen = _listen(value, at)
+    if not isinstance(listen, TcpAddress):
+        raise at.must_be("a tcp: address on loopback, such as tcp:127.0.0.1:9464", value)
+    return listen
+
+
+def not_loopback(address: TcpAddress, resolved: str | None = None, *, key: str = "listen") -> str:
+    """Why a tcp: listen address off loopback is refused: the proxy has no caller check."""
     where = f"{address}" + (f" (resolves to {resolved})" if resolved else "")
-    return (
-        f"{where} is not a loopback address: the proxy hands the role's AWS credentials "
-        "to whoever connects, so a tcp: listener must stay on 127.0.0.0/8 or ::1 "
-        "(enclaves use vsock:)"
-    )
+    if key == "metrics_listen":
+        why = "the metrics name the enclaves and their traffic, for the parent's eyes only"
+    else:
+        why = "the proxy hands the role's AWS credentials to whoever connects (enclaves use vsock:)"
+    return f"{where} is not a loopback address: {why}; a tcp: listener stays on 127.0.0.0/8 or ::1"
 
 
 def _allow_entry(value: Any, at: At) -> str:
@@ -169,6 +176,27 @@ class ProxyConfig:
     )
     log_level: str = setting(
         log_level_name, "`debug`, `info`, `warning`, `error`, `critical`", default="info"
+    )
+    metrics_listen: TcpAddress | None = setting(
+        _metrics_listen,
+        "`tcp:HOST:PORT` on the parent's loopback (a name must resolve to loopback alone) "
+        "serving `GET /metrics`: the proxy's metrics and each enclave's latest snapshot, "
+        "Prometheus text format. Never on the enclaves' port",
+        default=None,
+        shown="off",
+    )
+    enclave_log_lines_per_second: float = setting(
+        number((1, 1_000_000)),
+        "log lines each enclave may ship a second (`POST /v1/logs`), a second's worth at "
+        "once; past it the proxy reads that stream no faster, and the enclave drops lines "
+        "and says how many",
+        default=200.0,
+    )
+    enclave_log_line_bytes: int = setting(
+        integer(80, 1 << 20),
+        "characters of one enclave log line written to the proxy's log; the rest is cut "
+        "(`truncated`)",
+        default=8192,
     )
 
 

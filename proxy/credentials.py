@@ -96,17 +96,33 @@ class CredentialSource:
         self._role: AwsCredentials | None = None
         self._lock = trio.Lock()
         self._threads = trio.CapacityLimiter(_THREADS)
+        # For the metrics: the access key last handed out, since when, until when.
+        self._handed: tuple[str, float, dt.datetime | None] | None = None
 
     async def get(self) -> AwsCredentials:
         # botocore has no timeout of its own for e.g. a hung credential_process: give up
         # on the request (the thread is abandoned) rather than hold every caller.
         try:
             with trio.fail_after(self.fetch_timeout):
-                return await self._get()
+                credentials = await self._get()
         except trio.TooSlowError:
             raise CredentialsUnavailable(
                 f"credential lookup did not finish within {self.fetch_timeout:g} s"
             ) from None
+        if self._handed is None or self._handed[0] != credentials.access_key_id:
+            self._handed = (credentials.access_key_id, trio.current_time(), None)
+        self._handed = (*self._handed[:2], credentials.expiration)
+        return credentials
+
+    def age(self) -> float | None:
+        """Seconds since the access key handed out last was first handed out."""
+        return None if self._handed is None else trio.current_time() - self._handed[1]
+
+    def expires_in(self) -> float | None:
+        """Seconds until the credentials handed out last expire (None: no expiry)."""
+        if self._handed is None or self._handed[2] is None:
+            return None
+        return (self._handed[2] - dt.datetime.now(dt.UTC)).total_seconds()
 
     async def _get(self) -> AwsCredentials:
         async with self._lock:

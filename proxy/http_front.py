@@ -4,7 +4,9 @@
 (``upstream``); then the driver answers ``200`` and hands the stream over: the bytes
 the client sent after its request head go upstream first, then ``relay`` moves raw
 bytes. ``GET /v1/credentials`` and ``GET /healthz`` answer JSON and keep the
-connection open for the next request. Every error is a JSON ``{"error": ...}`` answer
+connection open for the next request. ``POST /v1/logs`` is an enclave's log stream
+(``enclave_logs``). There is no ``/metrics`` here: the metrics are for the parent only
+(``metrics_listen``). Every error is a JSON ``{"error": ...}`` answer
 and a closed connection; nothing a client sends can take the process down.
 
 Each request ends in exactly one ``request`` log event with its outcome. Payload bytes
@@ -15,19 +17,27 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from enclave_common.address import close_now
 from enclave_common.http_server import Answer, HttpError, Limits, Report, Request, Switch
 from enclave_common.logs import get_logger
+from enclave_common.logstream import LOGS_PATH
 
 from .allowlist import Allowlist, AllowlistError, parse_target
 from .config import ProxyConfig
 from .credentials import CredentialSource, CredentialsUnavailable
 from .relay import RelayResult, relay
 from .upstream import Connector, Resolver, open_upstream
+
+if TYPE_CHECKING:  # (they import admission, which answers refusals with error_answer)
+    from enclave_common.metrics import Gauge
+
+    from .admission import PeerKey
+    from .enclave_logs import EnclaveLogs
+    from .metrics import ProxyMetrics
 
 MAX_REQUEST_HEAD = 16 * 1024
 # A GET or CONNECT has no business sending a body; a little is read and dropped.
@@ -51,6 +61,8 @@ class ProxyContext:
     credentials: CredentialSource
     resolver: Resolver
     connector: Connector
+    metrics: ProxyMetrics
+    logs: EnclaveLogs
 
 
 def limits(config: ProxyConfig) -> Limits:
@@ -76,20 +88,28 @@ def error_answer(status: int, message: str) -> Answer:
     return json_answer(status, {"error": message})
 
 
-async def handle(ctx: ProxyContext, request: Request) -> Answer | Switch:
+async def handle(ctx: ProxyContext, peer: PeerKey, request: Request) -> Answer | Switch:
+    """One request of the peer ``peer`` (its CID on vsock, ...)."""
     if request.method == "CONNECT":
         await _ignore_body(request)
         return await _tunnel(ctx, request.target)
-    if request.method != "GET":
-        raise HttpError(405, "only CONNECT and GET are served", [("allow", "CONNECT, GET")])
-    await _ignore_body(request)
     path = request.target.split("?", 1)[0]
+    if request.method == "POST" and path == LOGS_PATH:
+        return await ctx.logs.receive(peer, request)
+    if request.method != "GET":
+        raise HttpError(
+            405,
+            f"only CONNECT, GET and POST {LOGS_PATH} are served",
+            [("allow", "CONNECT, GET, POST")],
+        )
+    await _ignore_body(request)
     if path == "/healthz":
         return json_answer(200, {"status": "ok"})
     if path == "/v1/credentials":
         try:
             credentials = await ctx.credentials.get()
         except CredentialsUnavailable as e:
+            ctx.metrics.credential_failures.inc()
             raise HttpError(503, str(e)) from None
         return json_answer(200, credentials.to_json(ctx.region))
     raise HttpError(404, "no such path")
@@ -121,7 +141,7 @@ async def _tunnel(ctx: ProxyContext, raw_target: str) -> Switch:
         connector=ctx.connector,
         connect_timeout=ctx.config.connect_timeout,
     )
-    tunnel = _Tunnel(upstream, ctx.config.idle_timeout, str(target), used)
+    tunnel = _Tunnel(upstream, ctx.config.idle_timeout, str(target), used, ctx.metrics.tunnels_open)
     answer = Answer(200, reason="Connection established", note=tunnel.note)
     return Switch(answer, tunnel.run, tunnel.close)
 
@@ -130,18 +150,25 @@ class _Tunnel:
     """What an accepted CONNECT hands the driver: one object, no closures, as an idle
     tunnel holds it for its whole life."""
 
-    __slots__ = ("idle_timeout", "note", "result", "upstream")
+    __slots__ = ("idle_timeout", "note", "open", "result", "upstream")
 
     def __init__(
-        self, upstream: trio.SocketStream, idle_timeout: float, target: str, used: str
+        self,
+        upstream: trio.SocketStream,
+        idle_timeout: float,
+        target: str,
+        used: str,
+        open_now: Gauge,
     ) -> None:
         self.upstream = upstream
+        self.open = open_now  # the tunnels-open gauge
         self.idle_timeout = idle_timeout
         self.result = RelayResult()
         self.note: dict[str, Any] = {"target": target, "upstream": used, "relay": self.result}
 
     async def run(self, stream: trio.abc.Stream, early: bytes) -> None:
         result = self.result
+        self.open.inc()
         try:
             if early:
                 await self.upstream.send_all(early)
@@ -150,6 +177,8 @@ class _Tunnel:
             self.note["outcome"] = result.outcome
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             self.note["outcome"] = "reset"
+        finally:
+            self.open.dec()
 
     async def close(self) -> None:
         await close_now(self.upstream)

@@ -15,14 +15,16 @@ from functools import partial
 import trio
 
 from enclave_common.address import describe_peer
-from enclave_common.http_server import HttpServer
+from enclave_common.http_server import HttpServer, Report
 from enclave_common.logs import get_logger
 
 from .admission import Admission, peer_key
 from .allowlist import Allowlist
 from .config import ProxyConfig
 from .credentials import CredentialSource
+from .enclave_logs import EnclaveLogs
 from .http_front import ProxyContext, error_answer, handle, limits, log_request
+from .metrics import ProxyMetrics, counting_failures
 from .upstream import Connector, Resolver, connect_tcp, system_resolver
 
 # Out of descriptors: refusing to accept for a moment beats spinning on the error.
@@ -56,13 +58,22 @@ class ProxyServer:
         resolver: Resolver = system_resolver,
         connector: Connector = connect_tcp,
     ) -> None:
+        self.metrics = ProxyMetrics(credentials)
+        self.logs = EnclaveLogs(
+            self.metrics,
+            rate=config.enclave_log_lines_per_second,
+            line_bytes=config.enclave_log_line_bytes,
+            piece_timeout=config.idle_timeout,
+        )
         self.ctx = ProxyContext(
             config=config,
             allowlist=allowlist,
             region=region,
             credentials=credentials,
-            resolver=resolver,
+            resolver=counting_failures(resolver, self.metrics),
             connector=connector,
+            metrics=self.metrics,
+            logs=self.logs,
         )
         self.http = HttpServer(limits(config), errors=error_answer)
         self.active_connections = 0
@@ -79,8 +90,10 @@ class ProxyServer:
 
     def shutdown(self) -> None:
         """Stop accepting and start draining (idempotent, callable from any task):
-        idle connections close now, busy ones after their answer or tunnel."""
+        idle connections and log streams close now, busy ones after their answer or
+        tunnel."""
         self.http.close_idle()
+        self.logs.close()
         self._accept_scope.cancel()
 
     def _peer_allowed(self, stream: trio.SocketStream) -> bool:
@@ -101,11 +114,17 @@ class ProxyServer:
                 log.warning("peer_refused", peer=peer)
                 await trio.aclose_forcefully(stream)
                 return
+            key = peer_key(stream.socket)
+
+            def report(ended: Report) -> None:
+                log_request(peer, ended)
+                self.metrics.request_ended(ended)
+
             await self.http.serve(
                 stream,
-                partial(handle, self.ctx),
-                admit=self._admission.admit(peer_key(stream.socket)),
-                report=partial(log_request, peer),
+                partial(handle, self.ctx, key),
+                admit=self._admission.admit(key),
+                report=report,
             )
         finally:
             self.active_connections -= 1

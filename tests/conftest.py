@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from devtools.devstack import running_local_kms
 
@@ -104,3 +105,13 @@ def local_stores(
         log_path=log,
     ) as kms:
         yield {**kms.state, "log": log}
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that set the logs up themselves: the suite's set-up back afterwards."""
+    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
+    yield
+    structlog.configure(**saved[0])
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**saved[1])

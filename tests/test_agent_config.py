@@ -364,3 +364,38 @@ def test_store_endpoints_must_be_https_urls() -> None:
     for key in ("secretsmanager_endpoint", "ssm_endpoint", "s3_endpoint"):
         with pytest.raises(ConfigError, match=f"{key}: 'http://x' is not an https://HOST"):
             parse_config(f'region = "us-east-1"\n{key} = "http://x"')
+
+
+def test_the_log_channel_is_on_the_apps_output_off_by_default() -> None:
+    config = parse_config('region = "us-east-1"')
+    assert (config.logs.ship, config.logs.app_output, config.logs.buffer_bytes) == (
+        True,
+        False,
+        256 * 1024,
+    )
+    assert config.metrics.push_interval == 60
+    config = parse_config(
+        'region = "us-east-1"\n[logs]\napp_output = true\nbuffer_bytes = 8192\n'
+        "[metrics]\npush_interval = 0\n"
+    )
+    assert (config.logs.app_output, config.logs.buffer_bytes) == (True, 8192)
+    assert config.metrics.push_interval == 0
+    assert not parse_config('region = "us-east-1"\n[logs]\nship = false').logs.ship
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("[logs]\nship = 1", "logs.ship: expected true or false"),
+        ("[logs]\nship = false\napp_output = true", "app_output = true needs logs.ship"),
+        ("[logs]\nbuffer_bytes = 10", "logs.buffer_bytes must be an integer between 4096"),
+        ("[logs]\nbuffer_bytes = true", "logs.buffer_bytes: expected an integer"),
+        ("[logs]\nshipping = true", "unknown setting 'logs.shipping'"),
+        ("[metrics]\npush_interval = 0.5", "push_interval must be 0 \\(never\\) or a number"),
+        ("[metrics]\npush_interval = nan", "push_interval must be 0"),
+        ("[metrics]\ninterval = 5", "unknown setting 'metrics.interval'"),
+    ],
+)
+def test_bad_log_and_metrics_settings_are_refused(text: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        parse_config(f'region = "us-east-1"\n{text}')

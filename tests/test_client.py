@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from enclave_agent.runtime.kms import KmsError
 from enclave_agent.runtime.secrets import SecretStore
 from enclave_agent.runtime.server import AppServer
 from enclave_common.address import UnixAddress, open_listener
+from tests.support.raw_http import read_head
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -200,7 +202,13 @@ async def test_a_garbled_answer_is_an_agent_error(
 
     async def answer(stream: trio.SocketStream) -> None:
         async with stream:
-            await stream.receive_some(65536)
+            # The whole request first: closing with some of it unread would reset the
+            # connection under the client (BrokenPipe instead of the garbled answer).
+            request = await read_head(stream)
+            head_end = request.index(b"\r\n\r\n") + 4
+            length = int(re.search(rb"(?i)content-length: *(\d+)", request[:head_end])[1])
+            while len(request) < head_end + length:
+                request += await stream.receive_some(65536)
             head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n"
             await stream.send_all(head.encode() + body)
 

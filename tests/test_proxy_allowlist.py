@@ -366,10 +366,23 @@ def test_structured_configs_only_raise_config_error(doc: dict[str, str]) -> None
     text = "\n".join(f"{k} = {v}" for k, v in doc.items())
     try:
         settings = parse_config_text(text)
+        config = build_config(settings, CliOptions())  # (a share as large as its whole)
     except ConfigError:
         return
-    config = build_config(settings, CliOptions())
     try:
         effective_allowlist(config, "us-east-1")
     except ConfigError:
         pytest.fail("a config that parsed must yield an allowlist")
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('metrics_listen = "tcp:0.0.0.0:9464"', "metrics name the enclaves"),
+        ('metrics_listen = "vsock:ANY:9464"', "must be a tcp: address on loopback"),
+        ('metrics_listen = "unix:/run/metrics.sock"', "must be a tcp: address on loopback"),
+    ],
+)
+def test_metrics_are_served_on_a_loopback_tcp_port_only(text: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        parse_config_text(text)

@@ -299,6 +299,9 @@ def test_check_config(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "kms.*.amazonaws.com:443" in done.stdout and "[::1]:8443" in done.stdout
+    assert "metrics: off (metrics_listen)" in done.stdout
+    done = check_config("metrics.toml", 'region = "eu-west-1"\nmetrics_listen = "tcp:[::1]:9464"\n')
+    assert "metrics: tcp:[::1]:9464" in done.stdout
 
     done = check_config("region.toml", 'region = "cn-north-1"\n')
     assert done.returncode == 0
@@ -338,3 +341,92 @@ async def test_listens_on_vsock(tmp_path: Path) -> None:
             assert await proxy.wait_exit() == 0
             return
     pytest.fail("could not bind a vsock port in three tries")
+
+
+PROXY = [sys.executable, "-m", "proxy.cli"]
+
+
+def refused_on_a_taken_port(
+    tmp_path: Path, holder: socket.socket, scheme: str, setting: str = "listen"
+) -> list[str]:
+    """The proxy started with ``setting`` at ``scheme:...:PORT`` where the bound
+    ``holder`` listens: it exits 1; its lines that are not JSON."""
+    with holder:
+        holder.listen()
+        host, port = holder.getsockname()[:2]
+        address = f"{scheme}:{'ANY' if scheme == 'vsock' else host}:{port}"
+        config = tmp_path / "proxy.toml"
+        config.write_text(f'{setting} = "{address}"\n')
+        done = subprocess.run(
+            [*PROXY, "--config", str(config), "--region", "us-east-1"]
+            + ([] if setting == "listen" else ["--listen", "tcp:127.0.0.1:0"]),
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    return [line for line in done.stderr.splitlines() if not line.startswith("{")]
+
+
+def test_a_taken_vsock_port_is_one_plain_line_naming_aws_vsock_proxy(tmp_path: Path) -> None:
+    """The port is held by a listener bound here (bind only: nothing connects)."""
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        pytest.skip("no AF_VSOCK in this Python")
+    try:
+        holder = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        pytest.skip(f"AF_VSOCK sockets unavailable here: {exc}")
+    holder.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+    port = holder.getsockname()[1]
+    assert refused_on_a_taken_port(tmp_path, holder, "vsock") == [
+        f"enclave-proxy: vsock:ANY:{port} is already in use, most likely by AWS's vsock-proxy "
+        "(nitro-enclaves-vsock-proxy.service, which listens on port 8000 too): stop it "
+        "(systemctl disable --now nitro-enclaves-vsock-proxy.service) or set listen to a "
+        "free port (and the agent's proxy address to match)"
+    ]
+
+
+def test_a_taken_tcp_port_is_one_plain_line(tmp_path: Path) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    assert refused_on_a_taken_port(tmp_path, holder, "tcp") == [
+        f"enclave-proxy: tcp:127.0.0.1:{port} is already in use by another process: "
+        "stop it or set listen to a free port"
+    ]
+
+
+def test_a_taken_metrics_port_is_one_plain_line_naming_metrics_listen(tmp_path: Path) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    assert refused_on_a_taken_port(tmp_path, holder, "tcp", "metrics_listen") == [
+        f"enclave-proxy: tcp:127.0.0.1:{port} is already in use by another process: "
+        "stop it or set metrics_listen to a free port"
+    ]
+
+
+async def test_sigterm_ends_open_log_streams_at_once(tmp_path: Path) -> None:
+    """A log stream is no tunnel to drain: with a drain_timeout of minutes, the proxy
+    still stops as soon as SIGTERM comes, the stream answered 503."""
+    config = tmp_path / "proxy.toml"
+    config.write_text('region = "us-east-1"\ndrain_timeout = 600\n')
+    with start_proxy(tmp_path, "--config", str(config), "--listen", "tcp:127.0.0.1:0") as proxy:
+        port = await proxy.port()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"POST /v1/logs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b'1f\r\n{"stream":"agent","line":"hi"}\n\r\n'
+        )
+        await proxy.wait_event("enclave_log")
+        proxy.process.send_signal(signal.SIGTERM)
+        assert await proxy.wait_exit() == 0
+        answer = b""
+        with trio.fail_after(10):
+            while piece := await stream.receive_some(4096):
+                answer += piece
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert not [e for e in proxy.events() if e.get("event") == "drain_timeout"]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from devtools.agent_image import pinned_versions
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "enclave-proxy.service"
@@ -123,3 +128,90 @@ def test_install_proxy_keeps_a_config_symlink_whose_target_is_missing(tmp_path: 
     assert link.is_symlink()
     assert str(link.readlink()) == "/nonexistent/managed/proxy.toml"
     assert "keeping existing" in done.stderr
+
+
+# The host directories a chroot needs to run this machine's Python, bound read-only.
+_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib64", "lib32", "libx32")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="a chroot and bind mounts need root")
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or shutil.which("systemctl") is None,
+    reason="unshare (util-linux) and systemctl are needed",
+)
+def test_install_proxy_into_a_root_works_once_that_root_is_slash(tmp_path: Path) -> None:
+    """A real venv (pip install with deploy/constraints-proxy.txt) into DIR; then, in a
+    private mount namespace, DIR becomes / (chroot, with the system's directories and
+    this Python bound read-only) and the installed command runs from there."""
+    root = tmp_path / "stage.root"
+    checkout = sorted(p.name for p in REPO.iterdir())
+    done = subprocess.run(
+        [str(REPO / "scripts" / "install-proxy"), "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in REPO.iterdir()) == checkout  # no build/ nor egg-info left
+    venv = root / "opt/enclave-proxy/venv"
+    python = venv / "bin/python"
+
+    # Nothing that runs names the staging directory; bytecode names the final paths.
+    named = [
+        path
+        for path in [*venv.joinpath("bin").iterdir(), venv / "pyvenv.cfg"]
+        if path.is_file() and not path.is_symlink() and str(root).encode() in path.read_bytes()
+    ]
+    assert named == []
+    (cli_pyc,) = venv.glob("lib/python3*/site-packages/proxy/__pycache__/cli.*.pyc")
+    assert str(root).encode() not in cli_pyc.read_bytes()
+    assert b"/opt/enclave-proxy/venv/lib/" in cli_pyc.read_bytes()
+
+    # Every package the proxy installs is pinned, at its pinned version.
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format", "json", "--exclude", "pip",
+         "--exclude", "setuptools", "--exclude", "enclave-kms"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    installed = {
+        p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(listed.stdout)
+    }
+    pins = pinned_versions(REPO / "deploy" / "constraints-proxy.txt")
+    assert {name: pins.get(name) for name in installed} == installed
+
+    base = subprocess.run(
+        [str(python), "-c", "import sys; print(sys.base_prefix)"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    binds = []
+    for name in _SYSTEM_DIRS:
+        host = Path("/") / name
+        if host.is_symlink():
+            (root / name).symlink_to(os.readlink(host))
+        elif host.is_dir():
+            binds.append(str(host))
+    if not any(base == b or base.startswith(b + "/") for b in binds):
+        binds.append(base)
+    mounts = []
+    for place in binds:
+        (root / place.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        mounts.append(f"mount --bind -o ro {shlex.quote(place)} {shlex.quote(str(root) + place)}")
+    if Path("/etc/ld.so.cache").is_file():
+        (root / "etc/ld.so.cache").touch()
+        mounts.append(
+            f"mount --bind -o ro /etc/ld.so.cache {shlex.quote(str(root))}/etc/ld.so.cache"
+        )
+    command = (
+        " && ".join(mounts)
+        + f" && exec chroot {shlex.quote(str(root))} /opt/enclave-proxy/venv/bin/enclave-proxy"
+        " check-config /etc/enclave-proxy/proxy.toml"
+    )
+    checked = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert "listen: vsock:ANY:8000" in checked.stdout

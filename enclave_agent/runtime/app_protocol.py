@@ -82,7 +82,12 @@ class HealthCall:
     pass
 
 
-Route = KmsCall | AttestationCall | SecretCall | HealthCall
+@dataclass(frozen=True)
+class MetricsCall:
+    pass
+
+
+Route = KmsCall | AttestationCall | SecretCall | HealthCall | MetricsCall
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,9 @@ def route_request(method: str, target: str, headers: Mapping[str, str], body: by
     if path == "/healthz":
         _require_method(method, "GET", path)
         return HealthCall()
+    if path == "/metrics":
+        _require_method(method, "GET", path)
+        return MetricsCall()
     if path.startswith("/v1/secrets/"):
         _require_method(method, "GET", path)
         name = path[len("/v1/secrets/") :]

@@ -31,6 +31,7 @@ import trio
 from enclave_agent.client import DEFAULT_SOCKET, SOCKET_ENV, AgentClient, AgentError
 from enclave_agent.runtime import init
 from enclave_agent.runtime.config import AgentConfig, ConfigError, load_config
+from enclave_agent.runtime.logship import LogChannel
 from enclave_agent.runtime.nsm import NsmError
 from enclave_agent.runtime.secrets import SecretError
 from enclave_agent.runtime.service import AgentReady, run_agent
@@ -123,9 +124,10 @@ def _load(args: argparse.Namespace) -> AgentConfig:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
-    configure_logging(config.log_level, process="enclave-agent")
+    channel = LogChannel(config)
+    configure_logging(config.log_level, process="enclave-agent", tee=channel.tee)
     _no_core_dumps()
-    return trio.run(_serve_async, config)
+    return trio.run(_serve_async, config, channel)
 
 
 def _no_core_dumps() -> None:
@@ -141,6 +143,7 @@ async def _start(
     nursery: trio.Nursery,
     config: AgentConfig,
     signals: AsyncIterator[int],
+    channel: LogChannel,
     *,
     tcp_for_sdks: bool = False,
 ) -> AgentReady | int:
@@ -160,7 +163,9 @@ async def _start(
 
         startup.start_soon(watch)
         try:
-            ready = await nursery.start(partial(run_agent, config, tcp_for_sdks=tcp_for_sdks))
+            ready = await nursery.start(
+                partial(run_agent, config, metrics=channel.metrics, tcp_for_sdks=tcp_for_sdks)
+            )
         except STARTUP_ERRORS as exc:
             log.error("startup_failed", error=type(exc).__name__, reason=str(exc))
             startup.cancel_scope.cancel()
@@ -174,18 +179,19 @@ async def _start(
     return ready
 
 
-async def _serve_async(config: AgentConfig) -> int:
+async def _serve_async(config: AgentConfig, channel: LogChannel) -> int:
     log = get_logger()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            started = await _start(nursery, config, signals)
-            if isinstance(started, int):
+    async with channel.running():
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                started = await _start(nursery, config, signals, channel)
+                if isinstance(started, int):
+                    nursery.cancel_scope.cancel()
+                    return started
+                async for signum in signals:
+                    log.info("stopping", signal=signal.Signals(signum).name)
+                    break
                 nursery.cancel_scope.cancel()
-                return started
-            async for signum in signals:
-                log.info("stopping", signal=signal.Signals(signum).name)
-                break
-            nursery.cancel_scope.cancel()
     return 0
 
 
@@ -196,12 +202,18 @@ def _run(args: argparse.Namespace) -> int:
     if not command:
         raise UsageError("give the command after --")
     config = _load(args)
-    configure_logging(config.log_level, process="enclave-agent")
+    channel = LogChannel(config)
+    configure_logging(config.log_level, process="enclave-agent", tee=channel.tee)
     _no_core_dumps()
-    return trio.run(_run_async, config, command)
+    return trio.run(_run_async, config, command, channel)
 
 
-async def _run_async(config: AgentConfig, command: list[str]) -> int:
+async def _run_async(config: AgentConfig, command: list[str], channel: LogChannel) -> int:
+    async with channel.running():
+        return await _run_shipping(config, command, channel)
+
+
+async def _run_shipping(config: AgentConfig, command: list[str], channel: LogChannel) -> int:
     log = get_logger()
     try:
         if init.interface_up("lo"):
@@ -215,12 +227,14 @@ async def _run_async(config: AgentConfig, command: list[str]) -> int:
     # the start, and one arriving as CMD starts waits here for the supervisor.
     with trio.open_signal_receiver(*init.SUPERVISED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
-            started = await _start(nursery, config, signals, tcp_for_sdks=config.run.sdk_env)
+            started = await _start(
+                nursery, config, signals, channel, tcp_for_sdks=config.run.sdk_env
+            )
             if isinstance(started, int):
                 nursery.cancel_scope.cancel()
                 return started
             env = app_environment(os.environ, started, config)
-            status = await init.supervise(command, env, signals)
+            status = await init.supervise(command, env, signals, output=channel.app_output())
             nursery.cancel_scope.cancel()
     return status
 

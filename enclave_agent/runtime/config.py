@@ -250,6 +250,50 @@ class Limits:
     )
 
 
+@dataclass(frozen=True)
+class LogsConfig:
+    """The log channel to the proxy (``logship``): what an enclave says, the parent reads."""
+
+    ship: bool = setting(
+        boolean,
+        "send the agent's own log events to the proxy (`POST /v1/logs`), which writes them "
+        "to its log; false: the console only",
+        default=True,
+        shown="`true`",
+    )
+    app_output: bool = setting(
+        boolean,
+        "under `run`, ship the app's stdout and stderr too, line by line: what an app "
+        "prints leaves the enclave. False: they go to the console (needs `ship`)",
+        default=False,
+        shown="`false`",
+    )
+    buffer_bytes: int = setting(
+        integer(4096, 64 << 20),
+        "bytes of lines waiting for the proxy; beyond it lines are dropped, counted and "
+        "announced, never waited for",
+        default=256 * 1024,
+    )
+
+
+def _push_interval(value: Any, at: At) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise at.wrong_type("a number", value)
+    if value != 0 and not 1 <= value <= 86400:  # (nan fails both)
+        raise at.must_be("0 (never) or a number of seconds from 1 to 86400", value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    push_interval: float = setting(
+        _push_interval,
+        "seconds between the metrics snapshots sent to the proxy over the log channel "
+        "(its `/metrics` shows them by enclave); 0: never",
+        default=60.0,
+    )
+
+
 def _ciphertext(value: Any, at: At) -> bytes:
     text = string(value, at)
     try:
@@ -443,6 +487,8 @@ class AgentConfig:
         "key/*` for every key of one account in one region; none: key operations are off",
         default=TrustedKeys(),
     )
+    logs: LogsConfig = setting(Table(LogsConfig), factory=LogsConfig)
+    metrics: MetricsConfig = setting(Table(MetricsConfig), factory=MetricsConfig)
 
 
 def parse_config(text: str, *, base_dir: Path | None = None, source: str = "config") -> AgentConfig:
@@ -452,6 +498,8 @@ def parse_config(text: str, *, base_dir: Path | None = None, source: str = "conf
         config = build(AgentConfig, settings, at)
         if "simulated_nsm" in settings and config.nsm != NSM_SIMULATED:
             raise ConfigError("[simulated_nsm] is set but nsm is not 'simulated'", "simulated_nsm")
+        if config.logs.app_output and not config.logs.ship:
+            raise ConfigError("logs.app_output = true needs logs.ship = true", "logs.app_output")
         _check_secrets(config.secrets, config.trusted_keys, config.region)
     except ConfigError as exc:
         raise exc.within(source) from None
@@ -578,6 +626,8 @@ __all__ = [
     "ConfigError",
     "Limits",
     "ListenConfig",
+    "LogsConfig",
+    "MetricsConfig",
     "RunConfig",
     "SecretConfig",
     "SimulatedNsmConfig",

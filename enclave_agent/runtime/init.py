@@ -122,36 +122,51 @@ def reap(main_pid: int) -> int | None:
 
 
 async def supervise(
-    argv: Sequence[str], env: Mapping[str, str], signals: AsyncIterator[int] | None = None
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    signals: AsyncIterator[int] | None = None,
+    *,
+    output: tuple[int, int] | None = None,
 ) -> int:
     """Start ``argv``, forward signals to it, reap everything, return its exit code.
 
     ``signals``: a receiver for ``SUPERVISED_SIGNALS`` the caller opened earlier (so
     none is lost between start-up and here); by default one is opened now.
+    ``output``: descriptors to give the command as stdout and stderr (else ours); they
+    are closed here once it has them.
     """
     if not argv:
         raise InitError("no command to run")
     if signals is None:
         # Open the receiver before spawning, so the child's SIGCHLD cannot be missed.
         with trio.open_signal_receiver(*SUPERVISED_SIGNALS) as receiver:
-            return await _supervise(argv, env, receiver)
-    return await _supervise(argv, env, signals)
+            return await _supervise(argv, env, receiver, output)
+    return await _supervise(argv, env, signals, output)
 
 
 async def _supervise(
-    argv: Sequence[str], env: Mapping[str, str], receiver: AsyncIterator[int]
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    receiver: AsyncIterator[int],
+    output: tuple[int, int] | None,
 ) -> int:
+    actions = []
+    if output is not None:
+        actions = [(os.POSIX_SPAWN_DUP2, output[0], 1), (os.POSIX_SPAWN_DUP2, output[1], 2)]
     try:
         # posix_spawn is a vfork+exec: it returns as soon as the child exists.
         # Python ignores SIGPIPE and SIGXFSZ at start-up and exec keeps ignored
         # signals ignored: give CMD the defaults back, as subprocess does.
         pid = os.posix_spawnp(  # noqa: ASYNC221
-            argv[0], list(argv), dict(env), setsigdef=CHILD_DEFAULT_SIGNALS
+            argv[0], list(argv), dict(env), setsigdef=CHILD_DEFAULT_SIGNALS, file_actions=actions
         )
     except OSError as exc:
         code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
         log.error("command_failed_to_start", command=argv[0], error=exc.strerror)
         return code
+    finally:
+        for fd in output or ():
+            os.close(fd)  # the command's now; with ours gone, its readers see EOF at its end
     log.info("command_started", command=argv[0], pid=pid)
     status = reap(pid)
     if status is None:

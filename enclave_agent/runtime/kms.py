@@ -45,6 +45,7 @@ from enclave_agent.runtime.documents import (
     AttestationDocuments,
     Lease,
 )
+from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import Attester, NsmError, request_attestation
 from enclave_agent.runtime.transport import (
     ConnectionPool,
@@ -125,7 +126,13 @@ class _CallRecord:
 
 
 class KmsGateway:
-    def __init__(self, settings: KmsSettings, nsm: Attester, recipient: Recipient) -> None:
+    def __init__(
+        self,
+        settings: KmsSettings,
+        nsm: Attester,
+        recipient: Recipient,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
         if settings.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if settings.call_timeout <= 0:
@@ -147,6 +154,7 @@ class KmsGateway:
             self._attestation, settings.attestation_reuse, shared=(KmsError,)
         )
         self.signing_keys = sigv4.SigningKeyCache()
+        self.metrics = metrics or AgentMetrics()
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -174,15 +182,18 @@ class KmsGateway:
             outcome = {"outcome": "ok"}
             return answer
         finally:
+            seconds = trio.current_time() - started
             # One event per call; fields only, never a body, key or credential.
             (_log.info if outcome["outcome"] == "ok" else _log.warning)(
                 "kms_call",
                 operation=operation,
                 attempts=record.attempts,
                 request_id=record.request_id,
-                duration_ms=round((trio.current_time() - started) * 1000, 1),
+                duration_ms=round(seconds * 1000, 1),
                 **outcome,
             )
+            label = outcome.get("error_type", outcome["outcome"])
+            self.metrics.kms_call(operation, label, seconds, record.attempts)
 
     async def _call(
         self, operation: str, request: Mapping[str, Any], record: _CallRecord

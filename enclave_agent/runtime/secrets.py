@@ -28,8 +28,9 @@ after a backoff (full jitter from ``RETRY_BASE``, capped at ``RETRY_CAP`` and at
 ``refresh``). A secret whose last good read is older than its ``stale_after`` is
 stale (``health``, for ``/healthz``).
 
-Counted through ``SecretEvents``: the one place secrets are counted, with the agent's
-metrics hook names (``secret_fetched`` at each good read, ``secret_refresh_failed``).
+Counted through ``SecretEvents`` (the agent's ``metrics.AgentMetrics``): ``secret_fetched``
+at each good read (the metrics give each secret's age from it) and
+``secret_refresh_failed`` at each failed refresh.
 
 Optional file copies (for apps that only read files) are written mode 0400 through a
 temporary name and a rename, so an app never reads half a secret, and deleted when
@@ -53,6 +54,7 @@ import trio
 from enclave_agent.runtime.backoff import full_jitter
 from enclave_agent.runtime.config import SecretConfig
 from enclave_agent.runtime.kms import KmsError
+from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.sealed import (
     Envelope,
     SealedFormatError,
@@ -106,21 +108,11 @@ class Reader(Protocol):
 
 
 class SecretEvents(Protocol):
-    """The metrics' hooks for secrets (the agent's metrics registry has these names)."""
+    """What secrets tell the metrics (``metrics.AgentMetrics`` has these hooks)."""
 
     def secret_fetched(self, name: str) -> None: ...
 
     def secret_refresh_failed(self, name: str) -> None: ...
-
-
-class Uncounted:
-    """``SecretEvents`` that count nothing (no metrics registry given)."""
-
-    def secret_fetched(self, name: str) -> None:
-        pass
-
-    def secret_refresh_failed(self, name: str) -> None:
-        pass
 
 
 @dataclass(frozen=True, repr=False)
@@ -198,7 +190,7 @@ class SecretStore:
         self._gateway = gateway
         self._reader = reader
         self._read_timeout = read_timeout
-        self._events = events or Uncounted()
+        self._events: SecretEvents = events or AgentMetrics()
         self._served: dict[str, Served] = {}
         self._good_read: dict[str, float] = {}  # trio time of each secret's last good read
         self._failures: dict[str, int] = {}  # failed refreshes in a row

@@ -38,18 +38,23 @@ from enclave_agent.runtime.app_protocol import (
     AppProtocolError,
     AppResponse,
     AttestationCall,
+    HealthCall,
     KmsCall,
+    MetricsCall,
     Route,
     SecretCall,
 )
 from enclave_agent.runtime.callers import Callers, identify
 from enclave_agent.runtime.config import AccessConfig, Limits
+from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import NsmError
 from enclave_agent.runtime.secrets import Served
 from enclave_common import http_server
 from enclave_common.errors import ShownError
 from enclave_common.http_server import Answer, HttpServer, Report, Request
 from enclave_common.logs import get_logger
+from enclave_common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from enclave_common.metrics import render
 from enclave_common.tcp_peercred import Query, ask_kernel
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -95,9 +100,11 @@ class AppServer:
         secrets: SecretLookup,
         access: AccessConfig,
         limits: Limits,
+        metrics: AgentMetrics | None = None,
         query: Query = ask_kernel,
     ) -> None:
         self._gateway = gateway
+        self._metrics = metrics or AgentMetrics()
         self._query = query
         self._attest = attest
         self._secrets = secrets
@@ -141,12 +148,25 @@ class AppServer:
             await trio.aclose_forcefully(stream)
             raise
         denied = None if who.allowed else error_answer(_DENIED)
-        await self._http.serve(
-            stream,
-            partial(self._handle, who.peer, who.caller),
-            admit=self._admission.admit(who.caller, tcp=callers is not Callers.UNIX, denied=denied),
-            report=partial(_log, who.peer),
-        )
+        kind = "unix" if callers is Callers.UNIX else "tcp"
+
+        def report(ended: Report) -> None:
+            _log(who.peer, ended)
+            if ended.outcome == "refused" or ended.number == 0:  # once per connection
+                self._metrics.connection(kind, accepted=ended.outcome != "refused")
+
+        self._metrics.connections_open.inc(caller=kind)
+        try:
+            await self._http.serve(
+                stream,
+                partial(self._handle, who.peer, who.caller),
+                admit=self._admission.admit(
+                    who.caller, tcp=callers is not Callers.UNIX, denied=denied
+                ),
+                report=report,
+            )
+        finally:
+            self._metrics.connections_open.dec(caller=kind)
 
     async def _handle(self, peer: str, caller: Caller, request: Request) -> Answer:
         body = await request.body()
@@ -154,6 +174,7 @@ class AppServer:
         # Logged: the path only (no query), cut short so a huge target cannot flood logs.
         path = request.target.split("?", 1)[0][:_LOGGED_PATH]
         operation: str | None = None
+        route: Route | None = None
         error: ShownError | None = None
         try:
             route = app_protocol.route_request(
@@ -164,6 +185,7 @@ class AppServer:
         except Exception as exc:  # noqa: BLE001 - one failed request must not end the connection
             error = _shown(exc, path, operation)
             response = _error_response(error)
+        seconds = trio.current_time() - started
         # Logged before the answer goes out: a client that has its answer finds the event.
         log.info(
             "request",
@@ -173,8 +195,10 @@ class AppServer:
             operation=operation,
             status=response.status,
             error_type=error.error_type if error else None,
-            duration_ms=round((trio.current_time() - started) * 1000, 2),
+            duration_ms=round(seconds * 1000, 2),
         )
+        outcome = error.error_type if error else "ok"
+        self._metrics.request(_route_name(route), outcome, seconds)
         return _answer(response)
 
     async def _respond(self, caller: Caller, route: Route) -> AppResponse:
@@ -200,7 +224,25 @@ class AppServer:
             raise AppProtocolError(
                 "DependencyTimeoutException", f"the NSM did not answer within {patience:g} s", 503
             )
+        if isinstance(route, MetricsCall):
+            text = render(self._metrics.collect())
+            return AppResponse(200, METRICS_CONTENT_TYPE, text.encode())
         return app_protocol.json_response(self._secrets.health())
+
+
+_ROUTE_NAMES: dict[type, str] = {
+    SecretCall: "secret",
+    AttestationCall: "attestation",
+    HealthCall: "health",
+    MetricsCall: "metrics",
+}
+
+
+def _route_name(route: Route | None) -> str | None:
+    """A request's ``operation`` label: the KMS operation, or the route's name."""
+    if isinstance(route, KmsCall):
+        return route.operation
+    return _ROUTE_NAMES.get(type(route))
 
 
 def _shown(exc: Exception, path: str, operation: str | None) -> ShownError:

@@ -31,6 +31,7 @@ import trio
 from enclave_agent.runtime.callers import Callers
 from enclave_agent.runtime.config import NSM_SIMULATED, AgentConfig, store_endpoint
 from enclave_agent.runtime.kms import KmsGateway, KmsSettings
+from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import Nsm, NsmDevice, request_attestation
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.runtime.secrets import SecretStore
@@ -204,6 +205,7 @@ async def open_tcp(
 async def run_agent(
     config: AgentConfig,
     *,
+    metrics: AgentMetrics | None = None,
     tcp_for_sdks: bool = False,
     query: Query = ask_kernel,
     task_status: trio.TaskStatus[AgentReady] = trio.TASK_STATUS_IGNORED,
@@ -219,14 +221,19 @@ async def run_agent(
         log.warning("key_operations_off", reason=off_reason())
     nsm = open_nsm(config)
     recipient = RecipientKey.generate()
-    gateway = KmsGateway(kms_settings(config), nsm, recipient)
+    metrics = metrics or AgentMetrics()
+    gateway = KmsGateway(kms_settings(config), nsm, recipient, metrics)
 
     async def attest(nonce: bytes | None, user_data: bytes | None, key: bytes | None) -> bytes:
         return await request_attestation(nsm, nonce=nonce, user_data=user_data, public_key=key)
 
     reader = store_reader(config, gateway)
     store = SecretStore(
-        config.secrets, gateway, reader, read_timeout=config.limits.store_read_timeout
+        config.secrets,
+        gateway,
+        reader,
+        read_timeout=config.limits.store_read_timeout,
+        events=metrics,
     )
     bound_socket = False
     try:
@@ -250,6 +257,7 @@ async def run_agent(
                 secrets=store,
                 access=config.access,
                 limits=config.limits,
+                metrics=metrics,
                 query=query,
             )
             async with trio.open_nursery() as nursery:
