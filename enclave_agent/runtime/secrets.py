@@ -264,13 +264,13 @@ class SecretStore:
             )
 
     async def _first_fetch(self, secret: SecretConfig) -> None:
-        if secret.location is None:
-            await self._install(
-                secret,
-                Served(await _decrypt(self._gateway, decrypt_request(secret)), INLINE_VERSION),
-            )
+        if secret.location is not None:
+            deadline = trio.current_time() + self._read_timeout
+            await self._fetch_until_good(secret, give_up_at=deadline)
             return
-        await self._fetch_until_good(secret, give_up_at=trio.current_time() + self._read_timeout)
+        value = await _decrypt(self._gateway, decrypt_request(secret))
+        await self._install(secret, Served(value, INLINE_VERSION))
+        self._events.secret_fetched(secret.name)
 
     # --- rotation -----------------------------------------------------------------------
 
