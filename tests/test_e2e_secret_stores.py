@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.devstack import (
     REPO_ROOT,
@@ -42,7 +43,7 @@ from enclave_agent.client import AgentClient, AgentError, SecretVersion
 from enclave_agent.operator.seal import SECRETS_MANAGER_LIMIT, SSM_ADVANCED_LIMIT, seal
 from enclave_agent.runtime.sealed import MAX_PLAIN_VALUE, MAX_VALUE
 from tests.conftest import STORE_ACCOUNTS
-from tests.support.stack import FaultStack, find_leaks, start_proxy
+from tests.support.stack import FaultStack, find_leaks, raw_exchange, start_proxy, status_of
 
 A, B = STORE_ACCOUNTS
 BUCKET = "enclave-secrets"
@@ -231,6 +232,19 @@ def refused_after(stores: Stores, agent: str, seen: int) -> dict[str, Any]:
     return event
 
 
+def refresh_failures(socket_path: str) -> dict[str, float]:
+    """enclave_agent_secret_refresh_failures_total by secret, from the agent's /metrics."""
+    answer = raw_exchange(socket_path, [b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n"])
+    assert status_of(answer) == 200
+    text = answer.partition(b"\r\n\r\n")[2].decode()
+    return {
+        sample.labels["secret"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "enclave_agent_secret_refresh_failures_total"
+    }
+
+
 def assert_no_leak(stores: Stores) -> None:
     needles: dict[str, bytes] = {}
     for index, value in enumerate(stores.values):
@@ -295,6 +309,9 @@ def test_a_secret_in_each_store_is_fetched_rotated_and_never_swapped(
             assert "does not open for this secret's name" in failed["reason"]
             assert app.secret_version("db") == polled[0]
             assert copy.read_bytes() == second
+
+        # Counted: the failed refreshes of db, by name, in the agent's metrics.
+        assert refresh_failures(app.socket_path)["db"] >= 2
 
         # The operator seals a good value again: served.
         third = value_of(32)
