@@ -140,7 +140,7 @@ async def _decrypt(gateway: Decrypter, request: dict[str, Any]) -> bytes:
         answer = await gateway.call("Decrypt", request)
         return base64.b64decode(answer["Plaintext"], validate=True)
     except KmsError as exc:
-        reason = f"{exc.error_type}: {exc.message}"
+        reason = f"{exc.error_type}: {exc.message}" if exc.message else exc.error_type
         if exc.error_type == "InvalidCiphertextException" and request.get("EncryptionContext"):
             reason += f" ({_NOT_FOR_THIS_NAME})"
         raise FetchError(reason) from None
