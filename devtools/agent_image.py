@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -40,8 +40,8 @@ PROJECT = "enclave-kms"
 CONSTRAINTS = REPO_ROOT / "deploy" / "constraints.txt"
 # The Dockerfile's wheel stage copies exactly these into its build context.
 WHEEL_SOURCES = ("pyproject.toml", "enclave_agent", "enclave_common")
-# Leaving the enclave once the agent stops needing it (issue 13): sizes are given both ways.
-LEAVING = "botocore"
+# In deploy/constraints.txt, the pins after this line are not in the image.
+NOT_IN_IMAGE = "# Not in the image"
 # Any fixed instant: what matters is that both builds use the same one.
 DEFAULT_EPOCH = 1_700_000_000
 # What pip writes about an installation rather than what a wheel holds.
@@ -62,16 +62,15 @@ def requirements_of(name: str) -> list[Requirement]:
     return [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
 
 
-def runtime_closure(exclude: Iterable[str] = ()) -> dict[str, str]:
+def runtime_closure() -> dict[str, str]:
     """Canonical name → installed version of every distribution ``pip install .`` brings
-    in (the project itself not included), skipping ``exclude`` and what only they need."""
-    skipped = {canonicalize_name(name) for name in exclude}
+    in (the project itself not included)."""
     seen: dict[str, str] = {}
-    pending = [r for r in requirements_of(PROJECT) if canonicalize_name(r.name) not in skipped]
+    pending = requirements_of(PROJECT)
     while pending:
         requirement = pending.pop()
         name = canonicalize_name(requirement.name)
-        if name in seen or name in skipped:
+        if name in seen:
             continue
         try:
             seen[name] = metadata.version(name)
@@ -83,11 +82,9 @@ def runtime_closure(exclude: Iterable[str] = ()) -> dict[str, str]:
     return dict(sorted(seen.items()))
 
 
-def pinned_versions(path: Path = CONSTRAINTS) -> dict[str, str]:
-    """Canonical name → version of every ``name==version`` line in a constraints file,
-    and in the files it includes (``-c FILE``, relative to it, as pip reads them)."""
+def _pins_in(text: str, path: Path) -> dict[str, str]:
     pins: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line.startswith("-c "):
             pins.update(pinned_versions(path.parent / line[3:].strip()))
@@ -97,6 +94,17 @@ def pinned_versions(path: Path = CONSTRAINTS) -> dict[str, str]:
                 raise ImageBuildError(f"{path}: not an exact pin: {line!r}")
             pins[canonicalize_name(name)] = version.strip()
     return pins
+
+
+def pinned_versions(path: Path = CONSTRAINTS) -> dict[str, str]:
+    """Canonical name → version of every ``name==version`` line in a constraints file,
+    and in the files it includes (``-c FILE``, relative to it, as pip reads them)."""
+    return _pins_in(path.read_text(), path)
+
+
+def image_pins(path: Path = CONSTRAINTS) -> dict[str, str]:
+    """The pins of what the image installs: those above the ``NOT_IN_IMAGE`` line."""
+    return _pins_in(path.read_text().split(f"\n{NOT_IN_IMAGE}", 1)[0], path)
 
 
 def check_pins(closure: dict[str, str], pins: dict[str, str]) -> None:
@@ -286,9 +294,6 @@ class Sizes:
     by_distribution: dict[str, int]  # canonical name → bytes, bytecode excluded
     total: int
 
-    def without(self, names: Iterable[str]) -> int:
-        return self.total - sum(self.by_distribution.get(n, 0) for n in names)
-
 
 def measure(target: Path) -> Sizes:
     """Bytes installed under ``target`` (bytecode excluded), per distribution by its
@@ -315,14 +320,11 @@ def _mb(size: int) -> str:
     return f"{size / 1_000_000:.1f} MB"
 
 
-def report(sizes: Sizes, leaving: Sequence[str]) -> str:
+def report(sizes: Sizes) -> str:
     lines = [f"{'distribution':<24} {'bytes':>12}"]
     for name, size in sorted(sizes.by_distribution.items(), key=lambda x: -x[1]):
-        mark = "  (leaves with botocore)" if name in leaving else ""
-        lines.append(f"{name:<24} {size:>12,}{mark}")
-    lines.append(f"{'total today':<24} {sizes.total:>12,}  {_mb(sizes.total)}")
-    after = sizes.without(leaving)
-    lines.append(f"{'without botocore':<24} {after:>12,}  {_mb(after)}")
+        lines.append(f"{name:<24} {size:>12,}")
+    lines.append(f"{'total':<24} {sizes.total:>12,}  {_mb(sizes.total)}")
     return "\n".join(lines)
 
 
@@ -331,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="scripts/agent-size",
         description="Install the agent's packages as the enclave image does (wheel, then pip "
         "install --no-compile with deploy/constraints.txt) into a fresh directory and print "
-        "their size without bytecode, per distribution, with and without botocore.",
+        "their size without bytecode, per distribution and in total.",
     )
     parser.add_argument(
         "--index",
@@ -341,7 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", type=Path, metavar="DIR", help="install into DIR and keep it")
     args = parser.parse_args(argv)
-    leaving = sorted(set(runtime_closure()) - set(runtime_closure(exclude=[LEAVING])))
     with tempfile.TemporaryDirectory(prefix="agent-size-") as scratch:
         work = Path(scratch)
         target = args.keep or work / "target"
@@ -358,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImageBuildError as exc:
             print(f"agent-size: {exc}", file=sys.stderr)
             return 1
-        print(report(measure(target), leaving))
+        print(report(measure(target)))
     return 0
 
 

@@ -44,7 +44,7 @@ def test_five_operations(operation: str) -> None:
         (
             "POST",
             "/",
-            {"x-amz-target": "TrentService.Encrypt"},
+            {"x-amz-target": "TrentService.CreateKey"},
             b"{}",
             "UnknownOperationException",
             400,

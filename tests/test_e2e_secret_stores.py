@@ -428,7 +428,8 @@ def test_a_store_down_at_start_stops_the_start_naming_the_secret(
 
 def test_apps_cannot_use_the_secrets_context_key(stores: Stores) -> None:
     """An app asking for data keys under a secret's context (which, disclosed, would let
-    the parent forge that secret's envelope) is refused before any KMS call."""
+    the parent forge that secret's envelope), or to encrypt under it, is refused
+    before any KMS call."""
     socket_path = stores.dev.start_agent(
         stores.dev.write_agent_config(name="agent-app"), name="agent-app"
     )
@@ -438,6 +439,23 @@ def test_apps_cannot_use_the_secrets_context_key(stores: Stores) -> None:
                 stores.key, encryption_context={"enclave-kms:secret": "db"}
             ),
             lambda: app.decrypt(b"\x01" * 40, encryption_context={"enclave-kms:secret": "db"}),
+            # Encrypt is served (a pass-through): an app must not seal values for a name.
+            lambda: app.kms(
+                "Encrypt",
+                {
+                    "KeyId": stores.key,
+                    "Plaintext": base64.b64encode(b"planted").decode(),
+                    "EncryptionContext": {"enclave-kms:secret": "db"},
+                },
+            ),
+            lambda: app.kms(
+                "ReEncrypt",
+                {
+                    "CiphertextBlob": base64.b64encode(b"\x01" * 40).decode(),
+                    "DestinationKeyId": stores.key,
+                    "DestinationEncryptionContext": {"enclave-kms:secret": "db"},
+                },
+            ),
         ):
             with pytest.raises(AgentError) as refused:
                 call()

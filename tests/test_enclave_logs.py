@@ -176,7 +176,9 @@ async def test_an_endless_line_costs_one_record_and_the_stream_goes_on() -> None
 
 
 async def test_a_huge_line_is_refused_and_a_long_one_cut_to_line_bytes() -> None:
-    async with sink(line_bytes=100) as s:
+    # A high rate: the stream is read at rate * line_bytes bytes a second, and 2 MB at
+    # the default would take this test 20 s.
+    async with sink(rate=100_000, line_bytes=100) as s:
         client = await s.connect()
         huge = b'{"stream":"stdout","line":"' + b"h" * 2_000_000 + b'"}\n'
         await client.send_all(chunk(huge) + chunk(lines("stdout", "x" * 150)))

@@ -498,3 +498,83 @@ def test_verify_attestation_shape_errors() -> None:
         parse_measurements(json.dumps({**base, "digest": "SHA256"}))
     with pytest.raises(KeyPolicyError, match="must be an object"):
         parse_measurements(json.dumps({**base, "pcrs": []}))
+
+
+# --- the operations come from the agent's operations table ---------------------------
+
+
+def test_the_policy_operations_are_the_operation_tables() -> None:
+    from enclave_agent.operator.key_policy import (
+        NEVER_FOR_THE_ROLE,
+        PASS_THROUGH_OPERATIONS,
+        RECIPIENT_OPERATIONS,
+    )
+    from enclave_agent.runtime.kms_operations import OPERATION_TABLE
+
+    assert set(RECIPIENT_OPERATIONS) == {n for n, op in OPERATION_TABLE.items() if op.recipient}
+    grantable = {
+        name
+        for name, operation in OPERATION_TABLE.items()
+        if not operation.recipient and operation.key_policy_actions
+    }
+    assert set(PASS_THROUGH_OPERATIONS) == grantable - set(NEVER_FOR_THE_ROLE)
+
+
+def test_pass_through_operations_get_a_statement_of_their_own_without_attestation() -> None:
+    """A call without Recipient has no attestation condition key: under the enclave
+    statement's condition it would be denied, so the role gets these in a statement
+    of their own, which the parent holding the role can use as well."""
+    policy = build_key_policy(
+        _measurements(), ROLE, pass_through=["Sign", "kms:verify", "GetPublicKey", "Sign"]
+    )
+    _admin, enclave, unattested = policy["Statement"]
+    assert enclave == enclave_statement(_measurements(), ROLE)
+    assert unattested == {
+        "Sid": "PassThroughByTheRole",
+        "Effect": "Allow",
+        "Principal": {"AWS": ROLE},
+        "Action": ["kms:Sign", "kms:Verify", "kms:GetPublicKey"],
+        "Resource": "*",
+    }
+    assert "Condition" not in unattested
+    assert len(build_key_policy(_measurements(), ROLE)["Statement"]) == 2  # none asked: none
+
+
+@pytest.mark.parametrize(
+    ("operations", "pass_through", "message"),
+    [
+        (["Decrypt"], ["Encrypt"], "both Encrypt .* and Decrypt under one key"),
+        (["GenerateDataKey"], ["ReEncrypt"], "never granted to the enclave's role"),
+        (["Decrypt"], ["ListKeys"], "the role's IAM policy grants it"),
+        (["Decrypt"], ["ListAliases"], "the role's IAM policy grants it"),
+        (["Decrypt"], ["Decrypt"], "not a pass-through operation"),
+        (["Decrypt"], ["CreateKey"], "not a pass-through operation"),
+    ],
+)
+def test_pass_through_grants_that_would_hand_the_parent_the_secrets_are_refused(
+    operations: list[str], pass_through: list[str], message: str
+) -> None:
+    with pytest.raises(KeyPolicyError, match=message):
+        build_key_policy(_measurements(), ROLE, operations=operations, pass_through=pass_through)
+
+
+def test_encrypt_for_the_role_is_allowed_on_a_key_the_enclave_does_not_decrypt_with() -> None:
+    policy = build_key_policy(
+        _measurements(), ROLE, operations=["GenerateDataKey"], pass_through=["Encrypt"]
+    )
+    assert policy["Statement"][-1]["Action"] == "kms:Encrypt"
+
+
+def test_command_grants_pass_through_and_says_the_parent_may_call_them() -> None:
+    measurements = str(DATA / "nitro_cli_build_enclave.out")
+    base = ["--measurements", measurements, "--role-arn", ROLE, "--region", "eu-west-1"]
+    result = _cli(*base, "--operation", "GenerateDataKey", "--pass-through", "Encrypt", "Sign")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["Statement"][-1]["Action"] == ["kms:Encrypt", "kms:Sign"]
+    assert b"the role may call Encrypt, Sign without the enclave" in result.stderr
+    assert b"# Sign: a signature by this key proves the role's credentials" in result.stderr
+    assert b"no principal may kms:Encrypt" not in result.stderr
+    refused = _cli(*base, "--statement-only", "--pass-through", "Verify")
+    assert refused.returncode == 2 and b"--statement-only" in refused.stderr
+    refused = _cli(*base, "--pass-through", "ReEncrypt")
+    assert refused.returncode == 2 and b"ReEncryptFrom" in refused.stderr

@@ -34,9 +34,13 @@ ROLE_NAME = "enclave-parent"
 
 
 def _printed_policy(
-    tmp_path: Path, account_id: str, *enclaves: SimulatedNsm, encrypt: bool = True
+    tmp_path: Path,
+    account_id: str,
+    *enclaves: SimulatedNsm,
+    encrypt: bool = True,
+    extra: tuple[str, ...] = (),
 ) -> str:
-    arguments = ["--region", "us-east-1"]
+    arguments = ["--region", "us-east-1", *extra]
     if encrypt:
         arguments += ["--encrypt-principal", local_operator_arn(account_id)]
     for number, enclave in enumerate(enclaves):
@@ -177,3 +181,34 @@ def test_without_an_encrypt_principal_nobody_may_encrypt(
         client.encrypt(KeyId=key_id, Plaintext=b"planted value")
     assert denied.value.response["Error"]["Code"] == "AccessDeniedException"
     assert "kms:Encrypt" in denied.value.response["Error"]["Message"]
+
+
+def test_pass_through_grants_are_the_roles_without_attestation(
+    tmp_path: Path, enclave_ca: Path, local_kms: dict[str, Any]
+) -> None:
+    """--pass-through Sign Verify GetPublicKey: the role signs with no attestation
+    document (so the parent could too, which is why it is asked for by name); another
+    role may not; without the grant, the enclave statement's condition, which needs a
+    Recipient, denies the role's Sign."""
+    enclave = SimulatedNsm.load(enclave_ca)
+    account = local_kms["account_id"]
+    client = local_kms_client(local_kms)
+    role = minted_kms_client(local_kms, principal=f"arn:aws:iam::{account}:role/{ROLE_NAME}")
+    other = minted_kms_client(local_kms, principal=f"arn:aws:iam::{account}:role/another-role")
+    keys = {}
+    for name, extra in (
+        ("granted", ("--pass-through", "Sign", "Verify", "GetPublicKey")),
+        ("not granted", ()),
+    ):
+        policy = _printed_policy(tmp_path, account, enclave, extra=extra)
+        keys[name] = client.create_key(
+            Policy=policy, KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY"
+        )["KeyMetadata"]["KeyId"]
+    message = {"Message": b"signed by the role", "SigningAlgorithm": "ECDSA_SHA_256"}
+    signature = role.sign(KeyId=keys["granted"], **message)["Signature"]
+    assert role.verify(KeyId=keys["granted"], Signature=signature, **message)["SignatureValid"]
+    assert role.get_public_key(KeyId=keys["granted"])["KeyUsage"] == "SIGN_VERIFY"
+    for caller, key in ((other, keys["granted"]), (role, keys["not granted"])):
+        with pytest.raises(ClientError) as denied:
+            caller.sign(KeyId=key, **message)
+        assert denied.value.response["Error"]["Code"] == "AccessDeniedException"

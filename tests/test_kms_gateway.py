@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -197,7 +198,7 @@ async def test_invalid_request_is_not_sent(stack: Stack) -> None:
             await stack.gateway.call(op, body)
         assert (info.value.error_type, info.value.status) == ("ValidationException", 400)
     with pytest.raises(KmsError) as info:
-        await stack.gateway.call("Encrypt", {"KeyId": "k", "Plaintext": "eA=="})
+        await stack.gateway.call("CreateKey", {"Description": "k"})
     assert info.value.error_type == "UnknownOperationException"
     assert stack.kms.seen == [] and stack.nsm.calls == 0
 
@@ -623,3 +624,110 @@ async def test_an_extreme_expiration_is_a_credentials_error_and_retried(stack: S
     assert (info.value.error_type, info.value.status) == ("KMSInternalException", 502)
     assert "Expiration" in info.value.message and "out of range" in info.value.message
     assert stack.relay.credential_requests == 3 and stack.kms.seen == []
+
+
+# --- pass-through operations: signed and sent as written, no Recipient, no envelope ---
+
+MESSAGE = b"pass-through message, never logged " + b"m" * 16
+SIGNATURE = b"pass-through signature, never logged " + b"s" * 16
+
+
+async def test_a_pass_through_call_takes_no_attestation_and_answers_as_kms(stack: Stack) -> None:
+    b64 = base64.b64encode
+    stack.kms.script.append(
+        (200, {"KeyId": FAKE_KEY_ARN, "Signature": b64(SIGNATURE).decode(), "Extra": 1})
+    )
+    request = {
+        "KeyId": "alias/app",
+        "Message": b64(MESSAGE).decode(),
+        "SigningAlgorithm": "ECDSA_SHA_256",
+    }
+    answer = await stack.gateway.call("Sign", request)
+    assert answer == {"KeyId": FAKE_KEY_ARN, "Signature": b64(SIGNATURE).decode()}
+    (seen,) = stack.kms.seen
+    assert seen.headers["x-amz-target"] == "TrentService.Sign"
+    assert seen.json == request  # exactly what the app wrote: no Recipient
+    assert "authorization" in seen.headers  # signed by the agent
+    assert stack.nsm.calls == 0 and stack.recipient.opened == 0
+
+
+async def test_a_pass_through_answer_from_an_untrusted_key_is_refused_not_retried(
+    stack: Stack,
+) -> None:
+    """The parent re-pointed alias/app to its own key: Encrypt answers honestly under
+    it, and an app storing that ciphertext would store data the parent can decrypt."""
+    gateway = stack.gateway_with(trusted_keys=TrustedKeys.parse([FAKE_KEY_ARN]))
+    stack.kms.script.append((200, {"KeyId": SAME_ACCOUNT_OTHER_KEY, "CiphertextBlob": CIPHERTEXT}))
+    try:
+        with pytest.raises(KmsError) as info:
+            await gateway.call("Encrypt", {"KeyId": "alias/app", "Plaintext": "c2VjcmV0"})
+    finally:
+        await gateway.aclose()
+    assert (info.value.error_type, info.value.status) == ("AccessDeniedException", 400)
+    assert SAME_ACCOUNT_OTHER_KEY in info.value.message and CIPHERTEXT not in info.value.message
+    assert len(stack.kms.seen) == 1 and stack.nsm.calls == 0
+
+
+async def test_pass_through_calls_leave_no_plaintext_message_or_signature_in_the_log(
+    stack: Stack,
+) -> None:
+    import io
+
+    import structlog
+
+    from enclave_common.logs import configure_logging
+
+    b64 = base64.b64encode
+    mac = b"pass-through mac, never logged " + b"c" * 16
+    blob = b"pass-through ciphertext, never logged"
+    stream = io.StringIO()
+    configure_logging("debug", stream=stream, process="test")
+    try:
+        stack.kms.script.append(
+            (200, {"KeyId": FAKE_KEY_ARN, "CiphertextBlob": b64(blob).decode()})
+        )
+        await stack.gateway.call("Encrypt", {"KeyId": "k", "Plaintext": b64(MESSAGE).decode()})
+        stack.kms.script.append(
+            (200, {"KeyId": FAKE_KEY_ARN, "Signature": b64(SIGNATURE).decode()})
+        )
+        await stack.gateway.call(
+            "Sign",
+            {"KeyId": "k", "Message": b64(MESSAGE).decode(), "SigningAlgorithm": "ECDSA_SHA_256"},
+        )
+        stack.kms.script.append((200, {"KeyId": FAKE_KEY_ARN, "Mac": b64(mac).decode()}))
+        await stack.gateway.call(
+            "GenerateMac",
+            {"KeyId": "k", "Message": b64(MESSAGE).decode(), "MacAlgorithm": "HMAC_SHA_256"},
+        )
+        # Refused paths: an untrusted key answering, and KMS's own error.
+        stack.kms.script.append((200, {"KeyId": OTHER_ACCOUNT_ARN, "Mac": b64(mac).decode()}))
+        stack.kms.script.append(kms_error("KMSInvalidSignatureException", ""))
+        with pytest.raises(KmsError):
+            await stack.gateway.call(
+                "GenerateMac",
+                {"KeyId": "k", "Message": b64(MESSAGE).decode(), "MacAlgorithm": "HMAC_SHA_256"},
+            )
+        with pytest.raises(KmsError):
+            await stack.gateway.call(
+                "Verify",
+                {
+                    "KeyId": "k",
+                    "Message": b64(MESSAGE).decode(),
+                    "Signature": b64(SIGNATURE).decode(),
+                    "SigningAlgorithm": "ECDSA_SHA_256",
+                },
+            )
+    finally:
+        structlog.reset_defaults()
+    text = stream.getvalue()
+    calls = [e for e in map(json.loads, text.splitlines()) if e["event"] == "kms_call"]
+    assert [(e["operation"], e["outcome"]) for e in calls] == [
+        ("Encrypt", "ok"),
+        ("Sign", "ok"),
+        ("GenerateMac", "ok"),
+        ("GenerateMac", "error"),
+        ("Verify", "error"),
+    ]
+    for value in (MESSAGE, SIGNATURE, mac, blob):
+        for form in (value, b64(value), value[:20]):
+            assert form.decode() not in text

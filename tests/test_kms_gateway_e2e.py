@@ -160,15 +160,32 @@ async def test_generate_data_key_pair_end_to_end(gateway: KmsGateway, kms_client
     assert "CiphertextForRecipient" not in answer
 
 
-async def test_derive_shared_secret_passes_on_what_the_stand_in_says(gateway: KmsGateway) -> None:
-    # moto and the stand-in do not implement DeriveSharedSecret; the gateway must pass
-    # KMS's error on unchanged (the operation itself is covered against the fake KMS).
+async def test_derive_shared_secret_end_to_end(gateway: KmsGateway, kms_client: Any) -> None:
+    """The stand-in derives the ECDH secret and answers it as CiphertextForRecipient
+    only; the gateway opens it; the peer's side gives the same secret. KMS's own
+    refusals pass on unchanged."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key_id = kms_client.create_key(KeySpec="ECC_NIST_P384", KeyUsage="KEY_AGREEMENT")[
+        "KeyMetadata"
+    ]["KeyId"]
+    peer = ec.generate_private_key(ec.SECP384R1())
+    spki = peer.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    request = {"KeyId": key_id, "KeyAgreementAlgorithm": "ECDH", "PublicKey": b64(spki)}
+    answer = await gateway.call("DeriveSharedSecret", request)
+    kms_public = serialization.load_der_public_key(
+        kms_client.get_public_key(KeyId=key_id)["PublicKey"]
+    )
+    assert isinstance(kms_public, ec.EllipticCurvePublicKey)
+    assert base64.b64decode(answer["SharedSecret"]) == peer.exchange(ec.ECDH(), kms_public)
+    assert answer["KeyId"].endswith(key_id) and answer["KeyAgreementAlgorithm"] == "ECDH"
+    assert "CiphertextForRecipient" not in answer
     with pytest.raises(KmsError) as info:
-        await gateway.call(
-            "DeriveSharedSecret",
-            {"KeyId": "alias/none", "KeyAgreementAlgorithm": "ECDH", "PublicKey": b64(b"pub")},
-        )
-    assert info.value.error_type == "UnsupportedOperationException"
+        await gateway.call("DeriveSharedSecret", {**request, "KeyId": "alias/none"})
+    assert info.value.error_type == "NotFoundException"
 
 
 async def test_policy_mismatch_is_access_denied(

@@ -11,10 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enclave_agent.runtime import kms_protocol as kp
+from enclave_agent.runtime.kms_operations import (
+    OPERATION_TABLE,
+    OPERATIONS,
+    PASS_THROUGH_OPERATIONS,
+    RECIPIENT_OPERATIONS,
+)
 from enclave_agent.runtime.trusted_keys import TrustedKeys
+from tests.support.kms_model import KEY_ARN, answer_from, botocore_operation, sample_request
 
 B64 = base64.b64encode(b"x" * 40).decode()
-KEY_ARN = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 TRUSTED = TrustedKeys.parse(["arn:aws:kms:us-east-1:111122223333:key/*"])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -43,10 +49,10 @@ member_names = st.sampled_from(
 )
 
 
-def test_model_members_match_the_five_operations() -> None:
-    model = kp.service_model()
-    for op, member in kp.PLAINTEXT_MEMBER.items():
-        operation = model.operation_model(op)
+def test_model_members_match_the_recipient_operations() -> None:
+    for op in RECIPIENT_OPERATIONS:
+        member = OPERATION_TABLE[op].plaintext_member
+        operation = botocore_operation(op)
         assert "Recipient" in operation.input_shape.members
         assert "CiphertextForRecipient" in operation.output_shape.members
         assert member in operation.output_shape.members
@@ -109,13 +115,14 @@ def test_invalid_requests(operation: str, body: dict[str, Any], fragment: str) -
 
 def test_unknown_operation() -> None:
     with pytest.raises(kp.KmsProtocolError) as info:
-        kp.validate_request("Encrypt", {}, trusted=TRUSTED)
+        kp.validate_request("CreateKey", {}, trusted=TRUSTED)
     assert info.value.error_type == "UnknownOperationException"
+    assert all(name in info.value.message for name in OPERATIONS)
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.sampled_from(kp.OPERATIONS),
+    st.sampled_from(OPERATIONS),
     st.dictionaries(member_names | st.text(max_size=8), json_values, max_size=6) | json_values,
 )
 def test_validator_accepts_or_raises_its_own_error(operation: str, body: Any) -> None:
@@ -125,7 +132,8 @@ def test_validator_accepts_or_raises_its_own_error(operation: str, body: Any) ->
         assert exc.status == 400 and exc.message
         return
     assert "Recipient" not in request.members
-    json.loads(kp.build_request(request, b"doc"))
+    document = b"doc" if OPERATION_TABLE[operation].recipient else None
+    json.loads(kp.build_request(request, document))
 
 
 def test_answer_is_shaped_like_kms_without_recipient() -> None:
@@ -172,7 +180,7 @@ def test_answer_is_shaped_like_kms_without_recipient() -> None:
     assert isinstance(random, kp.RecipientAnswer)  # no key: allowed even with none trusted
 
 
-@pytest.mark.parametrize("operation", kp.OPERATIONS)
+@pytest.mark.parametrize("operation", OPERATIONS)
 @pytest.mark.parametrize("member", ["Plaintext", "PrivateKeyPlaintext", "SharedSecret"])
 def test_plaintext_members_in_a_recipient_answer_are_refused(operation: str, member: str) -> None:
     body = json.dumps({"CiphertextForRecipient": "ZW52", member: "c2VjcmV0"}).encode()
@@ -265,9 +273,25 @@ def test_retry_and_expiry_classification() -> None:
     assert kp.KmsFailure("ExpiredTokenException", "", 400).expired_token
 
 
+listed_entries = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "KeyArn": st.sampled_from([KEY_ARN, KEY_ARN.replace("111122223333", "999988887777")]),
+            "KeyId": st.sampled_from([KEY_ARN[-36:], "x"]),
+            "AliasArn": st.sampled_from(
+                ["arn:aws:kms:us-east-1:111122223333:alias/a", "arn:aws:kms:us-east-1:9:alias/a"]
+            ),
+            "TargetKeyId": st.sampled_from([KEY_ARN[-36:], "99999999-12ab-34cd-56ef-1234567890ab"]),
+        },
+    )
+    | json_values
+)
+
+
 @settings(max_examples=400, deadline=None)
 @given(
-    st.sampled_from(kp.OPERATIONS),
+    st.sampled_from(OPERATIONS),
     st.sampled_from([200, 200, 400, 500, 503]),
     st.binary(max_size=200)
     | st.dictionaries(
@@ -276,6 +300,11 @@ def test_retry_and_expiry_classification() -> None:
                 "CiphertextForRecipient",
                 "Plaintext",
                 "KeyId",
+                "SourceKeyId",
+                "KeyMetadata",
+                "Keys",
+                "Aliases",
+                "NextMarker",
                 "__type",
                 "message",
                 "Message",
@@ -284,7 +313,9 @@ def test_retry_and_expiry_classification() -> None:
         ),
         json_values
         | st.just(base64.b64encode(b"abc").decode())
-        | st.sampled_from([KEY_ARN, KEY_ARN.replace("111122223333", "999988887777")]),
+        | st.sampled_from([KEY_ARN, KEY_ARN.replace("111122223333", "999988887777")])
+        | st.fixed_dictionaries({"Arn": st.sampled_from([KEY_ARN, "x"])})
+        | st.lists(listed_entries, max_size=4),
     ).map(lambda d: json.dumps(d).encode()),
 )
 def test_response_reader_never_fails_otherwise(operation: str, status: int, body: bytes) -> None:
@@ -299,10 +330,21 @@ def test_response_reader_never_fails_otherwise(operation: str, status: int, body
         return
     if isinstance(result, kp.RecipientAnswer):
         assert status == 200 and result.ciphertext_for_recipient
-        if kp.OPERATION_TABLE[operation].takes_key:
+        if OPERATION_TABLE[operation].takes_key:
             assert result.members["KeyId"] == KEY_ARN
         assert not set(result.members) & {"Plaintext", "SharedSecret", "PrivateKeyPlaintext"}
         kp.finish_answer(result, b"p")
+    elif isinstance(result, kp.PassThroughAnswer):
+        table = OPERATION_TABLE[operation]
+        assert status == 200 and set(result.members) <= set(table.answer)
+        for path in table.answer_keys:
+            value: Any = result.members
+            for name in path:
+                value = value[name]
+            assert value == KEY_ARN
+        named_by = {"Keys": "KeyArn", "Aliases": "AliasArn"}.get(table.listing or "")
+        for entry in result.members.get(table.listing or "", []):  # the trusted account's only
+            assert ":111122223333:" in entry[named_by]
     else:
         assert status != 200 and result.error_type
 
@@ -319,77 +361,204 @@ def test_parse_error_type() -> None:
 OTHER_ACCOUNT_ARN = KEY_ARN.replace("111122223333", "999988887777")
 
 
-def test_every_operation_with_a_key_id_declares_it_takes_a_key() -> None:
-    """A new operation whose request names a KeyId gets the trusted-keys check by
-    declaring ``takes_key``; this fails if one is added without it."""
-    model = kp.service_model()
-    for name, operation in kp.OPERATION_TABLE.items():
-        takes = "KeyId" in model.operation_model(name).input_shape.members
-        assert operation.takes_key == takes, name
-        assert "KeyId" in model.operation_model(name).output_shape.members or not takes
+KEY_OPERATIONS = [name for name, op in OPERATION_TABLE.items() if op.takes_key]
+NAMING_OPERATIONS = [name for name, op in OPERATION_TABLE.items() if op.key_members]
+ANSWERING_OPERATIONS = [name for name, op in OPERATION_TABLE.items() if op.answer_keys]
 
 
-def _key_request(operation: str, key_id: str) -> dict[str, Any]:
-    return {
-        "Decrypt": {"CiphertextBlob": B64, "KeyId": key_id},
-        "GenerateDataKey": {"KeyId": key_id, "KeySpec": "AES_256"},
-        "GenerateDataKeyPair": {"KeyId": key_id, "KeyPairSpec": "RSA_2048"},
-        "DeriveSharedSecret": {
-            "KeyId": key_id,
-            "KeyAgreementAlgorithm": "ECDH",
-            "PublicKey": B64,
-        },
-    }[operation]
-
-
-KEY_OPERATIONS = [name for name, op in kp.OPERATION_TABLE.items() if op.takes_key]
+def test_every_served_operation_has_a_sample_request() -> None:
+    for operation in OPERATIONS:
+        kp.validate_request(operation, sample_request(operation), trusted=TRUSTED)
 
 
 @pytest.mark.parametrize("operation", KEY_OPERATIONS)
 def test_no_trusted_keys_refuses_every_key_operation_before_any_call(operation: str) -> None:
     with pytest.raises(kp.KmsProtocolError) as info:
-        kp.validate_request(operation, _key_request(operation, "alias/app"), trusted=TrustedKeys())
+        kp.validate_request(
+            operation, sample_request(operation, "alias/app"), trusted=TrustedKeys()
+        )
     assert (info.value.error_type, info.value.status) == ("AccessDeniedException", 400)
     assert "trusted_keys" in info.value.message and "key operations are off" in info.value.message
     request = kp.validate_request("GenerateRandom", {"NumberOfBytes": 8}, trusted=TrustedKeys())
     assert request.operation == "GenerateRandom"
 
 
-@pytest.mark.parametrize("operation", KEY_OPERATIONS)
+@pytest.mark.parametrize("operation", NAMING_OPERATIONS)
 def test_an_untrusted_exact_key_arn_is_refused_before_any_call(operation: str) -> None:
     with pytest.raises(kp.KmsProtocolError) as info:
-        kp.validate_request(operation, _key_request(operation, OTHER_ACCOUNT_ARN), trusted=TRUSTED)
+        kp.validate_request(
+            operation, sample_request(operation, OTHER_ACCOUNT_ARN), trusted=TRUSTED
+        )
     assert (info.value.error_type, info.value.status) == ("AccessDeniedException", 400)
     assert OTHER_ACCOUNT_ARN in info.value.message and "trusted_keys" in info.value.message
     assert "before any call" in info.value.message
     # Aliases and bare ids can only be judged by KMS's answer: they are sent.
     for key_id in (KEY_ARN, "alias/app", "1234abcd-12ab-34cd-56ef-1234567890ab"):
-        kp.validate_request(operation, _key_request(operation, key_id), trusted=TRUSTED)
+        kp.validate_request(operation, sample_request(operation, key_id), trusted=TRUSTED)
 
 
-@pytest.mark.parametrize("operation", KEY_OPERATIONS)
+@pytest.mark.parametrize("untrusted", ["SourceKeyId", "DestinationKeyId"])
+def test_re_encrypt_from_or_to_an_untrusted_key_arn_is_refused_before_any_call(
+    untrusted: str,
+) -> None:
+    request = sample_request("ReEncrypt") | {untrusted: OTHER_ACCOUNT_ARN}
+    with pytest.raises(kp.KmsProtocolError, match="before any call") as info:
+        kp.validate_request("ReEncrypt", request, trusted=TRUSTED)
+    assert OTHER_ACCOUNT_ARN in info.value.message
+
+
+@pytest.mark.parametrize("operation", ANSWERING_OPERATIONS)
 @pytest.mark.parametrize(
     ("key_id", "named"),
     [
-        (None, "names no KeyId"),
+        (None, "names no {member}"),
         ("alias/app", "'alias/app' is not a full key ARN"),
         ("arn:aws:kms:us-east-1:111122223333:alias/app", "is not a full key ARN"),
         ("1234abcd-12ab-34cd-56ef-1234567890ab", "is not a full key ARN"),
         (OTHER_ACCOUNT_ARN, f"key {OTHER_ACCOUNT_ARN} answered"),
         (KEY_ARN.replace("us-east-1", "eu-west-1"), "key arn:aws:kms:eu-west-1:"),
         (KEY_ARN.replace("arn:aws:", "arn:aws-cn:"), "key arn:aws-cn:kms:"),
-        (7, "7 is not a full key ARN"),
+        (7, "{member} 7 is not a full key ARN"),
     ],
 )
 def test_an_answer_from_an_untrusted_key_is_refused(
     operation: str, key_id: object, named: str
 ) -> None:
-    body = {"CiphertextForRecipient": base64.b64encode(b"envelope").decode()}
-    if key_id is not None:
-        body["KeyId"] = key_id  # type: ignore[assignment]
+    table = OPERATION_TABLE[operation]
+    body = answer_from(operation, key_id)
     with pytest.raises(kp.KmsProtocolError) as info:
         kp.read_response(operation, 200, [], json.dumps(body).encode(), trusted=TRUSTED)
     assert (info.value.error_type, info.value.status) == ("AccessDeniedException", 400)
-    assert named in info.value.message
-    assert "trusted_keys" in info.value.message and "not opened" in info.value.message
+    assert named.format(member=".".join(table.answer_keys[0])) in info.value.message
+    assert "trusted_keys" in info.value.message
+    assert ("not opened" in info.value.message) == table.recipient
     assert "ZW52ZWxvcGU" not in info.value.message  # nothing of the envelope
+    answer = kp.read_response(
+        operation, 200, [], json.dumps(answer_from(operation, KEY_ARN)).encode(), trusted=TRUSTED
+    )
+    assert isinstance(answer, kp.RecipientAnswer if table.recipient else kp.PassThroughAnswer)
+
+
+@pytest.mark.parametrize("untrusted", ["SourceKeyId", "KeyId"])
+def test_re_encrypt_answers_from_an_untrusted_source_or_destination_are_refused(
+    untrusted: str,
+) -> None:
+    """ReEncrypt from a key the parent controls would launder a value it chose into a
+    ciphertext of a trusted key; to one, it would hand the parent the data."""
+    body = {"CiphertextBlob": B64, "SourceKeyId": KEY_ARN, "KeyId": KEY_ARN}
+    body[untrusted] = OTHER_ACCOUNT_ARN
+    with pytest.raises(kp.KmsProtocolError) as info:
+        kp.read_response("ReEncrypt", 200, [], json.dumps(body).encode(), trusted=TRUSTED)
+    assert info.value.error_type == "AccessDeniedException"
+    assert OTHER_ACCOUNT_ARN in info.value.message
+
+
+def test_describe_key_is_judged_by_its_metadata_arn() -> None:
+    body = {"KeyMetadata": {"KeyId": "1234abcd-12ab-34cd-56ef-1234567890ab", "Arn": KEY_ARN}}
+    answer = kp.read_response("DescribeKey", 200, [], json.dumps(body).encode(), trusted=TRUSTED)
+    assert isinstance(answer, kp.PassThroughAnswer) and answer.members == body
+    for metadata, named in [
+        ({"KeyId": KEY_ARN}, "names no KeyMetadata.Arn"),
+        ({"Arn": OTHER_ACCOUNT_ARN, "KeyId": KEY_ARN}, f"key {OTHER_ACCOUNT_ARN} answered"),
+        ("x", "names no KeyMetadata.Arn"),
+    ]:
+        with pytest.raises(kp.KmsProtocolError) as info:
+            kp.read_response(
+                "DescribeKey",
+                200,
+                [],
+                json.dumps({"KeyMetadata": metadata}).encode(),
+                trusted=TRUSTED,
+            )
+        assert named in info.value.message and info.value.error_type == "AccessDeniedException"
+
+
+def test_a_pass_through_answer_keeps_only_the_members_kms_documents() -> None:
+    """KMS's answer is authentic (TLS), yet the app gets only what the table declares
+    for the operation, in the model's order: nothing undeclared rides along."""
+    body = {
+        "Extra": "x",
+        "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+        "KeyId": KEY_ARN,
+        "CiphertextBlob": B64,
+        "NextMarker": None,
+    }
+    answer = kp.read_response("Encrypt", 200, [], json.dumps(body).encode(), trusted=TRUSTED)
+    assert isinstance(answer, kp.PassThroughAnswer)
+    assert list(answer.members) == ["CiphertextBlob", "KeyId", "EncryptionAlgorithm"]
+    assert B64 not in repr(answer)  # names only
+
+
+OTHER_KEY_ID = "99999999-12ab-34cd-56ef-1234567890ab"
+
+
+def test_list_keys_keeps_only_trusted_keys_and_the_pagination() -> None:
+    pinned = TrustedKeys.parse([KEY_ARN])
+    keys = [
+        {"KeyId": "1234abcd-12ab-34cd-56ef-1234567890ab", "KeyArn": KEY_ARN},
+        {"KeyId": OTHER_KEY_ID, "KeyArn": KEY_ARN.replace("1234abcd", "99999999")},
+        {"KeyId": "x", "KeyArn": OTHER_ACCOUNT_ARN},
+        {"KeyId": "1234abcd-12ab-34cd-56ef-1234567890ab"},  # no ARN: cannot be told
+        "junk",
+        {"KeyArn": 7},
+    ]
+    body = {"Keys": keys, "NextMarker": "page-2", "Truncated": True}
+    answer = kp.read_response("ListKeys", 200, [], json.dumps(body).encode(), trusted=pinned)
+    assert isinstance(answer, kp.PassThroughAnswer)
+    assert answer.members == {"Keys": [keys[0]], "NextMarker": "page-2", "Truncated": True}
+    # A page with no trusted key is an empty page, and the app still reaches the next.
+    body = {"Keys": keys[1:3], "NextMarker": "page-3", "Truncated": True}
+    answer = kp.read_response("ListKeys", 200, [], json.dumps(body).encode(), trusted=pinned)
+    assert isinstance(answer, kp.PassThroughAnswer)
+    assert answer.members == {"Keys": [], "NextMarker": "page-3", "Truncated": True}
+    with pytest.raises(kp.KmsProtocolError, match="not a list") as info:
+        kp.read_response("ListKeys", 200, [], b'{"Keys": {"a": 1}}', trusted=pinned)
+    assert info.value.error_type == "KMSInternalException"
+
+
+def test_list_aliases_keeps_only_aliases_of_trusted_keys() -> None:
+    pinned = TrustedKeys.parse([KEY_ARN])
+    alias_arn = "arn:aws:kms:us-east-1:111122223333:alias/"
+    aliases = [
+        {"AliasName": "alias/app", "AliasArn": alias_arn + "app", "TargetKeyId": KEY_ARN[-36:]},
+        {"AliasName": "alias/b", "AliasArn": alias_arn + "b", "TargetKeyId": OTHER_KEY_ID},
+        # The same key id in another account is another key.
+        {
+            "AliasName": "alias/app",
+            "AliasArn": "arn:aws:kms:us-east-1:999988887777:alias/app",
+            "TargetKeyId": KEY_ARN[-36:],
+        },
+        {"AliasName": "alias/aws/s3", "AliasArn": alias_arn + "aws/s3"},  # no target yet
+        {"AliasName": "alias/x", "AliasArn": KEY_ARN, "TargetKeyId": KEY_ARN[-36:]},
+        {"AliasName": "alias/y", "AliasArn": alias_arn + "y", "TargetKeyId": "a:b"},
+    ]
+    body = {"Aliases": aliases, "Truncated": False}
+    answer = kp.read_response("ListAliases", 200, [], json.dumps(body).encode(), trusted=pinned)
+    assert isinstance(answer, kp.PassThroughAnswer)
+    assert answer.members == {"Aliases": [aliases[0]], "Truncated": False}
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_unknown_members_are_refused_for_every_operation(operation: str) -> None:
+    with pytest.raises(kp.KmsProtocolError) as info:
+        kp.validate_request(operation, sample_request(operation) | {"Other": 1}, trusted=TRUSTED)
+    assert info.value.error_type == "ValidationException"
+    assert f"Other: unknown member in {operation} request" in info.value.message
+
+
+@pytest.mark.parametrize("operation", PASS_THROUGH_OPERATIONS)
+def test_a_pass_through_request_is_sent_as_the_app_wrote_it(operation: str) -> None:
+    request = kp.validate_request(operation, sample_request(operation), trusted=TRUSTED)
+    assert json.loads(kp.build_request(request, None)) == sample_request(operation)
+    with pytest.raises(ValueError, match="Recipient only"):
+        kp.build_request(request, b"document")
+    with pytest.raises(kp.KmsProtocolError, match="Recipient: unknown member"):
+        kp.validate_request(
+            operation, sample_request(operation) | {"Recipient": {}}, trusted=TRUSTED
+        )
+
+
+def test_generate_data_key_without_plaintext_needs_one_of_key_spec_and_number_of_bytes() -> None:
+    for body in ({"KeyId": KEY_ARN}, {"KeyId": KEY_ARN, "KeySpec": "AES_128", "NumberOfBytes": 1}):
+        with pytest.raises(kp.KmsProtocolError, match="exactly one of KeySpec and NumberOfBytes"):
+            kp.validate_request("GenerateDataKeyWithoutPlaintext", body, trusted=TRUSTED)

@@ -8,9 +8,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,11 +15,10 @@ from devtools.local_kms.backend import MotoKms
 from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.recipient import RecipientError, verify_recipient
 from devtools.local_kms.service import LocalKms
-from devtools.local_kms.sigv4 import Request
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import SimulatedNsm
+from tests.support.local_kms_calls import REGION, call
 
-REGION = "us-east-1"
 ACCOUNTS = ["111122223333", "444455556666"]
 
 
@@ -41,40 +37,17 @@ def kms(nsm: SimulatedNsm) -> LocalKms:
     )
 
 
-def signed(kms: LocalKms, operation: str, body: bytes) -> Request:
-    cred = kms.credentials.long_term
-    aws = AWSRequest(
-        method="POST",
-        url="https://127.0.0.1:1/",
-        data=body,
-        headers={
-            "X-Amz-Target": f"TrentService.{operation}",
-            "Content-Type": "application/x-amz-json-1.1",
-        },
-    )
-    SigV4Auth(Credentials(cred.access_key_id, cred.secret_access_key), "kms", REGION).add_auth(aws)
-    headers = {k.lower(): v for k, v in aws.prepare().headers.items()}
-    headers["host"] = "127.0.0.1:1"
-    return Request("POST", "/", headers, body)
-
-
-def call(kms: LocalKms, operation: str, body: Any) -> tuple[int, dict[str, Any]]:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    reply = kms.handle(signed(kms, operation, raw), datetime.now(UTC))
-    answer = json.loads(reply.body)
-    assert isinstance(answer, dict)
-    return reply.status, answer
-
-
 OPERATIONS = [
     "CreateKey", "Decrypt", "DescribeKey", "Encrypt", "GenerateDataKey", "GenerateDataKeyPair",
     "GenerateRandom", "GetKeyPolicy", "ListKeys", "PutKeyPolicy", "ReEncrypt", "CreateAlias",
-    "GenerateDataKeyWithoutPlaintext", "DeriveSharedSecret", "NotAnOperation",
+    "GenerateDataKeyWithoutPlaintext", "DeriveSharedSecret", "NotAnOperation", "Sign", "Verify",
+    "GenerateMac", "VerifyMac", "GetPublicKey", "ListAliases",
 ]  # fmt: skip
 MEMBERS = [
     "KeyId", "CiphertextBlob", "Plaintext", "NumberOfBytes", "KeySpec", "KeyPairSpec",
     "Recipient", "Policy", "PolicyName", "EncryptionContext", "DestinationKeyId", "AliasName",
-    "TargetKeyId", "GrantTokens",
+    "TargetKeyId", "GrantTokens", "Message", "SigningAlgorithm", "MacAlgorithm", "Mac",
+    "Signature", "PublicKey", "KeyAgreementAlgorithm", "MessageType", "Limit", "Marker",
 ]  # fmt: skip
 scalars = (
     st.none()
@@ -94,6 +67,11 @@ scalars = (
             "arn:aws:kms:eu-west-1:111122223333:key/x",
             "arn:",
             "alias/aws/ebs",
+            "ECDSA_SHA_256",
+            "HMAC_SHA_256",
+            "ECDH",
+            "DIGEST",
+            "1",
         ]
     )
 )
@@ -155,6 +133,8 @@ def test_wrong_types_and_missing_members_are_refused_as_aws_does(kms: LocalKms) 
     status, answer = call(kms, "Decrypt", {"CiphertextBlob": "%%%"})
     assert (status, answer["__type"]) == (400, "SerializationException")
     status, answer = call(kms, "DeriveSharedSecret", {})
+    assert (status, answer["__type"]) == (400, "ValidationException")
+    status, answer = call(kms, "CreateCustomKeyStore", {"CustomKeyStoreName": "x"})
     assert (status, answer["__type"]) == (400, "UnsupportedOperationException")
 
 

@@ -26,6 +26,7 @@ from moto.kms.responses import KmsResponse
 from moto.kms.utils import KEY_ID_LEN
 from werkzeug.exceptions import HTTPException
 
+from devtools.local_kms.key_ops import KeyMaterial
 from devtools.local_kms.policy import ACCOUNT_ID as ACCOUNT_ID_PATTERN
 from devtools.local_kms.policy import default_policy
 from enclave_common.aws import kms_host
@@ -220,6 +221,20 @@ class MotoKms:
         with self._lock:
             owner = next((a for a in self.accounts if key_id in self._backend(a).keys), None)
         return None if owner is None else self.key(key_id, owner)
+
+    def key_material(self, key: KeyInfo) -> KeyMaterial:
+        """The key's usage, spec and material, for the operations the stand-in does
+        itself (``key_ops``)."""
+        with self._lock:
+            stored = self._backend(key.account).keys[key.key_id]
+            return KeyMaterial(
+                arn=stored.arn,
+                usage=stored.key_usage or "ENCRYPT_DECRYPT",
+                spec=stored.key_spec,
+                private_key=stored.private_key.private_key,
+                secret=bytes(stored.key_material),
+                origin=stored.origin,
+            )
 
     def encrypt(self, key: KeyInfo, plaintext: bytes, context: dict[str, str]) -> bytes:
         """Encrypt under a key with moto's format (for operations moto lacks)."""

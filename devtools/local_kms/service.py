@@ -30,6 +30,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from devtools.local_kms import key_ops
 from devtools.local_kms.backend import MOTO_OPERATIONS, KeyInfo, MotoBackendError, MotoKms
 from devtools.local_kms.credentials import CredentialStore
 from devtools.local_kms.envelope import encrypt_for_recipient
@@ -56,7 +57,23 @@ RECIPIENT_OPERATIONS = {
     "GenerateRandom": "Plaintext",
     "DeriveSharedSecret": "SharedSecret",
 }
-LOCAL_OPERATIONS = frozenset({"GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext"})
+# Done here rather than by moto: the data key pairs (moto lacks them) and key_ops's.
+LOCAL_OPERATIONS = frozenset(
+    {"GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", *key_ops.OPERATIONS}
+)
+# The listings KMS pages (Limit: 1-1000, default 100; Marker: the last page's NextMarker),
+# and the member of the answer they page. moto answers every entry at once.
+_PAGED = {"ListKeys": "Keys", "ListAliases": "Aliases"}
+_DEFAULT_PAGE = 100
+# Answer member → the request member naming the algorithm (default SYMMETRIC_DEFAULT).
+_ALGORITHMS_ANSWERED = {
+    "Decrypt": {"EncryptionAlgorithm": "EncryptionAlgorithm"},
+    "Encrypt": {"EncryptionAlgorithm": "EncryptionAlgorithm"},
+    "ReEncrypt": {
+        "SourceEncryptionAlgorithm": "SourceEncryptionAlgorithm",
+        "DestinationEncryptionAlgorithm": "DestinationEncryptionAlgorithm",
+    },
+}
 # Operations not scoped to one key: IAM decides them on AWS, and every caller of the
 # stand-in holds every IAM permission. They act in the caller's account.
 _KEYLESS = frozenset(
@@ -223,6 +240,15 @@ class LocalKms:
                 parse_policy(body["Policy"])
             except PolicyError as exc:
                 raise ServiceError("MalformedPolicyDocumentException", str(exc), 400) from exc
+        if (
+            operation == "CreateKey"
+            and body.get("KeyUsage") == "KEY_AGREEMENT"
+            and body.get("KeySpec") not in key_ops.KEY_AGREEMENT_SPECS
+        ):
+            # moto would make one of any spec; KMS's are on NIST curves (or SM2, China).
+            raise _validation(
+                f"KEY_AGREEMENT keys need one of {', '.join(sorted(key_ops.KEY_AGREEMENT_SPECS))}"
+            )
         context = recipient_context(recipient.pcrs) if recipient else {}
         concerned, unresolved = self._keys_concerned(operation, body, caller)
         for action, key in concerned:
@@ -236,7 +262,9 @@ class LocalKms:
             # moto would look the unresolved name up in the key's account, not the caller's.
             raise _not_found(unresolved[0], caller.account, self.region)
 
-        if operation in LOCAL_OPERATIONS:
+        if operation in key_ops.OPERATIONS:
+            answer = self._key_op(operation, body, concerned, caller)
+        elif operation in LOCAL_OPERATIONS:
             answer = self._generate_data_key_pair(body, caller)
             if operation == "GenerateDataKeyPairWithoutPlaintext":
                 del answer["PrivateKeyPlaintext"]
@@ -245,16 +273,34 @@ class LocalKms:
         else:
             # moto works in the account that owns the key (the caller's when keyless).
             answer = self._moto(owners.pop() if owners else caller.account, operation, body)
-        if operation == "Decrypt":
-            answer.setdefault(
-                "EncryptionAlgorithm", body.get("EncryptionAlgorithm", "SYMMETRIC_DEFAULT")
-            )
+        if operation in _PAGED:
+            answer = _page(answer, _PAGED[operation], body)
+        # The algorithms KMS names in its answers and moto leaves out.
+        for member, asked in _ALGORITHMS_ANSWERED.get(operation, {}).items():
+            answer.setdefault(member, body.get(asked, "SYMMETRIC_DEFAULT"))
         if recipient is not None:
             secret_field = RECIPIENT_OPERATIONS[operation]
             secret = base64.b64decode(answer.pop(secret_field))
             envelope = encrypt_for_recipient(secret, recipient.public_key_der)
             answer["CiphertextForRecipient"] = base64.b64encode(envelope).decode()
         return Reply(200, json.dumps(answer).encode(), operation)
+
+    def _key_op(
+        self,
+        operation: str,
+        body: dict[str, Any],
+        concerned: list[tuple[str, KeyInfo]],
+        caller: Caller,
+    ) -> dict[str, Any]:
+        """One of key_ops's operations on the key the request names (resolved and
+        authorized by then; none: the name resolved to no key in the caller's account)."""
+        if not concerned:
+            raise _not_found(str(body.get("KeyId")), caller.account, self.region)
+        material = self.moto.key_material(concerned[0][1])
+        try:
+            return key_ops.OPERATIONS[operation](material, body)
+        except key_ops.KeyOpError as exc:
+            raise ServiceError(exc.error_type, exc.message, exc.status) from None
 
     def _check_document_age(
         self, recipient: VerifiedRecipient, now: datetime, caller: Caller
@@ -419,6 +465,24 @@ class LocalKms:
             "PrivateKeyPlaintext": base64.b64encode(private_der).decode(),
             "PublicKey": base64.b64encode(public_der).decode(),
         }
+
+
+def _page(answer: dict[str, Any], member: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One page of a listing, as KMS pages it: at most ``Limit`` entries from the
+    ``Marker`` on, ``Truncated`` and ``NextMarker`` saying whether and where it goes on.
+    The marker is an opaque string to the caller (here: the offset of the next entry)."""
+    entries = list(answer.get(member) or [])
+    marker = body.get("Marker")
+    start = 0
+    if marker is not None:
+        if not (isinstance(marker, str) and marker.isdigit() and int(marker) <= len(entries)):
+            raise ServiceError("InvalidMarkerException", "The marker is not valid.", 400)
+        start = int(marker)
+    end = start + int(body.get("Limit") or _DEFAULT_PAGE)
+    page: dict[str, Any] = {member: entries[start:end], "Truncated": end < len(entries)}
+    if end < len(entries):
+        page["NextMarker"] = str(end)
+    return page
 
 
 def _access_denied(caller: Caller, action: str, key: KeyInfo, reason: str) -> ServiceError:

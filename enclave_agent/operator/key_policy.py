@@ -45,7 +45,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from enclave_agent.runtime.kms_protocol import OPERATIONS
+from enclave_agent.runtime import kms_operations
+from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_agent.runtime.trusted_keys import KeyArn, KeyArnError, account_entry, parse_key_arn
 from enclave_common.aws import PARTITION_PATTERN, is_account_id
 
@@ -60,10 +61,33 @@ PCR_CONDITION_PREFIX = "kms:RecipientAttestation:PCR"
 CONDITION_OPERATOR = "StringEqualsIgnoreCase"
 
 # The operations that accept a Recipient, hence the only ones the attestation
-# condition keys apply to (KMS developer guide, "Condition keys for Nitro Enclaves"):
-# those the agent serves.
-RECIPIENT_OPERATIONS = OPERATIONS
+# condition keys apply to (KMS developer guide, "Condition keys for Nitro Enclaves").
+RECIPIENT_OPERATIONS = kms_operations.RECIPIENT_OPERATIONS
 DEFAULT_OPERATIONS = ("Decrypt",)
+# Never granted to the role by this helper, and why.
+NEVER_FOR_THE_ROLE = {
+    "ReEncrypt": (
+        "with kms:ReEncryptFrom the parent re-encrypts every ciphertext of this key to a key "
+        "of its own and reads it; with kms:ReEncryptTo it makes ciphertexts of values it chose"
+    ),
+}
+# The pass-through operations this helper grants the role on request. They carry no
+# Recipient, so no condition can tie them to the enclave: whoever holds the role's
+# credentials, the parent included, may call what the policy grants. The listings act
+# on the account, so only an IAM policy grants them.
+PASS_THROUGH_OPERATIONS = tuple(
+    name
+    for name in kms_operations.PASS_THROUGH_OPERATIONS
+    if OPERATION_TABLE[name].key_policy_actions and name not in NEVER_FOR_THE_ROLE
+)
+# Granted on request, but what they give the role the parent has too: the notes the
+# key-policy command prints with them.
+PARENT_MAY_CALL = {
+    "Encrypt": "it can make ciphertexts under this key of any value it likes",
+    "Sign": "a signature by this key proves the role's credentials, not the enclave",
+    "GenerateMac": "a MAC by this key proves the role's credentials, not the enclave",
+}
+UNATTESTED_SID = "PassThroughByTheRole"
 
 # What the account keeps so the key stays manageable: no operation that returns
 # plaintext (Decrypt, GenerateDataKey*, ReEncrypt*), no CreateGrant, which could
@@ -350,16 +374,59 @@ def trusted_keys_entry(
         raise KeyPolicyError(f"no trusted_keys entry: {error}") from None
 
 
+def _known(operation: str, names: Iterable[str]) -> str | None:
+    """``"decrypt"`` or ``"kms:Decrypt"`` → ``"Decrypt"`` if among ``names``."""
+    name = operation.removeprefix("kms:").lower()
+    return next((known for known in names if known.lower() == name), None)
+
+
 def normalize_operation(operation: str) -> str:
     """``"Decrypt"`` or ``"kms:Decrypt"`` → ``"kms:Decrypt"``; only Recipient operations."""
-    name = operation.removeprefix("kms:")
-    for known in RECIPIENT_OPERATIONS:
-        if name.lower() == known.lower():
-            return f"kms:{known}"
-    raise KeyPolicyError(
-        f"operation {operation!r} does not take an attestation document; "
-        f"choose from {', '.join(RECIPIENT_OPERATIONS)}"
-    )
+    known = _known(operation, RECIPIENT_OPERATIONS)
+    if known is None:
+        raise KeyPolicyError(
+            f"operation {operation!r} does not take an attestation document; "
+            f"choose from {', '.join(RECIPIENT_OPERATIONS)}"
+        )
+    (action,) = OPERATION_TABLE[known].key_policy_actions
+    return action
+
+
+def pass_through_operation(operation: str) -> str:
+    """``"Sign"`` or ``"kms:Sign"`` → ``"Sign"``: a pass-through operation this helper
+    grants the role."""
+    known = _known(operation, kms_operations.PASS_THROUGH_OPERATIONS)
+    if known is None:
+        raise KeyPolicyError(
+            f"{operation!r} is not a pass-through operation; choose from "
+            f"{', '.join(PASS_THROUGH_OPERATIONS)}"
+        )
+    if known in NEVER_FOR_THE_ROLE:
+        raise KeyPolicyError(
+            f"{known} is never granted to the enclave's role: {NEVER_FOR_THE_ROLE[known]}"
+        )
+    if known not in PASS_THROUGH_OPERATIONS:
+        raise KeyPolicyError(
+            f"{known} is not granted in a key policy: it acts on the account, so the role's "
+            "IAM policy grants it"
+        )
+    return known
+
+
+def pass_through_statement(role_arn: str, operations: Iterable[str]) -> dict[str, Any]:
+    """The role may call these operations without an attestation document: they carry
+    no Recipient, so no condition ties them to the enclave (and the parent holding the
+    role's credentials may call them too)."""
+    parse_role_arn(role_arn)
+    names = list(dict.fromkeys(pass_through_operation(operation) for operation in operations))
+    actions = [action for name in names for action in OPERATION_TABLE[name].key_policy_actions]
+    return {
+        "Sid": UNATTESTED_SID,
+        "Effect": "Allow",
+        "Principal": {"AWS": role_arn},
+        "Action": actions[0] if len(actions) == 1 else actions,
+        "Resource": "*",
+    }
 
 
 def attestation_conditions(
@@ -437,14 +504,25 @@ def build_key_policy(
     include_pcrs: Iterable[int] | None = None,
     allow_zero: bool = False,
     encrypt_principal: str | None = None,
+    pass_through: Iterable[str] = (),
 ) -> dict[str, Any]:
     """A whole key policy: account administration (no decryption, no encryption) +
     one enclave statement per image (several while an upgrade rolls out: old and new
     image) + ``kms:Encrypt`` and ``kms:GenerateDataKey`` for ``encrypt_principal`` if
-    given (else nobody may)."""
+    given (else nobody may) + the ``pass_through`` operations for the role, if any
+    (``pass_through_statement``)."""
     images = [measurements] if isinstance(measurements, Measurements) else list(measurements)
     if not images:
         raise KeyPolicyError("at least one set of measurements is needed")
+    operations = list(operations)
+    passing = [pass_through_operation(operation) for operation in pass_through]
+    if "Encrypt" in passing and "kms:Decrypt" in map(normalize_operation, operations):
+        raise KeyPolicyError(
+            "the role may not both Encrypt (which needs no attestation, so the parent may "
+            "too) and Decrypt under one key: the parent would make a ciphertext of any "
+            "value and the enclave would decrypt it as a secret; encrypt the enclave's "
+            "output under a key of its own"
+        )
     pcr0s = [image.pcrs[0] for image in images]
     if len(set(pcr0s)) != len(pcr0s):
         raise KeyPolicyError("two sets of measurements have the same PCR0; give each image once")
@@ -475,5 +553,6 @@ def build_key_policy(
                 for image in images
             ),
             *([encrypt_statement(encrypt_principal, role_arn)] if encrypt_principal else []),
+            *([pass_through_statement(role_arn, passing)] if passing else []),
         ],
     }

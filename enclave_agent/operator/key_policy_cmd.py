@@ -18,12 +18,15 @@ from typing import Any
 from enclave_agent.operator.key_policy import (
     DEFAULT_OPERATIONS,
     MAX_INPUT_BYTES,
+    PARENT_MAY_CALL,
+    PASS_THROUGH_OPERATIONS,
     RECIPIENT_OPERATIONS,
     KeyPolicyError,
     build_key_policy,
     enclave_statement,
     parse_measurements,
     parse_pcr_index,
+    pass_through_operation,
     trusted_keys_entry,
     with_extra_pcrs,
 )
@@ -48,7 +51,9 @@ def _parse_extra_pcr(text: str) -> tuple[int, str]:
     return parse_pcr_index(index), value
 
 
-def _trusted_keys_note(entry: KeyArn, encrypt_principal: str | None) -> str:
+def _trusted_keys_note(
+    entry: KeyArn, encrypt_principal: str | None, pass_through: list[str]
+) -> str:
     """What goes to stderr: the agent config's line, and what it means, as TOML."""
     lines = ["# enclave-agent config (measured with the image): the key this policy is for"]
     if entry.is_account:
@@ -58,11 +63,19 @@ def _trusted_keys_note(entry: KeyArn, encrypt_principal: str | None) -> str:
             "--key-id ID trusts this key alone)"
         )
     lines.append(toml_line([entry]))
-    if encrypt_principal is None:
+    if encrypt_principal is None and "Encrypt" not in pass_through:
         lines.append(
             "# no principal may kms:Encrypt under this key "
             "(--encrypt-principal ARN names the operator who encrypts its secrets)"
         )
+    if pass_through:
+        lines.append(
+            f"# the role may call {', '.join(pass_through)} without the enclave: no condition "
+            "binds a call without Recipient to it, so the parent may call them too"
+        )
+        lines += [
+            f"# {name}: {PARENT_MAY_CALL[name]}" for name in pass_through if name in PARENT_MAY_CALL
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -79,10 +92,16 @@ def run(args: argparse.Namespace) -> int:
         entry = trusted_keys_entry(
             args.role_arn, args.region, account_id=args.account_id, key_id=args.key_id
         )
+        pass_through = list(dict.fromkeys(map(pass_through_operation, args.pass_through)))
         document: dict[str, Any]
         if args.statement_only:
             if len(images) != 1:
                 raise KeyPolicyError("--statement-only takes one --measurements file")
+            if pass_through:
+                raise KeyPolicyError(
+                    "--statement-only prints the enclave statement alone: leave out "
+                    "--pass-through, or print the whole policy"
+                )
             document = enclave_statement(
                 images[0],
                 args.role_arn,
@@ -99,12 +118,13 @@ def run(args: argparse.Namespace) -> int:
                 include_pcrs=include,
                 allow_zero=args.allow_debug_zeros,
                 encrypt_principal=args.encrypt_principal,
+                pass_through=pass_through,
             )
     except KeyPolicyError as error:
         raise UsageError(str(error)) from None
     json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")
-    sys.stderr.write(_trusted_keys_note(entry, args.encrypt_principal))
+    sys.stderr.write(_trusted_keys_note(entry, args.encrypt_principal, pass_through))
     return 0
 
 
@@ -119,7 +139,8 @@ def add_parser(subparsers: Any) -> None:
             "the role may use it only from an enclave whose attestation carries "
             "these PCRs (PCR0 as kms:RecipientAttestation:ImageSha384, others as "
             "kms:RecipientAttestation:PCR<n>, compared with StringEqualsIgnoreCase); "
-            "--encrypt-principal alone may encrypt. stdout: the policy JSON; stderr: the "
+            "--encrypt-principal alone may encrypt; --pass-through grants the role operations "
+            "that carry no Recipient. stdout: the policy JSON; stderr: the "
             "agent config's trusted_keys line that goes with it."
         ),
     )
@@ -161,6 +182,16 @@ def add_parser(subparsers: Any) -> None:
         nargs="+",
         metavar="OP",
         help=f"allowed operation, repeatable: {', '.join(RECIPIENT_OPERATIONS)} (default Decrypt)",
+    )
+    parser.add_argument(
+        "--pass-through",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="OP",
+        help="an operation the agent passes through (no Recipient) that the role may call, "
+        f"repeatable: {', '.join(PASS_THROUGH_OPERATIONS)}; no condition ties these to the "
+        "enclave, so the parent holding the role may call them too (Encrypt not with Decrypt)",
     )
     parser.add_argument(
         "--account-id",

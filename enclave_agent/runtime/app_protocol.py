@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from enclave_agent.runtime.config import SECRET_NAME
-from enclave_agent.runtime.kms_protocol import OPERATIONS
+from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_agent.runtime.sealed import CONTEXT_KEY
 from enclave_agent.runtime.store_protocol import MAX_VERSION
 from enclave_common.errors import ShownError
@@ -182,10 +182,10 @@ def _kms(headers: Mapping[str, str], body: bytes) -> KmsCall:
     if target is None:
         raise AppProtocolError("UnknownOperationException", "missing X-Amz-Target header")
     service, _, operation = target.partition(".")
-    if f"{service}." != TARGET_PREFIX or operation not in OPERATIONS:
+    if f"{service}." != TARGET_PREFIX or operation not in OPERATION_TABLE:
         raise AppProtocolError(
             "UnknownOperationException",
-            f"the agent serves {', '.join(sorted(OPERATIONS))} only (X-Amz-Target "
+            f"the agent serves {', '.join(sorted(OPERATION_TABLE))} only (X-Amz-Target "
             f"{TARGET_PREFIX}<Operation>)",
         )
     content_type = headers.get("content-type", KMS_CONTENT_TYPE).split(";")[0].strip()

@@ -1,14 +1,17 @@
 """The agent's KMS client: one ``KmsGateway.call`` per app request, many at once.
 
-Each call: validate the app's body → an attestation document carrying our public
-key (``documents``: one is reused for ``attestation_reuse`` seconds, bounded by its
-own certificate; a new one comes from the NSM in a worker thread, as it is a
-blocking ioctl) → ``Recipient`` added → SigV4 (``sigv4``) with the proxy's
-credentials → HTTPS through the proxy's CONNECT tunnel on a pooled connection →
-KMS's answer read → ``CiphertextForRecipient`` opened with our private key → the
-answer KMS gives the same call without ``Recipient``. Before the envelope is opened, the key that
-answered must be one of ``KmsSettings.trusted_keys`` (``kms_protocol`` checks it);
-a refusal of an untrusted key is final, never retried.
+Each call: validate the app's body → for a Recipient operation, an attestation
+document carrying our public key (``documents``: one is reused for
+``attestation_reuse`` seconds, bounded by its own certificate; a new one comes from
+the NSM in a worker thread, as it is a blocking ioctl) and ``Recipient`` added →
+SigV4 (``sigv4``) with the proxy's credentials → HTTPS through the proxy's CONNECT
+tunnel on a pooled connection → KMS's answer read → ``CiphertextForRecipient``
+opened with our private key → the answer KMS gives the same call without
+``Recipient``. A pass-through operation (``kms_operations``: one that returns no
+secret) is the same call without the document and the envelope. Before the envelope
+is opened or a pass-through answer returned, every key the answer names must be one
+of ``KmsSettings.trusted_keys`` (``kms_protocol`` checks it); a refusal of an
+untrusted key is final, never retried.
 
 Failures keep KMS's shape (``KmsError``: type, message, HTTP status) so an SDK on
 the app side raises what it would raise against KMS. KMS's own errors pass through
@@ -45,6 +48,7 @@ from enclave_agent.runtime.documents import (
     AttestationDocuments,
     Lease,
 )
+from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import Attester, NsmError, request_attestation
 from enclave_agent.runtime.transport import (
@@ -303,8 +307,9 @@ class KmsGateway:
     ) -> dict[str, Any]:
         operation = validated.operation
         creds = await self._credentials()
-        lease = await self.documents.get()
-        body = kms_protocol.build_request(validated, lease.document.data)
+        recipient = OPERATION_TABLE[operation].recipient
+        lease = await self.documents.get() if recipient else None
+        body = kms_protocol.build_request(validated, lease.document.data if lease else None)
         headers = self._sign(creds, operation, body)
         try:
             response = await self.pool.request("POST", "/", headers, body)
@@ -331,8 +336,12 @@ class KmsGateway:
                 KmsError(result.error_type, _short(result.message), result.status),
                 retryable=result.retryable,
                 expired=creds if result.expired_token else None,
-                rejected=lease if result.may_reject_document and not lease.fresh else None,
+                rejected=lease
+                if lease is not None and result.may_reject_document and not lease.fresh
+                else None,
             )
+        if isinstance(result, kms_protocol.PassThroughAnswer):
+            return result.members
         try:
             plaintext = self._recipient.open(result.ciphertext_for_recipient)
         # Whatever the envelope's decoder raises (malformed CMS, another recipient's

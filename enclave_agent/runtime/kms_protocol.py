@@ -1,25 +1,31 @@
-"""KMS JSON 1.1 for calls that carry ``Recipient``: pure, no I/O.
+"""KMS JSON 1.1 for the operations the agent serves: pure, no I/O.
 
 Rules of this module:
-- It validates the app's request body against botocore's KMS service model (the
-  same model the AWS SDKs are generated from), so members, types, enums and length
-  limits are KMS's own, not a copy that drifts.
-- It never sees a plaintext in a KMS answer: an answer to a ``Recipient`` request
-  that carries ``Plaintext`` / ``PrivateKeyPlaintext`` / ``SharedSecret`` is refused
-  (real KMS returns them null), because a plaintext there would have crossed the
-  untrusted parent instance.
-- It turns the answer back into what KMS answers a call *without* ``Recipient``:
-  ``CiphertextForRecipient`` is dropped and the plaintext the caller opened from it
-  is put in the operation's plaintext member.
-- It decides, from ``OPERATION_TABLE``, which operations take a key, and checks
-  every key they name against the image's ``trusted_keys`` (``trusted_keys.py``):
-  the request's ``KeyId`` before any call, the answer's ``KeyId`` before a
-  ``RecipientAnswer`` exists, so an envelope from an untrusted key is never opened.
+- What is served, and each request's schema, is ``kms_operations.OPERATION_TABLE``;
+  this module applies it. An app's body is checked member by member (unknown members,
+  wrong types, bounds and enums refused with ``ValidationException``) before
+  anything is sent.
+- Recipient operations: the agent adds ``Recipient``; an answer that carries
+  ``Plaintext`` / ``PrivateKeyPlaintext`` / ``SharedSecret`` is refused (real KMS
+  returns them null), because a plaintext there would have crossed the untrusted
+  parent instance. The answer is turned back into what KMS answers a call *without*
+  ``Recipient``: ``CiphertextForRecipient`` is dropped and the plaintext the caller
+  opened from it is put in the operation's plaintext member.
+- Pass-through operations never return a secret: the app's members are sent as they
+  are, and an answer carrying a secret member is refused all the same.
+- Every key a call touches is checked against the image's ``trusted_keys``
+  (``trusted_keys.py``): an exact untrusted key ARN in the request before any call;
+  each key the answer names (``KeyId``; ``ReEncrypt``'s ``SourceKeyId`` too;
+  ``DescribeKey``'s ``KeyMetadata.Arn``) before a ``RecipientAnswer`` exists, so an
+  envelope from an untrusted key is never opened, or before a pass-through answer
+  reaches the app; the listings keep only entries naming a trusted key.
+- The app gets the answer members the table declares, in the model's order, no other.
 
 Theory of operation: ``validate_request`` → ``build_request`` (body + headers, to
-be signed and sent by the caller) → ``read_response`` gives a ``RecipientAnswer``
-or a ``KmsFailure`` (KMS's error answer is a normal outcome, not an exception) →
-the caller opens ``RecipientAnswer.ciphertext_for_recipient`` → ``finish_answer``.
+be signed and sent by the caller) → ``read_response`` gives a ``RecipientAnswer``, a
+``PassThroughAnswer`` or a ``KmsFailure`` (KMS's error answer is a normal outcome,
+not an exception) → for a ``RecipientAnswer`` the caller opens
+``ciphertext_for_recipient`` → ``finish_answer``.
 Everything malformed or untrusted raises ``KmsProtocolError``.
 """
 
@@ -27,49 +33,36 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.loaders import Loader
-from botocore.model import ServiceModel, Shape, StructureShape
-
-from enclave_agent.runtime.trusted_keys import TrustedKeys
+from enclave_agent.runtime.kms_operations import (
+    OPERATION_TABLE,
+    OPERATIONS,
+    SECRET_MEMBERS,
+    Blob,
+    Boolean,
+    Integer,
+    ListOf,
+    Operation,
+    Shape,
+    Struct,
+    Text,
+)
+from enclave_agent.runtime.trusted_keys import (
+    KeyArnError,
+    TrustedKeys,
+    alias_target,
+    off_reason,
+    parse_key_arn,
+)
 from enclave_common.errors import ShownError
 
 TARGET_PREFIX = "TrentService"
 CONTENT_TYPE = "application/x-amz-json-1.1"
 KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
-
-
-@dataclass(frozen=True)
-class Operation:
-    """What the agent must know of an operation it serves with ``Recipient``."""
-
-    # The answer's member that holds the secret when the call has no Recipient
-    # (botocore/data/kms/2014-11-01/service-2.json, output shapes).
-    plaintext_member: str
-    # The operation uses a KMS key: its answer names the key in ``KeyId``, which must
-    # be in ``trusted_keys`` before the envelope is opened, and a request naming an
-    # untrusted key ARN is refused before any call. Declare it for every new
-    # operation that takes a ``KeyId``.
-    takes_key: bool
-
-
-OPERATION_TABLE: dict[str, Operation] = {
-    "Decrypt": Operation("Plaintext", takes_key=True),
-    "GenerateDataKey": Operation("Plaintext", takes_key=True),
-    "GenerateRandom": Operation("Plaintext", takes_key=False),
-    "GenerateDataKeyPair": Operation("PrivateKeyPlaintext", takes_key=True),
-    "DeriveSharedSecret": Operation("SharedSecret", takes_key=True),
-}
-PLAINTEXT_MEMBER: dict[str, str] = {
-    name: operation.plaintext_member for name, operation in OPERATION_TABLE.items()
-}
-OPERATIONS: tuple[str, ...] = tuple(OPERATION_TABLE)
-_SECRET_MEMBERS = frozenset(PLAINTEXT_MEMBER.values())
 _RECIPIENT_ANSWER_MEMBER = "CiphertextForRecipient"
 _THROTTLING_TYPES = frozenset({"ThrottlingException"})
 _EXPIRED_TOKEN_TYPES = frozenset({"ExpiredTokenException", "ExpiredToken"})
@@ -135,21 +128,30 @@ class RecipientAnswer:
         return f"RecipientAnswer(operation={self.operation!r}, members={sorted(self.members)})"
 
 
-@functools.cache
-def service_model() -> ServiceModel:
-    """botocore's KMS model, loaded once (it ships with the installed botocore)."""
-    return ServiceModel(Loader().load_service_model("kms", "service-2"), service_name="kms")
+@dataclass(frozen=True, repr=False)
+class PassThroughAnswer:
+    """A pass-through operation's answer, checked and shaped: what the app gets."""
+
+    operation: str
+    members: dict[str, Any]
+
+    def __repr__(self) -> str:  # names only: a ciphertext, MAC or signature stays out of logs
+        return f"PassThroughAnswer(operation={self.operation!r}, members={sorted(self.members)})"
 
 
-def _operation_shapes(operation: str) -> tuple[StructureShape, StructureShape]:
-    if operation not in OPERATION_TABLE:
+def _operation(name: str) -> Operation:
+    operation = OPERATION_TABLE.get(name)
+    if operation is None:
         raise KmsProtocolError(
-            f"operation {operation!r} is not served with Recipient "
-            f"(supported: {', '.join(OPERATIONS)})",
+            f"operation {name!r} is not served (served: {', '.join(OPERATIONS)})",
             error_type="UnknownOperationException",
         )
-    model = service_model().operation_model(operation)
-    return model.input_shape, model.output_shape
+    return operation
+
+
+def _kms_broke(message: str) -> KmsProtocolError:
+    """An answer from KMS (or something in its place) the agent cannot use."""
+    return KmsProtocolError(message, error_type="KMSInternalException", status=502)
 
 
 # ---------------------------------------------------------------- request side
@@ -164,27 +166,31 @@ def _untrusted_key(message: str) -> KmsProtocolError:
 def validate_request(
     operation: str, body: Mapping[str, Any], *, trusted: TrustedKeys
 ) -> ValidatedRequest:
-    """Check the app's JSON body (already parsed) against the operation's input shape,
-    and, for an operation that takes a key, what ``trusted`` can decide before KMS
+    """Check the app's JSON body (already parsed) against the operation's schema,
+    and, for an operation that touches keys, what ``trusted`` can decide before KMS
     answers (no trusted key at all; an exact key ARN that is not trusted).
 
     ``Recipient`` is the agent's to add, so an app that sends one is told so.
     """
-    input_shape, _ = _operation_shapes(operation)
+    table = _operation(operation)
     if not isinstance(body, Mapping):
         raise KmsProtocolError(f"{operation} request body must be a JSON object")
-    if body.get("Recipient") is not None:
+    if table.recipient and body.get("Recipient") is not None:
         raise KmsProtocolError(
             "Recipient is added by the enclave agent; send the request without it"
         )
-    members = {k: v for k, v in body.items() if v is not None and k != "Recipient"}
-    _check_structure(input_shape, members, "", operation)
-    if operation == "GenerateDataKey" and ("KeySpec" in members) == ("NumberOfBytes" in members):
-        raise KmsProtocolError("GenerateDataKey needs exactly one of KeySpec and NumberOfBytes")
-    if OPERATION_TABLE[operation].takes_key:
-        refusal = trusted.refusal_for_request(members.get("KeyId"))
-        if refusal is not None:
-            raise _untrusted_key(f"{operation} refused before any call to KMS: {refusal}")
+    members = {k: v for k, v in body.items() if v is not None}
+    _check_structure(table.request, members, "", operation)
+    if table.exactly_one_of and sum(name in members for name in table.exactly_one_of) != 1:
+        raise KmsProtocolError(
+            f"{operation} needs exactly one of {' and '.join(table.exactly_one_of)}"
+        )
+    if table.takes_key:
+        named = [members[name] for name in table.key_members if name in members] or [None]
+        for key_id in named:
+            refusal = trusted.refusal_for_request(key_id)
+            if refusal is not None:
+                raise _untrusted_key(f"{operation} refused before any call to KMS: {refusal}")
     return ValidatedRequest(operation, dict(members))
 
 
@@ -192,7 +198,7 @@ def _where(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _check_structure(shape: StructureShape, value: Any, path: str, operation: str) -> None:
+def _check_structure(shape: Struct, value: Any, path: str, operation: str) -> None:
     if not isinstance(value, Mapping):
         raise KmsProtocolError(f"{path or operation}: expected a JSON object")
     for name in value:
@@ -200,7 +206,7 @@ def _check_structure(shape: StructureShape, value: Any, path: str, operation: st
             raise KmsProtocolError(
                 f"{_where(path, str(name))}: unknown member in {operation} request"
             )
-    for name in shape.required_members:
+    for name in shape.required:
         if value.get(name) is None:
             raise KmsProtocolError(f"{_where(path, name)}: required member is missing")
     for name, item in value.items():
@@ -208,50 +214,45 @@ def _check_structure(shape: StructureShape, value: Any, path: str, operation: st
             _check_value(shape.members[name], item, _where(path, name), operation)
 
 
-def _check_length(length: int, shape: Shape, where: str, unit: str) -> None:
-    low, high = shape.metadata.get("min"), shape.metadata.get("max")
-    if low is not None and length < low:
-        raise KmsProtocolError(f"{where}: must be at least {low} {unit}, got {length}")
-    if high is not None and length > high:
-        raise KmsProtocolError(f"{where}: must be at most {high} {unit}, got {length}")
+def _check_length(length: int, shape: Text | Blob | ListOf, where: str, unit: str) -> None:
+    if shape.min is not None and length < shape.min:
+        raise KmsProtocolError(f"{where}: must be at least {shape.min} {unit}, got {length}")
+    if shape.max is not None and length > shape.max:
+        raise KmsProtocolError(f"{where}: must be at most {shape.max} {unit}, got {length}")
 
 
 def _check_value(shape: Shape, value: Any, where: str, operation: str) -> None:
-    kind = shape.type_name
-    if kind == "structure":
-        assert isinstance(shape, StructureShape)
+    if isinstance(shape, Struct):
         _check_structure(shape, value, where, operation)
-    elif kind == "string":
+    elif isinstance(shape, Text):
         if not isinstance(value, str):
             raise KmsProtocolError(f"{where}: expected a string")
         if shape.enum and value not in shape.enum:
             raise KmsProtocolError(f"{where}: must be one of {', '.join(shape.enum)}")
         _check_length(len(value), shape, where, "characters")
-    elif kind in ("integer", "long"):
+    elif isinstance(shape, Integer):
         if not isinstance(value, int) or isinstance(value, bool):
             raise KmsProtocolError(f"{where}: expected an integer")
-        low, high = shape.metadata.get("min"), shape.metadata.get("max")
+        low, high = shape.min, shape.max
         if (low is not None and value < low) or (high is not None and value > high):
             raise KmsProtocolError(f"{where}: must be between {low} and {high}, got {value}")
-    elif kind == "boolean":
+    elif isinstance(shape, Boolean):
         if not isinstance(value, bool):
             raise KmsProtocolError(f"{where}: expected true or false")
-    elif kind == "blob":
+    elif isinstance(shape, Blob):
         _check_length(len(decode_base64(value, where)), shape, where, "bytes")
-    elif kind == "list":
+    elif isinstance(shape, ListOf):
         if not isinstance(value, list):
             raise KmsProtocolError(f"{where}: expected a JSON array")
         _check_length(len(value), shape, where, "items")
         for index, item in enumerate(value):
-            _check_value(shape.member, item, f"{where}[{index}]", operation)
-    elif kind == "map":
+            _check_value(shape.item, item, f"{where}[{index}]", operation)
+    else:  # MapOf, the one shape left
         if not isinstance(value, Mapping):
             raise KmsProtocolError(f"{where}: expected a JSON object")
         for key, item in value.items():
             _check_value(shape.key, key, f"{where} key", operation)
             _check_value(shape.value, item, f"{where}[{key!r}]", operation)
-    else:  # no such member in the five operations today; refuse rather than guess
-        raise KmsProtocolError(f"{where}: members of type {kind} are not supported")
 
 
 def decode_base64(value: Any, where: str) -> bytes:
@@ -269,13 +270,18 @@ def request_headers(operation: str) -> list[tuple[str, str]]:
     return [("Content-Type", CONTENT_TYPE), ("X-Amz-Target", f"{TARGET_PREFIX}.{operation}")]
 
 
-def build_request(request: ValidatedRequest, attestation_document: bytes) -> bytes:
-    """The JSON body sent to KMS: the app's members plus our ``Recipient``."""
+def build_request(request: ValidatedRequest, attestation_document: bytes | None) -> bytes:
+    """The JSON body sent to KMS: the app's members, plus our ``Recipient`` for a
+    Recipient operation (``attestation_document`` is its document; None for a
+    pass-through operation, which takes none)."""
     body = dict(request.members)
-    body["Recipient"] = {
-        "KeyEncryptionAlgorithm": KEY_ENCRYPTION_ALGORITHM,
-        "AttestationDocument": base64.b64encode(attestation_document).decode("ascii"),
-    }
+    if OPERATION_TABLE[request.operation].recipient != (attestation_document is not None):
+        raise ValueError(f"{request.operation}: an attestation document goes with Recipient only")
+    if attestation_document is not None:
+        body["Recipient"] = {
+            "KeyEncryptionAlgorithm": KEY_ENCRYPTION_ALGORITHM,
+            "AttestationDocument": base64.b64encode(attestation_document).decode("ascii"),
+        }
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
@@ -313,11 +319,7 @@ def _load_answer(body: bytes) -> Any:
     try:
         return json.loads(body, object_pairs_hook=_no_repeats)
     except _RepeatedMember:
-        raise KmsProtocolError(
-            "KMS answered with a JSON object that repeats a member",
-            error_type="KMSInternalException",
-            status=502,
-        ) from None
+        raise _kms_broke("KMS answered with a JSON object that repeats a member") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
@@ -349,6 +351,53 @@ def read_failure(status: int, headers: Sequence[tuple[str, str]], body: bytes) -
     return KmsFailure(error_type, message, status)
 
 
+def _member_at(document: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = document
+    for name in path:
+        value = value.get(name) if isinstance(value, Mapping) else None
+    return value
+
+
+def _listed_key(listing: str, entry: Any) -> str | None:
+    """The key ARN a ListKeys / ListAliases entry stands for, or None if none can be
+    told (an alias without a target, a malformed entry)."""
+    if not isinstance(entry, Mapping):
+        return None
+    try:
+        if listing == "Aliases":
+            return str(alias_target(entry.get("AliasArn"), entry.get("TargetKeyId")))
+        return str(parse_key_arn(entry.get("KeyArn")))
+    except KeyArnError:
+        return None
+
+
+def _only_trusted(
+    operation: str, listing: str, document: dict[str, Any], trusted: TrustedKeys
+) -> dict[str, Any]:
+    """The listing with only the entries naming a trusted key; ``NextMarker`` and
+    ``Truncated`` kept, so a paginating app still reaches the next page."""
+    entries = document.get(listing)
+    if entries is None:
+        return document
+    if not isinstance(entries, list):
+        raise _kms_broke(f"KMS answered {operation} with {listing} that is not a list")
+    kept = []
+    for entry in entries:
+        arn = _listed_key(listing, entry)
+        if arn is not None and trusted.refusal_for_answer(arn) is None:
+            kept.append(entry)
+    return {**document, listing: kept}
+
+
+def _shaped(operation: str, members: Mapping[str, Any]) -> dict[str, Any]:
+    """The members the table declares for the answer, non-null, in the model's order."""
+    return {
+        name: members[name]
+        for name in OPERATION_TABLE[operation].answer
+        if members.get(name) is not None
+    }
+
+
 def read_response(
     operation: str,
     status: int,
@@ -356,56 +405,47 @@ def read_response(
     body: bytes,
     *,
     trusted: TrustedKeys,
-) -> RecipientAnswer | KmsFailure:
-    """Read KMS's answer to a ``Recipient`` request. For an operation that takes a
-    key, the answer's ``KeyId`` must be a key ``trusted`` allows: otherwise no
-    ``RecipientAnswer`` (hence nothing to open) comes out of here."""
-    _operation_shapes(operation)
+) -> RecipientAnswer | PassThroughAnswer | KmsFailure:
+    """Read KMS's answer. Every key it names must be one ``trusted`` allows: otherwise
+    no ``RecipientAnswer`` (hence nothing to open) and no ``PassThroughAnswer`` comes
+    out of here; a listing keeps the entries of trusted keys only."""
+    table = _operation(operation)
     if status != 200:
         return read_failure(status, headers, body)
     document = _load_answer(body)
     if not isinstance(document, dict):
-        raise KmsProtocolError(
-            f"KMS answered {operation} with a body that is not a JSON object",
-            error_type="KMSInternalException",
-            status=502,
-        )
-    leaked = sorted(name for name in _SECRET_MEMBERS if document.get(name) is not None)
+        raise _kms_broke(f"KMS answered {operation} with a body that is not a JSON object")
+    leaked = sorted(name for name in SECRET_MEMBERS if document.get(name) is not None)
     if leaked:
-        raise KmsProtocolError(
-            f"KMS answer to a {operation} request with Recipient carried {', '.join(leaked)}; "
-            "refused (a plaintext there would have crossed the parent instance)",
-            error_type="KMSInternalException",
-            status=502,
+        why = (
+            "a plaintext there would have crossed the parent instance"
+            if table.recipient
+            else f"{operation} returns no secret, and the agent passes none on"
         )
-    if OPERATION_TABLE[operation].takes_key:
-        refusal = trusted.refusal_for_answer(document.get("KeyId"))
+        raise _kms_broke(
+            f"KMS answer to a {operation} request{' with Recipient' if table.recipient else ''} "
+            f"carried {', '.join(leaked)}; refused ({why})"
+        )
+    for path in table.answer_keys:
+        refusal = trusted.refusal_for_answer(_member_at(document, path), member=".".join(path))
         if refusal is not None:
-            raise _untrusted_key(
-                f"KMS's {operation} answer refused, its CiphertextForRecipient not opened: "
-                f"{refusal}"
-            )
+            outcome = "its CiphertextForRecipient not opened" if table.recipient else "not used"
+            raise _untrusted_key(f"KMS's {operation} answer refused, {outcome}: {refusal}")
+    if table.listing is not None:
+        if not trusted:
+            raise _untrusted_key(f"KMS's {operation} answer refused: {off_reason()}")
+        document = _only_trusted(operation, table.listing, document, trusted)
+    if not table.recipient:
+        return PassThroughAnswer(operation, _shaped(operation, document))
     raw = document.get(_RECIPIENT_ANSWER_MEMBER)
     if raw is None:
-        raise KmsProtocolError(
-            f"KMS answer to {operation} has no CiphertextForRecipient",
-            error_type="KMSInternalException",
-            status=502,
-        )
+        raise _kms_broke(f"KMS answer to {operation} has no CiphertextForRecipient")
     try:
         ciphertext = decode_base64(raw, _RECIPIENT_ANSWER_MEMBER)
     except KmsProtocolError as exc:
-        raise KmsProtocolError(
-            f"KMS answer to {operation}: {exc.message}",
-            error_type="KMSInternalException",
-            status=502,
-        ) from None
+        raise _kms_broke(f"KMS answer to {operation}: {exc.message}") from None
     if not ciphertext:
-        raise KmsProtocolError(
-            f"KMS answer to {operation} has an empty CiphertextForRecipient",
-            error_type="KMSInternalException",
-            status=502,
-        )
+        raise _kms_broke(f"KMS answer to {operation} has an empty CiphertextForRecipient")
     members = {
         key: value
         for key, value in document.items()
@@ -416,9 +456,7 @@ def read_response(
 
 def finish_answer(answer: RecipientAnswer, plaintext: bytes) -> dict[str, Any]:
     """KMS's answer to the same call without Recipient, members in the model's order."""
-    _, output_shape = _operation_shapes(answer.operation)
-    filled = dict(answer.members)
-    filled[PLAINTEXT_MEMBER[answer.operation]] = base64.b64encode(plaintext).decode("ascii")
-    ordered = {name: filled.pop(name) for name in output_shape.members if name in filled}
-    ordered.update(filled)
-    return ordered
+    member = OPERATION_TABLE[answer.operation].plaintext_member
+    assert member is not None  # a RecipientAnswer exists for Recipient operations only
+    filled = {**answer.members, member: base64.b64encode(plaintext).decode("ascii")}
+    return _shaped(answer.operation, filled)

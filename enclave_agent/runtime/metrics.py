@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from enclave_agent.runtime.kms_protocol import OPERATIONS as KMS_OPERATIONS
+from enclave_agent.runtime.kms_operations import OPERATIONS as KMS_OPERATIONS
 from enclave_common.logstream import STREAMS
 from enclave_common.metrics import Family, Registry
 

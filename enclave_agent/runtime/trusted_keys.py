@@ -112,6 +112,20 @@ def parse_key_arn(value: Any) -> KeyArn:
     return _parse(value, account_entry=False)
 
 
+def alias_target(alias_arn: Any, target_key_id: Any) -> KeyArn:
+    """The key an alias ARN points to, as ``ListAliases`` tells it (``AliasArn``,
+    ``TargetKeyId``): an alias and its key share partition, region and account (KMS
+    API reference, CreateAlias), so the key's ARN is the alias ARN's with
+    ``key/TargetKeyId``. ``KeyArnError`` if either part is malformed."""
+    if not isinstance(alias_arn, str):
+        raise KeyArnError(f"expected an alias ARN, got {type(alias_arn).__name__}")
+    parts = alias_arn.split(":", 5)
+    if len(parts) != 6 or parts[0] != "arn" or not parts[5].startswith("alias/"):
+        raise KeyArnError(f"{quoted(alias_arn)} is not an alias ARN")
+    _, partition, service, region, account, _resource = parts
+    return parse_key_arn(f"arn:{partition}:{service}:{region}:{account}:key/{target_key_id}")
+
+
 def parse_entry(value: Any) -> KeyArn:
     """One ``trusted_keys`` entry: a key ARN, or ``key/*`` for a whole account."""
     return _parse(value, account_entry=True)
@@ -163,17 +177,18 @@ class TrustedKeys:
             return None
         return f"key {arn} is not in the agent's {CONFIG_KEY} ({self})"
 
-    def refusal_for_answer(self, key_id: Any) -> str | None:
-        """Why KMS's answer, from the key ``key_id`` it names, must not be opened, or None."""
+    def refusal_for_answer(self, key_id: Any, *, member: str = "KeyId") -> str | None:
+        """Why KMS's answer, from the key ``key_id`` it names in ``member``, must not be
+        used, or None."""
         if not self.entries:
             return off_reason()
         if key_id is None:
-            return f"the answer names no KeyId, so it may not come from a key in {CONFIG_KEY}"
+            return f"the answer names no {member}, so it may not come from a key in {CONFIG_KEY}"
         try:
             arn = parse_key_arn(key_id)
         except KeyArnError:
             return (
-                f"the answer's KeyId {quoted(key_id)} is not a full key ARN ({SHAPE}), "
+                f"the answer's {member} {quoted(key_id)} is not a full key ARN ({SHAPE}), "
                 f"so it cannot be matched against {CONFIG_KEY}"
             )
         if self.allows(arn):
