@@ -9,8 +9,15 @@ Run by ``scripts/demo`` (after ``scripts/setup``). Each step is printed:
 3. encrypt a secret with boto3, as an operator outside the enclave would;
 4. an app reads it through the agent (``enclave_agent.client`` and the CLI verb);
 5. the same credentials, used directly without attestation, are denied;
-6. the stack is stopped, and its logs show the proxy relayed only TLS bytes: it
-   logged sizes, and the secret (raw or base64) is in no log of any process.
+6. the operator seals a second secret into Secrets Manager (``enclave-agent seal``);
+7. an agent whose config reads it ``from`` Secrets Manager (refreshed every second)
+   serves it to the app, with the version the store reports;
+8. the operator seals a new value (rotation): the app's long-poll
+   (``?after=VERSION&wait=...``) wakes with the new value and version;
+9. the parent reads the store directly: ``GetSecretValue`` gives only the sealed
+   ciphertext, which KMS will not open for it, even with the right context;
+10. the stack is stopped, and its logs show the proxy relayed only TLS bytes: it
+   logged sizes, and no secret (raw or base64) is in any log of any process.
 
 The stack is always stopped, even when a step fails. Exit status 0 when every
 step showed what it should.
@@ -27,6 +34,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +45,13 @@ from devtools.devstack import (
     DevStackError,
     create_enclave_key,
     direct_kms_client,
+    first_event,
     log_events,
+    python_env,
+    spawn,
     start_with_state_file,
     stop_process,
+    wait_for,
 )
 
 START_TIMEOUT = 120.0
@@ -76,8 +89,70 @@ def stop_devstack(process: subprocess.Popen[bytes]) -> None:
     stop_process(process, timeout=30)
 
 
+def operator_env(state: dict[str, Any]) -> dict[str, str]:
+    """An operator's AWS settings for the local stack: its credentials and endpoints."""
+    return python_env(
+        {
+            "AWS_ACCESS_KEY_ID": state["aws_access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": state["aws_secret_access_key"],
+            "AWS_DEFAULT_REGION": state["region"],
+            "AWS_CA_BUNDLE": state["kms_ca_bundle"],
+            "AWS_ENDPOINT_URL_KMS": state["kms_endpoint"],
+            "AWS_ENDPOINT_URL_SECRETS_MANAGER": state["secretsmanager_endpoint"],
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+    )
+
+
+def seal(state: dict[str, Any], name: str, key_id: str, to: str, value: bytes) -> dict[str, Any]:
+    """``enclave-agent seal NAME --key-id KEY --to TO`` with the value on stdin."""
+    result = subprocess.run(
+        [sys.executable, "-m", "enclave_agent.cli", "seal", name, "--key-id", key_id, "--to", to],
+        input=value,
+        cwd=REPO_ROOT,
+        env=operator_env(state),
+        capture_output=True,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        raise DemoFailed(f"enclave-agent seal failed: {result.stderr.decode()}")
+    written: dict[str, Any] = json.loads(result.stdout)
+    return written
+
+
+def start_store_agent(
+    work: Path, state: dict[str, Any], source: str
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """An agent like the stack's, reading the secret db_password ``from`` ``source``,
+    refreshed every second; (process, socket, log)."""
+    socket_path = str(work / "stores-agent.sock")
+    config = work / "stores-agent.toml"
+    text = Path(state["agent_config"]).read_text().replace(state["agent_socket"], socket_path)
+    config.write_text(f'{text}\n[secrets.db_password]\nfrom = "{source}"\nrefresh = 1\n')
+    log_path = work / "stores-agent.log"
+    argv = [sys.executable, "-m", "enclave_agent.cli", "serve", "--config", str(config)]
+    process = spawn(argv, log_path, python_env())
+    try:
+        wait_for(
+            process,
+            lambda: first_event(log_path, "ready"),
+            name="the agent reading Secrets Manager",
+            what="'ready' event",
+            log_path=log_path,
+        )
+    except DevStackError as exc:
+        stop_process(process)
+        raise DemoFailed(str(exc)) from exc
+    return process, socket_path, log_path
+
+
 def run_demo(work: Path) -> None:
     marker = f"demo-secret-{secrets.token_hex(12)}".encode()
+    stored = f"db-password-{secrets.token_hex(12)}".encode()
+    rotated = f"db-password-{secrets.token_hex(12)}".encode()
+    store_agent: subprocess.Popen[bytes] | None = None
+    store_log = work / "stores-agent.log"
 
     step(1, "Start the stack: local KMS, enclave-proxy (tcp: in place of vsock), enclave-agent")
     process, state = start_devstack(work)
@@ -153,11 +228,77 @@ def run_demo(work: Path) -> None:
             detail(f"  {error['Message'][:110]}...")
         else:
             raise DemoFailed("KMS decrypted without attestation: the key policy is wrong")
+
+        step(6, "Seal a secret into Secrets Manager (enclave-agent seal), as the operator")
+        written = seal(state, "db_password", key_id, "secretsmanager:demo/db_password", stored)
+        detail(
+            "enclave-agent seal db_password --to secretsmanager:demo/db_password → "
+            f"{written['form']} form, {written['sealed_bytes']} bytes"
+        )
+        detail(f"from = {written['from']!r}")
+
+        step(7, "An agent reads it from Secrets Manager (through the proxy) for the app")
+        store_agent, socket_path, store_log = start_store_agent(work, state, written["from"])
+        with AgentClient(socket_path) as client:
+            first = client.secret_version("db_password")
+        if first.value != stored or first.version != written["version_id"]:
+            raise DemoFailed("the agent served another value or version than the store holds")
+        detail(f"GET /v1/secrets/db_password → {first.value.decode()!r}")
+        detail(f"  X-Secret-Version: {first.version}")
+
+        step(8, "Rotate: seal a new value; the app's long-poll wakes with it")
+        woken: list[Any] = []
+
+        def long_poll() -> None:
+            with AgentClient(socket_path) as client:
+                woken.append(client.secret_version("db_password", after=first.version, wait=30))
+
+        poll = threading.Thread(target=long_poll)
+        started = time.monotonic()
+        poll.start()
+        detail(f"GET /v1/secrets/db_password?after={first.version}&wait=30 (held)")
+        second = seal(state, "db_password", key_id, "secretsmanager:demo/db_password", rotated)
+        poll.join(40)
+        if not woken or woken[0].value != rotated or woken[0].version != second["version_id"]:
+            raise DemoFailed("the long-poll did not wake with the rotated value")
+        detail(f"sealed again → version {second['version_id']}")
+        detail(
+            f"the long-poll woke after {time.monotonic() - started:.1f} s → "
+            f"{woken[0].value.decode()!r}, X-Secret-Version: {woken[0].version}"
+        )
+
+        step(9, "The parent reads the store itself: only ciphertext it cannot open")
+        sealed = direct_kms_client(state, "secretsmanager").get_secret_value(
+            SecretId=written["arn"]
+        )["SecretBinary"]
+        if rotated in sealed or base64.b64encode(rotated) in sealed:
+            raise DemoFailed("the store holds the value in the clear")
+        detail(
+            "boto3 secretsmanager.get_secret_value(...) → SecretBinary of "
+            f"{len(sealed)} bytes, {sealed[:12].hex()}..."
+        )
+        try:
+            kms.decrypt(
+                CiphertextBlob=sealed, EncryptionContext={"enclave-kms:secret": "db_password"}
+            )
+        except ClientError as exc:
+            error = exc.response["Error"]
+            if error["Code"] != "AccessDeniedException":
+                raise DemoFailed(f"expected AccessDeniedException, got {error['Code']}") from exc
+            detail(
+                "boto3 kms.decrypt(it, EncryptionContext={'enclave-kms:secret': "
+                f"'db_password'}}) → {error['Code']}"
+            )
+        else:
+            raise DemoFailed("KMS opened the sealed secret without attestation")
     finally:
+        if store_agent is not None:
+            stop_process(store_agent)
         stop_devstack(process)
 
-    step(6, "Stack stopped: the proxy carried only ciphertext")
+    step(10, "Stack stopped: the proxy carried only ciphertext")
     logs = {name: Path(state[f"{name}_log"]) for name in ("kms", "proxy", "agent")}
+    logs["stores agent"] = store_log
     tunnels = [
         e for e in log_events(logs["proxy"]) if e.get("method") == "CONNECT" and "bytes_up" in e
     ]
@@ -165,18 +306,21 @@ def run_demo(work: Path) -> None:
         raise DemoFailed("the proxy logged no tunnel")
     sent = sum(int(e["bytes_up"]) for e in tunnels)
     received = sum(int(e["bytes_down"]) for e in tunnels)
+    targets = ", ".join(sorted({str(e["target"]) for e in tunnels}))
     detail(
-        f"proxy relayed {len(tunnels)} TLS tunnel(s) to {tunnels[0]['target']}: "
+        f"proxy relayed {len(tunnels)} TLS tunnel(s) to {targets} (KMS, Secrets Manager): "
         f"{sent} bytes up, {received} bytes down; it never held a TLS key"
     )
-    needles = (marker, base64.b64encode(marker))
+    needles = [
+        form for value in (marker, stored, rotated) for form in (value, base64.b64encode(value))
+    ]
     for name, path in logs.items():
         content = path.read_bytes()
         found = [n for n in needles if n in content]
         if found:
             raise DemoFailed(f"the secret appears in the {name} log ({path})")
-        detail(f"{name} log: {len(content.splitlines())} lines, no trace of the secret")
-    print("\nDemo complete: only the attested enclave could read the secret.", flush=True)
+        detail(f"{name} log: {len(content.splitlines())} lines, no trace of the secrets")
+    print("\nDemo complete: only the attested enclave could read the secrets.", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -461,6 +461,11 @@ class DevStack:
             f"region = {_toml_string(self.region)}",
             f"proxy = {_toml_string(self.proxy_address)}",
             f"kms_endpoint = {_toml_string(kms_endpoint or self.kms['endpoint'])}",
+            *(
+                f"{service}_endpoint = {_toml_string(self.kms[f'{service}_endpoint'])}"
+                for service in STORE_SERVICES
+                if self.kms.get(f"{service}_endpoint")
+            ),
             f"ca_bundle = {_toml_string(self.kms['ca_bundle'])}",
             'nsm = "simulated"',
         ]
@@ -564,17 +569,20 @@ class DevStack:
         return [p.name for p in self.processes if p.popen.poll() is not None]
 
 
-def direct_kms_client(state: Mapping[str, Any]) -> Any:
-    """boto3 straight to the local KMS with the stack's credentials: what the parent
-    instance (or anyone holding the role's credentials) can do without an enclave."""
+def direct_kms_client(state: Mapping[str, Any], service: str = "kms") -> Any:
+    """boto3 straight to the local KMS (or one of its stores, ``service``) with the
+    stack's credentials: what the parent instance (or anyone holding the role's
+    credentials) can do without an enclave."""
     return local_kms_client(
         {
             "region": state["region"],
             "endpoint": state["kms_endpoint"],
+            **{f"{name}_endpoint": state.get(f"{name}_endpoint") for name in STORE_SERVICES},
             "ca_bundle": state["kms_ca_bundle"],
             "aws_access_key_id": state["aws_access_key_id"],
             "aws_secret_access_key": state["aws_secret_access_key"],
         },
+        service=service,
         config=None,  # botocore's default retries, as an operator's client has
     )
 

@@ -4,6 +4,8 @@
 
     agent = AgentClient()                       # $ENCLAVE_AGENT_SOCKET or the default path
     password = agent.secret("db_password")      # a named secret from the agent's config
+    current = agent.secret_version("db_password")           # .value, .version
+    newer = agent.secret_version("db_password", after=current.version, wait=60)
     plaintext = agent.decrypt(ciphertext_blob)  # KMS Decrypt, attested by the agent
     key = agent.generate_data_key("alias/app")  # key.plaintext, key.ciphertext_blob
 
@@ -40,6 +42,17 @@ class AgentError(Exception):
         self.error_type = error_type
         self.message = message
         self.status = status
+
+
+@dataclass(frozen=True)
+class SecretVersion:
+    """A named secret's value and the version the agent serves (``X-Secret-Version``)."""
+
+    value: bytes
+    version: str
+
+    def __repr__(self) -> str:  # never the value
+        return f"SecretVersion(version={self.version!r}, value=<{len(self.value)} bytes>)"
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,22 @@ class AgentClient:
     # --- the app-facing verbs ---------------------------------------------------
 
     def secret(self, name: str) -> bytes:
+        return self.secret_version(name).value
+
+    def secret_version(
+        self, name: str, *, after: str | None = None, wait: float | None = None
+    ) -> SecretVersion:
+        """The secret and its version; with ``after``, once the agent serves another
+        version than that, or after ``wait`` seconds (at most 300) with the same one."""
         # Quoted: a name holding "?" or "/" must not reach another secret or path.
-        return self._request("GET", f"/v1/secrets/{urllib.parse.quote(name, safe='')}", b"", {})
+        path = f"/v1/secrets/{urllib.parse.quote(name, safe='')}"
+        if wait is not None and after is None:
+            raise ValueError("wait needs after: the version to wait past")
+        if after is not None:
+            query = {"after": after} | ({} if wait is None else {"wait": f"{wait:g}"})
+            path += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+        data, headers = self._exchange("GET", path, b"", {}, held=wait or 0.0)
+        return SecretVersion(data, headers.get("X-Secret-Version", ""))
 
     def decrypt(
         self,
@@ -180,6 +207,19 @@ class AgentClient:
     # --- HTTP ---------------------------------------------------------------------
 
     def _request(self, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+        return self._exchange(method, path, body, headers)[0]
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        held: float = 0.0,
+    ) -> tuple[bytes, http.client.HTTPMessage]:
+        """The answer's body and headers. ``held``: seconds the agent may hold the
+        answer (a long-poll), added to the timeout."""
         # A kept-alive connection the agent closed (idle timeout) fails on first use;
         # retry once on a fresh one. Requests are idempotent enough for that: the
         # KMS operations here either read or mint new random material.
@@ -187,6 +227,9 @@ class AgentClient:
             if self._connection is None:
                 self._connection = _UnixHTTPConnection(self.socket_path, self._timeout)
             try:
+                self._connection.timeout = self._timeout + held
+                if self._connection.sock is not None:
+                    self._connection.sock.settimeout(self._timeout + held)
                 self._connection.request(method, path, body=body, headers=dict(headers))
                 response = self._connection.getresponse()
                 data = response.read()
@@ -202,7 +245,7 @@ class AgentClient:
                 self.close()
             if response.status >= 400:
                 raise _error_from(response.status, data)
-            return data
+            return data, response.headers
         raise AssertionError("unreachable")
 
 

@@ -95,6 +95,7 @@ class Setting:
     doc: str
     shown: str | None  # the reference's default column, where the value alone misleads
     share: Share | None
+    key: str | None  # the TOML key, where the field cannot be named so (``from``)
 
 
 def setting(
@@ -105,9 +106,11 @@ def setting(
     factory: Callable[[], Any] | None = None,
     shown: str | None = None,
     share_of: Share | None = None,
+    key: str | None = None,
 ) -> Any:
-    """A dataclass field that is a setting (no default and no factory: required)."""
-    metadata = {_SETTING: Setting(check, doc, shown, share_of)}
+    """A dataclass field that is a setting (no default and no factory: required).
+    ``key``: its TOML key when that is not the field's name (a Python keyword)."""
+    metadata = {_SETTING: Setting(check, doc, shown, share_of, key)}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -117,6 +120,11 @@ def _settings(cls: type) -> Iterator[tuple[Any, Setting]]:
     for item in fields(cls):
         if _SETTING in item.metadata:
             yield item, item.metadata[_SETTING]
+
+
+def _key(item: Any, meta: Setting) -> str:
+    """The setting's TOML key."""
+    return meta.key or str(item.name)
 
 
 # --- reading --------------------------------------------------------------------------
@@ -140,10 +148,11 @@ def read_text(path: Path) -> str:
 
 
 def read_settings(cls: type, value: Any, at: At) -> dict[str, Any]:
-    """The settings the TOML table ``value`` sets for ``cls``, checked (only those set)."""
+    """The settings the TOML table ``value`` sets for ``cls``, checked (only those set),
+    by field name."""
     if not isinstance(value, dict):
         raise at.wrong_type("a table", value)
-    declared = {item.name: meta for item, meta in _settings(cls)}
+    declared = {_key(item, meta): (item.name, meta) for item, meta in _settings(cls)}
     unknown = [at.child(key).key for key in value if key not in declared]
     if unknown:
         many = "s" if len(unknown) > 1 else ""
@@ -152,7 +161,9 @@ def read_settings(cls: type, value: Any, at: At) -> dict[str, Any]:
             f"so that a typo never falls back to a default; known: {', '.join(declared)})",
             unknown[0],
         )
-    return {key: declared[key].check(item, at.child(key)) for key, item in value.items()}
+    return {
+        declared[key][0]: declared[key][1].check(item, at.child(key)) for key, item in value.items()
+    }
 
 
 def build(cls: type[T], settings: Mapping[str, Any], at: At) -> T:
@@ -160,7 +171,8 @@ def build(cls: type[T], settings: Mapping[str, Any], at: At) -> T:
     values = dict(settings)
     for item, meta in _settings(cls):
         if item.name not in values and item.default is MISSING and item.default_factory is MISSING:
-            raise ConfigError(f"{at.child(item.name).key} is required", at.child(item.name).key)
+            required = at.child(_key(item, meta)).key
+            raise ConfigError(f"{required} is required", required)
         if meta.share is None:
             continue
         whole = values.get(meta.share.whole, _default(cls, meta.share.whole))
@@ -179,7 +191,7 @@ def build(cls: type[T], settings: Mapping[str, Any], at: At) -> T:
 def check_option(cls: type, name: str, value: Any) -> Any:
     """A command-line value for the setting ``name``, checked as the file's value is;
     messages name the option (``--log-level``)."""
-    meta = next(meta for item, meta in _settings(cls) if item.name == name)
+    meta = next(meta for item, meta in _settings(cls) if _key(item, meta) == name)
     return meta.check(value, At(f"--{name.replace('_', '-')}"))
 
 
@@ -338,7 +350,7 @@ def reference(cls: type, prefix: str = "") -> list[Row]:
     """Every setting of ``cls`` (tables included) with its default, for the docs."""
     rows: list[Row] = []
     for item, meta in _settings(cls):
-        key = f"{prefix}{item.name}"
+        key = f"{prefix}{_key(item, meta)}"
         if isinstance(meta.check, Table):
             rows += reference(meta.check.cls, f"{key}.")
         elif isinstance(meta.check, Tables):

@@ -10,6 +10,7 @@ from enclave_agent.runtime.config import (
     ConfigError,
     load_config,
     parse_config,
+    store_endpoint,
 )
 from enclave_common.address import TcpAddress, VsockAddress
 
@@ -276,6 +277,93 @@ def test_attestation_reuse_seconds() -> None:
     for bad in ("-1", "3601", "nan", "inf", "true", '"300"'):
         with pytest.raises(ConfigError, match=r"limits\.attestation_reuse_seconds"):
             parse_config(f'region = "us-east-1"\n[limits]\nattestation_reuse_seconds = {bad}')
+
+
+SM_ARN = "arn:aws:secretsmanager:us-east-1:111122223333:secret:app/db-AbCdEf"
+SSM_ARN = "arn:aws:ssm:us-east-1:111122223333:parameter/app/db"
+STORE_HEAD = 'region = "us-east-1"\ntrusted_keys = ["arn:aws:kms:us-east-1:111122223333:key/*"]\n'
+
+
+def test_secrets_read_from_stores() -> None:
+    config = parse_config(
+        STORE_HEAD
+        + 'secretsmanager_endpoint = "https://127.0.0.1:4443/"\n'
+        + f'[secrets.db]\nfrom = "secretsmanager:{SM_ARN}"\nrefresh = 60\nfile = "/run/s/db"\n'
+        + f'[secrets.api]\nfrom = "ssm:{SSM_ARN}"\nrefresh = 30\nstale_after = 45\n'
+        + '[secrets.tls]\nfrom = "s3://bucket/prod/tls"\nbucket_owner = "444455556666"\n'
+    )
+    db, api, tls = (config.secrets[name] for name in ("db", "api", "tls"))
+    assert db.location is not None and db.location.arn is not None
+    assert str(db.location.arn) == SM_ARN and not db.ciphertext
+    assert (db.refresh, db.stale_seconds) == (60.0, 180.0)  # stale after 3 times refresh
+    assert api.location is not None and str(api.location.arn) == SSM_ARN
+    assert (api.refresh, api.stale_seconds) == (30.0, 45.0)
+    assert str(tls.location) == "s3://bucket/prod/tls" and tls.bucket_owner == "444455556666"
+    assert (tls.refresh, tls.stale_seconds) == (None, None)  # read once: never stale
+    assert store_endpoint(config, "secretsmanager") == "https://127.0.0.1:4443"
+    assert store_endpoint(config, "ssm") == "https://ssm.us-east-1.amazonaws.com"
+    assert store_endpoint(config, "s3") == "https://s3.us-east-1.amazonaws.com"
+    china = parse_config('region = "cn-north-1"')
+    assert store_endpoint(china, "s3") == "https://s3.cn-north-1.amazonaws.com.cn"
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [
+        (
+            'from = "secretsmanager:app/db"',
+            "secrets.db.from: 'app/db': name the secret by its full ARN (arn:…:secretsmanager:"
+            "REGION:ACCOUNT:secret:NAME-XXXXXX) (the parent chooses the credentials, hence the "
+            "account a bare name resolves in",
+        ),
+        (
+            f'from = "secretsmanager:{SM_ARN[:-7]}"',
+            "the ARN lacks Secrets Manager's 6-character suffix",
+        ),
+        ('from = "ssm:/app/db"', "name the parameter by its ARN"),
+        ('from = "file:/etc/db"', "file: is for the operator's seal, not a store to read from"),
+        ('from = "s3://bucket/key"', "secrets.db.bucket_owner is required with from = s3://"),
+        (
+            'from = "s3://bucket/key"\nbucket_owner = "1234"',
+            "secrets.db.bucket_owner must be a 12-digit account id",
+        ),
+        (
+            f'from = "ssm:{SSM_ARN}"\nbucket_owner = "111122223333"',
+            "bucket_owner applies to from = s3://... only",
+        ),
+        (
+            f'from = "ssm:{SSM_ARN.replace("us-east-1", "eu-west-1")}"',
+            "names a resource in eu-west-1, but the agent reads its stores in its own region",
+        ),
+        (
+            f'from = "ssm:{SSM_ARN}"\nciphertext = "{BLOB}"',
+            "secrets.db needs exactly one of from, ciphertext, ciphertext_file",
+        ),
+        ('key_id = "k"', "secrets.db needs exactly one of from, ciphertext, ciphertext_file"),
+        (
+            f'from = "ssm:{SSM_ARN}"\nencryption_context = {{ a = "b" }}',
+            'always opened with {"enclave-kms:secret" = "db"}',
+        ),
+        (f'ciphertext = "{BLOB}"\nrefresh = 60', "refresh applies to a secret read from a store"),
+        (f'from = "ssm:{SSM_ARN}"\nrefresh = 0.5', "refresh must be a number between 1 and"),
+        (f'from = "ssm:{SSM_ARN}"\nstale_after = 60', "stale_after needs refresh"),
+        (
+            f'from = "ssm:{SSM_ARN}"\nrefresh = 60\nstale_after = 60',
+            "stale_after (60) must be more than refresh (60)",
+        ),
+        ('form = "ssm:x"', "unknown setting 'secrets.db.form'"),
+    ],
+)
+def test_bad_store_secrets_are_refused_saying_why(secret: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"{STORE_HEAD}[secrets.db]\n{secret}\n")
+    assert message in str(info.value)
+
+
+def test_store_endpoints_must_be_https_urls() -> None:
+    for key in ("secretsmanager_endpoint", "ssm_endpoint", "s3_endpoint"):
+        with pytest.raises(ConfigError, match=f"{key}: 'http://x' is not an https://HOST"):
+            parse_config(f'region = "us-east-1"\n{key} = "http://x"')
 
 
 def test_the_log_channel_is_on_the_apps_output_off_by_default() -> None:

@@ -27,6 +27,7 @@ from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.kms import KmsError, KmsGateway, KmsSettings
 from enclave_agent.runtime.nsm import request_attestation
 from enclave_agent.runtime.peercred import database_groups, is_uid_allowed
+from enclave_agent.runtime.secrets import Served
 from enclave_agent.runtime.server import AppServer, Attester, Gateway
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import (
@@ -83,8 +84,13 @@ class FakeGateway:
 
 
 class Secrets:
-    def get(self, name: str) -> bytes | None:
-        return b"s3cr3t" if name == "db" else None
+    """The server's view of secrets.SecretStore: one secret, never rotating."""
+
+    async def wait_for(self, name: str, after: str | None, wait: float) -> Served | None:
+        return Served(b"s3cr3t", "v1") if name == "db" else None
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
 
 
 async def fake_attest(nonce: bytes | None, user_data: bytes | None, pk: bytes | None) -> bytes:
@@ -211,8 +217,10 @@ async def unix_exchange(path: str, raw: bytes) -> list[tuple[int, dict[str, str]
 async def test_health_secret_attestation_and_kms(running: Running) -> None:
     [(status, _, body)] = await unix_exchange(running.socket, request("GET", "/healthz"))
     assert (status, json.loads(body)) == (200, {"status": "ok"})
-    [(status, _, body)] = await unix_exchange(running.socket, request("GET", "/v1/secrets/db"))
-    assert (status, body) == (200, b"s3cr3t")
+    [(status, headers, body)] = await unix_exchange(
+        running.socket, request("GET", "/v1/secrets/db")
+    )
+    assert (status, body, headers["x-secret-version"]) == (200, b"s3cr3t", "v1")
     [(status, _, body)] = await unix_exchange(running.socket, request("GET", "/v1/secrets/other"))
     assert status == 404 and json.loads(body)["__type"] == "NotFoundException"
     nonce = json.dumps({"nonce": base64.b64encode(b"n1").decode()}).encode()

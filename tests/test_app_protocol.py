@@ -97,6 +97,56 @@ def test_secret_and_health() -> None:
     assert route_request("GET", "/healthz?x=1", {}, b"") == HealthCall()
 
 
+def test_a_secret_asked_after_a_version() -> None:
+    def route(query: str) -> SecretCall:
+        call = route_request("GET", f"/v1/secrets/db?{query}", {}, b"")
+        assert isinstance(call, SecretCall)
+        return call
+
+    assert route("after=v1") == SecretCall("db", "v1", 0.0)
+    assert route("after=v1&wait=30") == SecretCall("db", "v1", 30.0)
+    assert route("wait=0.5&after=3%2FL4k%2Bq%3D") == SecretCall("db", "3/L4k+q=", 0.5)
+    assert route("after=v1&wait=300") == SecretCall("db", "v1", 300.0)
+    for query, reason in [
+        ("wait=5", "wait needs after=VERSION"),
+        ("after=v1&wait=301", "wait is a number of seconds from 0 to 300"),
+        ("after=v1&wait=-1", "from 0 to 300"),
+        ("after=v1&wait=nan", "from 0 to 300"),
+        ("after=v1&wait=inf", "from 0 to 300"),
+        ("after=v1&wait=soon", "from 0 to 300"),
+        ("after=", "after is 1 to 1024 characters"),
+        (f"after={'v' * 1025}", "after is 1 to 1024 characters"),
+        ("after=v1&after=v2", "each at most once"),
+        ("version=v1", "takes after=VERSION and wait=SECONDS"),
+        ("after", "malformed query string"),
+    ]:
+        with pytest.raises(AppProtocolError) as info:
+            route(query)
+        assert info.value.error_type == "ValidationException", query
+        assert reason in info.value.message, query
+
+
+@pytest.mark.parametrize(
+    "request_body",
+    [
+        {"CiphertextBlob": "AAAA", "EncryptionContext": {"enclave-kms:secret": "db"}},
+        {"KeyId": "k", "KeySpec": "AES_256", "EncryptionContext": {"enclave-kms:secret": "db"}},
+        {"DestinationEncryptionContext": {"app": "x", "enclave-kms:secret": "db"}},
+        {"SourceEncryptionContext": {"enclave-kms:secret": ""}},
+    ],
+)
+def test_the_secrets_context_key_is_the_agents_own(request_body: dict[str, object]) -> None:
+    with pytest.raises(AppProtocolError) as info:
+        route_request("POST", "/", KMS_HEADERS, json.dumps(request_body).encode())
+    assert info.value.error_type == "ValidationException"
+    assert "'enclave-kms:secret' is reserved for the agent's named secrets" in info.value.message
+    # Other keys, and the name as a value, are the app's business.
+    allowed = {"CiphertextBlob": "AAAA", "EncryptionContext": {"secret": "enclave-kms:secret"}}
+    assert isinstance(
+        route_request("POST", "/", KMS_HEADERS, json.dumps(allowed).encode()), KmsCall
+    )
+
+
 def test_error_shape_is_kms_json() -> None:
     response = error_response("AccessDeniedException", "no", 400)
     assert response.content_type == "application/x-amz-json-1.1"
@@ -109,6 +159,8 @@ def test_error_shape_is_kms_json() -> None:
     target=st.one_of(
         st.sampled_from(["/", "/healthz", "/v1/attestation", "/v1/secrets/a"]),
         st.text(max_size=60),
+        st.text(max_size=60).map(lambda query: f"/v1/secrets/a?{query}"),
+        st.text(max_size=30).map(lambda after: f"/v1/secrets/a?after={after}&wait=1"),
     ),
     headers=st.dictionaries(
         st.sampled_from(["x-amz-target", "content-type", "x-other"]),

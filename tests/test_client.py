@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ from typing import Any
 import pytest
 import trio
 
-from enclave_agent.client import AgentClient, AgentError
+from enclave_agent.client import AgentClient, AgentError, SecretVersion
 from enclave_agent.runtime.callers import Callers
-from enclave_agent.runtime.config import AccessConfig, Limits
+from enclave_agent.runtime.config import AccessConfig, Limits, SecretConfig
 from enclave_agent.runtime.kms import KmsError
+from enclave_agent.runtime.secrets import SecretStore
 from enclave_agent.runtime.server import AppServer
 from enclave_common.address import UnixAddress, open_listener
 from tests.support.raw_http import read_head
@@ -52,25 +54,28 @@ class Gateway:
         raise KmsError("UnsupportedOperationException", operation, 400)
 
 
-class Secrets:
-    def get(self, name: str) -> bytes | None:
-        return b"\x00binary secret\xff" if name == "db" else None
+SECRET = b"plain:\x00binary secret\xff"  # what Gateway decrypts db's ciphertext to
+
+
+async def secrets() -> SecretStore:
+    """A real store holding one inline secret, "db", decrypted by ``Gateway``."""
+    store = SecretStore({"db": SecretConfig("db", b"\x00binary secret\xff")}, Gateway())
+    await store.load()
+    return store
 
 
 async def attest(nonce: bytes | None, user_data: bytes | None, key: bytes | None) -> bytes:
     return b"DOC" + (nonce or b"") + (user_data or b"") + (key or b"")
 
 
-@pytest.fixture
-async def socket_path(nursery: trio.Nursery, tmp_path: Path) -> str:
+async def serve(nursery: trio.Nursery, path: str, limits: Limits) -> str:
     server = AppServer(
         gateway=Gateway(),
         attest=attest,
-        secrets=Secrets(),
+        secrets=await secrets(),
         access=AccessConfig(),
-        limits=Limits(idle_timeout=0.2),
+        limits=limits,
     )
-    path = str(tmp_path / "agent.sock")
     listener = await open_listener(UnixAddress(path))
     await nursery.start(
         lambda task_status: server.serve(listener, callers=Callers.UNIX, task_status=task_status)
@@ -78,10 +83,15 @@ async def socket_path(nursery: trio.Nursery, tmp_path: Path) -> str:
     return path
 
 
+@pytest.fixture
+async def socket_path(nursery: trio.Nursery, tmp_path: Path) -> str:
+    return await serve(nursery, str(tmp_path / "agent.sock"), Limits(idle_timeout=0.2))
+
+
 async def test_client_verbs(socket_path: str) -> None:
     def use() -> None:
         with AgentClient(socket_path) as client:
-            assert client.secret("db") == b"\x00binary secret\xff"
+            assert client.secret("db") == SECRET
             assert client.decrypt(b"blob") == b"plain:blob"
             key = client.generate_data_key("alias/x")
             assert (key.plaintext, key.ciphertext_blob, key.key_id) == (
@@ -92,7 +102,7 @@ async def test_client_verbs(socket_path: str) -> None:
             assert "kkkk" not in repr(key)
             assert client.generate_random(5) == b"rrrrr"
             assert client.attestation(nonce=b"n", user_data=b"u") == b"DOCnu"
-            assert client.health() == {"status": "ok"}
+            assert client.health() == {"status": "ok", "secrets": {"db": {"version": "config"}}}
             with pytest.raises(AgentError) as info:
                 client.decrypt(b"denied")
             assert info.value.error_type == "AccessDeniedException"
@@ -109,14 +119,63 @@ async def test_client_verbs(socket_path: str) -> None:
     await trio.to_thread.run_sync(use)
 
 
+async def test_the_version_and_the_wait_for_another(socket_path: str) -> None:
+    def use() -> None:
+        with AgentClient(socket_path, timeout=5) as client:
+            current = client.secret_version("db")
+            assert (current.value, current.version) == (SECRET, "config")
+            assert "binary" not in repr(current)
+            # Another version than the one served: at once. The same: held for the wait
+            # (an inline secret never changes), then answered with it.
+            assert client.secret_version("db", after="v0", wait=60).version == "config"
+            started = time.monotonic()
+            held = client.secret_version("db", after="config", wait=0.3)
+            assert time.monotonic() - started >= 0.3
+            assert (held.value, held.version) == (SECRET, "config")
+            with pytest.raises(ValueError, match="wait needs after"):
+                client.secret_version("db", wait=1)
+            with pytest.raises(AgentError) as info:
+                client.secret_version("db", after="config", wait=301)
+            assert info.value.error_type == "ValidationException"
+            assert "wait is a number of seconds from 0 to 300" in info.value.message
+
+    await trio.to_thread.run_sync(use)
+
+
+async def test_a_held_wait_counts_against_the_callers_connections(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Three long-polls from one uid whose share is two connections: two are held (past
+    idle_timeout: no deadline runs while the answer is held), the third is refused at
+    once; the held ones end with the version they waited past."""
+    limits = Limits(max_connections=4, max_connections_per_uid=2, idle_timeout=0.2)
+    path = await serve(nursery, str(tmp_path / "tight.sock"), limits)
+    answers: list[SecretVersion | AgentError] = []
+
+    def poll() -> None:
+        try:
+            answers.append(AgentClient(path).secret_version("db", after="config", wait=1))
+        except AgentError as exc:
+            answers.append(exc)
+
+    async with trio.open_nursery() as polls:
+        for _ in range(3):
+            polls.start_soon(trio.to_thread.run_sync, poll)
+    refused = [a for a in answers if isinstance(a, AgentError)]
+    assert [(e.error_type, e.status) for e in refused] == [("ThrottlingException", 503)]
+    assert "its whole share (limits.max_connections_per_uid)" in refused[0].message
+    assert answers[0] is refused[0]  # refused at once, before the held ones ended
+    assert [a for a in answers if not isinstance(a, AgentError)] == [
+        SecretVersion(SECRET, "config")
+    ] * 2
+
+
 async def test_client_reconnects_after_the_agent_closed_an_idle_connection(
     socket_path: str,
 ) -> None:
     def use() -> None:
         client = AgentClient(socket_path)
         assert client.secret("db")
-        import time
-
         time.sleep(0.5)  # longer than the server's idle timeout: it closes our connection
         assert client.secret("db")
         client.close()
@@ -178,7 +237,7 @@ async def cli(
 
 async def test_cli_verbs(socket_path: str, tmp_path: Path) -> None:
     result = await cli(socket_path, "secret", "db")
-    assert (result.returncode, result.stdout) == (0, b"\x00binary secret\xff")
+    assert (result.returncode, result.stdout) == (0, SECRET)
 
     blob = tmp_path / "blob"
     blob.write_bytes(b"xyz")

@@ -3,9 +3,11 @@
 The agent runs in this process (``service.run_agent``) so the test can hold what no
 other process ever sees: the recipient private key generated at start-up. The local
 KMS and the proxy are real subprocesses (devstack). The run goes through the success
-paths (named secret, Decrypt, GenerateDataKey, GenerateDataKeyPair, GenerateRandom,
+paths (named secrets inline and in Secrets Manager, one an envelope, one rotated and
+long-polled, Decrypt, GenerateDataKey, GenerateDataKeyPair, GenerateRandom,
 attestation) and the failure paths (policy denial, garbage ciphertext, bad input,
-absent secret, KMS faults); then the agent's captured log, the KMS's and proxy's
+absent secret, a swapped ciphertext in the store, the secrets' reserved context, KMS
+faults); then the agent's captured log, the KMS's and proxy's
 log files, every error message the app got and the text and repr of every exception
 raised are searched for each secret, data key, credential and the private key, raw,
 base64 and hex.
@@ -19,6 +21,7 @@ import json
 import secrets
 import shutil
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +32,10 @@ import structlog
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from devtools.devstack import DevStack, create_enclave_key, direct_kms_client
+from devtools.devstack import DevStack, create_enclave_key, direct_kms_client, local_kms_client
 from devtools.local_kms.admin_client import set_faults
 from enclave_agent.client import AgentClient, AgentError
+from enclave_agent.operator.seal import seal
 from enclave_agent.runtime import service
 from enclave_agent.runtime.config import load_config
 from enclave_agent.runtime.recipient import RecipientKey
@@ -40,6 +44,10 @@ from tests.support.stack import find_leaks
 
 SECRET = b"named-secret-" + secrets.token_hex(16).encode()
 PLAINTEXT = b"decrypted-" + secrets.token_hex(16).encode()
+# A secret in Secrets Manager, its rotated value, and a large one (an envelope).
+STORED = b"stored-secret-" + secrets.token_hex(16).encode()
+ROTATED = b"rotated-secret-" + secrets.token_hex(16).encode()
+ENVELOPED = b"enveloped-secret-" + secrets.token_hex(5000).encode()
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +102,17 @@ async def test_no_key_or_secret_in_logs_errors_or_exceptions(
     blob = kms.encrypt(KeyId=key_id, Plaintext=PLAINTEXT)["CiphertextBlob"]
     denied_blob = kms.encrypt(KeyId=denied_key, Plaintext=PLAINTEXT)["CiphertextBlob"]
     secret_blob = kms.encrypt(KeyId=key_id, Plaintext=SECRET)["CiphertextBlob"]
+    store = local_kms_client(dev.kms, service="secretsmanager")
+    stored = store.create_secret(Name="stored", SecretBinary=seal(kms, "stored", key_id, STORED)[0])
+    big = store.create_secret(Name="big", SecretBinary=seal(kms, "big", key_id, ENVELOPED)[0])
     config_path = dev.write_agent_config(
         name="agent-inprocess",
         secrets_toml=(
             f'\n[secrets.db]\nciphertext = "{base64.b64encode(secret_blob).decode()}"\n'
             f'file = "{dev.work_dir / "tmpfs" / "db"}"\n'
+            f'[secrets.stored]\nfrom = "secretsmanager:{stored["ARN"]}"\nrefresh = 1\n'
+            f'file = "{dev.work_dir / "tmpfs" / "stored"}"\n'
+            f'[secrets.big]\nfrom = "secretsmanager:{big["ARN"]}"\n'
         ),
     )
     config = load_config(config_path)
@@ -121,7 +135,15 @@ async def test_no_key_or_secret_in_logs_errors_or_exceptions(
         async with trio.open_nursery() as nursery:
             ready = await nursery.start(service.run_agent, config)
             await trio.to_thread.run_sync(
-                _app_session, ready.socket, blob, denied_blob, key_id, dev, handled, texts
+                _app_session,
+                ready.socket,
+                blob,
+                denied_blob,
+                key_id,
+                dev,
+                handled,
+                texts,
+                captured,
             )
             nursery.cancel_scope.cancel()
     finally:
@@ -138,6 +160,9 @@ async def test_no_key_or_secret_in_logs_errors_or_exceptions(
         **_key_needles(keys[0]),
         **_variants("named secret", SECRET),
         **_variants("decrypted plaintext", PLAINTEXT),
+        **_variants("stored secret", STORED),
+        **_variants("rotated secret", ROTATED),
+        **_variants("enveloped secret", ENVELOPED[:64]),
         "root secret key": state["aws_secret_access_key"].encode(),
         "session secret key": creds["SecretAccessKey"].encode(),
         "session token": creds["Token"].encode(),
@@ -164,6 +189,7 @@ def _app_session(
     dev: DevStack,
     handled: dict[str, bytes],
     texts: list[str],
+    log: io.StringIO,
 ) -> None:
     """What an app does, successes and failures; runs in a worker thread."""
 
@@ -177,6 +203,28 @@ def _app_session(
 
     with AgentClient(socket_path, timeout=30) as client:
         assert client.secret("db") == SECRET
+        # Secrets from a store: read, rotated (the long-poll wakes), a swapped ciphertext
+        # refused (the refresh fails, logged), an app using the secrets' context refused.
+        assert client.secret("big") == ENVELOPED
+        first = client.secret_version("stored")
+        assert first.value == STORED
+        kms = direct_kms_client({**dev.state(), "agent_socket": ""})
+        store = local_kms_client(dev.kms, service="secretsmanager")
+        store.put_secret_value(
+            SecretId="stored", SecretBinary=seal(kms, "stored", key_id, ROTATED)[0]
+        )
+        assert client.secret_version("stored", after=first.version, wait=20).value == ROTATED
+        store.put_secret_value(SecretId="stored", SecretBinary=seal(kms, "big", key_id, STORED)[0])
+        deadline = time.monotonic() + 20  # a refresh refused: the swap does not open
+        while b"secret_refresh_failed" not in log.getvalue().encode():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert client.secret("stored") == ROTATED
+        failing(
+            lambda: client.generate_data_key(
+                key_id, encryption_context={"enclave-kms:secret": "stored"}
+            )
+        )
         assert client.decrypt(blob) == PLAINTEXT
         data_key = client.generate_data_key(key_id)
         handled["data key"] = data_key.plaintext

@@ -10,21 +10,14 @@ SigV4Auth / S3SigV4Auth over generated paths, queries, headers and bodies.
 from __future__ import annotations
 
 import string
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
-from unittest import mock
 from urllib.parse import parse_qsl, urlsplit
 
-import botocore.auth
-import botocore.session
 import pytest
 from botocore.auth import SIGNED_HEADERS_BLACKLIST, S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.config import Config
 from botocore.credentials import ReadOnlyCredentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,28 +30,9 @@ from enclave_agent.runtime.sigv4 import (
     encode_query,
     sign,
 )
+from tests.support.botocore_oracle import AT, Creds, botocore_clock, botocore_sends, text
 
-AT = datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC)  # one second before the date changes
 SIGNER_HEADERS = {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256"}
-
-
-@dataclass(frozen=True)
-class Creds:
-    access_key_id: str = "AKIAEXAMPLEEXAMPLE00"
-    secret_access_key: str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-    token: str | None = "IQoJb3JpZ2luX2VjEXAMPLE//session+token=="
-
-
-@contextmanager
-def botocore_clock(instant: datetime) -> Iterator[None]:
-    """botocore signs at its own clock's time; pin it (the oracle's clock, not ours)."""
-    naive = instant.astimezone(UTC).replace(tzinfo=None)
-    with mock.patch.object(botocore.auth, "get_current_datetime", lambda: naive):
-        yield
-
-
-def text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def sign_kms(**changes: Any) -> list[tuple[str, str]]:
@@ -97,33 +71,6 @@ def ours_for(sent: Any, *, service: str, region: str, creds: Creds) -> dict[str,
         keys=SigningKeyCache(),
     )
     return {name.lower(): value for name, value in added}
-
-
-class _Sent(Exception):
-    def __init__(self, request: Any) -> None:
-        self.request = request
-
-
-def botocore_sends(
-    service: str, operation: str, args: dict[str, Any], creds: Creds, region: str = "eu-west-1"
-) -> Any:
-    """The request a real botocore client sends for ``operation`` (stopped before the wire)."""
-
-    def stop(request: Any, **_: Any) -> None:
-        raise _Sent(request)
-
-    client = botocore.session.get_session().create_client(
-        service,  # type: ignore[call-overload]
-        region_name=region,
-        aws_access_key_id=creds.access_key_id,
-        aws_secret_access_key=creds.secret_access_key,
-        aws_session_token=creds.token,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 0}),
-    )
-    client.meta.events.register("before-send", stop)
-    with botocore_clock(AT), pytest.raises(_Sent) as sent:
-        getattr(client, operation)(**args)
-    return sent.value.request
 
 
 S3_KEYS = [

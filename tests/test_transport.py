@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enclave_agent.runtime.transport import (
-    KmsConnectionPool,
+    ConnectionPool,
     TransportError,
     establish_tunnel,
     http_get,
@@ -113,13 +113,14 @@ async def kms_and_relay(tmp_path: Path, nursery: trio.Nursery) -> tuple[FakeKms,
     return kms, relay, str(ca_path)
 
 
-def pool_for(setup: tuple[FakeKms, Relay, str], **options: float) -> KmsConnectionPool:
+def pool_for(setup: tuple[FakeKms, Relay, str], **options: float) -> ConnectionPool:
     kms, relay, ca = setup
-    return KmsConnectionPool(
+    return ConnectionPool(
         parse_address(relay.address),
         "127.0.0.1",
         kms.port,
         make_ssl_context(ca),
+        label="KMS",
         **options,  # type: ignore[arg-type]
     )
 
@@ -195,8 +196,12 @@ async def test_wrong_ca_fails_before_any_byte_is_sent(
     kms, relay, _ = kms_and_relay
     other = tmp_path / "other.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    pool = KmsConnectionPool(
-        parse_address(relay.address), "127.0.0.1", kms.port, make_ssl_context(str(other))
+    pool = ConnectionPool(
+        parse_address(relay.address),
+        "127.0.0.1",
+        kms.port,
+        make_ssl_context(str(other)),
+        label="KMS",
     )
     with pytest.raises(TransportError) as info:
         await pool.request("POST", "/", HEADERS, b'{"secret": "never sent"}')
@@ -283,6 +288,6 @@ def test_host_header_authority() -> None:
     proxy = parse_address("tcp:127.0.0.1:1")
     context = make_ssl_context(None)
     assert [
-        KmsConnectionPool(proxy, host, port, context).authority
+        ConnectionPool(proxy, host, port, context, label="KMS").authority
         for host, port in [("kms.eu-west-1.amazonaws.com", 443), ("::1", 443), ("::1", 8443)]
     ] == ["kms.eu-west-1.amazonaws.com", "[::1]", "[::1]:8443"]

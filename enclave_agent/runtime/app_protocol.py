@@ -12,8 +12,16 @@ The app-facing protocol (docs/agent.md, "The app socket"):
   so a request that already carries one is refused.
 - ``POST /v1/attestation`` with JSON ``{"nonce", "user_data", "public_key"}``
   (base64, each optional, at most 1024 bytes decoded): the raw attestation document.
-- ``GET /v1/secrets/<name>``: a named secret from the configuration, raw bytes.
+- ``GET /v1/secrets/<name>``: a named secret from the configuration, raw bytes, with
+  the version served in ``X-Secret-Version``; ``?after=VERSION&wait=SECONDS`` holds the
+  request until a version other than VERSION is served or the wait ends
+  (``MAX_SECRET_WAIT`` at most).
 - ``GET /healthz``.
+
+The encryption context key ``enclave-kms:secret`` is the agent's own (it binds sealed
+secrets to their names): a KMS call that carries it in any encryption context is
+refused. Why: Decrypt or GenerateDataKey under it would give an app data keys for any
+secret name, and once disclosed they would let the parent forge that secret's envelope.
 
 Errors are KMS's JSON error shape ``{"__type": ..., "message": ...}`` with content
 type ``application/x-amz-json-1.1``, which botocore turns into the usual
@@ -25,18 +33,24 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 from enclave_agent.runtime.config import SECRET_NAME
 from enclave_agent.runtime.kms_operations import OPERATION_TABLE
+from enclave_agent.runtime.sealed import CONTEXT_KEY
+from enclave_agent.runtime.store_protocol import MAX_VERSION
 from enclave_common.errors import ShownError
 
 KMS_CONTENT_TYPE = "application/x-amz-json-1.1"
 TARGET_PREFIX = "TrentService."
 ATTESTATION_FIELDS = ("nonce", "user_data", "public_key")
 MAX_ATTESTATION_FIELD = 1024  # the NSM's limit on each of user_data, nonce, public_key
+MAX_SECRET_WAIT = 300.0  # seconds a GET /v1/secrets/NAME?after=...&wait=... may be held
+VERSION_HEADER = "X-Secret-Version"
 
 
 class AppProtocolError(ShownError):
@@ -59,6 +73,8 @@ class AttestationCall:
 @dataclass(frozen=True)
 class SecretCall:
     name: str
+    after: str | None = None  # answer once a version other than this is served
+    wait: float = 0.0  # seconds to hold the request for that (with ``after``)
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ class AppResponse:
     status: int
     content_type: str
     body: bytes
+    headers: Sequence[tuple[str, str]] = ()
 
 
 def route_request(method: str, target: str, headers: Mapping[str, str], body: bytes) -> Route:
@@ -97,7 +114,7 @@ def route_request(method: str, target: str, headers: Mapping[str, str], body: by
             raise AppProtocolError(
                 "ValidationException", "secret names are 1-128 of [A-Za-z0-9_.-]"
             )
-        return SecretCall(name)
+        return _secret(name, target.partition("?")[2])
     if path == "/v1/attestation":
         _require_method(method, "POST", path)
         return _attestation(body)
@@ -105,6 +122,40 @@ def route_request(method: str, target: str, headers: Mapping[str, str], body: by
         _require_method(method, "POST", path)
         return _kms(headers, body)
     raise AppProtocolError("NotFoundException", "unknown path; see the agent's README", 404)
+
+
+def _secret(name: str, query: str) -> SecretCall:
+    """``after`` and ``wait`` from the query string, each at most once."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise AppProtocolError("ValidationException", "malformed query string") from None
+    names = [key for key, _ in pairs]
+    unknown = sorted(set(names) - {"after", "wait"})
+    if unknown or len(set(names)) != len(names):
+        raise AppProtocolError(
+            "ValidationException",
+            "a secret's query takes after=VERSION and wait=SECONDS, each at most once",
+        )
+    values = dict(pairs)
+    after = values.get("after")
+    if after is not None and not 1 <= len(after) <= MAX_VERSION:
+        raise AppProtocolError("ValidationException", f"after is 1 to {MAX_VERSION} characters")
+    if "wait" not in values:
+        return SecretCall(name, after)
+    if after is None:
+        raise AppProtocolError(
+            "ValidationException", "wait needs after=VERSION: the version to wait past"
+        )
+    try:
+        wait = float(values["wait"])
+    except ValueError:
+        wait = math.nan
+    if not 0 <= wait <= MAX_SECRET_WAIT:  # nan fails too
+        raise AppProtocolError(
+            "ValidationException", f"wait is a number of seconds from 0 to {MAX_SECRET_WAIT:g}"
+        )
+    return SecretCall(name, after, wait)
 
 
 def _require_method(method: str, allowed: str, path: str) -> None:
@@ -145,6 +196,15 @@ def _kms(headers: Mapping[str, str], body: bytes) -> KmsCall:
         raise AppProtocolError(
             "ValidationException", "do not send Recipient: the agent attests and adds it itself"
         )
+    for member, context in request.items():
+        # EncryptionContext, and ReEncrypt's Source- and DestinationEncryptionContext.
+        reserved = isinstance(context, dict) and CONTEXT_KEY in context
+        if member.endswith("EncryptionContext") and reserved:
+            raise AppProtocolError(
+                "ValidationException",
+                f"{member}: the key {CONTEXT_KEY!r} is reserved for the agent's named "
+                "secrets; apps may not use it (docs/secrets.md)",
+            )
     return KmsCall(operation, request)
 
 
@@ -182,8 +242,12 @@ def error_response(error_type: str, message: str, status: int) -> AppResponse:
     return AppResponse(status, KMS_CONTENT_TYPE, body)
 
 
-def bytes_response(data: bytes) -> AppResponse:
-    return AppResponse(200, "application/octet-stream", data)
+def bytes_response(data: bytes, headers: Sequence[tuple[str, str]] = ()) -> AppResponse:
+    return AppResponse(200, "application/octet-stream", data, headers)
+
+
+def secret_response(value: bytes, version: str) -> AppResponse:
+    return bytes_response(value, [(VERSION_HEADER, version)])
 
 
 def json_response(value: Mapping[str, Any], status: int = 200) -> AppResponse:

@@ -22,8 +22,17 @@ from typing import Any
 
 from enclave_agent.client import DEFAULT_SOCKET
 from enclave_agent.runtime.documents import DEFAULT_REUSE_SECONDS, MAX_REUSE_SECONDS
+from enclave_agent.runtime.sealed import CONTEXT_KEY
+from enclave_agent.runtime.store_location import (
+    LocationError,
+    S3Location,
+    StoreLocation,
+    parse_location,
+    require_pinned,
+)
 from enclave_agent.runtime.trusted_keys import CONFIG_KEY, KeyArnError, TrustedKeys
 from enclave_common.address import DEFAULT_PROXY, Address, TcpAddress, is_loopback_host
+from enclave_common.aws import is_account_id, service_host
 from enclave_common.config import (
     At,
     ConfigError,
@@ -224,6 +233,12 @@ class Limits:
         "with a new attestation document when KMS refuses a call that carried a reused one)",
         default=4,
     )
+    store_read_timeout: float = setting(
+        number(),
+        "seconds for one read of a secret's store (`from`), its answer whole; at start, "
+        "for all of a secret's tries: past it the start fails naming the secret",
+        default=10.0,
+    )
     # How long one attestation document serves KMS calls (runtime/documents.py).
     attestation_reuse_seconds: float = setting(
         number((0, MAX_REUSE_SECONDS)),
@@ -296,28 +311,93 @@ def _context(value: Any, at: At) -> dict[str, str]:
     return dict(value)
 
 
+def _location(value: Any, at: At) -> StoreLocation:
+    try:
+        return require_pinned(parse_location(string(value, at)))
+    except LocationError as exc:
+        # Why pinned: the parent chooses the credentials, so the account too.
+        raise at.error(
+            f"{exc} (the parent chooses the credentials, hence the account a bare name "
+            "resolves in: the agent reads only what an ARN, or S3 with bucket_owner, pins)"
+        ) from None
+
+
+def _account(value: Any, at: At) -> str:
+    if not is_account_id(string(value, at)):
+        raise at.must_be("a 12-digit account id", value)
+    return str(value)
+
+
+_ONE_SOURCE = "one of `from`, `ciphertext`, `ciphertext_file`"
+MAX_REFRESH = 7 * 86400.0  # a week
+STALE_FACTOR = 3  # stale_after's default, times refresh
+
+
 @dataclass(frozen=True)
 class SecretConfig:
     name: str
     # Empty while the ciphertext is still in ``ciphertext_file`` (``load_config`` reads it).
     ciphertext: bytes = setting(
-        _ciphertext, "the CiphertextBlob, base64", default=b"", shown="this or `ciphertext_file`"
+        _ciphertext, "the CiphertextBlob, base64", default=b"", shown=_ONE_SOURCE
     )
     key_id: str | None = setting(
         string, "the key for Decrypt (a key ARN must be in `trusted_keys`)", default=None
     )
-    encryption_context: Mapping[str, str] = setting(_context, "must match Encrypt's", factory=dict)
+    encryption_context: Mapping[str, str] = setting(
+        _context,
+        "must match Encrypt's (not with `from`: a stored secret's context is its name)",
+        factory=dict,
+    )
     file: Path | None = setting(
         path,
-        "a copy of the plaintext, mode 0400, deleted when the agent stops (on a disk: a warning)",
+        "a copy of the plaintext, mode 0400, replaced atomically when the secret rotates, "
+        "deleted when the agent stops (on a disk: a warning)",
         default=None,
     )
     ciphertext_file: Path | None = setting(
         path,
         "a file holding the raw CiphertextBlob, read at start",
         default=None,
-        shown="this or `ciphertext`",
+        shown=_ONE_SOURCE,
     )
+    location: StoreLocation | None = setting(
+        _location,
+        "the store holding the sealed secret (`enclave-agent seal`): "
+        "`secretsmanager:ARN` (the full ARN, with its 6-character suffix), `ssm:ARN` or "
+        "`s3://BUCKET/KEY`; read through the proxy and opened with the context "
+        '`{"enclave-kms:secret" = NAME}` (docs/secrets.md)',
+        default=None,
+        shown=_ONE_SOURCE,
+        key="from",
+    )
+    bucket_owner: str | None = setting(
+        _account,
+        "S3 only, and required there: the bucket's account id, sent with every read "
+        "(`x-amz-expected-bucket-owner`), so S3 refuses a bucket of another account",
+        default=None,
+    )
+    refresh: float | None = setting(
+        number((1, MAX_REFRESH)),
+        "with `from`: seconds between reads of the store; a new version is opened and "
+        "served (`X-Secret-Version`), a failed read keeps the old value and is retried "
+        "sooner; unset: read once, at start",
+        default=None,
+        shown="off",
+    )
+    stale_after: float | None = setting(
+        number((1, STALE_FACTOR * MAX_REFRESH)),
+        "with `refresh`: `/healthz` reports the secret stale when the store has not been "
+        "read successfully for this many seconds (more than `refresh`)",
+        default=None,
+        shown=f"{STALE_FACTOR} times `refresh`",
+    )
+
+    @property
+    def stale_seconds(self) -> float | None:
+        """Seconds after the last good read when the secret is stale (None: never)."""
+        if self.refresh is None:
+            return None
+        return self.stale_after or STALE_FACTOR * self.refresh
 
 
 def _nsm(value: Any, at: At) -> str:
@@ -330,8 +410,19 @@ def _nsm(value: Any, at: At) -> str:
 _HTTPS_URL = matching(r"https://[^/\s:]+(:[0-9]{1,5})?/?", "an https://HOST[:PORT] URL")
 
 
-def _kms_endpoint(value: Any, at: At) -> str:
+def _endpoint(value: Any, at: At) -> str:
     return _HTTPS_URL(value, at).rstrip("/")
+
+
+def _store_endpoint(service: str, prefix: str, note: str = "") -> Any:
+    """The setting of a store's endpoint (``secretsmanager_endpoint``, ...)."""
+    return setting(
+        _endpoint,
+        f"`https://HOST[:PORT]` of {service}, for secrets read `from` it; unset: "
+        f"`https://{prefix}.<region>.<suffix>`{note}",
+        default=None,
+        shown="from region",
+    )
 
 
 def _trusted_keys(value: Any, at: At) -> TrustedKeys:
@@ -352,15 +443,18 @@ class AgentConfig:
         default=DEFAULT_PROXY,
     )
     kms_endpoint: str | None = setting(
-        _kms_endpoint,
+        _endpoint,
         "`https://HOST[:PORT]` (e.g. the region's `kms-fips` endpoint); unset: "
         "`https://kms.<region>.<suffix>`, the suffix of the region's partition",
         default=None,
         shown="from region",
     )
+    secretsmanager_endpoint: str | None = _store_endpoint("Secrets Manager", "secretsmanager")
+    ssm_endpoint: str | None = _store_endpoint("SSM Parameter Store", "ssm")
+    s3_endpoint: str | None = _store_endpoint("S3", "s3", " (requests are path-style)")
     ca_bundle: str | None = setting(
         lambda value, at: str(path(value, at)),
-        "PEM file of the CAs KMS's certificate is checked against",
+        "PEM file of the CAs KMS's (and the stores') certificates are checked against",
         default=None,
         shown="certifi's bundle",
     )
@@ -406,13 +500,13 @@ def parse_config(text: str, *, base_dir: Path | None = None, source: str = "conf
             raise ConfigError("[simulated_nsm] is set but nsm is not 'simulated'", "simulated_nsm")
         if config.logs.app_output and not config.logs.ship:
             raise ConfigError("logs.app_output = true needs logs.ship = true", "logs.app_output")
-        _check_secrets(config.secrets, config.trusted_keys)
+        _check_secrets(config.secrets, config.trusted_keys, config.region)
     except ConfigError as exc:
         raise exc.within(source) from None
     return config
 
 
-def _check_secrets(secrets: Mapping[str, SecretConfig], trusted: TrustedKeys) -> None:
+def _check_secrets(secrets: Mapping[str, SecretConfig], trusted: TrustedKeys, region: str) -> None:
     """Each secret's ciphertext comes from one place, and each copy has its own file.
 
     Named secrets need trusted keys, and one named by an untrusted key ARN is a
@@ -422,8 +516,12 @@ def _check_secrets(secrets: Mapping[str, SecretConfig], trusted: TrustedKeys) ->
     files: dict[Path, str] = {}
     for name, secret in secrets.items():
         where = f"secrets.{name}"
-        if bool(secret.ciphertext) == (secret.ciphertext_file is not None):
-            raise ConfigError(f"{where} needs exactly one of ciphertext, ciphertext_file", where)
+        sources = [secret.location, secret.ciphertext, secret.ciphertext_file]
+        if sum(1 for source in sources if source) != 1:
+            raise ConfigError(
+                f"{where} needs exactly one of from, ciphertext, ciphertext_file", where
+            )
+        _check_store_settings(secret, where, region)
         if secret.file is not None and secret.file in files:
             # Two secrets racing to rename onto one path: which one an app reads is luck.
             raise ConfigError(f"{where}.file is also {files[secret.file]}'s file", f"{where}.file")
@@ -440,6 +538,60 @@ def _check_secrets(secrets: Mapping[str, SecretConfig], trusted: TrustedKeys) ->
         refusal = trusted.refusal_for_request(secret.key_id)
         if refusal is not None:
             raise ConfigError(f"secrets.{secret.name}.key_id: {refusal}", f"secrets.{secret.name}")
+
+
+def _check_store_settings(secret: SecretConfig, where: str, region: str) -> None:
+    """The settings that go with ``from`` (and only with it)."""
+    arn = None if isinstance(secret.location, S3Location | None) else secret.location.arn
+    if arn is not None and arn.region != region:
+        raise ConfigError(
+            f"{where}.from names a resource in {arn.region}, but the agent reads its stores "
+            f"in its own region, {region}",
+            f"{where}.from",
+        )
+    s3 = isinstance(secret.location, S3Location)
+    if s3 and secret.bucket_owner is None:
+        raise ConfigError(
+            f"{where}.bucket_owner is required with from = s3://...: S3 bucket names are "
+            "global and a deleted bucket's name can be taken, so the agent sends the owner "
+            "it expects and S3 refuses a bucket of another account",
+            f"{where}.bucket_owner",
+        )
+    if not s3 and secret.bucket_owner is not None:
+        raise ConfigError(f"{where}.bucket_owner applies to from = s3://... only", where)
+    if secret.location is None:
+        for key, value in (("refresh", secret.refresh), ("stale_after", secret.stale_after)):
+            if value is not None:
+                raise ConfigError(f"{where}.{key} applies to a secret read from a store", where)
+        return
+    if secret.encryption_context:
+        raise ConfigError(
+            f"{where}.encryption_context: a secret read from a store is always opened with "
+            f'{{"{CONTEXT_KEY}" = "{secret.name}"}}, the context seal binds it to',
+            f"{where}.encryption_context",
+        )
+    if secret.stale_after is not None:
+        if secret.refresh is None:
+            raise ConfigError(
+                f"{where}.stale_after needs refresh: a secret read once never goes stale", where
+            )
+        if secret.stale_after <= secret.refresh:
+            raise ConfigError(
+                f"{where}.stale_after ({secret.stale_after:g}) must be more than refresh "
+                f"({secret.refresh:g}): the secret would be stale between two good reads",
+                f"{where}.stale_after",
+            )
+
+
+def store_endpoint(config: AgentConfig, service: str) -> str:
+    """``https://HOST[:PORT]`` of the store ``service`` ("secretsmanager", "ssm", "s3"):
+    its ``<service>_endpoint`` setting, else the region's endpoint."""
+    configured = {
+        "secretsmanager": config.secretsmanager_endpoint,
+        "ssm": config.ssm_endpoint,
+        "s3": config.s3_endpoint,
+    }[service]
+    return configured or f"https://{service_host(service, config.region)}"
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -481,4 +633,5 @@ __all__ = [
     "SimulatedNsmConfig",
     "load_config",
     "parse_config",
+    "store_endpoint",
 ]

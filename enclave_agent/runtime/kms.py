@@ -28,16 +28,15 @@ lazily, the pool's size bounds how many requests are on the wire at once.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import trio
 
 from enclave_agent.runtime import kms_protocol, sigv4
+from enclave_agent.runtime.backoff import full_jitter
 from enclave_agent.runtime.credentials import (
     Credentials,
     CredentialsError,
@@ -52,7 +51,12 @@ from enclave_agent.runtime.documents import (
 from enclave_agent.runtime.kms_operations import OPERATION_TABLE
 from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import Attester, NsmError, request_attestation
-from enclave_agent.runtime.transport import KmsConnectionPool, TransportError, make_ssl_context
+from enclave_agent.runtime.transport import (
+    ConnectionPool,
+    TransportError,
+    https_host_port,
+    make_ssl_context,
+)
 from enclave_agent.runtime.trusted_keys import TrustedKeys
 from enclave_common.address import DEFAULT_PROXY, Address
 from enclave_common.aws import kms_host
@@ -99,17 +103,7 @@ def _short(text: str) -> str:
 
 
 def endpoint_host_port(settings: KmsSettings) -> tuple[str, int]:
-    endpoint = settings.endpoint or f"https://{kms_host(settings.region)}"
-    parts = urlsplit(endpoint)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ValueError(f"KMS endpoint must be https://HOST[:PORT], got {endpoint!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"KMS endpoint must be https://HOST[:PORT] only, got {endpoint!r}")
-    try:
-        port = parts.port or 443
-    except ValueError:
-        raise ValueError(f"KMS endpoint has a bad port: {endpoint!r}") from None
-    return parts.hostname, port
+    return https_host_port(settings.endpoint or f"https://{kms_host(settings.region)}", "KMS")
 
 
 class _AttemptFailed(Exception):
@@ -151,11 +145,12 @@ class KmsGateway:
         self._nsm = nsm
         self._recipient = recipient
         host, port = endpoint_host_port(settings)
-        self.pool = KmsConnectionPool(
+        self.pool = ConnectionPool(
             settings.proxy,
             host,
             port,
             make_ssl_context(settings.ca_bundle),
+            label="KMS",
             pool_size=settings.pool_size,
         )
         self.credentials = CredentialsProvider(proxy_fetcher(settings.proxy))
@@ -249,8 +244,7 @@ class KmsGateway:
                 failures += 1
                 if not failed.retryable or failures >= self._settings.max_attempts:
                     raise failed.error from None
-                ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (failures - 1))
-                await trio.sleep(random.uniform(0, ceiling))  # noqa: S311 (jitter, not crypto)
+                await trio.sleep(full_jitter(failures, base=_BACKOFF_BASE, cap=_BACKOFF_CAP))
 
     async def _refresh_expired(self, stale: Credentials) -> None:
         try:

@@ -48,6 +48,7 @@ from enclave_agent.runtime.callers import Callers, identify
 from enclave_agent.runtime.config import AccessConfig, Limits
 from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import NsmError
+from enclave_agent.runtime.secrets import Served
 from enclave_common import http_server
 from enclave_common.errors import ShownError
 from enclave_common.http_server import Answer, HttpServer, Report, Request
@@ -79,7 +80,11 @@ class Gateway(Protocol):
 
 
 class SecretLookup(Protocol):
-    def get(self, name: str) -> bytes | None: ...
+    """What the server needs of ``secrets.SecretStore``."""
+
+    async def wait_for(self, name: str, after: str | None, wait: float) -> Served | None: ...
+
+    def health(self) -> dict[str, Any]: ...
 
 
 # (nonce, user_data, public_key) -> the document; nsm.request_attestation in production.
@@ -202,12 +207,14 @@ class AppServer:
                 answer = await self._gateway.call(route.operation, route.request)
             return app_protocol.kms_response(answer)
         if isinstance(route, SecretCall):
-            value = self._secrets.get(route.name)
-            if value is None:
+            # A long-poll (after=, wait=) holds this connection, which counts against the
+            # caller's connection share all along; the driver runs no deadline meanwhile.
+            served = await self._secrets.wait_for(route.name, route.after, route.wait)
+            if served is None:
                 raise AppProtocolError(
                     "NotFoundException", f"no secret named {route.name!r} is configured", 404
                 )
-            return app_protocol.bytes_response(value)
+            return app_protocol.secret_response(served.value, served.version)
         if isinstance(route, AttestationCall):
             # The NSM gets the deadline a KMS call's attestation has (within the call's).
             patience = self._limits.kms_call_timeout
@@ -220,7 +227,7 @@ class AppServer:
         if isinstance(route, MetricsCall):
             text = render(self._metrics.collect())
             return AppResponse(200, METRICS_CONTENT_TYPE, text.encode())
-        return app_protocol.json_response({"status": "ok"})
+        return app_protocol.json_response(self._secrets.health())
 
 
 _ROUTE_NAMES: dict[type, str] = {
@@ -268,7 +275,7 @@ def _http_error(status: int, message: str) -> Answer:
 
 def _answer(response: AppResponse) -> Answer:
     headers = [("Content-Type", response.content_type), ("x-amzn-RequestId", str(uuid.uuid4()))]
-    return Answer(response.status, headers, response.body)
+    return Answer(response.status, [*headers, *response.headers], response.body)
 
 
 def _log(peer: str, report: Report) -> None:

@@ -4,10 +4,12 @@
            ──▶ NSM (device or simulated) ──┐
            ──▶ RecipientKey (RSA-2048, in memory, never leaves the process)
            ──▶ KmsGateway(settings, nsm, key)  (pool + credentials, refreshed lazily)
+           ──▶ StoreReader (a pool per secret store, the gateway's credentials)
            ──▶ listeners bound (Unix socket mode from config; loopback TCP if
                [listen] tcp names it or ``run`` wants it for SDKs; ``open_tcp``)
-           ──▶ SecretStore.load(gateway)    (every named secret decrypted, else stop)
+           ──▶ SecretStore.load()    (every named secret fetched and opened, else stop)
            ──▶ AppServer.serve on each listener  ──▶ "ready"
+           ──▶ SecretStore.follow()  (secrets with ``refresh`` re-read as they rotate)
 
 ``run_agent`` is a trio task: ``nursery.start(run_agent, config)`` returns the
 ``AgentReady`` description once apps can be served, and cancelling it stops
@@ -27,13 +29,14 @@ from pathlib import Path
 import trio
 
 from enclave_agent.runtime.callers import Callers
-from enclave_agent.runtime.config import NSM_SIMULATED, AgentConfig
+from enclave_agent.runtime.config import NSM_SIMULATED, AgentConfig, store_endpoint
 from enclave_agent.runtime.kms import KmsGateway, KmsSettings
 from enclave_agent.runtime.metrics import AgentMetrics
 from enclave_agent.runtime.nsm import Nsm, NsmDevice, request_attestation
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.runtime.secrets import SecretStore
 from enclave_agent.runtime.server import AppServer
+from enclave_agent.runtime.stores import StoreReader
 from enclave_agent.runtime.trusted_keys import off_reason
 from enclave_common.address import (
     TcpAddress,
@@ -42,6 +45,7 @@ from enclave_common.address import (
     listener_address,
     open_listener,
 )
+from enclave_common.aws import STORE_SERVICES
 from enclave_common.inet_diag import NotAttributed
 from enclave_common.logs import get_logger
 from enclave_common.tcp_peercred import Query, ask_kernel, self_check
@@ -139,6 +143,19 @@ def kms_settings(config: AgentConfig) -> KmsSettings:
     )
 
 
+def store_reader(config: AgentConfig, gateway: KmsGateway) -> StoreReader:
+    """The secret stores' reader, signing with the gateway's credentials."""
+    return StoreReader(
+        region=config.region,
+        proxy=config.proxy,
+        endpoints={service: store_endpoint(config, service) for service in STORE_SERVICES},
+        ca_bundle=config.ca_bundle,
+        credentials=gateway.credentials,
+        keys=gateway.signing_keys,
+        timeout=config.limits.store_read_timeout,
+    )
+
+
 async def open_tcp(
     config: AgentConfig, listeners: contextlib.AsyncExitStack, *, for_sdks: bool, query: Query
 ) -> TcpListener | None:
@@ -210,7 +227,14 @@ async def run_agent(
     async def attest(nonce: bytes | None, user_data: bytes | None, key: bytes | None) -> bytes:
         return await request_attestation(nsm, nonce=nonce, user_data=user_data, public_key=key)
 
-    store = SecretStore(config.secrets, metrics)
+    reader = store_reader(config, gateway)
+    store = SecretStore(
+        config.secrets,
+        gateway,
+        reader,
+        read_timeout=config.limits.store_read_timeout,
+        events=metrics,
+    )
     bound_socket = False
     try:
         async with contextlib.AsyncExitStack() as listeners:
@@ -225,7 +249,7 @@ async def run_agent(
             tcp = await open_tcp(config, listeners, for_sdks=tcp_for_sdks, query=query)
 
             # Apps may connect from now on; they wait in the backlog until secrets are in.
-            await store.load(gateway)
+            await store.load()
 
             server = AppServer(
                 gateway=gateway,
@@ -241,6 +265,7 @@ async def run_agent(
                 if tcp is not None:
                     callers = Callers.TCP if tcp.checked else Callers.TCP_OPEN
                     await nursery.start(partial(server.serve, tcp.listener, callers=callers))
+                nursery.start_soon(store.follow)
                 log.info(
                     "ready",
                     socket=socket_path,
@@ -262,6 +287,7 @@ async def run_agent(
     finally:
         store.remove_files()
         with trio.CancelScope(shield=True):
+            await reader.aclose()
             await gateway.aclose()
         if bound_socket:
             with contextlib.suppress(OSError):

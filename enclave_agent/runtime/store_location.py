@@ -90,6 +90,8 @@ class FileLocation:
 
 
 Location = SecretsManagerLocation | SsmLocation | S3Location | FileLocation
+# What the agent reads from (``require_pinned``): a store, never a file.
+StoreLocation = SecretsManagerLocation | SsmLocation | S3Location
 
 
 def parse_arn(text: str, service: str) -> ResourceArn:
@@ -186,7 +188,7 @@ def parse_location(text: str) -> Location:
     raise LocationError(f"{quoted(text)} is not a location; expected one of {FORMS}")
 
 
-def require_pinned(location: Location) -> Location:
+def require_pinned(location: Location) -> StoreLocation:
     """``location`` if it names its resource independently of the credentials' account:
     a Secrets Manager ARN with its 6-character suffix, an SSM ARN, or an S3 object
     (whose bucket owner is sent with every read); LocationError otherwise."""

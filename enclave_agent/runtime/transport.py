@@ -1,16 +1,19 @@
-"""HTTPS to KMS through the parent's proxy: CONNECT, TLS inside the tunnel, a pool.
+"""HTTPS to AWS through the parent's proxy: CONNECT, TLS inside the tunnel, a pool.
 
 Why TLS starts here and not at the proxy: the parent instance is untrusted, and
 ``CiphertextForRecipient`` has no authenticity of its own, so the agent must verify
 KMS's certificate chain and host name itself (docs/architecture.md, "The trust
-boundary"). The proxy only ever sees the CONNECT line and TLS records.
+boundary"); the same holds for the secret stores, whose answers name the resource
+the agent checks. The proxy only ever sees the CONNECT line and TLS records.
 
 Theory of operation: a connection is proxy stream → ``CONNECT host:port`` answered
 200 → ``trio.SSLStream`` (CA bundle, host name checked) → an HTTP/1.1 client
-connection (``enclave_common.http1``), one request at a time. ``KmsConnectionPool``
-keeps at most ``pool_size`` such connections (busy plus idle); idle ones are reused
-last-in first-out so the warm ones stay warm, and a connection is dropped on any
-error, when the server closes or asks to close, or after ``idle_timeout``. Every
+connection (``enclave_common.http1``), one request at a time. A ``ConnectionPool``
+serves one endpoint (KMS, or one secret store: each has its own, so a slow store never
+holds a KMS call back) and keeps at most ``pool_size`` such connections (busy plus
+idle); idle ones are reused last-in first-out so the warm ones stay warm, and a
+connection is dropped on any error, when the server closes or asks to close, or after
+``idle_timeout``. Every
 failure is a ``TransportError`` saying what broke and whether trying again may help.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from urllib.parse import urlsplit
 
 import certifi
 import trio
@@ -42,7 +46,7 @@ class TransportError(Exception):
 
 
 def make_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
-    """Verify KMS against ``ca_bundle`` (a PEM file) or certifi's bundle."""
+    """Verify KMS (and the stores) against ``ca_bundle`` (a PEM file) or certifi's bundle."""
     path = ca_bundle or certifi.where()
     try:
         context = ssl.create_default_context(cafile=path)
@@ -54,6 +58,21 @@ def make_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def https_host_port(endpoint: str, service: str) -> tuple[str, int]:
+    """(host, port) of ``endpoint``, ``https://HOST[:PORT]``; ValueError naming
+    ``service``'s endpoint otherwise."""
+    parts = urlsplit(endpoint)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"{service} endpoint must be https://HOST[:PORT], got {endpoint!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{service} endpoint must be https://HOST[:PORT] only, got {endpoint!r}")
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise ValueError(f"{service} endpoint has a bad port: {endpoint!r}") from None
+    return parts.hostname, port
 
 
 def authority(host: str, port: int) -> str:
@@ -167,11 +186,12 @@ def _describe_tls_failure(exc: BaseException, host: str) -> TransportError:
 
 
 class _Connection:
-    """One TLS connection to KMS carrying one request at a time."""
+    """One TLS connection to the endpoint carrying one request at a time."""
 
-    def __init__(self, stream: trio.SSLStream[trio.abc.Stream], authority: str) -> None:
+    def __init__(self, stream: trio.SSLStream[trio.abc.Stream], authority: str, label: str) -> None:
         self.stream = stream
         self.authority = authority
+        self.label = label
         self.http = ClientConnection(stream, max_head_bytes=_MAX_HEADER_BYTES)
         self.last_used = trio.current_time()
 
@@ -188,13 +208,15 @@ class _Connection:
             response = await self.http.exchange(method, target, all_headers, body, max_body=limit)
         except ExchangeError as exc:
             what = f"{method} {target}"
-            raise _failure(exc, f"KMS at {self.authority}", what, reused=reused) from None
+            peer = f"{self.label} at {self.authority}"
+            raise _failure(exc, peer, what, reused=reused) from None
         self.last_used = trio.current_time()
         return response, self.http.reusable
 
 
-class KmsConnectionPool:
-    """At most ``pool_size`` kept-alive TLS connections to one endpoint via the proxy."""
+class ConnectionPool:
+    """At most ``pool_size`` kept-alive TLS connections to one endpoint via the proxy.
+    ``label`` names the endpoint's service in errors ("KMS", "Secrets Manager", ...)."""
 
     def __init__(
         self,
@@ -203,12 +225,14 @@ class KmsConnectionPool:
         port: int,
         ssl_context: ssl.SSLContext,
         *,
+        label: str,
         pool_size: int = 16,
         idle_timeout: float = 30.0,
         max_response_bytes: int = 1 << 20,
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
+        self.label = label
         self.proxy = proxy
         self.host = host
         self.port = port
@@ -242,7 +266,7 @@ class KmsConnectionPool:
             await trio.aclose_forcefully(stream)
             raise
         self.connections_opened += 1
-        return _Connection(stream, self.authority)
+        return _Connection(stream, self.authority, self.label)
 
     def _take_idle(self) -> _Connection | None:
         now = trio.current_time()
@@ -257,7 +281,7 @@ class KmsConnectionPool:
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
     ) -> Response:
         if self._closed:
-            raise TransportError("the KMS connection pool is closed", retryable=False)
+            raise TransportError(f"the {self.label} connection pool is closed", retryable=False)
         try:
             self._slots.acquire_nowait()  # usually free: no trip through the scheduler
         except trio.WouldBlock:

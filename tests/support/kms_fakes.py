@@ -2,7 +2,9 @@
 
 - ``FakeKms``: an HTTPS server (trustme certificate, h11) that answers each request
   from a script, records what it got, can hold connections open and hold chosen
-  requests unanswered until released.
+  requests unanswered until released. It plays the secret stores too: a ``Streamed``
+  answer has the headers it is given (S3's ETag, a lying Content-Length) and a body
+  written piece by piece (slow, or endless and chunked).
 - ``Relay``: a minimal CONNECT proxy that also serves ``GET /v1/credentials``, used
   where the real proxy's behaviour is not the point of the test (the end-to-end
   tests use the real ``enclave-proxy``).
@@ -16,7 +18,7 @@ import base64
 import functools
 import json
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +50,46 @@ class Seen:
         return json.loads(self.body)
 
 
+@dataclass
+class Streamed:
+    """An answer with exactly ``headers`` (none added: without Content-Length it is
+    chunked) and the body ``pieces()`` yields, each written as it comes, then its end;
+    the connection is closed after it."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    pieces: Callable[[], AsyncIterator[bytes]]
+
+
+def streamed(status: int, body: bytes, headers: list[tuple[str, str]]) -> Streamed:
+    """``body`` in one piece, with ``headers`` and its Content-Length (an S3 answer)."""
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield body
+
+    return Streamed(status, [*headers, ("Content-Length", str(len(body)))], pieces)
+
+
+async def endless() -> AsyncIterator[bytes]:
+    """A body that does not end (bounded at 256 MiB, so a broken test still ends)."""
+    for _ in range(4096):
+        yield b"x" * 65536
+        await trio.sleep(0)
+
+
+def dribbled(body: bytes, pause: float) -> Callable[[], AsyncIterator[bytes]]:
+    """``body`` a byte at a time, ``pause`` seconds apart."""
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for byte in body:
+            yield bytes([byte])
+            await trio.sleep(pause)
+
+    return pieces
+
+
 Reply = tuple[int, dict[str, Any] | bytes]
-Handler = Callable[[Seen], Reply]
+Handler = Callable[[Seen], Reply | Streamed]
 
 
 def decrypt_ok(seen: Seen) -> Reply:
@@ -93,7 +133,7 @@ class FakeKms:
         cert = ca.issue_cert(hostname, "localhost")
         self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(self.ssl_context)
-        self.script: list[Reply | Handler] = []
+        self.script: list[Reply | Streamed | Handler] = []
         self.default: Handler = decrypt_ok
         self.seen: list[Seen] = []
         self.connections = 0
@@ -111,7 +151,7 @@ class FakeKms:
         for scope in self._idle_scopes.values():
             scope.cancel()
 
-    def reply(self, seen: Seen) -> Reply:
+    def reply(self, seen: Seen) -> Reply | Streamed:
         if self.script:
             step = self.script.pop(0)
             return step(seen) if callable(step) else step
@@ -171,7 +211,11 @@ class FakeKms:
                     await trio.sleep(self.delay)
                 if self.hold_if is not None and self.hold_if(seen):
                     await self.release.wait()
-                status, payload = self.reply(seen)
+                answer = self.reply(seen)
+                if isinstance(answer, Streamed):
+                    await self._stream(stream, conn, answer)
+                    return
+                status, payload = answer
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 headers = [
                     ("Content-Type", "application/x-amz-json-1.1"),
@@ -190,6 +234,19 @@ class FakeKms:
             return
         finally:
             await trio.aclose_forcefully(stream)
+
+    @staticmethod
+    async def _stream(
+        stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, answer: Streamed
+    ) -> None:
+        await stream.send_all(
+            conn.send(h11.Response(status_code=answer.status, headers=answer.headers))
+        )
+        async for piece in answer.pieces():
+            await stream.send_all(conn.send(h11.Data(data=piece)))
+        # A body shorter than its Content-Length cannot end: h11 refuses, the
+        # connection closes (the handler's except).
+        await stream.send_all(conn.send(h11.EndOfMessage()))
 
 
 @dataclass
