@@ -133,7 +133,26 @@ def test_validator_accepts_or_raises_its_own_error(operation: str, body: Any) ->
         return
     assert "Recipient" not in request.members
     document = b"doc" if OPERATION_TABLE[operation].recipient else None
-    json.loads(kp.build_request(request, document))
+    # Byte for byte what encoding the members with Recipient added as a last member gives
+    # (build_request splices a per-document encoding of Recipient in).
+    expected = dict(request.members)
+    if document is not None:
+        expected["Recipient"] = {
+            "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+            "AttestationDocument": base64.b64encode(document).decode(),
+        }
+    built = kp.build_request(request, document)
+    assert built == json.dumps(expected, separators=(",", ":")).encode()
+
+
+def test_recipient_is_spliced_in_as_the_last_member_even_of_an_empty_object() -> None:
+    empty = kp.build_request(kp.ValidatedRequest("Decrypt", {}), b"doc")
+    assert json.loads(empty) == {
+        "Recipient": {"KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "AttestationDocument": "ZG9j"}
+    }
+    # ValidatedRequest made by hand, past validate_request: never a second Recipient.
+    with pytest.raises(ValueError, match="Recipient is the agent's"):
+        kp.build_request(kp.ValidatedRequest("Decrypt", {"Recipient": {}}), b"doc")
 
 
 def test_answer_is_shaped_like_kms_without_recipient() -> None:

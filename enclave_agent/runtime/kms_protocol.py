@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -191,7 +192,7 @@ def validate_request(
             refusal = trusted.refusal_for_request(key_id)
             if refusal is not None:
                 raise _untrusted_key(f"{operation} refused before any call to KMS: {refusal}")
-    return ValidatedRequest(operation, dict(members))
+    return ValidatedRequest(operation, members)
 
 
 def _where(path: str, name: str) -> str:
@@ -270,19 +271,35 @@ def request_headers(operation: str) -> list[tuple[str, str]]:
     return [("Content-Type", CONTENT_TYPE), ("X-Amz-Target", f"{TARGET_PREFIX}.{operation}")]
 
 
+# One encoder for every request: json.dumps with options builds a new one per call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=2)
+def _recipient_member(attestation_document: bytes) -> str:
+    """``"Recipient":{...}`` in JSON. A document is reused for many calls and its
+    base64 is most of a request's bytes: encoded once per document, not per call."""
+    recipient = {
+        "KeyEncryptionAlgorithm": KEY_ENCRYPTION_ALGORITHM,
+        "AttestationDocument": base64.b64encode(attestation_document).decode("ascii"),
+    }
+    return f'"Recipient":{_COMPACT_JSON.encode(recipient)}'
+
+
 def build_request(request: ValidatedRequest, attestation_document: bytes | None) -> bytes:
     """The JSON body sent to KMS: the app's members, plus our ``Recipient`` for a
     Recipient operation (``attestation_document`` is its document; None for a
-    pass-through operation, which takes none)."""
-    body = dict(request.members)
+    pass-through operation, which takes none), as the last member."""
     if OPERATION_TABLE[request.operation].recipient != (attestation_document is not None):
         raise ValueError(f"{request.operation}: an attestation document goes with Recipient only")
+    text = _COMPACT_JSON.encode(request.members)
     if attestation_document is not None:
-        body["Recipient"] = {
-            "KeyEncryptionAlgorithm": KEY_ENCRYPTION_ALGORITHM,
-            "AttestationDocument": base64.b64encode(attestation_document).decode("ascii"),
-        }
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+        if "Recipient" in request.members:
+            raise ValueError("Recipient is the agent's to add (validate_request refuses it)")
+        # The object with one more member at its end, as adding it to the dict would give.
+        separator = "," if request.members else ""
+        text = f"{text[:-1]}{separator}{_recipient_member(attestation_document)}}}"
+    return text.encode("utf-8")
 
 
 # --------------------------------------------------------------- response side
