@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -275,31 +276,42 @@ def request_headers(operation: str) -> list[tuple[str, str]]:
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
+@dataclass(frozen=True, repr=False)
+class RequestBody:
+    data: bytes
+    sha256: str  # of ``data``, in hex: SigV4's payload hash
+
+
 @functools.lru_cache(maxsize=2)
-def _recipient_member(attestation_document: bytes) -> str:
-    """``"Recipient":{...}`` in JSON. A document is reused for many calls and its
-    base64 is most of a request's bytes: encoded once per document, not per call."""
+def _recipient_opening(attestation_document: bytes) -> tuple[bytes, Any]:
+    """``{"Recipient":{...}`` in JSON, and SHA-256's state after it. A document is
+    reused for many calls and its base64 is most of a request's bytes: encoded and
+    hashed once per document, not per call."""
     recipient = {
         "KeyEncryptionAlgorithm": KEY_ENCRYPTION_ALGORITHM,
         "AttestationDocument": base64.b64encode(attestation_document).decode("ascii"),
     }
-    return f'"Recipient":{_COMPACT_JSON.encode(recipient)}'
+    opening = f'{{"Recipient":{_COMPACT_JSON.encode(recipient)}'.encode()
+    return opening, hashlib.sha256(opening)
 
 
-def build_request(request: ValidatedRequest, attestation_document: bytes | None) -> bytes:
-    """The JSON body sent to KMS: the app's members, plus our ``Recipient`` for a
+def build_request(request: ValidatedRequest, attestation_document: bytes | None) -> RequestBody:
+    """The JSON body sent to KMS: the app's members, after our ``Recipient`` for a
     Recipient operation (``attestation_document`` is its document; None for a
-    pass-through operation, which takes none), as the last member."""
+    pass-through operation, which takes none)."""
     if OPERATION_TABLE[request.operation].recipient != (attestation_document is not None):
         raise ValueError(f"{request.operation}: an attestation document goes with Recipient only")
-    text = _COMPACT_JSON.encode(request.members)
-    if attestation_document is not None:
-        if "Recipient" in request.members:
-            raise ValueError("Recipient is the agent's to add (validate_request refuses it)")
-        # The object with one more member at its end, as adding it to the dict would give.
-        separator = "," if request.members else ""
-        text = f"{text[:-1]}{separator}{_recipient_member(attestation_document)}}}"
-    return text.encode("utf-8")
+    members = _COMPACT_JSON.encode(request.members).encode("utf-8")
+    if attestation_document is None:
+        return RequestBody(members, hashlib.sha256(members).hexdigest())
+    if "Recipient" in request.members:
+        raise ValueError("Recipient is the agent's to add (validate_request refuses it)")
+    opening, hashed = _recipient_opening(attestation_document)
+    # Our member first, then the app's: '{' gives way to ','.
+    rest = b"," + members[1:] if request.members else b"}"
+    digest = hashed.copy()
+    digest.update(rest)
+    return RequestBody(opening + rest, digest.hexdigest())
 
 
 # --------------------------------------------------------------- response side
