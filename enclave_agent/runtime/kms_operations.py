@@ -34,18 +34,23 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Text:
-    """A JSON string: length bounds in characters, or one of ``enum``."""
+class _Bounded:
+    """The model's ``min`` and ``max`` of a shape (None: no bound)."""
 
     min: int | None = None
     max: int | None = None
+
+
+@dataclass(frozen=True)
+class Text(_Bounded):
+    """A JSON string: length bounds in characters, or one of ``enum``."""
+
     enum: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class Integer:
-    min: int | None = None
-    max: int | None = None
+class Integer(_Bounded):
+    """A JSON integer: bounds on its value."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,8 @@ class Boolean:
 
 
 @dataclass(frozen=True)
-class Blob:
+class Blob(_Bounded):
     """Bytes, base64 in JSON: length bounds in decoded bytes."""
-
-    min: int | None = None
-    max: int | None = None
 
 
 @dataclass(frozen=True)
