@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import trio
@@ -284,25 +283,20 @@ class KmsGateway:
     def _sign(self, creds: Credentials, operation: str, body: bytes) -> list[tuple[str, str]]:
         headers = kms_protocol.request_headers(operation)
         try:
-            added = sigv4.sign(
-                method="POST",
-                host=self.pool.authority,
-                path="/",
-                headers=headers,
-                payload=body,
+            return self.pool.signed_headers(
+                "POST",
+                "/",
+                headers,
+                body,
                 service="kms",
                 region=self._settings.region,
                 credentials=creds,
-                instant=datetime.now(UTC),
                 keys=self.signing_keys,
             )
-        # Only what the proxy sent can be unsignable (an access key id with "/" or ",").
         except sigv4.SigningError as exc:
-            message = f"cannot sign the KMS request with the proxy's credentials: {exc}"
             raise _AttemptFailed(
-                KmsError("KMSInternalException", message, 502), retryable=False
+                KmsError("KMSInternalException", str(exc), 502), retryable=False
             ) from None
-        return [("Host", self.pool.authority), *headers, *added]
 
     async def _attempt(
         self, validated: kms_protocol.ValidatedRequest, record: _CallRecord
