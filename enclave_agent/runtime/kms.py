@@ -121,6 +121,14 @@ class _AttemptFailed(Exception):
         self.rejected = rejected  # a reused attestation document KMS may have refused
 
 
+def _on_the_way(message: str, *, retryable: bool) -> _AttemptFailed:
+    """A failure before KMS could answer (credentials, signing, the connection): the
+    app gets KMSInternalException, 502, with the message capped."""
+    return _AttemptFailed(
+        KmsError("KMSInternalException", _short(message), 502), retryable=retryable
+    )
+
+
 @dataclass
 class _CallRecord:
     attempts: int = 0
@@ -268,10 +276,7 @@ class KmsGateway:
         try:
             return await self.credentials.get()
         except CredentialsError as exc:
-            raise _AttemptFailed(
-                KmsError("KMSInternalException", _short(exc.message), 502),
-                retryable=exc.retryable,
-            ) from None
+            raise _on_the_way(exc.message, retryable=exc.retryable) from None
 
     async def _attestation(self) -> bytes:
         try:
@@ -294,9 +299,7 @@ class KmsGateway:
                 keys=self.signing_keys,
             )
         except sigv4.SigningError as exc:
-            raise _AttemptFailed(
-                KmsError("KMSInternalException", str(exc), 502), retryable=False
-            ) from None
+            raise _on_the_way(str(exc), retryable=False) from None
 
     async def _attempt(
         self, validated: kms_protocol.ValidatedRequest, record: _CallRecord
@@ -310,10 +313,7 @@ class KmsGateway:
         try:
             response = await self.pool.request("POST", "/", headers, body)
         except TransportError as exc:
-            raise _AttemptFailed(
-                KmsError("KMSInternalException", _short(exc.message), 502),
-                retryable=exc.retryable,
-            ) from None
+            raise _on_the_way(exc.message, retryable=exc.retryable) from None
         record.request_id = next(
             (v for k, v in response.headers if k.lower() == "x-amzn-requestid"), None
         )
