@@ -18,6 +18,8 @@ The rule: a test module imports shared helpers from this package (or fixtures fr
 - ``kms_model``: botocore's KMS service model (the agent's operations table is checked
   against it) and valid requests for every served operation.
 - ``local_kms_calls``: signed calls to the local KMS in process, without a server.
+- ``fuzzing``: hypothesis helpers for parsers of untrusted bytes (a parse that may
+  only refuse with its own error, drawn edits of real bytes).
 - ``botocore_oracle``: the request a real botocore client sends (stopped before the
   wire, at a pinned instant), to check our request shapes and signatures against.
 """
