@@ -285,6 +285,27 @@ def test_exit_code_convention() -> None:
     assert init.exit_code(signal.SIGTERM) == 128 + signal.SIGTERM
 
 
+def unshared(
+    argv: list[str], *, expected: int, timeout: float
+) -> subprocess.CompletedProcess[bytes]:
+    """``unshare *argv``: the test skips where unshare is missing, or where it failed
+    (not the ``expected`` exit, and its own message) to create the namespaces."""
+    try:
+        result = subprocess.run(
+            ["unshare", *argv],
+            cwd=REPO,
+            capture_output=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if result.returncode != expected and result.stderr.startswith(b"unshare"):
+        why = result.stderr.decode(errors="replace").strip()
+        pytest.skip(f"cannot create namespaces here: {why}")
+    return result
+
+
 def test_interface_up_in_a_fresh_network_namespace() -> None:
     """A new network namespace starts with lo down, as an enclave does."""
     code = (
@@ -292,18 +313,7 @@ def test_interface_up_in_a_fresh_network_namespace() -> None:
         "assert interface_up('lo') is True\n"
         "assert interface_up('lo') is False\n"
     )
-    try:
-        result = subprocess.run(
-            ["unshare", "--net", sys.executable, "-c", code],
-            cwd=REPO,
-            capture_output=True,
-            timeout=30,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-    except FileNotFoundError:
-        pytest.skip("unshare is not installed")
-    if result.returncode != 0 and b"unshare" in result.stderr:
-        pytest.skip(f"cannot create a network namespace here: {result.stderr.decode().strip()}")
+    result = unshared(["--net", sys.executable, "-c", code], expected=0, timeout=30)
     assert result.returncode == 0, result.stderr.decode()
 
 
@@ -352,32 +362,10 @@ def test_run_as_pid_1_in_fresh_namespaces(tmp_path: Path) -> None:
             """
         )
     )
-    argv = [
-        "unshare",
-        "--net",
-        "--pid",
-        "--fork",
-        *AGENT,
-        "run",
-        "--config",
-        str(config),
-        "--",
-        sys.executable,
-        str(child),
-    ]
-    try:
-        result = subprocess.run(
-            argv,
-            cwd=REPO,
-            capture_output=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-    except FileNotFoundError:
-        pytest.skip("unshare is not installed")
+    namespaces = ["--net", "--pid", "--fork"]
+    command = [*AGENT, "run", "--config", str(config), "--", sys.executable, str(child)]
+    result = unshared([*namespaces, *command], expected=5, timeout=60)
     log = result.stderr.decode(errors="replace")
-    if result.returncode != 5 and log.startswith("unshare"):
-        pytest.skip(f"cannot create namespaces here: {log.strip()}")
     assert result.returncode == 5, log
     assert any(e["event"] == "loopback_up" for e in events(log))
 
