@@ -29,6 +29,7 @@ import pytest
 from devtools.devstack import DevStack, local_kms_client, local_operator_arn
 from enclave_agent.runtime.config import load_config
 from enclave_common.address import VsockAddress
+from tests.support.stack import run_module
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT_TOML = REPO / "deploy" / "agent.toml"
@@ -101,14 +102,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "enclave_agent.cli", *args],
-        cwd=REPO,
-        input=stdin,
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
+    return run_module("enclave_agent.cli", *args, stdin=stdin)
 
 
 def _run_example(config: Path) -> subprocess.CompletedProcess[bytes]:

@@ -1,5 +1,6 @@
 """Helpers for tests that run real processes.
 
+- ``run_module``: ``python -m MODULE`` run to its end, its output captured.
 - ``start_proxy`` / ``ProxyProcess``: enclave-proxy as a subprocess with its own log.
 - ``FaultStack``: ``devtools.devstack.DevStack`` whose proxy can be started on a
   chosen port (to restart it where the agent expects it) and with extra arguments
@@ -44,6 +45,26 @@ from devtools.devstack import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def run_module(
+    module: str,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[bytes]:
+    """``python -m module *args`` from the repository's root, run to its end (whatever
+    its exit status) with stdin, stdout and stderr as bytes."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 # --- enclave-proxy as a subprocess ------------------------------------------------
