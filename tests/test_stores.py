@@ -86,6 +86,14 @@ class Stack:
             await self.read(location)
         return info.value
 
+    async def refused_within(self, location: StoreLocation, answer: Streamed, bound: int) -> str:
+        """Why the store's one hostile ``answer`` was refused; whatever it sent, what
+        crossed the relay stayed within ``bound`` (and its TLS)."""
+        self.store.script = [answer]
+        message = (await self.refused(location)).message
+        assert len(self.relay.relayed) < bound + 256 * 1024
+        return message
+
 
 @pytest.fixture
 async def stack(nursery: trio.Nursery, tmp_path: Path) -> Stack:
@@ -185,10 +193,7 @@ async def test_an_expired_token_is_fetched_again_once(stack: Stack) -> None:
 async def test_hostile_s3_answers_are_bounded_and_refused(
     stack: Stack, answer: Streamed, reason: str
 ) -> None:
-    stack.store.script = [answer]
-    assert reason in (await stack.refused(S3)).message
-    # Whatever it sent, what crossed the relay stayed within the bound (and its TLS).
-    assert len(stack.relay.relayed) < MAX_SEALED_BYTES + 256 * 1024
+    assert reason in await stack.refused_within(S3, answer, MAX_SEALED_BYTES)
 
 
 @pytest.mark.parametrize(
@@ -219,9 +224,7 @@ async def test_hostile_s3_answers_are_bounded_and_refused(
 async def test_hostile_json_answers_are_bounded_and_refused(
     stack: Stack, answer: Streamed, reason: str
 ) -> None:
-    stack.store.script = [answer]
-    assert reason in (await stack.refused(SM)).message
-    assert len(stack.relay.relayed) < MAX_JSON_ANSWER + 256 * 1024
+    assert reason in await stack.refused_within(SM, answer, MAX_JSON_ANSWER)
 
 
 async def test_a_store_whose_certificate_does_not_verify_is_never_asked(
