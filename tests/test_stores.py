@@ -19,6 +19,7 @@ from enclave_agent.runtime.store_protocol import MAX_JSON_ANSWER, StoredSecret
 from enclave_agent.runtime.stores import StoreError, StoreReader
 from enclave_common.address import parse_address
 from enclave_common.aws import STORE_SERVICES
+from tests.conftest import STORE_ACCOUNTS
 from tests.support.kms_fakes import (
     FakeKms,
     Relay,
@@ -31,7 +32,7 @@ from tests.support.kms_fakes import (
     streamed,
 )
 
-A, B = "111122223333", "444455556666"
+A, B = STORE_ACCOUNTS
 SM_ARN = f"arn:aws:secretsmanager:us-east-1:{A}:secret:app/db-AbCdEf"
 SSM_ARN = f"arn:aws:ssm:us-east-1:{A}:parameter/app/db"
 SEALED = b"\x01sealed-bytes-of-the-secret"
