@@ -9,7 +9,7 @@ The rule: a test module imports shared helpers from this package (or fixtures fr
 - ``kms_fakes``: a scripted HTTPS KMS, a CONNECT relay serving credentials, an NSM and
   a recipient without cryptography, for the agent's KMS client alone.
 - ``proxy_harness``: enclave-proxy in process on loopback, a CONNECT client,
-  small upstream servers, a resolver seam.
+  small upstream servers, one tunnel through the proxy to one, a resolver seam.
 - ``raw_http``: a loopback server that speaks whatever bytes a test writes.
 - ``cms_builder``: KMS-shaped envelopes built field by field, to break one field at a time.
 - ``openssl_cms``: the OpenSSL CLI as an independent CMS consumer.
