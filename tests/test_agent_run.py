@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,16 @@ def finish(process: subprocess.Popen[bytes], timeout: float = 30) -> tuple[int, 
     return process.returncode, err.decode(errors="replace")
 
 
+def wait_until(
+    ready: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float = 30
+) -> None:
+    """Poll until ``ready()``; the test fails if ``process`` ends or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+
+
 def events(log: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
 
@@ -131,10 +142,7 @@ def test_run_forwards_sigterm(tmp_path: Path) -> None:
         """,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "child-ready").exists():
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.05)
+        wait_until((tmp_path / "child-ready").exists, process)
         process.send_signal(signal.SIGTERM)
     finally:
         code, log = finish(process)
@@ -242,21 +250,18 @@ def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     shared.chmod(0o1777)
     process = subprocess.Popen(serve_at(shared / "a"), cwd=REPO, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not (shared / "a").exists() and process.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         # Serving (the socket is bound a moment before it listens, so a first try may
         # be refused): a SIGTERM once it answers is a stop, not a start cut short (143).
         from enclave_agent.client import AgentClient, AgentError
 
-        while True:
+        def healthy() -> bool:
             try:
                 assert AgentClient(str(shared / "a")).health() == {"status": "ok"}
-                break
             except (AgentError, OSError):
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_until(healthy, process)
         process.send_signal(signal.SIGTERM)
     finally:
         code, log = finish(process)
@@ -323,10 +328,7 @@ def test_serve_stops_on_sigterm_and_never_takes_a_live_socket(tmp_path: Path) ->
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "agent.sock").exists():
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.05)
+        wait_until((tmp_path / "agent.sock").exists, first)
         second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, timeout=30)
         assert second.returncode == 1
         failed = [e for e in events(second.stderr.decode()) if e["event"] == "startup_failed"]
@@ -398,10 +400,7 @@ def test_sigterm_during_startup_stops_without_starting_the_command(tmp_path: Pat
             stderr=subprocess.PIPE,
         )
         try:
-            deadline = time.monotonic() + 30
-            while not (tmp_path / "agent.sock").exists():  # bound: now fetching secrets
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.05)
+            wait_until((tmp_path / "agent.sock").exists, process)  # bound: fetching secrets
             process.send_signal(signal.SIGTERM)
         finally:
             code, log = finish(process, timeout=20)
