@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from enclave_agent.runtime import init
+from tests.conftest import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 # chown to a group we are in needs no privilege; root may pick any.
 SOCKET_GROUP = 4242 if os.geteuid() == 0 else os.getegid()
 AGENT = [sys.executable, "-m", "enclave_agent.cli"]
@@ -66,8 +66,8 @@ def start_run(tmp_path: Path, script: str) -> subprocess.Popen[bytes]:
             str(tmp_path),
             str(SOCKET_GROUP),
         ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -200,7 +200,7 @@ def test_run_reports_signal_deaths_and_missing_commands(tmp_path: Path) -> None:
             "--",
             "/nonexistent/command",
         ],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         timeout=30,
     )
@@ -221,7 +221,7 @@ def test_run_gives_the_command_default_sigpipe(tmp_path: Path) -> None:
             "-c",
             "kill -PIPE $$; exit 7",
         ],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         timeout=30,
     )
@@ -242,13 +242,15 @@ def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
         return [*AGENT, "serve", "--config", str(config)]
 
     for socket_path in (shared / "a", shared / "inner" / "a"):
-        result = subprocess.run(serve_at(socket_path), cwd=REPO, capture_output=True, timeout=30)
+        result = subprocess.run(
+            serve_at(socket_path), cwd=REPO_ROOT, capture_output=True, timeout=30
+        )
         log = result.stderr.decode(errors="replace")
         assert result.returncode == 1, log
         assert "writable by others" in log and not socket_path.exists()
     # Sticky (as /tmp is), others cannot remove our entry: accepted.
     shared.chmod(0o1777)
-    process = subprocess.Popen(serve_at(shared / "a"), cwd=REPO, stderr=subprocess.PIPE)
+    process = subprocess.Popen(serve_at(shared / "a"), cwd=REPO_ROOT, stderr=subprocess.PIPE)
     try:
         # Serving (the socket is bound a moment before it listens, so a first try may
         # be refused): a SIGTERM once it answers is a stop, not a start cut short (143).
@@ -277,7 +279,7 @@ def test_run_without_command_or_with_bad_config(tmp_path: Path) -> None:
     ):
         result = subprocess.run(
             [*AGENT, *argv],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             capture_output=True,
             timeout=30,
         )
@@ -298,10 +300,10 @@ def unshared(
     try:
         result = subprocess.run(
             ["unshare", *argv],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             capture_output=True,
             timeout=timeout,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         )
     except FileNotFoundError:
         pytest.skip("unshare is not installed")
@@ -325,11 +327,11 @@ def test_interface_up_in_a_fresh_network_namespace() -> None:
 def test_serve_stops_on_sigterm_and_never_takes_a_live_socket(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     argv = [*AGENT, "serve", "--config", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    first = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE)
     try:
         wait_until((tmp_path / "agent.sock").exists, first)
-        second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, timeout=30)
+        second = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, timeout=30)
         assert second.returncode == 1
         failed = [e for e in events(second.stderr.decode()) if e["event"] == "startup_failed"]
         assert failed and "in use" in str(failed[0]["reason"])
@@ -395,8 +397,8 @@ def test_sigterm_during_startup_stops_without_starting_the_command(tmp_path: Pat
                 "touch",
                 str(tmp_path / "must-not-exist"),
             ],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             stderr=subprocess.PIPE,
         )
         try:
@@ -454,10 +456,10 @@ print(json.dumps({{name: os.environ.get(name) for name in names}}))
 def run_showing_env(tmp_path: Path, extra: str = "") -> tuple[dict[str, str | None], str]:
     config = write_config(tmp_path, extra=extra)
     # What an image may carry: a profile and a session token of its own.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_PROFILE": "x", "AWS_SESSION_TOKEN": "t"}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "AWS_PROFILE": "x", "AWS_SESSION_TOKEN": "t"}
     result = subprocess.run(
         [*AGENT, "run", "--config", str(config), "--", sys.executable, "-c", _SHOW_ENV],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         timeout=60,

@@ -30,11 +30,11 @@ from pathlib import Path
 import pytest
 
 from devtools.devstack import DevStack
+from tests.conftest import REPO_ROOT
 from tests.support.stack import enclave_key, temporary_stack
 
-REPO = Path(__file__).resolve().parent.parent
 AGENT = [sys.executable, "-m", "enclave_agent.cli"]
-JS_DIR = REPO / "tests" / "sdk_js"
+JS_DIR = REPO_ROOT / "tests" / "sdk_js"
 MARKER = "sdk-dropin-" + secrets.token_hex(12)
 
 
@@ -70,7 +70,7 @@ def run_app(
     env.update(image_env or {})
     result = subprocess.run(
         [*AGENT, "run", "--config", str(stack.config), "--", *command],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         timeout=120,

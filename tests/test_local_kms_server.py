@@ -31,9 +31,9 @@ from enclave_agent.operator.key_policy import Measurements, build_key_policy
 from enclave_agent.runtime.cms import decrypt_for_recipient
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import DEFAULT_SIMULATED_PCRS, SimulatedNsm
+from tests.conftest import REPO_ROOT
 from tests.support.openssl_cms import openssl_decrypt
 
-REPO = Path(__file__).resolve().parent.parent
 MARKER = b"local-kms-plaintext-marker-7f3a"
 
 
@@ -303,7 +303,7 @@ def test_minted_credentials_via_credential_process_and_expiry(
     )
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     cfg = Config(retries={"total_max_attempts": 1})
@@ -494,7 +494,7 @@ def test_bad_command_lines_fail_with_a_reason(tmp_path: Path) -> None:
     for args, reason in cases:
         result = subprocess.run(
             [sys.executable, "-m", "devtools.local_kms", *args],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             capture_output=True,
             timeout=60,
         )

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from enclave_common.logs import configure_logging, get_logger, writes_to_journal
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +80,7 @@ def test_the_proxy_under_the_journal_marks_its_error_lines(tmp_path: Path) -> No
     """The real process: a config error is logged at error priority, ``<3>``."""
     err = tmp_path / "stderr"
     err.touch()
-    env = {**os.environ, "JOURNAL_STREAM": identity(err), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "JOURNAL_STREAM": identity(err), "PYTHONPATH": str(REPO_ROOT)}
     with err.open("w") as stderr:
         done = subprocess.run(
             [sys.executable, "-m", "proxy.cli", "--listen", "tcp:10.0.0.1:8000"],
