@@ -1,7 +1,8 @@
 """The example enclave app: reads one named secret from enclave-agent and proves it.
 
-Standard library only, to show the whole protocol an app in any language needs:
-HTTP/1.1 over the Unix socket named by ENCLAVE_AGENT_SOCKET.
+It uses the agent's client library (``enclave_agent.client``, standard library
+only, installed in the image with the agent) over the Unix socket named by
+ENCLAVE_AGENT_SOCKET; docs/agent.md shows the HTTP an app in another language sends.
 
     python3 example_app.py NAME [--print-attestation] [--hold]
 
@@ -19,56 +20,36 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import http.client
-import json
 import os
 import secrets
 import signal
-import socket
 import sys
 import urllib.parse
+
+from enclave_agent.client import AgentClient, AgentError
 
 PROG = "example-app"
 
 
-class AgentConnection(http.client.HTTPConnection):
-    """HTTP/1.1 to the agent over its Unix socket."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
-class AgentError(Exception):
+class Failed(Exception):
     pass
 
 
-def call(path: str, method: str, target: str, body: bytes | None = None) -> bytes:
-    connection = AgentConnection(path, timeout=60.0)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        connection.request(method, target, body=body, headers=headers)
-        response = connection.getresponse()
-        data = response.read()
-    except OSError as error:
-        raise AgentError(f"cannot reach the agent at {path}: {error}") from None
-    finally:
-        connection.close()
-    if response.status != 200:
-        # Errors come in KMS's shape: {"__type": ..., "message": ...}.
+def read_secret(path: str, name: str, *, print_attestation: bool) -> bytes:
+    """The secret ``name``, after printing an attestation document if asked."""
+    with AgentClient(path, timeout=60.0) as agent:
+        request = "POST /v1/attestation"
         try:
-            detail = json.loads(data)
-            reason = f"{detail.get('__type', '?')}: {detail.get('message', '')}"
-        except (ValueError, AttributeError):
-            reason = data[:200].decode("utf-8", "replace")
-        raise AgentError(f"{method} {target} answered {response.status} ({reason})")
-    return data
+            if print_attestation:
+                document = agent.attestation(nonce=secrets.token_bytes(32))
+                print(f"{PROG}: attestation document: {base64.b64encode(document).decode()}")
+            request = f"GET /v1/secrets/{urllib.parse.quote(name, safe='')}"
+            return agent.secret(name)
+        except AgentError as error:
+            # KMS's error shape: "AccessDeniedException: ..."
+            raise Failed(f"{request} answered {error.status} ({error})") from None
+        except OSError as error:
+            raise Failed(f"cannot reach the agent at {path}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,12 +65,8 @@ def main(argv: list[str] | None = None) -> int:
               "'enclave-agent run -- ...')", file=sys.stderr)  # fmt: skip
         return 1
     try:
-        if args.print_attestation:
-            nonce = base64.b64encode(secrets.token_bytes(32)).decode()
-            document = call(path, "POST", "/v1/attestation", json.dumps({"nonce": nonce}).encode())
-            print(f"{PROG}: attestation document: {base64.b64encode(document).decode()}")
-        value = call(path, "GET", f"/v1/secrets/{urllib.parse.quote(args.name, safe='')}")
-    except AgentError as error:
+        value = read_secret(path, args.name, print_attestation=args.print_attestation)
+    except Failed as error:
         print(f"{PROG}: FAILED: {error}", file=sys.stderr)
         return 1
     digest = hashlib.sha256(value).hexdigest()[:8]

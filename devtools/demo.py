@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,21 @@ def start_store_agent(
     return process, socket_path, log_path
 
 
+def denied(call: Callable[[], object], if_allowed: str) -> dict[str, str]:
+    """The error of a KMS call that must be refused with AccessDeniedException; any
+    other answer fails the demo (``if_allowed`` says what a success would mean)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        call()
+    except ClientError as exc:
+        error: dict[str, str] = exc.response["Error"]
+        if error["Code"] != "AccessDeniedException":
+            raise DemoFailed(f"expected AccessDeniedException, got {error['Code']}") from exc
+        return error
+    raise DemoFailed(if_allowed)
+
+
 def run_demo(work: Path) -> None:
     marker = f"demo-secret-{secrets.token_hex(12)}".encode()
     stored = f"db-password-{secrets.token_hex(12)}".encode()
@@ -216,18 +231,12 @@ def run_demo(work: Path) -> None:
         detail("(the agent attested with the NSM, KMS encrypted the answer to the agent's key)")
 
         step(5, "The same credentials without an attestation document are denied")
-        from botocore.exceptions import ClientError
-
-        try:
-            kms.decrypt(CiphertextBlob=ciphertext)
-        except ClientError as exc:
-            error = exc.response["Error"]
-            if error["Code"] != "AccessDeniedException":
-                raise DemoFailed(f"expected AccessDeniedException, got {error['Code']}") from exc
-            detail(f"boto3 kms.decrypt(...) → {error['Code']}")
-            detail(f"  {error['Message'][:110]}...")
-        else:
-            raise DemoFailed("KMS decrypted without attestation: the key policy is wrong")
+        error = denied(
+            lambda: kms.decrypt(CiphertextBlob=ciphertext),
+            "KMS decrypted without attestation: the key policy is wrong",
+        )
+        detail(f"boto3 kms.decrypt(...) → {error['Code']}")
+        detail(f"  {error['Message'][:110]}...")
 
         step(6, "Seal a secret into Secrets Manager (enclave-agent seal), as the operator")
         written = seal(state, "db_password", key_id, "secretsmanager:demo/db_password", stored)
@@ -277,20 +286,16 @@ def run_demo(work: Path) -> None:
             "boto3 secretsmanager.get_secret_value(...) → SecretBinary of "
             f"{len(sealed)} bytes, {sealed[:12].hex()}..."
         )
-        try:
-            kms.decrypt(
+        error = denied(
+            lambda: kms.decrypt(
                 CiphertextBlob=sealed, EncryptionContext={"enclave-kms:secret": "db_password"}
-            )
-        except ClientError as exc:
-            error = exc.response["Error"]
-            if error["Code"] != "AccessDeniedException":
-                raise DemoFailed(f"expected AccessDeniedException, got {error['Code']}") from exc
-            detail(
-                "boto3 kms.decrypt(it, EncryptionContext={'enclave-kms:secret': "
-                f"'db_password'}}) → {error['Code']}"
-            )
-        else:
-            raise DemoFailed("KMS opened the sealed secret without attestation")
+            ),
+            "KMS opened the sealed secret without attestation",
+        )
+        detail(
+            "boto3 kms.decrypt(it, EncryptionContext={'enclave-kms:secret': "
+            f"'db_password'}}) → {error['Code']}"
+        )
     finally:
         if store_agent is not None:
             stop_process(store_agent)

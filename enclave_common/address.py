@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -162,9 +163,14 @@ async def open_stream(address: Address) -> trio.SocketStream:
         return await trio.open_tcp_stream(address.host, address.port)
     if isinstance(address, UnixAddress):
         return await trio.open_unix_socket(address.path)
-    sock = trio.socket.socket(_vsock_family(), socket.SOCK_STREAM)
+    return await connect_socket(_vsock_family(), (address.cid, address.port))
+
+
+async def connect_socket(family: int, sockaddr: tuple[Any, ...]) -> trio.SocketStream:
+    """A stream socket of ``family`` connected to ``sockaddr``; closed if that fails."""
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
-        await sock.connect((address.cid, address.port))
+        await sock.connect(sockaddr)
     except BaseException:
         sock.close()
         raise

@@ -46,6 +46,15 @@ def writes_to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) 
     return (info.st_dev, info.st_ino) == (int(device), int(inode))
 
 
+def _level(level: str) -> Callable[[_LineLogger, str], None]:
+    """``_LineLogger``'s method for ``level`` (a plain function: as fast as a ``def``)."""
+
+    def write(self: _LineLogger, line: str) -> None:
+        self._write(level, line)
+
+    return write
+
+
 class _LineLogger:
     """Writes each rendered event as one line; structlog calls the level's method."""
 
@@ -63,28 +72,11 @@ class _LineLogger:
             if self._tee is not None:
                 self._tee(line)
 
-    def debug(self, line: str) -> None:
-        self._write("debug", line)
-
-    def info(self, line: str) -> None:
-        self._write("info", line)
-
-    msg = info
-
-    def warning(self, line: str) -> None:
-        self._write("warning", line)
-
-    warn = warning
-
-    def error(self, line: str) -> None:
-        self._write("error", line)
-
-    exception = error
-
-    def critical(self, line: str) -> None:
-        self._write("critical", line)
-
-    fatal = critical
+    debug = _level("debug")
+    info = msg = _level("info")
+    warning = warn = _level("warning")
+    error = exception = _level("error")
+    critical = fatal = _level("critical")
 
 
 class _LibraryRecords(logging.Handler):

@@ -32,8 +32,8 @@ from enclave_common.logs import get_logger
 from enclave_common.peercred import PeerCredError, peer_credentials
 from enclave_common.shares import ShareRefused, Shares
 
+from .answers import error_answer
 from .config import ProxyConfig
-from .http_front import error_answer
 
 PeerKey = tuple[str, int | str | None]  # ("cid", 16), ("address", "127.0.0.2"), ("uid", 0)
 

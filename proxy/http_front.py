@@ -15,7 +15,6 @@ are never looked at, and the credentials handed out are never logged.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,17 +25,18 @@ from enclave_common.http_server import Answer, HttpError, Limits, Report, Reques
 from enclave_common.logs import get_logger
 from enclave_common.logstream import LOGS_PATH
 
+from .admission import PeerKey
 from .allowlist import Allowlist, AllowlistError, parse_target
+from .answers import json_answer
 from .config import ProxyConfig
 from .credentials import CredentialSource, CredentialsUnavailable
+from .enclave_logs import EnclaveLogs
 from .relay import RelayResult, relay
 from .upstream import Connector, Resolver, open_upstream
 
-if TYPE_CHECKING:  # (they import admission, which answers refusals with error_answer)
+if TYPE_CHECKING:
     from enclave_common.metrics import Gauge
 
-    from .admission import PeerKey
-    from .enclave_logs import EnclaveLogs
     from .metrics import ProxyMetrics
 
 MAX_REQUEST_HEAD = 16 * 1024
@@ -75,17 +75,6 @@ def limits(config: ProxyConfig) -> Limits:
         header_timeout=timeout,
         idle_timeout=timeout,
     )
-
-
-def json_answer(status: int, value: Any) -> Answer:
-    body = json.dumps(value, separators=(",", ":")).encode()
-    headers = [("content-type", "application/json"), ("cache-control", "no-store")]
-    return Answer(status, headers, body)
-
-
-def error_answer(status: int, message: str) -> Answer:
-    """The proxy's error shape, for every error (the driver's, ours, a refusal's)."""
-    return json_answer(status, {"error": message})
 
 
 async def handle(ctx: ProxyContext, peer: PeerKey, request: Request) -> Answer | Switch:

@@ -20,10 +20,11 @@ from enclave_common.logs import get_logger
 
 from .admission import Admission, peer_key
 from .allowlist import Allowlist
+from .answers import error_answer
 from .config import ProxyConfig
 from .credentials import CredentialSource
 from .enclave_logs import EnclaveLogs
-from .http_front import ProxyContext, error_answer, handle, limits, log_request
+from .http_front import ProxyContext, handle, limits, log_request
 from .metrics import ProxyMetrics, counting_failures
 from .upstream import Connector, Resolver, connect_tcp, system_resolver
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from enclave_common.address import connect_socket
 from enclave_common.http_server import HttpError
 
 from .allowlist import Allowlist, IPAddress, Target
@@ -46,14 +47,8 @@ async def system_resolver(host: str, port: int) -> list[Resolved]:
     return [(int(family), tuple(sockaddr)) for family, _, _, _, sockaddr in infos]
 
 
-async def connect_tcp(family: int, sockaddr: SockAddr) -> trio.SocketStream:
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect(sockaddr)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
+# The Connector tunnels use: a TCP socket of the resolved address's family.
+connect_tcp: Connector = connect_socket
 
 
 def _ip_of(sockaddr: SockAddr) -> IPAddress:

@@ -12,6 +12,8 @@ from enclave_agent.runtime.config import (
     parse_config,
     store_endpoint,
 )
+from enclave_agent.runtime.sealed import MAX_SEALED_BYTES
+from enclave_agent.runtime.store_location import FileLocation
 from enclave_common.address import TcpAddress, VsockAddress
 from tests.support.fuzzing import parsed_or_refused
 
@@ -319,7 +321,21 @@ def test_secrets_read_from_stores() -> None:
             "the ARN lacks Secrets Manager's 6-character suffix",
         ),
         ('from = "ssm:/app/db"', "name the parameter by its ARN"),
-        ('from = "file:/etc/db"', "file: is for the operator's seal, not a store to read from"),
+        (
+            'from = "file:db.sealed"\nrefresh = 60',
+            "secrets.db.refresh applies to a secret read from a store: the image's files do "
+            "not change, a file is read once, at start",
+        ),
+        ('from = "file:db.sealed"\nstale_after = 60', "secrets.db.stale_after applies to a"),
+        (
+            'from = "file:db.sealed"\nbucket_owner = "111122223333"',
+            "bucket_owner applies to from = s3://... only",
+        ),
+        (
+            'from = "file:db.sealed"\nencryption_context = { a = "b" }',
+            'always opened with {"enclave-kms:secret" = "db"}',
+        ),
+        ('from = "file:"', "'file:': expected file:PATH"),
         ('from = "s3://bucket/key"', "secrets.db.bucket_owner is required with from = s3://"),
         (
             'from = "s3://bucket/key"\nbucket_owner = "1234"',
@@ -356,6 +372,50 @@ def test_bad_store_secrets_are_refused_saying_why(secret: str, message: str) -> 
     with pytest.raises(ConfigError) as info:
         parse_config(f"{STORE_HEAD}[secrets.db]\n{secret}\n")
     assert message in str(info.value)
+
+
+def test_a_sealed_file_of_the_image_is_read_at_start(tmp_path: Path) -> None:
+    """``from = "file:..."``: relative to the config's directory, read by load_config
+    (parse_config only resolves the path), at most a sealed secret's largest size."""
+    (tmp_path / "sealed").mkdir()
+    (tmp_path / "sealed" / "tls").write_bytes(b"\xc5" * MAX_SEALED_BYTES)
+    (tmp_path / "db").write_bytes(b"\x01sealed")
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'{STORE_HEAD}[secrets.tls]\nfrom = "file:sealed/tls"\n'
+        f'[secrets.db]\nfrom = "file:{tmp_path / "db"}"\nkey_id = "alias/db"\n'
+    )
+    parsed = parse_config(path.read_text(), base_dir=tmp_path)
+    assert parsed.secrets["tls"].location == FileLocation(str(tmp_path / "sealed" / "tls"))
+    assert not parsed.secrets["tls"].ciphertext  # the file is read at the edge only
+    tls, db = load_config(path).secrets.values()
+    assert tls.location == FileLocation(str(tmp_path / "sealed" / "tls"))
+    assert tls.ciphertext == b"\xc5" * MAX_SEALED_BYTES
+    assert (db.ciphertext, db.key_id, db.refresh) == (b"\x01sealed", "alias/db", None)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "secrets.tls.from: [Errno 2] No such file or directory: "),
+        (b"", "secrets.tls: the ciphertext is empty"),
+        (
+            b"\xc5" * (MAX_SEALED_BYTES + 1),
+            f"is over {MAX_SEALED_BYTES} bytes, the most a sealed secret can be",
+        ),
+    ],
+)
+def test_a_sealed_file_missing_empty_or_too_large_is_a_config_error(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    if content is not None:
+        (tmp_path / "tls.sealed").write_bytes(content)
+    path = tmp_path / "agent.toml"
+    path.write_text(f'{STORE_HEAD}[secrets.tls]\nfrom = "file:tls.sealed"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: secrets.tls")
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_store_endpoints_must_be_https_urls() -> None:

@@ -1,4 +1,5 @@
 import base64
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,12 @@ from enclave_agent.runtime.secrets import (
     filesystem_type,
     write_secret_file,
 )
-from enclave_agent.runtime.store_location import StoreLocation, parse_location, require_pinned
+from enclave_agent.runtime.store_location import (
+    FileLocation,
+    StoreLocation,
+    parse_location,
+    require_pinned,
+)
 from enclave_agent.runtime.store_protocol import StoredSecret
 from enclave_agent.runtime.stores import StoreError
 
@@ -337,3 +343,25 @@ async def test_at_start_a_store_down_is_retried_then_named(
     with pytest.raises(SecretError, match="db \\(Secrets Manager GetSecretValue: AccessDenied\\)"):
         await SecretStore({"db": from_store()}, FakeKms(), store).load()
     assert store.reads == 1
+
+
+@pytest.mark.parametrize("seal", [sealed_for, envelope_for])
+async def test_a_sealed_file_of_the_image_is_opened_once_with_its_name(seal: Any) -> None:
+    """``from = "file:..."``: the bytes load_config read, opened as a store's are (the
+    name's context, plain or envelope), never re-read; the version is their digest."""
+    sealed = seal("tls", b"the chain")
+    image_file = SecretConfig("tls", sealed, location=FileLocation("/app/tls.sealed"))
+    secrets = SecretStore({"tls": image_file}, kms := FakeKms())  # no store reader at all
+    await secrets.load()
+    version = "sha256:" + hashlib.sha256(sealed).hexdigest()[:16]  # sha256sum's first 16
+    assert secrets.get("tls") == Served(b"the chain", version) and kms.calls == 1
+    assert secrets.health() == {"status": "ok", "secrets": {"tls": {"version": version}}}
+
+    # Sealed for another name: the start fails naming the secret, nothing is logged of it.
+    planted = SecretConfig("tls", seal("api", b"the api key"), location=FileLocation("/x"))
+    with structlog.testing.capture_logs() as logged, pytest.raises(SecretError) as info:
+        await SecretStore({"tls": planted}, FakeKms()).load()
+    assert str(info.value).startswith("could not fetch secret(s): tls (")
+    assert "does not open for this secret's name" in str(info.value)
+    assert [e["name"] for e in logged if e["event"] == "secret_failed"] == ["tls"]
+    assert "the api key" not in repr(logged)

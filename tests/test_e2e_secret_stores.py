@@ -41,7 +41,7 @@ from devtools.devstack import (
 from devtools.local_kms.admin_client import account_credentials, set_faults
 from enclave_agent.client import AgentClient, AgentError, SecretVersion
 from enclave_agent.operator.seal import SECRETS_MANAGER_LIMIT, SSM_ADVANCED_LIMIT, seal
-from enclave_agent.runtime.sealed import MAX_PLAIN_VALUE, MAX_VALUE
+from enclave_agent.runtime.sealed import MAX_PLAIN_VALUE, MAX_SEALED_BYTES, MAX_VALUE
 from tests.conftest import STORE_ACCOUNTS
 from tests.support.stack import FaultStack, find_leaks, raw_exchange, start_proxy, status_of
 
@@ -86,8 +86,9 @@ class Stores:
             return bytes(kms.encrypt(KeyId=self.key, Plaintext=value)["CiphertextBlob"])
         return seal(kms, name, self.key, value)[0]
 
-    def seal_cli(self, name: str, value: bytes, to: str) -> dict[str, Any]:
-        """``enclave-agent seal`` as the operator runs it; what it printed."""
+    def seal_cli(self, name: str, value: bytes, to: str, key: str = "") -> dict[str, Any]:
+        """``enclave-agent seal`` as the operator runs it (under ``key``, default the
+        image's); what it printed."""
         self.values.append(value)
         result = subprocess.run(
             [
@@ -97,7 +98,7 @@ class Stores:
                 "seal",
                 name,
                 "--key-id",
-                self.key,
+                key or self.key,
                 *("--to", to),
             ],
             input=value,
@@ -424,6 +425,103 @@ def test_a_store_down_at_start_stops_the_start_naming_the_secret(
     )
     # Tried again (the store may have come back) before the start gave up.
     assert len(events(stores, agent, "store_read")) >= 2
+
+
+def test_a_sealed_file_of_the_image_is_served(stores: Stores) -> None:
+    """``seal --to file:`` then ``from = "file:..."``, as an image carries a secret: a
+    4096-byte value (a plain KMS ciphertext) by the absolute path seal printed, and a
+    64 KiB envelope by a path relative to the config's directory. Both are opened with
+    the name's context through KMS with ``Recipient``; nothing is read from a store;
+    the version is the sealed bytes' digest, as seal printed it."""
+    image = stores.dev.work_dir / "image"
+    image.mkdir()
+    small, large = value_of(MAX_PLAIN_VALUE), value_of(MAX_VALUE)
+    cert = stores.seal_cli("cert", small, f"file:{image / 'cert.sealed'}")
+    chain = stores.seal_cli("chain", large, f"file:{image / 'chain.sealed'}")
+    assert (cert["form"], chain["form"]) == ("kms", "envelope")
+    assert cert["from"] == f"file:{image / 'cert.sealed'}"
+    assert cert["version"].startswith("sha256:") and cert["version"] != chain["version"]
+    secrets_toml = (
+        f'\n[secrets.cert]\nfrom = "{cert["from"]}"\n'
+        '\n[secrets.chain]\nfrom = "file:image/chain.sealed"\n'
+    )
+    with start_agent(stores, "agent-file", secrets_toml) as app:
+        assert app.secret_version("cert") == SecretVersion(small, cert["version"])
+        assert app.secret_version("chain") == SecretVersion(large, chain["version"])
+        assert app.health()["secrets"]["chain"] == {"version": chain["version"]}
+    assert not events(stores, "agent-file", "store_read")
+    decrypts = [e for e in events(stores, "agent-file", "kms_call") if e["operation"] == "Decrypt"]
+    assert len(decrypts) == 2  # the plain ciphertext, the envelope's data key
+    loaded = {e["name"]: e["version"] for e in events(stores, "agent-file", "secret_loaded")}
+    assert loaded == {"cert": cert["version"], "chain": chain["version"]}
+    stores.dev.stop_process("agent-file")
+    assert_no_leak(stores)
+
+
+def test_a_sealed_file_for_another_name_or_under_an_untrusted_key_is_refused(
+    stores: Stores,
+) -> None:
+    """A file sealed for another secret put in this secret's place, or sealed under a
+    key the image does not trust (KMS answers: the key's policy admits the image),
+    stops the start naming the secret and why; nothing of either value is logged."""
+    image = stores.dev.work_dir / "image-refused"
+    image.mkdir()
+    api = stores.seal_cli("api", value_of(40), f"file:{image / 'api.sealed'}")
+    kms = stores.client("kms")
+    other_id = create_enclave_key(kms, A, stores.dev.pcrs()["0"], "a key the image does not pin")
+    other = str(kms.describe_key(KeyId=other_id)["KeyMetadata"]["Arn"])
+    untrusted = stores.seal_cli("db", value_of(40), f"file:{image / 'db.sealed'}", key=other)
+    for agent, source, reasons in [
+        ("agent-file-swapped", api["from"], ["InvalidCiphertextException", "does not open for"]),
+        ("agent-file-untrusted", untrusted["from"], [other, "not in the agent's trusted_keys"]),
+    ]:
+        config = stores.dev.write_agent_config(
+            name=agent,
+            secrets_toml=f'\n[secrets.db]\nfrom = "{source}"\n',
+            trusted_keys=[stores.key],  # the image's key only
+        )
+        with pytest.raises(DevStackError, match="exited with status 1"):
+            stores.dev.start_agent(config, name=agent)
+        [failed] = events(stores, agent, "startup_failed")
+        assert failed["reason"].startswith("could not fetch secret(s): db (")
+        assert all(reason in failed["reason"] for reason in reasons), failed["reason"]
+    assert_no_leak(stores)
+
+
+@pytest.mark.parametrize(
+    ("case", "secret", "error"),
+    [
+        (
+            "refresh",
+            'from = "file:image-config/db.sealed"\nrefresh = 60',
+            "secrets.db.refresh applies to a secret read from a store: the image's files do "
+            "not change, a file is read once, at start",
+        ),
+        (
+            "missing",
+            'from = "file:image-config/absent"',
+            "secrets.db.from: [Errno 2] No such file or directory: ",
+        ),
+        (
+            "huge",
+            'from = "file:image-config/huge"',
+            f"image-config/huge is over {MAX_SEALED_BYTES} bytes, the most a sealed secret can be",
+        ),
+    ],
+)
+def test_a_sealed_file_config_error_stops_the_agent_with_one_line(
+    stores: Stores, case: str, secret: str, error: str
+) -> None:
+    image = stores.dev.work_dir / "image-config"
+    image.mkdir(exist_ok=True)
+    (image / "db.sealed").write_bytes(b"\x01" * 100)
+    (image / "huge").write_bytes(b"\xc5" * (MAX_SEALED_BYTES + 1))
+    agent = f"agent-file-config-{case}"
+    config = stores.dev.write_agent_config(name=agent, secrets_toml=f"\n[secrets.db]\n{secret}\n")
+    with pytest.raises(DevStackError, match="exited with status 2"):
+        stores.dev.start_agent(config, name=agent)
+    [line] = stores.dev.log_path(agent).read_text().splitlines()
+    assert line.startswith(f"enclave-agent serve: {config}: ") and error in line, line
 
 
 def test_apps_cannot_use_the_secrets_context_key(stores: Stores) -> None:

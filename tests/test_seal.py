@@ -20,6 +20,7 @@ from enclave_agent.runtime.sealed import (
     MAX_VALUE,
     Envelope,
     SealedOpenError,
+    digest_version,
     encryption_context,
     open_envelope,
     parse_sealed,
@@ -178,7 +179,8 @@ def test_seal_to_each_destination_and_read_back(
     assert (ssm["from"], ssm["version"]) == ("ssm:" + ssm["arn"], 1)
     assert ssm["tier"] == "Advanced"  # either sealed form of 4096 bytes is over 4096 in base64
     assert s3["from"] == f"s3://{stores.bucket}/sealed/v{size}" and s3["etag"]
-    assert file["path"] == str(tmp_path / f"v{size}") and "from" not in file
+    assert file["path"] == str(tmp_path / f"v{size}") and file["from"] == "file:" + file["path"]
+    assert file["version"] == digest_version(read_back(stores.state, file))  # what the agent serves
 
 
 def test_sealing_again_makes_a_new_version(stores: Stores) -> None:

@@ -93,14 +93,15 @@ def test_any_text_parses_or_is_refused_cleanly(text: str) -> None:
 
 
 def test_the_agent_reads_only_pinned_locations() -> None:
-    for text in (f"secretsmanager:{SECRET_ARN}", f"ssm:{PARAMETER_ARN}", "s3://bucket/key"):
+    # A file is pinned by the image it is part of (measured into PCR0).
+    pinned = (f"secretsmanager:{SECRET_ARN}", f"ssm:{PARAMETER_ARN}", "s3://bucket/key", "file:x")
+    for text in pinned:
         location = parse_location(text)
         assert require_pinned(location) is location
     refusals = {
         "secretsmanager:app/db": "full ARN",
         "secretsmanager:arn:aws:secretsmanager:us-east-1:111122223333:secret:app/db": "suffix",
         "ssm:/app/db": "by its ARN",
-        "file:/x": "not a store",
     }
     for text, reason in refusals.items():
         with pytest.raises(LocationError, match=reason):

@@ -78,6 +78,10 @@ def _malformed_scope(message: str) -> SignatureError:
     )
 
 
+def _bad_date(message: str) -> SignatureError:
+    return SignatureError("IncompleteSignatureException", message, (403, "AccessDenied"))
+
+
 @dataclass(frozen=True)
 class Authorization:
     access_key_id: str
@@ -226,19 +230,11 @@ def signing_key(secret_key: str, auth: Authorization) -> bytes:
 def request_time(request: Request) -> datetime:
     value = request.headers.get("x-amz-date")
     if value is None:
-        raise SignatureError(
-            "IncompleteSignatureException",
-            "the request must carry an X-Amz-Date header",
-            (403, "AccessDenied"),
-        )
+        raise _bad_date("the request must carry an X-Amz-Date header")
     try:
         return datetime.strptime(value, _AMZ_DATE).replace(tzinfo=UTC)
     except ValueError as exc:
-        raise SignatureError(
-            "IncompleteSignatureException",
-            "X-Amz-Date must have the form YYYYMMDDTHHMMSSZ",
-            (403, "AccessDenied"),
-        ) from exc
+        raise _bad_date("X-Amz-Date must have the form YYYYMMDDTHHMMSSZ") from exc
 
 
 def check_signature(

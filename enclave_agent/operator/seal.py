@@ -33,6 +33,7 @@ from enclave_agent.runtime.sealed import (
     MAX_PLAIN_VALUE,
     MAX_VALUE,
     NONCE_BYTES,
+    digest_version,
     encryption_context,
     seal_envelope,
 )
@@ -249,7 +250,8 @@ def _s3(client: Any, location: S3Location, blob: bytes, owner: str | None) -> di
 
 
 def _file(location: FileLocation, blob: bytes) -> dict[str, Any]:
-    """The raw sealed bytes, replacing the file at once (a reader sees old or new)."""
+    """The raw sealed bytes, replacing the file at once (a reader sees old or new).
+    ``from`` names the file where it is now; in an image, the path it has there."""
     path = Path(location.path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -261,4 +263,8 @@ def _file(location: FileLocation, blob: bytes) -> dict[str, Any]:
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise CommandFailed(f"cannot write {path}: {exc.strerror}") from None
-    return {"path": str(path.resolve())}
+    return {
+        "path": str(path.resolve()),
+        "version": digest_version(blob),  # what the agent serves as its version
+        "from": f"file:{path.resolve()}",
+    }

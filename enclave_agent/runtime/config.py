@@ -2,12 +2,12 @@
 
 Pure: ``parse_config`` takes text and returns an ``AgentConfig`` or raises
 ``ConfigError``. ``load_config`` is the edge: it reads the file, then each secret's
-``ciphertext_file``. Each setting is declared once, on the dataclass that holds it
-(enclave_common.config: check, default, the reference's line; scripts/config-reference
-makes the docs' table from them). Every key is known in advance, so a typo
-(``alowed_uids``) is refused with its name instead of being silently ignored: a
-misspelt access rule must never turn into "allow everybody". Relative paths start
-from the config file's directory.
+``ciphertext_file`` or sealed file (``from = "file:..."``). Each setting is declared
+once, on the dataclass that holds it (enclave_common.config: check, default, the
+reference's line; scripts/config-reference makes the docs' table from them). Every key
+is known in advance, so a typo (``alowed_uids``) is refused with its name instead of
+being silently ignored: a misspelt access rule must never turn into "allow everybody".
+Relative paths start from the config file's directory.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from typing import Any
 
 from enclave_agent.client import DEFAULT_SOCKET
 from enclave_agent.runtime.documents import DEFAULT_REUSE_SECONDS, MAX_REUSE_SECONDS
-from enclave_agent.runtime.sealed import CONTEXT_KEY
+from enclave_agent.runtime.sealed import CONTEXT_KEY, MAX_SEALED_BYTES
 from enclave_agent.runtime.store_location import (
+    FileLocation,
     LocationError,
+    PinnedLocation,
     S3Location,
     StoreLocation,
     parse_location,
@@ -311,15 +313,18 @@ def _context(value: Any, at: At) -> dict[str, str]:
     return dict(value)
 
 
-def _location(value: Any, at: At) -> StoreLocation:
+def _location(value: Any, at: At) -> PinnedLocation:
     try:
-        return require_pinned(parse_location(string(value, at)))
+        location = require_pinned(parse_location(string(value, at)))
     except LocationError as exc:
         # Why pinned: the parent chooses the credentials, so the account too.
         raise at.error(
             f"{exc} (the parent chooses the credentials, hence the account a bare name "
             "resolves in: the agent reads only what an ARN, or S3 with bucket_owner, pins)"
         ) from None
+    if isinstance(location, FileLocation):  # relative: from the config file's directory
+        return FileLocation(str(path(location.path, at)))
+    return location
 
 
 def _account(value: Any, at: At) -> str:
@@ -336,7 +341,8 @@ STALE_FACTOR = 3  # stale_after's default, times refresh
 @dataclass(frozen=True)
 class SecretConfig:
     name: str
-    # Empty while the ciphertext is still in ``ciphertext_file`` (``load_config`` reads it).
+    # Empty while the ciphertext is still in ``ciphertext_file``, or the sealed bytes in
+    # ``from = "file:..."`` (``load_config`` reads either).
     ciphertext: bytes = setting(
         _ciphertext, "the CiphertextBlob, base64", default=b"", shown=_ONE_SOURCE
     )
@@ -360,11 +366,12 @@ class SecretConfig:
         default=None,
         shown=_ONE_SOURCE,
     )
-    location: StoreLocation | None = setting(
+    location: PinnedLocation | None = setting(
         _location,
-        "the store holding the sealed secret (`enclave-agent seal`): "
+        "where the sealed secret is (`enclave-agent seal`): "
         "`secretsmanager:ARN` (the full ARN, with its 6-character suffix), `ssm:ARN` or "
-        "`s3://BUCKET/KEY`; read through the proxy and opened with the context "
+        "`s3://BUCKET/KEY`, read through the proxy, or `file:PATH`, a file of the image "
+        "read at start; opened with the context "
         '`{"enclave-kms:secret" = NAME}` (docs/secrets.md)',
         default=None,
         shown=_ONE_SOURCE,
@@ -378,7 +385,7 @@ class SecretConfig:
     )
     refresh: float | None = setting(
         number((1, MAX_REFRESH)),
-        "with `from`: seconds between reads of the store; a new version is opened and "
+        "with a store `from`: seconds between reads of the store; a new version is opened and "
         "served (`X-Secret-Version`), a failed read keeps the old value and is retried "
         "sooner; unset: read once, at start",
         default=None,
@@ -542,7 +549,8 @@ def _check_secrets(secrets: Mapping[str, SecretConfig], trusted: TrustedKeys, re
 
 def _check_store_settings(secret: SecretConfig, where: str, region: str) -> None:
     """The settings that go with ``from`` (and only with it)."""
-    arn = None if isinstance(secret.location, S3Location | None) else secret.location.arn
+    location = secret.location
+    arn = None if isinstance(location, S3Location | FileLocation | None) else location.arn
     if arn is not None and arn.region != region:
         raise ConfigError(
             f"{where}.from names a resource in {arn.region}, but the agent reads its stores "
@@ -559,14 +567,18 @@ def _check_store_settings(secret: SecretConfig, where: str, region: str) -> None
         )
     if not s3 and secret.bucket_owner is not None:
         raise ConfigError(f"{where}.bucket_owner applies to from = s3://... only", where)
-    if secret.location is None:
+    if not isinstance(secret.location, StoreLocation):
         for key, value in (("refresh", secret.refresh), ("stale_after", secret.stale_after)):
             if value is not None:
-                raise ConfigError(f"{where}.{key} applies to a secret read from a store", where)
+                message = f"{where}.{key} applies to a secret read from a store"
+                if secret.location is not None:
+                    message += ": the image's files do not change, a file is read once, at start"
+                raise ConfigError(message, where)
+    if secret.location is None:
         return
     if secret.encryption_context:
         raise ConfigError(
-            f"{where}.encryption_context: a secret read from a store is always opened with "
+            f"{where}.encryption_context: a secret read `from` is always opened with "
             f'{{"{CONTEXT_KEY}" = "{secret.name}"}}, the context seal binds it to',
             f"{where}.encryption_context",
         )
@@ -596,7 +608,7 @@ def store_endpoint(config: AgentConfig, service: str) -> str:
 
 def load_config(path: str | Path) -> AgentConfig:
     """Read and parse the TOML file at ``path`` (relative paths in it start from its
-    directory), then read each secret's ``ciphertext_file``."""
+    directory), then read each secret's ``ciphertext_file`` or sealed file."""
     path = Path(path)
     config = parse_config(read_text(path), base_dir=path.resolve().parent, source=str(path))
     try:
@@ -607,15 +619,27 @@ def load_config(path: str | Path) -> AgentConfig:
 
 
 def _read_ciphertext(secret: SecretConfig) -> SecretConfig:
-    if secret.ciphertext_file is None:
-        return secret
     where = f"secrets.{secret.name}"
+    most: int | None = None
+    if isinstance(secret.location, FileLocation):
+        key, source, most = "from", Path(secret.location.path), MAX_SEALED_BYTES
+    elif secret.ciphertext_file is not None:
+        key, source = "ciphertext_file", secret.ciphertext_file
+    else:
+        return secret
     try:
-        ciphertext = secret.ciphertext_file.read_bytes()
+        with source.open("rb") as handle:
+            # One byte more than the most: enough to refuse a larger file without reading it.
+            ciphertext = handle.read(-1 if most is None else most + 1)
     except OSError as exc:
-        raise ConfigError(f"{where}.ciphertext_file: {exc}", f"{where}.ciphertext_file") from exc
+        raise ConfigError(f"{where}.{key}: {exc}", f"{where}.{key}") from exc
     if not ciphertext:
         raise ConfigError(f"{where}: the ciphertext is empty", where)
+    if most is not None and len(ciphertext) > most:
+        raise ConfigError(
+            f"{where}.{key}: {source} is over {most} bytes, the most a sealed secret can be",
+            f"{where}.{key}",
+        )
     return replace(secret, ciphertext=ciphertext)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import trio
@@ -120,6 +119,14 @@ class _AttemptFailed(Exception):
         self.retryable = retryable
         self.expired = expired  # credentials KMS called expired
         self.rejected = rejected  # a reused attestation document KMS may have refused
+
+
+def _on_the_way(message: str, *, retryable: bool) -> _AttemptFailed:
+    """A failure before KMS could answer (credentials, signing, the connection): the
+    app gets KMSInternalException, 502, with the message capped."""
+    return _AttemptFailed(
+        KmsError("KMSInternalException", _short(message), 502), retryable=retryable
+    )
 
 
 @dataclass
@@ -269,10 +276,7 @@ class KmsGateway:
         try:
             return await self.credentials.get()
         except CredentialsError as exc:
-            raise _AttemptFailed(
-                KmsError("KMSInternalException", _short(exc.message), 502),
-                retryable=exc.retryable,
-            ) from None
+            raise _on_the_way(exc.message, retryable=exc.retryable) from None
 
     async def _attestation(self) -> bytes:
         try:
@@ -284,25 +288,18 @@ class KmsGateway:
     def _sign(self, creds: Credentials, operation: str, body: bytes) -> list[tuple[str, str]]:
         headers = kms_protocol.request_headers(operation)
         try:
-            added = sigv4.sign(
-                method="POST",
-                host=self.pool.authority,
-                path="/",
-                headers=headers,
-                payload=body,
+            return self.pool.signed_headers(
+                "POST",
+                "/",
+                headers,
+                body,
                 service="kms",
                 region=self._settings.region,
                 credentials=creds,
-                instant=datetime.now(UTC),
                 keys=self.signing_keys,
             )
-        # Only what the proxy sent can be unsignable (an access key id with "/" or ",").
         except sigv4.SigningError as exc:
-            message = f"cannot sign the KMS request with the proxy's credentials: {exc}"
-            raise _AttemptFailed(
-                KmsError("KMSInternalException", message, 502), retryable=False
-            ) from None
-        return [("Host", self.pool.authority), *headers, *added]
+            raise _on_the_way(str(exc), retryable=False) from None
 
     async def _attempt(
         self, validated: kms_protocol.ValidatedRequest, record: _CallRecord
@@ -316,10 +313,7 @@ class KmsGateway:
         try:
             response = await self.pool.request("POST", "/", headers, body)
         except TransportError as exc:
-            raise _AttemptFailed(
-                KmsError("KMSInternalException", _short(exc.message), 502),
-                retryable=exc.retryable,
-            ) from None
+            raise _on_the_way(exc.message, retryable=exc.retryable) from None
         record.request_id = next(
             (v for k, v in response.headers if k.lower() == "x-amzn-requestid"), None
         )

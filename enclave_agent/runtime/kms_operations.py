@@ -34,18 +34,23 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Text:
-    """A JSON string: length bounds in characters, or one of ``enum``."""
+class _Bounded:
+    """The model's ``min`` and ``max`` of a shape (None: no bound)."""
 
     min: int | None = None
     max: int | None = None
+
+
+@dataclass(frozen=True)
+class Text(_Bounded):
+    """A JSON string: length bounds in characters, or one of ``enum``."""
+
     enum: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class Integer:
-    min: int | None = None
-    max: int | None = None
+class Integer(_Bounded):
+    """A JSON integer: bounds on its value."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,8 @@ class Boolean:
 
 
 @dataclass(frozen=True)
-class Blob:
+class Blob(_Bounded):
     """Bytes, base64 in JSON: length bounds in decoded bytes."""
-
-    min: int | None = None
-    max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,13 +134,53 @@ SIGNING_ALGORITHM = Text(
 )
 MESSAGE_TYPE = Text(enum=("RAW", "DIGEST", "EXTERNAL_MU"))
 MAC_ALGORITHM = Text(enum=("HMAC_SHA_224", "HMAC_SHA_256", "HMAC_SHA_384", "HMAC_SHA_512"))
-LIMIT = Integer(1, 1000)  # LimitType
-MARKER = Text(1, 1024)  # MarkerType: what the previous page's NextMarker said
-_COMMON: dict[str, Shape] = {"GrantTokens": GRANT_TOKENS, "DryRun": DRY_RUN}
+
+# Every request member of the served operations, by name: the service model gives a
+# member name the same shape in each of them (the botocore comparison checks every use).
+_MEMBERS: dict[str, Shape] = {
+    "CiphertextBlob": CIPHERTEXT,
+    "CustomKeyStoreId": Text(1, 64),
+    "DestinationEncryptionAlgorithm": ENCRYPTION_ALGORITHM,
+    "DestinationEncryptionContext": ENCRYPTION_CONTEXT,
+    "DestinationKeyId": KEY_ID,
+    "DryRun": DRY_RUN,
+    "DryRunModifiers": DRY_RUN_MODIFIERS,
+    "EncryptionAlgorithm": ENCRYPTION_ALGORITHM,
+    "EncryptionContext": ENCRYPTION_CONTEXT,
+    "GrantTokens": GRANT_TOKENS,
+    "KeyAgreementAlgorithm": Text(enum=("ECDH",)),
+    "KeyId": KEY_ID,
+    "KeyPairSpec": DATA_KEY_PAIR_SPEC,
+    "KeySpec": DATA_KEY_SPEC,
+    "Limit": Integer(1, 1000),  # LimitType
+    "Mac": CIPHERTEXT,
+    "MacAlgorithm": MAC_ALGORITHM,
+    "Marker": Text(1, 1024),  # MarkerType: what the previous page's NextMarker said
+    "Message": PLAINTEXT,
+    "MessageType": MESSAGE_TYPE,
+    "NumberOfBytes": NUMBER_OF_BYTES,
+    "Plaintext": PLAINTEXT,
+    "PublicKey": Blob(1, 8192),
+    "ResourceOwners": ListOf(Text(enum=("SELF", "OTHER_ACCOUNTS_VIA_RAM")), 1, 2),
+    "Signature": CIPHERTEXT,
+    "SigningAlgorithm": SIGNING_ALGORITHM,
+    "SourceEncryptionAlgorithm": ENCRYPTION_ALGORITHM,
+    "SourceEncryptionContext": ENCRYPTION_CONTEXT,
+    "SourceKeyId": KEY_ID,
+}
 
 
-def _struct(required: tuple[str, ...], **members: Shape) -> Struct:
-    return Struct(members, required)
+def _request(members: str) -> Struct:
+    """A request body from its members' names in the model's order, each required one
+    marked with a trailing ``!``: ``"KeyId! GrantTokens"``."""
+    names = [name.removesuffix("!") for name in members.split()]
+    required = tuple(name[:-1] for name in members.split() if name.endswith("!"))
+    return Struct({name: _MEMBERS[name] for name in names}, required)
+
+
+def _names(members: str) -> tuple[str, ...]:
+    """Answer members, space-separated, in the model's order."""
+    return tuple(members.split())
 
 
 # -------------------------------------------------------------------- the table
@@ -181,18 +223,18 @@ class Operation:
 
 
 def _keyed(
-    request: Struct,
-    answer: tuple[str, ...],
-    *,
-    key_policy_actions: tuple[str, ...],
+    request: str,
+    answer: str,
+    *key_policy_actions: str,
     plaintext_member: str | None = None,
     exactly_one_of: tuple[str, ...] = (),
 ) -> Operation:
     """An operation on the one key its request's ``KeyId`` names and its answer's
-    ``KeyId`` names back (as an ARN)."""
+    ``KeyId`` names back (as an ARN); ``request`` as ``_request`` reads it, ``answer``
+    as ``_names`` does."""
     return Operation(
-        request,
-        answer,
+        _request(request),
+        _names(answer),
         key_members=("KeyId",),
         answer_keys=(("KeyId",),),
         plaintext_member=plaintext_member,
@@ -201,225 +243,116 @@ def _keyed(
     )
 
 
+_KEY_SPEC_OR_BYTES = ("KeySpec", "NumberOfBytes")
+_DATA_KEY_PAIR = "EncryptionContext KeyId! KeyPairSpec! GrantTokens DryRun"
+
 OPERATION_TABLE: dict[str, Operation] = {
     # --- Recipient: the secret comes back only as CiphertextForRecipient --------------
     "Decrypt": _keyed(
-        _struct(
-            (),
-            CiphertextBlob=CIPHERTEXT,
-            EncryptionContext=ENCRYPTION_CONTEXT,
-            GrantTokens=GRANT_TOKENS,
-            KeyId=KEY_ID,
-            EncryptionAlgorithm=ENCRYPTION_ALGORITHM,
-            DryRun=DRY_RUN,
-            DryRunModifiers=DRY_RUN_MODIFIERS,
-        ),
-        ("KeyId", "Plaintext", "EncryptionAlgorithm", "KeyMaterialId"),
+        "CiphertextBlob EncryptionContext GrantTokens KeyId EncryptionAlgorithm DryRun "
+        "DryRunModifiers",
+        "KeyId Plaintext EncryptionAlgorithm KeyMaterialId",
+        "kms:Decrypt",
         plaintext_member="Plaintext",
-        key_policy_actions=("kms:Decrypt",),
     ),
     "GenerateDataKey": _keyed(
-        _struct(
-            ("KeyId",),
-            KeyId=KEY_ID,
-            EncryptionContext=ENCRYPTION_CONTEXT,
-            NumberOfBytes=NUMBER_OF_BYTES,
-            KeySpec=DATA_KEY_SPEC,
-            **_COMMON,
-        ),
-        ("CiphertextBlob", "Plaintext", "KeyId", "KeyMaterialId"),
+        "KeyId! EncryptionContext NumberOfBytes KeySpec GrantTokens DryRun",
+        "CiphertextBlob Plaintext KeyId KeyMaterialId",
+        "kms:GenerateDataKey",
         plaintext_member="Plaintext",
-        key_policy_actions=("kms:GenerateDataKey",),
-        exactly_one_of=("KeySpec", "NumberOfBytes"),
+        exactly_one_of=_KEY_SPEC_OR_BYTES,
     ),
     "GenerateRandom": Operation(
-        _struct((), NumberOfBytes=NUMBER_OF_BYTES, CustomKeyStoreId=Text(1, 64)),
-        ("Plaintext",),
+        _request("NumberOfBytes CustomKeyStoreId"),
+        _names("Plaintext"),
         plaintext_member="Plaintext",
         key_policy_actions=("kms:GenerateRandom",),
     ),
     "GenerateDataKeyPair": _keyed(
-        _struct(
-            ("KeyId", "KeyPairSpec"),
-            EncryptionContext=ENCRYPTION_CONTEXT,
-            KeyId=KEY_ID,
-            KeyPairSpec=DATA_KEY_PAIR_SPEC,
-            **_COMMON,
-        ),
-        (
-            "PrivateKeyCiphertextBlob",
-            "PrivateKeyPlaintext",
-            "PublicKey",
-            "KeyId",
-            "KeyPairSpec",
-            "KeyMaterialId",
-        ),
+        _DATA_KEY_PAIR,
+        "PrivateKeyCiphertextBlob PrivateKeyPlaintext PublicKey KeyId KeyPairSpec KeyMaterialId",
+        "kms:GenerateDataKeyPair",
         plaintext_member="PrivateKeyPlaintext",
-        key_policy_actions=("kms:GenerateDataKeyPair",),
     ),
     "DeriveSharedSecret": _keyed(
-        _struct(
-            ("KeyId", "KeyAgreementAlgorithm", "PublicKey"),
-            KeyId=KEY_ID,
-            KeyAgreementAlgorithm=Text(enum=("ECDH",)),
-            PublicKey=Blob(1, 8192),
-            **_COMMON,
-        ),
-        ("KeyId", "SharedSecret", "KeyAgreementAlgorithm", "KeyOrigin"),
+        "KeyId! KeyAgreementAlgorithm! PublicKey! GrantTokens DryRun",
+        "KeyId SharedSecret KeyAgreementAlgorithm KeyOrigin",
+        "kms:DeriveSharedSecret",
         plaintext_member="SharedSecret",
-        key_policy_actions=("kms:DeriveSharedSecret",),
     ),
     # --- pass-through: nothing secret in the answer ------------------------------------
     "Encrypt": _keyed(
-        _struct(
-            ("KeyId", "Plaintext"),
-            KeyId=KEY_ID,
-            Plaintext=PLAINTEXT,
-            EncryptionContext=ENCRYPTION_CONTEXT,
-            GrantTokens=GRANT_TOKENS,
-            EncryptionAlgorithm=ENCRYPTION_ALGORITHM,
-            DryRun=DRY_RUN,
-        ),
-        ("CiphertextBlob", "KeyId", "EncryptionAlgorithm"),
-        key_policy_actions=("kms:Encrypt",),
+        "KeyId! Plaintext! EncryptionContext GrantTokens EncryptionAlgorithm DryRun",
+        "CiphertextBlob KeyId EncryptionAlgorithm",
+        "kms:Encrypt",
     ),
     "ReEncrypt": Operation(
-        _struct(
-            ("DestinationKeyId",),
-            CiphertextBlob=CIPHERTEXT,
-            SourceEncryptionContext=ENCRYPTION_CONTEXT,
-            SourceKeyId=KEY_ID,
-            DestinationKeyId=KEY_ID,
-            DestinationEncryptionContext=ENCRYPTION_CONTEXT,
-            SourceEncryptionAlgorithm=ENCRYPTION_ALGORITHM,
-            DestinationEncryptionAlgorithm=ENCRYPTION_ALGORITHM,
-            GrantTokens=GRANT_TOKENS,
-            DryRun=DRY_RUN,
-            DryRunModifiers=DRY_RUN_MODIFIERS,
+        _request(
+            "CiphertextBlob SourceEncryptionContext SourceKeyId DestinationKeyId! "
+            "DestinationEncryptionContext SourceEncryptionAlgorithm "
+            "DestinationEncryptionAlgorithm GrantTokens DryRun DryRunModifiers"
         ),
-        (
-            "CiphertextBlob",
-            "SourceKeyId",
-            "KeyId",
-            "SourceEncryptionAlgorithm",
-            "DestinationEncryptionAlgorithm",
-            "SourceKeyMaterialId",
-            "DestinationKeyMaterialId",
+        _names(
+            "CiphertextBlob SourceKeyId KeyId SourceEncryptionAlgorithm "
+            "DestinationEncryptionAlgorithm SourceKeyMaterialId DestinationKeyMaterialId"
         ),
         key_members=("SourceKeyId", "DestinationKeyId"),
         answer_keys=(("SourceKeyId",), ("KeyId",)),
         key_policy_actions=("kms:ReEncryptFrom", "kms:ReEncryptTo"),
     ),
     "GenerateDataKeyWithoutPlaintext": _keyed(
-        _struct(
-            ("KeyId",),
-            KeyId=KEY_ID,
-            EncryptionContext=ENCRYPTION_CONTEXT,
-            KeySpec=DATA_KEY_SPEC,
-            NumberOfBytes=NUMBER_OF_BYTES,
-            **_COMMON,
-        ),
-        ("CiphertextBlob", "KeyId", "KeyMaterialId"),
-        key_policy_actions=("kms:GenerateDataKeyWithoutPlaintext",),
-        exactly_one_of=("KeySpec", "NumberOfBytes"),
+        "KeyId! EncryptionContext KeySpec NumberOfBytes GrantTokens DryRun",
+        "CiphertextBlob KeyId KeyMaterialId",
+        "kms:GenerateDataKeyWithoutPlaintext",
+        exactly_one_of=_KEY_SPEC_OR_BYTES,
     ),
     "GenerateDataKeyPairWithoutPlaintext": _keyed(
-        _struct(
-            ("KeyId", "KeyPairSpec"),
-            EncryptionContext=ENCRYPTION_CONTEXT,
-            KeyId=KEY_ID,
-            KeyPairSpec=DATA_KEY_PAIR_SPEC,
-            **_COMMON,
-        ),
-        ("PrivateKeyCiphertextBlob", "PublicKey", "KeyId", "KeyPairSpec", "KeyMaterialId"),
-        key_policy_actions=("kms:GenerateDataKeyPairWithoutPlaintext",),
+        _DATA_KEY_PAIR,
+        "PrivateKeyCiphertextBlob PublicKey KeyId KeyPairSpec KeyMaterialId",
+        "kms:GenerateDataKeyPairWithoutPlaintext",
     ),
     "DescribeKey": Operation(
-        _struct(("KeyId",), KeyId=KEY_ID, GrantTokens=GRANT_TOKENS),
-        ("KeyMetadata",),
+        _request("KeyId! GrantTokens"),
+        _names("KeyMetadata"),
         key_members=("KeyId",),
         answer_keys=(("KeyMetadata", "Arn"),),
         key_policy_actions=("kms:DescribeKey",),
     ),
     "GetPublicKey": _keyed(
-        _struct(("KeyId",), KeyId=KEY_ID, GrantTokens=GRANT_TOKENS),
-        (
-            "KeyId",
-            "PublicKey",
-            "CustomerMasterKeySpec",
-            "KeySpec",
-            "KeyUsage",
-            "EncryptionAlgorithms",
-            "SigningAlgorithms",
-            "KeyAgreementAlgorithms",
-            "EncapsulationAlgorithms",
-        ),
-        key_policy_actions=("kms:GetPublicKey",),
+        "KeyId! GrantTokens",
+        "KeyId PublicKey CustomerMasterKeySpec KeySpec KeyUsage EncryptionAlgorithms "
+        "SigningAlgorithms KeyAgreementAlgorithms EncapsulationAlgorithms",
+        "kms:GetPublicKey",
     ),
     "Sign": _keyed(
-        _struct(
-            ("KeyId", "Message", "SigningAlgorithm"),
-            KeyId=KEY_ID,
-            Message=PLAINTEXT,
-            MessageType=MESSAGE_TYPE,
-            GrantTokens=GRANT_TOKENS,
-            SigningAlgorithm=SIGNING_ALGORITHM,
-            DryRun=DRY_RUN,
-        ),
-        ("KeyId", "Signature", "SigningAlgorithm"),
-        key_policy_actions=("kms:Sign",),
+        "KeyId! Message! MessageType GrantTokens SigningAlgorithm! DryRun",
+        "KeyId Signature SigningAlgorithm",
+        "kms:Sign",
     ),
     "Verify": _keyed(
-        _struct(
-            ("KeyId", "Message", "Signature", "SigningAlgorithm"),
-            KeyId=KEY_ID,
-            Message=PLAINTEXT,
-            MessageType=MESSAGE_TYPE,
-            Signature=CIPHERTEXT,
-            SigningAlgorithm=SIGNING_ALGORITHM,
-            GrantTokens=GRANT_TOKENS,
-            DryRun=DRY_RUN,
-        ),
-        ("KeyId", "SignatureValid", "SigningAlgorithm"),
-        key_policy_actions=("kms:Verify",),
+        "KeyId! Message! MessageType Signature! SigningAlgorithm! GrantTokens DryRun",
+        "KeyId SignatureValid SigningAlgorithm",
+        "kms:Verify",
     ),
     "GenerateMac": _keyed(
-        _struct(
-            ("Message", "KeyId", "MacAlgorithm"),
-            Message=PLAINTEXT,
-            KeyId=KEY_ID,
-            MacAlgorithm=MAC_ALGORITHM,
-            **_COMMON,
-        ),
-        ("Mac", "MacAlgorithm", "KeyId"),
-        key_policy_actions=("kms:GenerateMac",),
+        "Message! KeyId! MacAlgorithm! GrantTokens DryRun",
+        "Mac MacAlgorithm KeyId",
+        "kms:GenerateMac",
     ),
     "VerifyMac": _keyed(
-        _struct(
-            ("Message", "KeyId", "MacAlgorithm", "Mac"),
-            Message=PLAINTEXT,
-            KeyId=KEY_ID,
-            MacAlgorithm=MAC_ALGORITHM,
-            Mac=CIPHERTEXT,
-            **_COMMON,
-        ),
-        ("KeyId", "MacValid", "MacAlgorithm"),
-        key_policy_actions=("kms:VerifyMac",),
+        "Message! KeyId! MacAlgorithm! Mac! GrantTokens DryRun",
+        "KeyId MacValid MacAlgorithm",
+        "kms:VerifyMac",
     ),
     "ListAliases": Operation(
-        _struct((), KeyId=KEY_ID, Limit=LIMIT, Marker=MARKER),
-        ("Aliases", "NextMarker", "Truncated"),
+        _request("KeyId Limit Marker"),
+        _names("Aliases NextMarker Truncated"),
         key_members=("KeyId",),
         listing="Aliases",
     ),
     "ListKeys": Operation(
-        _struct(
-            (),
-            Limit=LIMIT,
-            Marker=MARKER,
-            ResourceOwners=ListOf(Text(enum=("SELF", "OTHER_ACCOUNTS_VIA_RAM")), 1, 2),
-        ),
-        ("Keys", "NextMarker", "Truncated"),
+        _request("Limit Marker ResourceOwners"),
+        _names("Keys NextMarker Truncated"),
         listing="Keys",
     ),
 }

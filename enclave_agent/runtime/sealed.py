@@ -35,6 +35,7 @@ beyond their own size, which is at most ``MAX_SEALED_BYTES``.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -83,6 +84,12 @@ class Envelope:
 def encryption_context(name: str) -> dict[str, str]:
     """The encryption context every sealed secret called ``name`` is bound to."""
     return {CONTEXT_KEY: name}
+
+
+def digest_version(blob: bytes) -> str:
+    """The version of sealed bytes that carry none of their own (a file): ``sha256:``
+    and the first 16 hex digits of their SHA-256, what ``sha256sum`` prints first."""
+    return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 def parse_sealed(blob: bytes) -> Plain | Envelope:

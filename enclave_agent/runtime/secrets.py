@@ -9,7 +9,10 @@ Where a secret comes from (``[secrets.NAME]``, docs/secrets.md):
   ``{"enclave-kms:secret": NAME}``: a plain sealed value is one ``Decrypt``, an
   envelope a ``Decrypt`` of its data key then AES-GCM with the name as associated
   data. So a ciphertext of another secret, or one made without the context, does not
-  open here. The version is the one the store reports.
+  open here. The version is the one the store reports;
+- a file of the image, ``from = "file:..."``: the sealed bytes (``load_config`` read
+  them) are opened as a store's are, once, at start; the file cannot change while the
+  enclave runs. Its version is ``digest_version`` of the bytes (what ``seal`` printed).
 
 The agent reports ready only after every secret is in (``load``): a store secret is
 retried with backoff for what may pass (the store down, throttling) until
@@ -59,11 +62,12 @@ from enclave_agent.runtime.sealed import (
     Envelope,
     SealedFormatError,
     SealedOpenError,
+    digest_version,
     encryption_context,
     open_envelope,
     parse_sealed,
 )
-from enclave_agent.runtime.store_location import StoreLocation
+from enclave_agent.runtime.store_location import FileLocation, StoreLocation
 from enclave_agent.runtime.store_protocol import StoredSecret
 from enclave_agent.runtime.stores import StoreError
 from enclave_common.logs import get_logger
@@ -264,12 +268,17 @@ class SecretStore:
             )
 
     async def _first_fetch(self, secret: SecretConfig) -> None:
-        if secret.location is not None:
+        if isinstance(secret.location, FileLocation):  # sealed, read by load_config
+            value = await open_sealed(self._gateway, secret.name, secret.ciphertext, secret.key_id)
+            served = Served(value, digest_version(secret.ciphertext))
+        elif secret.location is not None:
             deadline = trio.current_time() + self._read_timeout
             await self._fetch_until_good(secret, give_up_at=deadline)
             return
-        value = await _decrypt(self._gateway, decrypt_request(secret))
-        await self._install(secret, Served(value, INLINE_VERSION))
+        else:
+            value = await _decrypt(self._gateway, decrypt_request(secret))
+            served = Served(value, INLINE_VERSION)
+        await self._install(secret, served)
         self._events.secret_fetched(secret.name)
 
     # --- rotation -----------------------------------------------------------------------
@@ -325,7 +334,7 @@ class SecretStore:
 
     async def _fetch(self, secret: SecretConfig) -> None:
         """One read of ``secret``'s store; a new version opened and installed."""
-        assert secret.location is not None and self._reader is not None
+        assert isinstance(secret.location, StoreLocation) and self._reader is not None
         try:
             stored = await self._reader.read(secret.name, secret.location, secret.bucket_owner)
         except StoreError as exc:

@@ -9,12 +9,13 @@ Pure, no I/O. The forms (docs/secrets.md, "Destinations"):
   ``arn:PARTITION:ssm:REGION:ACCOUNT:parameter/NAME``; the parameter holds the sealed
   bytes in base64 (a String parameter);
 - ``s3://BUCKET/KEY``: an S3 object (path-style requests, no wildcard);
-- ``file:PATH``: a file of the raw sealed bytes (operator side only).
+- ``file:PATH``: a file of the raw sealed bytes (for the agent, a file of its image).
 
 An ARN names one resource in one account; a bare name names a resource in whatever
 account the credentials belong to, which the enclave's parent chooses. So the agent
 accepts only ARNs for Secrets Manager and SSM, and names S3's bucket owner
-(``require_pinned``); the operator's ``seal`` accepts either.
+(``require_pinned``); the operator's ``seal`` accepts either. A file is pinned by the
+image it is part of (measured into PCR0), which the parent cannot change.
 """
 
 from __future__ import annotations
@@ -90,8 +91,10 @@ class FileLocation:
 
 
 Location = SecretsManagerLocation | SsmLocation | S3Location | FileLocation
-# What the agent reads from (``require_pinned``): a store, never a file.
+# What the agent reads through the proxy.
 StoreLocation = SecretsManagerLocation | SsmLocation | S3Location
+# What the agent reads from (``require_pinned``): a store, or a file of its image.
+PinnedLocation = StoreLocation | FileLocation
 
 
 def parse_arn(text: str, service: str) -> ResourceArn:
@@ -188,12 +191,11 @@ def parse_location(text: str) -> Location:
     raise LocationError(f"{quoted(text)} is not a location; expected one of {FORMS}")
 
 
-def require_pinned(location: Location) -> StoreLocation:
+def require_pinned(location: Location) -> PinnedLocation:
     """``location`` if it names its resource independently of the credentials' account:
-    a Secrets Manager ARN with its 6-character suffix, an SSM ARN, or an S3 object
-    (whose bucket owner is sent with every read); LocationError otherwise."""
-    if isinstance(location, FileLocation):
-        raise LocationError("file: is for the operator's seal, not a store to read from")
+    a Secrets Manager ARN with its 6-character suffix, an SSM ARN, an S3 object
+    (whose bucket owner is sent with every read) or a file (of the image);
+    LocationError otherwise."""
     if isinstance(location, SecretsManagerLocation):
         if location.arn is None:
             raise LocationError(

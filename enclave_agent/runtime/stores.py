@@ -19,7 +19,6 @@ version: never a byte of the answer).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 
 import trio
 
@@ -165,23 +164,18 @@ class StoreReader:
         self, pool: ConnectionPool, request: StoreRequest, creds: Credentials
     ) -> list[tuple[str, str]]:
         try:
-            added = sigv4.sign(
-                method=request.method,
-                host=pool.authority,
-                path=request.path,
-                headers=request.headers,
-                payload=request.body,
+            return pool.signed_headers(
+                request.method,
+                request.path,
+                request.headers,
+                request.body,
                 service=request.service,
                 region=self._region,
                 credentials=creds,
-                instant=datetime.now(UTC),
                 keys=self._keys,
             )
-        # Only what the proxy sent can be unsignable (an access key id with "/" or ",").
         except sigv4.SigningError as exc:
-            message = f"cannot sign the {pool.label} request with the proxy's credentials: {exc}"
-            raise StoreError(message, retryable=False) from None
-        return [("Host", pool.authority), *request.headers, *added]
+            raise StoreError(str(exc), retryable=False) from None
 
 
 def _refused(store: str, operation: str, failure: StoreFailure) -> StoreError:

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import certifi
 import trio
 
+from enclave_agent.runtime import sigv4
 from enclave_common.address import Address, open_stream
 from enclave_common.http1 import ClientConnection, ExchangeError, Response
 
@@ -251,6 +254,40 @@ class ConnectionPool:
     @property
     def idle_connections(self) -> int:
         return len(self._idle)
+
+    def signed_headers(
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        payload: bytes,
+        *,
+        service: str,
+        region: str,
+        credentials: sigv4.SigningCredentials,
+        keys: sigv4.SigningKeyCache,
+    ) -> list[tuple[str, str]]:
+        """A request's headers for this endpoint, signed now with SigV4: Host, ``headers``,
+        then the signer's own. Only what the proxy sent can be unsignable (an access key
+        id with "/" or ","): ``sigv4.SigningError`` then says so, naming the service."""
+        try:
+            added = sigv4.sign(
+                method=method,
+                host=self.authority,
+                path=path,
+                headers=headers,
+                payload=payload,
+                service=service,
+                region=region,
+                credentials=credentials,
+                instant=datetime.now(UTC),
+                keys=keys,
+            )
+        except sigv4.SigningError as exc:
+            raise sigv4.SigningError(
+                f"cannot sign the {self.label} request with the proxy's credentials: {exc}"
+            ) from None
+        return [("Host", self.authority), *headers, *added]
 
     async def _open(self) -> _Connection:
         tunnel = await open_tunnel(self.proxy, self.host, self.port)
