@@ -63,8 +63,7 @@ def run_module(
         input=stdin,
         capture_output=True,
         timeout=timeout,
-        check=False,
-    )
+    )  # check=False: the caller judges the exit status
 
 
 # --- enclave-proxy as a subprocess ------------------------------------------------
