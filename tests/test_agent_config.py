@@ -15,6 +15,7 @@ from enclave_agent.runtime.config import (
 from enclave_agent.runtime.sealed import MAX_SEALED_BYTES
 from enclave_agent.runtime.store_location import FileLocation
 from enclave_common.address import TcpAddress, VsockAddress
+from tests.support.fuzzing import parsed_or_refused
 
 BLOB = base64.b64encode(b"\x01\x02ciphertext").decode()
 KEY_ARN = "arn:aws:kms:eu-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -222,10 +223,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 @given(st.text(max_size=300))
 def test_arbitrary_text_gives_config_or_config_error(text: str) -> None:
-    try:
-        parse_config(text)
-    except ConfigError:
-        pass
+    parsed_or_refused(parse_config, text, ConfigError)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from enclave_agent.runtime.credentials import (
     proxy_fetcher,
 )
 from enclave_common.address import parse_address
+from tests.support.fuzzing import parsed_or_refused
 from tests.support.kms_fakes import Relay
 
 T0 = datetime(2026, 11, 29, 0, 0, tzinfo=UTC)
@@ -92,10 +93,7 @@ def test_parse_rejects(body: bytes) -> None:
     ).map(lambda d: json.dumps(d).encode())
 )
 def test_parse_fails_only_with_its_own_error(body: bytes) -> None:
-    try:
-        parse_credentials(body)
-    except CredentialsError:
-        pass
+    parsed_or_refused(parse_credentials, body, CredentialsError)
 
 
 offsets = st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda m: timedelta(minutes=m))

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from enclave_agent.runtime import init
+from tests.conftest import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 # chown to a group we are in needs no privilege; root may pick any.
 SOCKET_GROUP = 4242 if os.geteuid() == 0 else os.getegid()
 AGENT = [sys.executable, "-m", "enclave_agent.cli"]
@@ -65,8 +66,8 @@ def start_run(tmp_path: Path, script: str) -> subprocess.Popen[bytes]:
             str(tmp_path),
             str(SOCKET_GROUP),
         ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -80,6 +81,16 @@ def finish(process: subprocess.Popen[bytes], timeout: float = 30) -> tuple[int, 
             process.kill()
             process.communicate()
     return process.returncode, err.decode(errors="replace")
+
+
+def wait_until(
+    ready: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float = 30
+) -> None:
+    """Poll until ``ready()``; the test fails if ``process`` ends or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
 
 
 def events(log: str) -> list[dict[str, object]]:
@@ -131,10 +142,7 @@ def test_run_forwards_sigterm(tmp_path: Path) -> None:
         """,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "child-ready").exists():
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.05)
+        wait_until((tmp_path / "child-ready").exists, process)
         process.send_signal(signal.SIGTERM)
     finally:
         code, log = finish(process)
@@ -192,7 +200,7 @@ def test_run_reports_signal_deaths_and_missing_commands(tmp_path: Path) -> None:
             "--",
             "/nonexistent/command",
         ],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         timeout=30,
     )
@@ -213,7 +221,7 @@ def test_run_gives_the_command_default_sigpipe(tmp_path: Path) -> None:
             "-c",
             "kill -PIPE $$; exit 7",
         ],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         timeout=30,
     )
@@ -234,29 +242,28 @@ def test_a_socket_directory_others_can_write_is_refused(tmp_path: Path) -> None:
         return [*AGENT, "serve", "--config", str(config)]
 
     for socket_path in (shared / "a", shared / "inner" / "a"):
-        result = subprocess.run(serve_at(socket_path), cwd=REPO, capture_output=True, timeout=30)
+        result = subprocess.run(
+            serve_at(socket_path), cwd=REPO_ROOT, capture_output=True, timeout=30
+        )
         log = result.stderr.decode(errors="replace")
         assert result.returncode == 1, log
         assert "writable by others" in log and not socket_path.exists()
     # Sticky (as /tmp is), others cannot remove our entry: accepted.
     shared.chmod(0o1777)
-    process = subprocess.Popen(serve_at(shared / "a"), cwd=REPO, stderr=subprocess.PIPE)
+    process = subprocess.Popen(serve_at(shared / "a"), cwd=REPO_ROOT, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not (shared / "a").exists() and process.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         # Serving (the socket is bound a moment before it listens, so a first try may
         # be refused): a SIGTERM once it answers is a stop, not a start cut short (143).
         from enclave_agent.client import AgentClient, AgentError
 
-        while True:
+        def healthy() -> bool:
             try:
                 assert AgentClient(str(shared / "a")).health() == {"status": "ok"}
-                break
             except (AgentError, OSError):
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_until(healthy, process)
         process.send_signal(signal.SIGTERM)
     finally:
         code, log = finish(process)
@@ -272,7 +279,7 @@ def test_run_without_command_or_with_bad_config(tmp_path: Path) -> None:
     ):
         result = subprocess.run(
             [*AGENT, *argv],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             capture_output=True,
             timeout=30,
         )
@@ -285,6 +292,27 @@ def test_exit_code_convention() -> None:
     assert init.exit_code(signal.SIGTERM) == 128 + signal.SIGTERM
 
 
+def unshared(
+    argv: list[str], *, expected: int, timeout: float
+) -> subprocess.CompletedProcess[bytes]:
+    """``unshare *argv``: the test skips where unshare is missing, or where it failed
+    (not the ``expected`` exit, and its own message) to create the namespaces."""
+    try:
+        result = subprocess.run(
+            ["unshare", *argv],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if result.returncode != expected and result.stderr.startswith(b"unshare"):
+        why = result.stderr.decode(errors="replace").strip()
+        pytest.skip(f"cannot create namespaces here: {why}")
+    return result
+
+
 def test_interface_up_in_a_fresh_network_namespace() -> None:
     """A new network namespace starts with lo down, as an enclave does."""
     code = (
@@ -292,32 +320,18 @@ def test_interface_up_in_a_fresh_network_namespace() -> None:
         "assert interface_up('lo') is True\n"
         "assert interface_up('lo') is False\n"
     )
-    try:
-        result = subprocess.run(
-            ["unshare", "--net", sys.executable, "-c", code],
-            cwd=REPO,
-            capture_output=True,
-            timeout=30,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-    except FileNotFoundError:
-        pytest.skip("unshare is not installed")
-    if result.returncode != 0 and b"unshare" in result.stderr:
-        pytest.skip(f"cannot create a network namespace here: {result.stderr.decode().strip()}")
+    result = unshared(["--net", sys.executable, "-c", code], expected=0, timeout=30)
     assert result.returncode == 0, result.stderr.decode()
 
 
 def test_serve_stops_on_sigterm_and_never_takes_a_live_socket(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     argv = [*AGENT, "serve", "--config", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    first = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "agent.sock").exists():
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.05)
-        second = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, timeout=30)
+        wait_until((tmp_path / "agent.sock").exists, first)
+        second = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, timeout=30)
         assert second.returncode == 1
         failed = [e for e in events(second.stderr.decode()) if e["event"] == "startup_failed"]
         assert failed and "in use" in str(failed[0]["reason"])
@@ -352,32 +366,10 @@ def test_run_as_pid_1_in_fresh_namespaces(tmp_path: Path) -> None:
             """
         )
     )
-    argv = [
-        "unshare",
-        "--net",
-        "--pid",
-        "--fork",
-        *AGENT,
-        "run",
-        "--config",
-        str(config),
-        "--",
-        sys.executable,
-        str(child),
-    ]
-    try:
-        result = subprocess.run(
-            argv,
-            cwd=REPO,
-            capture_output=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-    except FileNotFoundError:
-        pytest.skip("unshare is not installed")
+    namespaces = ["--net", "--pid", "--fork"]
+    command = [*AGENT, "run", "--config", str(config), "--", sys.executable, str(child)]
+    result = unshared([*namespaces, *command], expected=5, timeout=60)
     log = result.stderr.decode(errors="replace")
-    if result.returncode != 5 and log.startswith("unshare"):
-        pytest.skip(f"cannot create namespaces here: {log.strip()}")
     assert result.returncode == 5, log
     assert any(e["event"] == "loopback_up" for e in events(log))
 
@@ -405,15 +397,12 @@ def test_sigterm_during_startup_stops_without_starting_the_command(tmp_path: Pat
                 "touch",
                 str(tmp_path / "must-not-exist"),
             ],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             stderr=subprocess.PIPE,
         )
         try:
-            deadline = time.monotonic() + 30
-            while not (tmp_path / "agent.sock").exists():  # bound: now fetching secrets
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.05)
+            wait_until((tmp_path / "agent.sock").exists, process)  # bound: fetching secrets
             process.send_signal(signal.SIGTERM)
         finally:
             code, log = finish(process, timeout=20)
@@ -467,10 +456,10 @@ print(json.dumps({{name: os.environ.get(name) for name in names}}))
 def run_showing_env(tmp_path: Path, extra: str = "") -> tuple[dict[str, str | None], str]:
     config = write_config(tmp_path, extra=extra)
     # What an image may carry: a profile and a session token of its own.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_PROFILE": "x", "AWS_SESSION_TOKEN": "t"}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "AWS_PROFILE": "x", "AWS_SESSION_TOKEN": "t"}
     result = subprocess.run(
         [*AGENT, "run", "--config", str(config), "--", sys.executable, "-c", _SHOW_ENV],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         timeout=60,

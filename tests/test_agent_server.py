@@ -19,7 +19,6 @@ from typing import Any
 
 import h11
 import pytest
-import structlog
 import trio
 
 from enclave_agent.runtime.callers import Callers
@@ -49,15 +48,8 @@ from tests.support.kms_fakes import (
     start_kms_and_relay,
 )
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """These tests capture the agent's logs; put back the suite's set-up afterwards."""
-    saved = structlog.get_config(), structlog.contextvars.get_contextvars()
-    yield
-    structlog.configure(**saved[0])
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(**saved[1])
+# These tests capture the agent's logs: the suite's set-up is put back after each.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @dataclass
@@ -732,6 +724,18 @@ async def held_kms(
     return running, fake_kms, gateway
 
 
+async def held_decrypt(socket: str, answers: list[tuple[int, dict[str, str], bytes]]) -> None:
+    """One Decrypt (the fake KMS holds it until released); its answer goes to ``answers``."""
+    answers.extend(await unix_exchange(socket, kms("Decrypt", {"CiphertextBlob": "AAAA"})))
+
+
+async def until_seen(fake_kms: FakeKms, count: int) -> None:
+    """Wait until the fake KMS has seen ``count`` requests."""
+    with trio.fail_after(20):
+        while len(fake_kms.seen) < count:
+            await trio.sleep(0.01)
+
+
 @needs_root
 async def test_one_uid_at_its_share_of_kms_calls_does_not_stop_another_uid(
     nursery: trio.Nursery, shared_dir: Path
@@ -743,19 +747,11 @@ async def test_one_uid_at_its_share_of_kms_calls_does_not_stop_another_uid(
         AccessConfig(allowed_uids=frozenset({0, OTHER_UID})),
     )
     answers: list[tuple[int, dict[str, str], bytes]] = []
-
-    async def held_call() -> None:
-        answers.extend(
-            await unix_exchange(running.socket, kms("Decrypt", {"CiphertextBlob": "AAAA"}))
-        )
-
     try:
         async with trio.open_nursery() as calls:
             for _ in range(6):  # more than the whole pool
-                calls.start_soon(held_call)
-            with trio.fail_after(20):
-                while len(fake_kms.seen) < 2:
-                    await trio.sleep(0.01)
+                calls.start_soon(held_decrypt, running.socket, answers)
+            await until_seen(fake_kms, 2)
             # Root's two calls hold two of the four pooled connections and its other
             # four wait in root's own queue; the other uid's call takes a free pooled
             # connection instead of queueing behind root's.
@@ -787,18 +783,10 @@ async def test_a_kms_call_waits_for_its_callers_share_at_most_the_call_timeout(
         Limits(kms_pool_size=2, max_kms_calls_per_uid=1, kms_call_timeout=0.5),
     )
     answers: list[tuple[int, dict[str, str], bytes]] = []
-
-    async def held_call() -> None:
-        answers.extend(
-            await unix_exchange(running.socket, kms("Decrypt", {"CiphertextBlob": "AAAA"}))
-        )
-
     try:
         async with trio.open_nursery() as calls:
-            calls.start_soon(held_call)
-            with trio.fail_after(20):
-                while not fake_kms.seen:
-                    await trio.sleep(0.01)
+            calls.start_soon(held_decrypt, running.socket, answers)
+            await until_seen(fake_kms, 1)
             # The first call holds the caller's only share; the second waits for it
             # for kms_call_timeout, then is refused without being started.
             [(status, _, body)] = await unix_exchange(

@@ -21,20 +21,30 @@ from enclave_agent.operator.attestation import (
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
+ES384 = cbor2.dumps({1: -35})  # the protected header: alg ES384
 
 
-def _usage(*, cert_sign: bool, digital_signature: bool = True) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
+_KEY_USAGE_BITS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
+
+
+def _usage(*granted: str) -> x509.KeyUsage:
+    """A keyUsage extension granting exactly the named bits (cryptography's names)."""
+    assert set(granted) <= set(_KEY_USAGE_BITS), granted
+    return x509.KeyUsage(**{bit: bit in granted for bit in _KEY_USAGE_BITS})
+
+
+CA_USAGE = _usage("digital_signature", "key_cert_sign", "crl_sign")
+LEAF_USAGE = _usage("digital_signature")
 
 
 def _certificate(
@@ -95,7 +105,7 @@ def _document(
             "nonce": None,
         }
     )
-    protected = cbor2.dumps({1: -35})
+    protected = ES384
     signed = cbor2.dumps(["Signature1", protected, b"", payload])
     r, s = decode_dss_signature(leaf_key.sign(signed, ec.ECDSA(hashes.SHA384())))
     return cbor2.dumps([protected, {}, payload, r.to_bytes(48, "big") + s.to_bytes(48, "big")])
@@ -106,14 +116,14 @@ class Chain:
 
     def __init__(self, **overrides: dict[str, object]) -> None:
         self.root_key, self.a_key, self.b_key, self.leaf_key = _key(), _key(), _key(), _key()
-        ca = {"ca": True, "usage": _usage(cert_sign=True)}
+        ca = {"ca": True, "usage": CA_USAGE}
         self.root = self._make("root", self.root_key, "root", self.root_key,
                                {**ca, "not_after": NOW + 3650 * DAY}, overrides)  # fmt: skip
         self.a = self._make("a", self.a_key, "root", self.root_key,
                             {**ca, "path_length": 1}, overrides)  # fmt: skip
         self.b = self._make("b", self.b_key, "a", self.a_key,
                             {**ca, "path_length": 0}, overrides)  # fmt: skip
-        leaf = {"ca": False, "usage": _usage(cert_sign=False)}
+        leaf = {"ca": False, "usage": LEAF_USAGE}
         self.leaf = self._make("leaf", self.leaf_key, "b", self.b_key, leaf, overrides)
 
     @staticmethod
@@ -149,9 +159,9 @@ def test_a_well_formed_chain_verifies() -> None:
         ({"b": {"ca": False, "path_length": None}}, "not a CA"),
         ({"b": {"ca": None, "path_length": None}}, "not a CA"),
         ({"a": {"path_length": 0}}, "path length"),
-        ({"b": {"usage": _usage(cert_sign=False)}}, "keyCertSign"),
+        ({"b": {"usage": LEAF_USAGE}}, "keyCertSign"),
         ({"b": {"usage": None}}, "keyCertSign"),
-        ({"leaf": {"usage": _usage(cert_sign=False, digital_signature=False)}}, "digitalSignature"),
+        ({"leaf": {"usage": _usage()}}, "digitalSignature"),
         ({"leaf": {"usage": None}}, "digitalSignature"),
         ({"leaf": {"ca": True}}, "leaf certificate is a CA"),
         ({"a": {"not_after": NOW - timedelta(seconds=1)}}, "not valid at"),
@@ -176,9 +186,7 @@ def test_cabundle_out_of_order_is_refused() -> None:
 
 def test_leaf_signed_by_another_key_is_refused() -> None:
     chain = Chain()
-    forged = _certificate(
-        "leaf", chain.leaf_key, "b", _key(), ca=False, usage=_usage(cert_sign=False)
-    )
+    forged = _certificate("leaf", chain.leaf_key, "b", _key(), ca=False, usage=LEAF_USAGE)
     document = _document(chain.leaf_key, forged, [chain.root, chain.a, chain.b])
     with pytest.raises(CertificateChainError, match="not issued by"):
         verify_attestation(document, root=chain.root_pem, at=NOW)
@@ -203,7 +211,7 @@ def test_leaf_with_a_p256_key_is_refused() -> None:
         .not_valid_before(NOW - DAY)
         .not_valid_after(NOW + DAY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_usage(cert_sign=False), critical=True)
+        .add_extension(LEAF_USAGE, critical=True)
         .sign(chain.b_key, hashes.SHA384())
     )
     document = _document(chain.leaf_key, leaf, [chain.root, chain.a, chain.b])
@@ -215,7 +223,7 @@ def test_garbage_certificate_bytes_are_refused() -> None:
     chain = Chain()
     payload_fields = cbor2.loads(cbor2.loads(chain.document())[2])
     payload_fields["cabundle"][1] = b"\x30\x03\x02\x01\x00"
-    protected = cbor2.dumps({1: -35})
+    protected = ES384
     document = cbor2.dumps([protected, {}, cbor2.dumps(payload_fields), bytes(96)])
     with pytest.raises(CertificateChainError, match="not valid DER"):
         verify_attestation(document, root=chain.root_pem, at=NOW)
@@ -241,7 +249,7 @@ def test_bad_fields_are_named(field: str, value: object, reason: str) -> None:
     chain = Chain()
     fields = cbor2.loads(cbor2.loads(chain.document())[2])
     fields[field] = value
-    document = cbor2.dumps([cbor2.dumps({1: -35}), {}, cbor2.dumps(fields), bytes(96)])
+    document = cbor2.dumps([ES384, {}, cbor2.dumps(fields), bytes(96)])
     with pytest.raises(MalformedDocumentError, match=reason):
         verify_attestation(document, root=chain.root_pem, at=NOW)
 
@@ -278,15 +286,26 @@ def _entries(fields: dict[object, object]) -> bytes:
     return b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in fields.items())
 
 
+def _map_plus(fields: dict[object, object], entry: bytes) -> bytes:
+    """The CBOR map of ``fields`` with one more raw ``entry`` (a key, then its value)."""
+    return bytes([0xA0 + len(fields) + 1]) + _entries(fields) + entry
+
+
+def _assert_refused_though_signed(
+    chain: Chain, payload: bytes, reason: str, protected: bytes = ES384
+) -> None:
+    """A document the chain's leaf really signed is refused for its CBOR shape alone."""
+    with pytest.raises(MalformedDocumentError, match=reason):
+        verify_attestation(_signed(chain, protected, payload), root=chain.root_pem, at=NOW)
+
+
 def test_repeated_payload_key_is_refused_even_when_signed() -> None:
     """cbor2 keeps the last of two "pcrs" entries; another reader would keep the first."""
     chain = Chain()
     fields = cbor2.loads(cbor2.loads(chain.document())[2])
     other_pcrs = {i: b"\x11" * 48 for i in range(16)}
-    payload = bytes([0xA0 + len(fields) + 1]) + _entries(fields) + _entries({"pcrs": other_pcrs})
-    document = _signed(chain, cbor2.dumps({1: -35}), payload)
-    with pytest.raises(MalformedDocumentError, match="repeats a map key"):
-        verify_attestation(document, root=chain.root_pem, at=NOW)
+    payload = _map_plus(fields, _entries({"pcrs": other_pcrs}))
+    _assert_refused_though_signed(chain, payload, "repeats a map key")
 
 
 def test_repeated_pcr_index_is_refused_even_when_signed() -> None:
@@ -294,10 +313,9 @@ def test_repeated_pcr_index_is_refused_even_when_signed() -> None:
     fields = cbor2.loads(cbor2.loads(chain.document())[2])
     pcrs = b"\xa3" + _entries({0: bytes(48), 1: bytes(48)}) + _entries({0: b"\x22" * 48})
     del fields["pcrs"]
-    payload = bytes([0xA0 + len(fields) + 1]) + _entries(fields) + cbor2.dumps("pcrs") + pcrs
-    document = _signed(chain, cbor2.dumps({1: -35}), payload)
-    with pytest.raises(MalformedDocumentError, match="repeats a map key"):
-        verify_attestation(document, root=chain.root_pem, at=NOW)
+    _assert_refused_though_signed(
+        chain, _map_plus(fields, cbor2.dumps("pcrs") + pcrs), "repeats a map key"
+    )
 
 
 def test_repeated_protected_header_key_is_refused_even_when_signed() -> None:
@@ -312,17 +330,14 @@ def test_tag_inside_the_payload_is_refused_even_when_signed() -> None:
     chain = Chain()
     fields = cbor2.loads(cbor2.loads(chain.document())[2])
     fields["user_data"] = cbor2.CBORTag(24, cbor2.dumps(b"embedded"))
-    document = _signed(chain, cbor2.dumps({1: -35}), cbor2.dumps(fields))
-    with pytest.raises(MalformedDocumentError, match="tag"):
-        verify_attestation(document, root=chain.root_pem, at=NOW)
+    _assert_refused_though_signed(chain, cbor2.dumps(fields), "tag")
 
 
 def test_critical_protected_header_parameters_are_refused_even_when_signed() -> None:
     chain = Chain()
     fields = cbor2.loads(cbor2.loads(chain.document())[2])
-    document = _signed(chain, cbor2.dumps({1: -35, 2: [99]}), cbor2.dumps(fields))
-    with pytest.raises(MalformedDocumentError, match="crit"):
-        verify_attestation(document, root=chain.root_pem, at=NOW)
+    critical = cbor2.dumps({1: -35, 2: [99]})
+    _assert_refused_though_signed(chain, cbor2.dumps(fields), "crit", protected=critical)
 
 
 def test_bytes_after_the_cose_array_are_refused() -> None:
@@ -341,6 +356,5 @@ def test_signed_parts_with_every_cbor_shape_still_parse() -> None:
         b"\x5f\x41\x00\xff\x7f\x61\x61\xff"  # (_ h'00'), (_ "a")
         b"\xa1\x61\x6b\x1b" + bytes(8) + b"\xff"  # {"k": 0 (8-byte)}]
     )
-    payload = bytes([0xA0 + len(fields) + 1]) + _entries(fields) + cbor2.dumps("extra") + extra
-    document = _signed(chain, cbor2.dumps({1: -35}), payload)
+    document = _signed(chain, ES384, _map_plus(fields, cbor2.dumps("extra") + extra))
     assert verify_attestation(document, root=chain.root_pem, at=NOW).module_id == "i-test-enc0"

@@ -15,6 +15,7 @@ from enclave_agent.operator.attestation import (
     parse_attestation,
     verify_attestation,
 )
+from tests.support.fuzzing import mutate, parsed_or_refused
 
 # Generous deadline: it only catches a hang, never a slow shared machine.
 FUZZ = settings(
@@ -46,13 +47,10 @@ def _production(vectors_dir: Path) -> bytes:
 
 
 def _outcome(document: bytes, *, verify: bool = False) -> None:
-    try:
-        if verify:
-            verify_attestation(document, at=None)
-        else:
-            parse_attestation(document)
-    except AttestationError:
-        pass
+    if verify:
+        parsed_or_refused(lambda raw: verify_attestation(raw, at=None), document, AttestationError)
+    else:
+        parsed_or_refused(parse_attestation, document, AttestationError)
 
 
 @FUZZ
@@ -77,30 +75,15 @@ def test_structured_payloads(fields: dict[str, Any], unprotected: Any) -> None:
 @FUZZ
 @given(data=st.data())
 def test_mutated_real_document(vectors_dir: Path, data: st.DataObject) -> None:
-    document = bytearray(_production(vectors_dir))
-    for _ in range(data.draw(st.integers(1, 4))):
-        position = data.draw(st.integers(0, len(document) - 1))
-        action = data.draw(st.sampled_from(["flip", "set", "cut", "insert"]))
-        if action == "flip":
-            document[position] ^= 1 << data.draw(st.integers(0, 7))
-        elif action == "set":
-            document[position] = data.draw(st.integers(0, 255))
-        elif action == "cut":
-            del document[position : position + data.draw(st.integers(1, 64))]
-        else:
-            document[position:position] = data.draw(st.binary(min_size=1, max_size=16))
-        if not document:
-            break
-    mutated = bytes(document)
-    try:
-        parsed = parse_attestation(mutated)
-    except AttestationError:
+    mutated = mutate(
+        data, _production(vectors_dir), edits=4, byte=st.integers(0, 255), cut=64, insert=16
+    )
+    parsed = parsed_or_refused(parse_attestation, mutated, AttestationError)
+    if parsed is None:
         return
     _outcome(mutated, verify=True)
-    try:
-        verify_attestation(mutated, at=parsed.timestamp)
-    except AttestationError:
-        pass
+    at = parsed.timestamp
+    parsed_or_refused(lambda raw: verify_attestation(raw, at=at), mutated, AttestationError)
 
 
 @pytest.mark.parametrize(

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 
 from enclave_agent.simulated.nsm import SimulatedNsm
+from tests.conftest import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
-MEASUREMENTS = REPO / "tests" / "data" / "nitro_cli_build_enclave.out"
+MEASUREMENTS = REPO_ROOT / "tests" / "data" / "nitro_cli_build_enclave.out"
 ROLE = "arn:aws:iam::111122223333:role/enclave"
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "ENCLAVE_AGENT_SOCKET"}
-    return {**env, "PYTHONPATH": str(REPO), **extra}
+    return {**env, "PYTHONPATH": str(REPO_ROOT), **extra}
 
 
 def _agent(

@@ -23,9 +23,8 @@ from enclave_agent.runtime.kms import KmsError
 from enclave_agent.runtime.secrets import SecretStore
 from enclave_agent.runtime.server import AppServer
 from enclave_common.address import UnixAddress, open_listener
+from tests.conftest import REPO_ROOT
 from tests.support.raw_http import read_head
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Gateway:
@@ -231,7 +230,7 @@ async def cli(
         capture_stdout=True,
         capture_stderr=True,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
 
 

@@ -29,9 +29,10 @@ import pytest
 from devtools.devstack import DevStack, local_kms_client, local_operator_arn
 from enclave_agent.runtime.config import load_config
 from enclave_common.address import VsockAddress
+from tests.conftest import REPO_ROOT
+from tests.support.stack import run_module
 
-REPO = Path(__file__).resolve().parent.parent
-AGENT_TOML = REPO / "deploy" / "agent.toml"
+AGENT_TOML = REPO_ROOT / "deploy" / "agent.toml"
 CONTEXT = {"app": "enclave-kms-example"}
 ALIAS = "alias/enclave-kms-example"
 
@@ -101,14 +102,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "enclave_agent.cli", *args],
-        cwd=REPO,
-        input=stdin,
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
+    return run_module("enclave_agent.cli", *args, stdin=stdin)
 
 
 def _run_example(config: Path) -> subprocess.CompletedProcess[bytes]:
@@ -124,11 +118,11 @@ def _run_example(config: Path) -> subprocess.CompletedProcess[bytes]:
             str(config),
             "--",
             sys.executable,
-            str(REPO / "deploy" / "example_app.py"),
+            str(REPO_ROOT / "deploy" / "example_app.py"),
             "example",
             "--print-attestation",
         ],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         timeout=120,
@@ -197,7 +191,7 @@ def test_example_app_reads_its_secret_and_proves_its_pcrs(stack: DevStack, tmp_p
 
 
 def test_example_app_fails_loudly_without_agent(tmp_path: Path) -> None:
-    app = [sys.executable, str(REPO / "deploy" / "example_app.py"), "example"]
+    app = [sys.executable, str(REPO_ROOT / "deploy" / "example_app.py"), "example"]
     env = {k: v for k, v in os.environ.items() if k != "ENCLAVE_AGENT_SOCKET"}
     unset = subprocess.run(app, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert unset.returncode == 1 and "ENCLAVE_AGENT_SOCKET is not set" in unset.stderr
@@ -229,11 +223,16 @@ def test_held_app_stays_up_until_sigterm_and_unknown_secret_fails(
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["AWS_EC2_METADATA_DISABLED"] = "true"
-    app = [sys.executable, str(REPO / "deploy" / "example_app.py")]
+    app = [sys.executable, str(REPO_ROOT / "deploy" / "example_app.py")]
     agent = [sys.executable, "-m", "enclave_agent.cli", "run", "--config", str(config), "--"]
 
     unknown = subprocess.run(
-        [*agent, *app, "nosuch"], cwd=REPO, env=env, capture_output=True, timeout=120, check=False
+        [*agent, *app, "nosuch"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert unknown.returncode == 1
     assert b"example-app: FAILED: GET /v1/secrets/nosuch answered 404" in unknown.stderr
@@ -241,7 +240,7 @@ def test_held_app_stays_up_until_sigterm_and_unknown_secret_fails(
     output = tmp_path / "held.out"
     with output.open("wb") as sink:
         process = subprocess.Popen(
-            [*agent, *app, "example", "--hold"], cwd=REPO, env=env, stdout=sink, stderr=sink
+            [*agent, *app, "example", "--hold"], cwd=REPO_ROOT, env=env, stdout=sink, stderr=sink
         )
     try:
         deadline = time.monotonic() + 60
@@ -260,9 +259,9 @@ def test_held_app_stays_up_until_sigterm_and_unknown_secret_fails(
 
 def test_dockerfile_copies_only_the_agent_side_and_wires_the_entry_point() -> None:
     """Static checks of deploy/Dockerfile (no Docker daemon here to build it)."""
-    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
     joined = dockerfile.replace("\\\n", " ")
-    ignore = (REPO / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+    ignore = (REPO_ROOT / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
     allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
     assert "*" in ignore, "the build context is an allowlist"
     targets = {}
@@ -273,7 +272,7 @@ def test_dockerfile_copies_only_the_agent_side_and_wires_the_entry_point() -> No
         *sources, target = words[1:]
         for source in sources:
             assert any(source == a or source.startswith(a + "/") for a in allowed), source
-            assert (REPO / source).exists() or source == "deploy/secrets/example.ciphertext"
+            assert (REPO_ROOT / source).exists() or source == "deploy/secrets/example.ciphertext"
             assert not source.startswith(("proxy", "systemd", "devtools", "scripts", "tests"))
             targets[source] = target
     entry = json.loads(joined.split("ENTRYPOINT", 1)[1].strip())
@@ -292,9 +291,9 @@ def test_every_runtime_dependency_is_pinned_for_the_image() -> None:
     import re
     import tomllib
 
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     pins = {}
-    for line in (REPO / "deploy" / "constraints.txt").read_text().splitlines():
+    for line in (REPO_ROOT / "deploy" / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             assert version, f"constraints.txt pins exact versions: {line!r}"

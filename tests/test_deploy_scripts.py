@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from enclave_agent.operator.key_policy import parse_measurements
+from tests.conftest import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 BASIC_TOOLS = (
     "bash",
@@ -83,10 +83,10 @@ def tree(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
     for name in ("build-eif", "run-enclave"):
-        shutil.copy2(REPO / "scripts" / name, root / "scripts" / name)
+        shutil.copy2(REPO_ROOT / "scripts" / name, root / "scripts" / name)
     (root / "deploy" / "secrets").mkdir(parents=True)
-    shutil.copy2(REPO / "deploy" / "Dockerfile", root / "deploy" / "Dockerfile")
-    shutil.copy2(REPO / "deploy" / "agent.toml", root / "deploy" / "agent.toml")
+    shutil.copy2(REPO_ROOT / "deploy" / "Dockerfile", root / "deploy" / "Dockerfile")
+    shutil.copy2(REPO_ROOT / "deploy" / "agent.toml", root / "deploy" / "agent.toml")
     (root / "deploy" / "secrets" / "example.ciphertext").write_bytes(b"\x01\x02ciphertext")
     return root
 
@@ -264,8 +264,8 @@ def test_run_enclave_starts_and_explains(tree: Path, tmp_path: Path) -> None:
 
 def test_scripts_parse_with_bash_n() -> None:
     for name in ("build-eif", "run-enclave"):
-        subprocess.run(["bash", "-n", str(REPO / "scripts" / name)], check=True, timeout=30)
-        assert os.access(REPO / "scripts" / name, os.X_OK)
+        subprocess.run(["bash", "-n", str(REPO_ROOT / "scripts" / name)], check=True, timeout=30)
+        assert os.access(REPO_ROOT / "scripts" / name, os.X_OK)
 
 
 def test_guide_matches_the_tools() -> None:
@@ -274,20 +274,22 @@ def test_guide_matches_the_tools() -> None:
 
     from enclave_agent.cli import build_parser
 
-    section = (REPO / "docs" / "deploy.md").read_text().split("\n## Installs", 1)[0]
+    section = (REPO_ROOT / "docs" / "deploy.md").read_text().split("\n## Installs", 1)[0]
     flags = re.compile(r"(?<![\w-])(--[a-z][a-z-]*)")
     subparsers = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     key_policy = {o for a in subparsers["key-policy"]._actions for o in a.option_strings}
     step4 = section.split("## 4.", 1)[1].split("## 5.", 1)[0]
     aws_cli = {"--key-id", "--policy-name", "--policy"}
     assert set(flags.findall(step4)) - aws_cli <= key_policy
-    scripts_text = "".join((REPO / "scripts" / n).read_text() for n in ("build-eif", "run-enclave"))
+    scripts_text = "".join(
+        (REPO_ROOT / "scripts" / n).read_text() for n in ("build-eif", "run-enclave")
+    )
     for usage in re.findall(r"scripts/(?:build-eif|run-enclave) +# (.*)", section):
         for flag in flags.findall(usage):
             assert f"{flag})" in scripts_text, f"docs/deploy.md shows {flag}"
     for path in re.findall(r"`(scripts/[\w-]+)", section):
-        assert (REPO / path).is_file(), path
+        assert (REPO_ROOT / path).is_file(), path
     unit = "enclave-proxy.service"
-    assert (REPO / "systemd" / unit).is_file()
-    assert f"proxy={unit}" in (REPO / "scripts" / "run-enclave").read_text()
-    assert "/opt/enclave-proxy/venv/bin/enclave-proxy" in (REPO / "systemd" / unit).read_text()
+    assert (REPO_ROOT / "systemd" / unit).is_file()
+    assert f"proxy={unit}" in (REPO_ROOT / "scripts" / "run-enclave").read_text()
+    assert "/opt/enclave-proxy/venv/bin/enclave-proxy" in (REPO_ROOT / "systemd" / unit).read_text()

@@ -22,7 +22,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,11 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from devtools.devstack import DevStack, create_enclave_key, direct_kms_client
+from devtools.devstack import DevStack
+from tests.conftest import REPO_ROOT
+from tests.support.stack import enclave_key, temporary_stack
 
-REPO = Path(__file__).resolve().parent.parent
 AGENT = [sys.executable, "-m", "enclave_agent.cli"]
-JS_DIR = REPO / "tests" / "sdk_js"
+JS_DIR = REPO_ROOT / "tests" / "sdk_js"
 MARKER = "sdk-dropin-" + secrets.token_hex(12)
 
 
@@ -49,22 +49,15 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    work = Path(tempfile.mkdtemp(prefix="sdk-dropin-"))
-    dev = DevStack(work_dir=work)
-    try:
+    with temporary_stack("sdk-dropin-", DevStack) as dev:
         dev.start(agent=False)
-        state = dev.state()
-        kms = direct_kms_client(state)
-        key_id = create_enclave_key(kms, state["account_id"], dev.pcrs()["0"])
+        kms, key_id = enclave_key(dev)
         key_arn = kms.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
-        blob = work / "secret.bin"
+        blob = dev.work_dir / "secret.bin"
         blob.write_bytes(kms.encrypt(KeyId=key_id, Plaintext=MARKER.encode())["CiphertextBlob"])
-        home = work / "home"
+        home = dev.work_dir / "home"
         home.mkdir()
         yield Stack(dev, dev.write_agent_config(), blob, key_arn, home)
-    finally:
-        dev.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_app(
@@ -77,7 +70,7 @@ def run_app(
     env.update(image_env or {})
     result = subprocess.run(
         [*AGENT, "run", "--config", str(stack.config), "--", *command],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         timeout=120,

@@ -10,24 +10,26 @@ NSM). The KMS-down test stops the KMS for good, so it runs last.
 
 from __future__ import annotations
 
-import base64
 import re
 import secrets
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from devtools.devstack import create_enclave_key, direct_kms_client, log_events
+from devtools.devstack import log_events
 from devtools.local_kms.admin_client import set_faults
 from enclave_agent.client import AgentClient, AgentError
-from tests.support.stack import FaultStack, agent_config, events_since
+from tests.support.stack import (
+    AgentStack,
+    FaultStack,
+    agent_config,
+    events_since,
+    temporary_stack,
+)
 
 CALL_TIMEOUT = 4.0
 CREDENTIAL_TTL = 4
@@ -38,13 +40,10 @@ SLACK = 6.0
 SECRET = b"fault-secret-" + secrets.token_hex(16).encode()
 
 
-@dataclass
-class Stack:
-    dev: FaultStack
-    key_id: str
-    ciphertext: bytes
-    plaintext: bytes
-    kms_state_file: Path
+class Stack(AgentStack):
+    @property
+    def kms_state_file(self) -> Path:
+        return Path(self.dev.kms["state_file"])
 
     def client(self, socket_path: str | None = None) -> AgentClient:
         return AgentClient(socket_path or self.dev.agent_socket, timeout=CALL_TIMEOUT + SLACK + 5)
@@ -74,35 +73,17 @@ class ShortTtlStack(FaultStack):
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    work = Path(tempfile.mkdtemp(prefix="faults-"))
-    dev = ShortTtlStack(
-        work_dir=work, credentials="process", proxy_args=["--allow", f"{UNRESOLVABLE}:443"]
-    )
-    try:
-        dev.start(agent=False)
-        kms_state = dev.kms
-        state = dev.state()
-        kms = direct_kms_client(state)
-        key_id = create_enclave_key(kms, state["account_id"], dev.pcrs()["0"])
-        plaintext = b"fault-plaintext-" + secrets.token_hex(8).encode()
-        ciphertext = kms.encrypt(KeyId=key_id, Plaintext=plaintext)["CiphertextBlob"]
-        secret_blob = kms.encrypt(KeyId=key_id, Plaintext=SECRET)["CiphertextBlob"]
-        secrets_toml = (
-            "\n[secrets.db]\n"
-            f'ciphertext = "{base64.b64encode(secret_blob).decode()}"\n'
-            f'file = "{work / "tmpfs" / "db"}"\n'
-        )
-        config = agent_config(
+    def make(work: Path) -> ShortTtlStack:
+        allow = ["--allow", f"{UNRESOLVABLE}:443"]
+        return ShortTtlStack(work_dir=work, credentials="process", proxy_args=allow)
+
+    with temporary_stack("faults-", make) as dev:
+        yield Stack.start(
             dev,
-            "agent",
+            plaintext=b"fault-plaintext-" + secrets.token_hex(8).encode(),
+            secret=SECRET,
             limits={"kms_call_timeout": CALL_TIMEOUT, "kms_max_attempts": 4},
-            secrets_toml=secrets_toml,
         )
-        dev.start_agent(config)
-        yield Stack(dev, key_id, ciphertext, plaintext, Path(kms_state["state_file"]))
-    finally:
-        dev.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _kms_calls(stack: Stack, since: int) -> list[dict[str, Any]]:

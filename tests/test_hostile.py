@@ -17,8 +17,6 @@ import os
 import random
 import re
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,17 +25,18 @@ from typing import Any
 
 import pytest
 
-from devtools.devstack import create_enclave_key, direct_kms_client, log_events
+from devtools.devstack import log_events
 from enclave_agent.client import AgentClient
 from tests.support.stack import (
+    AgentStack,
     FaultStack,
-    agent_config,
     connect,
     events_since,
     find_leaks,
     raw_exchange,
     read_until_closed,
     status_of,
+    temporary_stack,
 )
 
 HEADER_TIMEOUT = 1.0
@@ -61,14 +60,13 @@ FORBIDDEN = re.compile(
 
 
 @dataclass
-class Stack:
-    dev: FaultStack
-    key_id: str
-    ciphertext: bytes
-    plaintext: bytes
-    proxy_port: int
+class Stack(AgentStack):
     handled: dict[str, bytes] = field(default_factory=dict)  # secrets the run saw
     answers: list[bytes] = field(default_factory=list)  # every raw answer a client got
+
+    @property
+    def proxy_port(self) -> int:
+        return int(self.dev.proxy_address.rsplit(":", 1)[1])
 
     @property
     def agent_socket(self) -> str:
@@ -80,48 +78,30 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    work = Path(tempfile.mkdtemp(prefix="hostile-"))
-    proxy_config = work / "proxy.toml"
-    proxy_config.write_text(
-        f"header_timeout = {HEADER_TIMEOUT}\nmax_tunnels = {PROXY_MAX_TUNNELS}\n"
-        f"max_tunnels_per_peer = {PROXY_TUNNELS_PER_PEER}\n"
-    )
-    dev = FaultStack(work_dir=work, proxy_args=["--config", str(proxy_config)])
-    try:
-        dev.start(agent=False)
-        state = dev.state()
-        kms = direct_kms_client(state)
-        key_id = create_enclave_key(kms, state["account_id"], dev.pcrs()["0"])
-        plaintext = b"hostile-plaintext-" + secrets.token_hex(16).encode()
-        ciphertext = kms.encrypt(KeyId=key_id, Plaintext=plaintext)["CiphertextBlob"]
-        blob = kms.encrypt(KeyId=key_id, Plaintext=SECRET)["CiphertextBlob"]
-        config = agent_config(
-            dev,
-            "agent",
-            limits={
-                "header_timeout": HEADER_TIMEOUT,
-                "idle_timeout": IDLE_TIMEOUT,
-                "max_connections": AGENT_MAX_CONNECTIONS,
-                "max_connections_per_uid": AGENT_CONNECTIONS_PER_UID,
-                "max_body_bytes": MAX_BODY,
-            },
-            secrets_toml=(
-                f'\n[secrets.db]\nciphertext = "{base64.b64encode(blob).decode()}"\n'
-                f'file = "{work / "tmpfs" / "db"}"\n'
-            ),
+    def make(work: Path) -> FaultStack:
+        proxy_config = work / "proxy.toml"
+        proxy_config.write_text(
+            f"header_timeout = {HEADER_TIMEOUT}\nmax_tunnels = {PROXY_MAX_TUNNELS}\n"
+            f"max_tunnels_per_peer = {PROXY_TUNNELS_PER_PEER}\n"
         )
-        dev.start_agent(config)
-        port = int(dev.proxy_address.rsplit(":", 1)[1])
-        result = Stack(dev, key_id, ciphertext, plaintext, port)
+        return FaultStack(work_dir=work, proxy_args=["--config", str(proxy_config)])
+
+    with temporary_stack("hostile-", make) as dev:
+        limits = {
+            "header_timeout": HEADER_TIMEOUT,
+            "idle_timeout": IDLE_TIMEOUT,
+            "max_connections": AGENT_MAX_CONNECTIONS,
+            "max_connections_per_uid": AGENT_CONNECTIONS_PER_UID,
+            "max_body_bytes": MAX_BODY,
+        }
+        plaintext = b"hostile-plaintext-" + secrets.token_hex(16).encode()
+        result = Stack.start(dev, plaintext=plaintext, secret=SECRET, limits=limits)
         result.handled.update(
             secret=SECRET,
             plaintext=plaintext,
-            root_secret_key=state["aws_secret_access_key"].encode(),
+            root_secret_key=dev.state()["aws_secret_access_key"].encode(),
         )
         yield result
-    finally:
-        dev.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- requests -----------------------------------------------------------------------
@@ -190,6 +170,32 @@ def check_answer(answer: bytes) -> None:
 
 def body_of(answer: bytes) -> Any:
     return json.loads(answer.partition(b"\r\n\r\n")[2] or b"null")
+
+
+# The events a process logs a request under: each case is logged once, as one of them.
+REQUEST_EVENTS = {"agent": ("request", "request_rejected"), "proxy": ("request",)}
+
+
+def hostile_case(
+    stack: Stack,
+    process: str,
+    address: str | tuple[str, int],
+    name: str,
+    pieces: list[bytes],
+    expected: int,
+) -> tuple[bytes, list[dict[str, Any]]]:
+    """One case sent to ``process``: its answer, checked for the ``expected`` status and
+    for leaks, and the events it logged (its request among them, no error)."""
+    log_path = stack.dev.log_path(process)
+    before = len(log_events(log_path))
+    pause = 0.1 if name == "slow sender" else 0.0
+    answer = raw_exchange(address, pieces, pause=pause)
+    stack.answers.append(answer)
+    assert status_of(answer) == expected, answer[:300]
+    check_answer(answer)
+    events = wait_logged(log_path, before, REQUEST_EVENTS[process])
+    assert [e for e in events if e.get("level") == "error"] == []
+    return answer, events
 
 
 # --- the agent's socket ---------------------------------------------------------------
@@ -262,18 +268,10 @@ AGENT_CASES: list[tuple[str, list[bytes], int | None]] = [
     ("name", "pieces", "expected"), AGENT_CASES, ids=[c[0] for c in AGENT_CASES]
 )
 def test_agent_hostile_case(stack: Stack, name: str, pieces: list[bytes], expected: int) -> None:
-    log_path = stack.dev.log_path("agent")
-    before = len(log_events(log_path))
-    pause = 0.1 if name == "slow sender" else 0.0
-    answer = raw_exchange(stack.agent_socket, pieces, pause=pause)
-    stack.answers.append(answer)
-    assert status_of(answer) == expected, answer[:300]
+    answer, events = hostile_case(stack, "agent", stack.agent_socket, name, pieces, expected)
     assert body_of(answer)["__type"].endswith(("Exception", "TooLarge"))
-    check_answer(answer)
-    events = wait_logged(log_path, before, ("request", "request_rejected"))
-    logged = [e for e in events if e.get("event") in ("request", "request_rejected")]
+    logged = [e for e in events if e.get("event") in REQUEST_EVENTS["agent"]]
     assert len(logged) == 1, events  # once: not lost, not repeated
-    assert [e for e in events if e.get("level") == "error"] == []
     agent_probe(stack)
 
 
@@ -401,18 +399,11 @@ PROXY_CASES: list[tuple[str, list[bytes], int | None]] = [
     ("name", "pieces", "expected"), PROXY_CASES, ids=[c[0] for c in PROXY_CASES]
 )
 def test_proxy_hostile_case(stack: Stack, name: str, pieces: list[bytes], expected: int) -> None:
-    log_path = stack.dev.log_path("proxy")
-    before = len(log_events(log_path))
-    pause = 0.1 if name == "slow sender" else 0.0
-    answer = raw_exchange(("127.0.0.1", stack.proxy_port), pieces, pause=pause)
-    stack.answers.append(answer)
-    assert status_of(answer) == expected, answer[:300]
+    address = ("127.0.0.1", stack.proxy_port)
+    answer, events = hostile_case(stack, "proxy", address, name, pieces, expected)
     assert isinstance(body_of(answer)["error"], str)
-    check_answer(answer)
-    events = wait_logged(log_path, before, ("request",))
-    logged = [e for e in events if e.get("event") == "request"]
+    logged = [e for e in events if e.get("event") in REQUEST_EVENTS["proxy"]]
     assert len(logged) == 1 and logged[0]["status"] == expected, events
-    assert [e for e in events if e.get("level") == "error"] == []
     proxy_probe(stack)
 
 

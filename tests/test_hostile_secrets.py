@@ -19,8 +19,6 @@ import base64
 import io
 import json
 import secrets
-import shutil
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -40,7 +38,7 @@ from enclave_agent.runtime import service
 from enclave_agent.runtime.config import load_config
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_common.logs import configure_logging
-from tests.support.stack import find_leaks
+from tests.support.stack import find_leaks, temporary_stack
 
 SECRET = b"named-secret-" + secrets.token_hex(16).encode()
 PLAINTEXT = b"decrypted-" + secrets.token_hex(16).encode()
@@ -52,14 +50,9 @@ ENVELOPED = b"enveloped-secret-" + secrets.token_hex(5000).encode()
 
 @pytest.fixture(scope="module")
 def dev() -> Iterator[DevStack]:
-    work = Path(tempfile.mkdtemp(prefix="hostile-secrets-"))
-    stack = DevStack(work_dir=work)
-    try:
+    with temporary_stack("hostile-secrets-", DevStack) as stack:
         stack.start(agent=False)
         yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _variants(label: str, value: bytes) -> dict[str, bytes]:

@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+import pytest
 import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -94,6 +95,12 @@ class Served:
     reports: list[Report]
     admissions: list[str]
 
+    async def connect(self, first: bytes) -> trio.SocketStream:
+        """A connection to the server, with ``first`` sent on it."""
+        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        await stream.send_all(first)
+        return stream
+
 
 async def start(
     nursery: trio.Nursery, *, limits: Limits = LIMITS, refusal: Answer | None = None
@@ -129,6 +136,12 @@ async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
     return data
 
 
+@pytest.fixture
+async def served(nursery: trio.Nursery) -> Served:
+    """The driver with the default limits, serving ``App`` on loopback."""
+    return await start(nursery)
+
+
 async def exchange(port: int, *pieces: bytes, pause: float = 0) -> bytes:
     """Send ``pieces`` (``pause`` apart), then read until the server closes."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -159,8 +172,7 @@ def head_of(size: int, target: bytes = b"/echo") -> bytes:
     return head
 
 
-async def test_head_limit_is_exact_in_one_read_and_in_a_trickle(nursery: trio.Nursery) -> None:
-    served = await start(nursery)
+async def test_head_limit_is_exact_in_one_read_and_in_a_trickle(served: Served) -> None:
     limit = LIMITS.max_head_bytes
     assert statuses(await exchange(served.port, head_of(limit))) == [200]
     assert statuses(await exchange(served.port, head_of(limit + 1))) == [431]
@@ -178,9 +190,8 @@ async def test_head_limit_is_exact_in_one_read_and_in_a_trickle(nursery: trio.Nu
 
 
 async def test_slow_head_gets_408_and_idle_connections_close_silently(
-    nursery: trio.Nursery,
+    served: Served,
 ) -> None:
-    served = await start(nursery)
     answer = await exchange(served.port, b"GET /echo HTTP/1.1\r\nhost: x\r\n")
     assert statuses(answer) == [408]
     assert await exchange(served.port) == b""  # never sent a byte: closed, no answer
@@ -196,8 +207,7 @@ async def test_slow_head_gets_408_and_idle_connections_close_silently(
     ]
 
 
-async def test_body_over_the_limit_is_refused_before_it_is_read(nursery: trio.Nursery) -> None:
-    served = await start(nursery)
+async def test_body_over_the_limit_is_refused_before_it_is_read(served: Served) -> None:
     head = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000000\r\n\r\n"
     answer = await exchange(served.port, head)  # the body is never sent
     assert statuses(answer) == [413]
@@ -208,8 +218,7 @@ async def test_body_over_the_limit_is_refused_before_it_is_read(nursery: trio.Nu
     assert reports[0].received == 0 and reports[0].reason == "request body larger than 4096 bytes"
 
 
-async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -> None:
-    served = await start(nursery)
+async def test_pipelined_requests_are_answered_in_order(served: Served) -> None:
     requests = b"".join(
         b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nbody" + str(i).encode()
         for i in range(3)
@@ -224,27 +233,25 @@ async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -
 
 
 async def test_100_continue_is_sent_when_the_body_is_read_never_before_connect(
-    nursery: trio.Nursery,
+    served: Served,
 ) -> None:
-    served = await start(nursery)
-    async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
-        await stream.send_all(
-            b"POST /echo HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
-            b"content-length: 5\r\nconnection: close\r\n\r\n"
-        )
+    head = (
+        b"POST /echo HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+        b"content-length: 5\r\nconnection: close\r\n\r\n"
+    )
+    async with await served.connect(head) as stream:
         with trio.fail_after(20):
             assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 100 ")
         await stream.send_all(b"hello")
         assert statuses(await read_all(stream)) == [200]
-    async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
-        await stream.send_all(b"CONNECT x:1 HTTP/1.1\r\nhost: x:1\r\nexpect: 100-continue\r\n\r\n")
+    head = b"CONNECT x:1 HTTP/1.1\r\nhost: x:1\r\nexpect: 100-continue\r\n\r\n"
+    async with await served.connect(head) as stream:
         with trio.fail_after(20):
             first = await stream.receive_some(65536)
         assert first.startswith(b"HTTP/1.1 200 Connection established\r\n")
 
 
-async def test_a_client_that_never_reads_its_answers_is_cut_off(nursery: trio.Nursery) -> None:
-    served = await start(nursery)
+async def test_a_client_that_never_reads_its_answers_is_cut_off(served: Served) -> None:
     async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
         # Far more answer bytes than the socket buffers hold; nothing is read back.
         await stream.send_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n" * 400)
@@ -255,10 +262,10 @@ async def test_a_client_that_never_reads_its_answers_is_cut_off(nursery: trio.Nu
     assert reports[-1].reason == "answer not taken in time"
 
 
-async def test_a_client_leaving_mid_body_ends_only_its_connection(nursery: trio.Nursery) -> None:
-    served = await start(nursery)
-    async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
-        await stream.send_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n12345")
+async def test_a_client_leaving_mid_body_ends_only_its_connection(served: Served) -> None:
+    head = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n"
+    client = await served.connect(head + b"12345")
+    await client.aclose()  # 95 bytes of the body short
     (report,) = await settled(served.reports, 1)
     # A body cut short by the client's end is answered 400: the client may only have
     # half-closed and still read (the agent and the proxy answered so before the driver).
@@ -281,14 +288,13 @@ async def test_raw_refusal_is_read_by_the_client_not_reset(nursery: trio.Nursery
 
 
 async def test_streamed_body_is_consumed_piece_by_piece_without_a_total_limit(
-    nursery: trio.Nursery,
+    served: Served,
 ) -> None:
-    served = await start(nursery)
-    async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
-        await stream.send_all(
-            b"POST /stream HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
-            b"connection: close\r\n\r\n1000\r\n" + b"a" * 4096 + b"\r\n"
-        )
+    first_piece = (
+        b"POST /stream HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+        b"connection: close\r\n\r\n1000\r\n" + b"a" * 4096 + b"\r\n"
+    )
+    async with await served.connect(first_piece) as stream:
         with trio.fail_after(20):
             await served.app.piece_seen.wait()  # the handler has the first piece already
         for _ in range(3):  # in all, more than max_body_bytes
@@ -305,9 +311,8 @@ async def test_streamed_body_is_consumed_piece_by_piece_without_a_total_limit(
 
 
 async def test_an_answer_held_open_outlives_the_idle_and_header_deadlines(
-    nursery: trio.Nursery,
+    served: Served,
 ) -> None:
-    served = await start(nursery)
     answer = await exchange(
         served.port, b"GET /hold HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
     )
@@ -315,11 +320,10 @@ async def test_an_answer_held_open_outlives_the_idle_and_header_deadlines(
 
 
 async def test_connect_hands_over_the_stream_and_the_bytes_sent_after_the_head(
-    nursery: trio.Nursery,
+    served: Served,
 ) -> None:
-    served = await start(nursery)
-    async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
-        await stream.send_all(b"CONNECT kms:443 HTTP/1.1\r\nhost: kms:443\r\n\r\nEARLY")
+    head = b"CONNECT kms:443 HTTP/1.1\r\nhost: kms:443\r\n\r\nEARLY"
+    async with await served.connect(head) as stream:
         answer = b""
         with trio.fail_after(20):
             while not answer.endswith(b"EARLY"):
@@ -335,9 +339,8 @@ async def test_connect_hands_over_the_stream_and_the_bytes_sent_after_the_head(
 
 
 async def test_a_switch_that_cannot_happen_still_releases_what_it_holds(
-    nursery: trio.Nursery,
+    served: Served,
 ) -> None:
-    served = await start(nursery)
     head = b"CONNECT kms:443 HTTP/1.1\r\nhost: kms:443\r\ncontent-length: 5000\r\n\r\n"
     assert statuses(await exchange(served.port, head)) == [413]  # its body: over the limit
     (report,) = await settled(served.reports, 1)
@@ -384,8 +387,7 @@ async def test_close_idle_ends_idle_connections_now_and_busy_ones_after_their_an
     await busy.aclose()
 
 
-async def test_handler_failures_and_errors_are_answered_and_reported(nursery: trio.Nursery) -> None:
-    served = await start(nursery)
+async def test_handler_failures_and_errors_are_answered_and_reported(served: Served) -> None:
     close = b"host: x\r\nconnection: close\r\n\r\n"
     assert statuses(await exchange(served.port, b"GET /fail HTTP/1.1\r\n" + close)) == [500]
     answer = await exchange(served.port, b"GET /teapot HTTP/1.1\r\n" + close)
@@ -399,8 +401,7 @@ async def test_handler_failures_and_errors_are_answered_and_reported(nursery: tr
     ]
 
 
-async def test_errors_to_a_head_request_are_answered(nursery: trio.Nursery) -> None:
-    served = await start(nursery)
+async def test_errors_to_a_head_request_are_answered(served: Served) -> None:
     answer = await exchange(served.port, b"HEAD /teapot HTTP/1.1\r\nhost: x\r\n\r\n")
     assert statuses(answer) == [418] and answer.endswith(b"\r\n\r\n")  # no body
     # Over max_head_bytes in one read: h11 parsed it, the driver refuses it.

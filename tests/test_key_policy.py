@@ -26,6 +26,7 @@ from enclave_agent.operator.key_policy import (
     parse_measurements,
     with_extra_pcrs,
 )
+from tests.support.stack import run_module
 
 DATA = Path(__file__).parent / "data"
 ROLE = "arn:aws:iam::111122223333:role/enclave-parent"
@@ -272,13 +273,7 @@ def test_extra_pcrs() -> None:
 
 def _cli_process(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     """The command as a user runs it, in a process of its own."""
-    return subprocess.run(
-        [sys.executable, "-m", "enclave_agent.cli", "key-policy", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    return run_module("enclave_agent.cli", "key-policy", *args, stdin=stdin, timeout=60)
 
 
 def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -28,8 +28,8 @@ from botocore.exceptions import ClientError
 from devtools.devstack import local_kms_client, local_operator_arn, minted_kms_client
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import SimulatedNsm
+from tests.conftest import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 ROLE_NAME = "enclave-parent"
 
 
@@ -63,7 +63,7 @@ def _printed_policy(
             "--role-arn",
             f"arn:aws:iam::{account_id}:role/{ROLE_NAME}",
         ],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,

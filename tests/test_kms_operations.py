@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,9 +26,9 @@ from enclave_agent.runtime.kms_operations import (
     Struct,
     Text,
 )
+from tests.conftest import REPO_ROOT
 from tests.support.kms_model import botocore_operation, service_model
 
-REPO = Path(__file__).resolve().parent.parent
 DOCS_BEGIN = "<!-- served-operations: generated from kms_operations.OPERATION_TABLE"
 DOCS_END = "<!-- /served-operations -->"
 # Issue 13: the operations that never return a secret, passed through.
@@ -201,7 +200,7 @@ def test_the_docs_list_exactly_the_served_operations() -> None:
     """One block in the docs, between the markers, is the table rendered above: an
     operation added to or removed from OPERATION_TABLE fails here until the docs say so."""
     blocks = []
-    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+    for path in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
         text = path.read_text()
         start = text.find(DOCS_BEGIN)
         if start >= 0:
@@ -228,6 +227,6 @@ def test_the_agents_runtime_imports_no_botocore() -> None:
         "sys.exit(1 if loaded else 0)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr

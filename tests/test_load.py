@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import resource
 import secrets
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ import trio
 from devtools.devstack import DevStack, create_enclave_key, direct_kms_client, log_events
 from enclave_agent.client import AgentClient
 from tests.support.proxy_harness import echo_handler, open_tunnel, tcp_server
-from tests.support.stack import ProxyProcess, agent_config, start_proxy
+from tests.support.stack import ProxyProcess, agent_config, start_proxy, temporary_stack
 
 CALLERS = 64
 REQUESTS = 1000
@@ -44,18 +42,13 @@ def _raise_fd_limit(wanted: int) -> None:
 
 @pytest.fixture(scope="module")
 def dev() -> Iterator[DevStack]:
-    work = Path(tempfile.mkdtemp(prefix="load-"))
-    stack = DevStack(work_dir=work)
-    try:
+    with temporary_stack("load-", DevStack) as stack:
         stack.start(agent=False)
         # All the callers are one uid (this test's): its share must hold all their
         # connections at once (its KMS calls beyond its share wait in its queue).
         limits = {"max_connections_per_uid": 2 * CALLERS}
         stack.start_agent(agent_config(stack, "agent", limits=limits))
         yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_1000_requests_from_64_callers_none_lost_crossed_or_duplicated(dev: DevStack) -> None:

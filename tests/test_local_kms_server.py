@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,9 @@ from enclave_agent.operator.key_policy import Measurements, build_key_policy
 from enclave_agent.runtime.cms import decrypt_for_recipient
 from enclave_agent.runtime.recipient import RecipientKey
 from enclave_agent.simulated.nsm import DEFAULT_SIMULATED_PCRS, SimulatedNsm
+from tests.conftest import REPO_ROOT
 from tests.support.openssl_cms import openssl_decrypt
 
-REPO = Path(__file__).resolve().parent.parent
 MARKER = b"local-kms-plaintext-marker-7f3a"
 
 
@@ -47,15 +48,25 @@ def kms(local_kms: dict[str, Any]) -> Any:
     return local_kms_client(local_kms)
 
 
+@dataclass(frozen=True)
+class Enclave:
+    """The simulated enclave (default PCRs) and the RSA key it asks KMS to encrypt to."""
+
+    nsm: SimulatedNsm
+    private: rsa.RSAPrivateKey
+    key: RecipientKey
+
+    def recipient(self, nsm: SimulatedNsm | None = None) -> dict[str, Any]:
+        """KMS's Recipient: a fresh attestation document (from ``nsm``, another
+        enclave, if given) carrying the key."""
+        document = (nsm or self.nsm).attestation(public_key=self.key.public_key_der)
+        return {"AttestationDocument": document, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}
+
+
 @pytest.fixture(scope="module")
-def enclave_key() -> tuple[rsa.RSAPrivateKey, RecipientKey]:
+def enclave(nsm: SimulatedNsm) -> Enclave:
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return private, RecipientKey(private)
-
-
-def recipient(nsm: SimulatedNsm, key: RecipientKey) -> dict[str, Any]:
-    document = nsm.attestation(public_key=key.public_key_der)
-    return {"AttestationDocument": document, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}
+    return Enclave(nsm, private, RecipientKey(private))
 
 
 def error_code(caught: pytest.ExceptionInfo[ClientError]) -> str:
@@ -79,16 +90,15 @@ def attested_key(kms: Any) -> str:
 def test_decrypt_needs_a_matching_attestation(
     kms: Any,
     attested_key: str,
-    nsm: SimulatedNsm,
-    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
+    enclave: Enclave,
 ) -> None:
     blob = kms.encrypt(KeyId=attested_key, Plaintext=MARKER)["CiphertextBlob"]
     with pytest.raises(ClientError) as caught:
         kms.decrypt(CiphertextBlob=blob)
     assert error_code(caught) == "AccessDeniedException"
 
-    _private, key = enclave_key
-    answer = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(nsm, key))
+    key = enclave.key
+    answer = kms.decrypt(CiphertextBlob=blob, Recipient=enclave.recipient())
     assert "Plaintext" not in answer
     assert answer["KeyId"].endswith(attested_key)
     assert answer["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
@@ -98,16 +108,15 @@ def test_decrypt_needs_a_matching_attestation(
 def test_openssl_and_crypto_core_open_the_answer(
     kms: Any,
     attested_key: str,
-    nsm: SimulatedNsm,
-    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
+    enclave: Enclave,
     tmp_path: Path,
 ) -> None:
-    private, key = enclave_key
+    private = enclave.private
     blob = kms.encrypt(KeyId=attested_key, Plaintext=MARKER * 3)["CiphertextBlob"]
     envelope = kms.decrypt(
         CiphertextBlob=blob,
         KeyId=attested_key,
-        Recipient=recipient(nsm, key),
+        Recipient=enclave.recipient(),
     )["CiphertextForRecipient"]
     assert openssl_decrypt(tmp_path, envelope, private) == MARKER * 3
     assert decrypt_for_recipient(envelope, private) == MARKER * 3
@@ -117,23 +126,23 @@ def test_pcr_mismatch_is_denied(
     kms: Any,
     attested_key: str,
     enclave_ca: Path,
-    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
+    enclave: Enclave,
 ) -> None:
     blob = kms.encrypt(KeyId=attested_key, Plaintext=b"x")["CiphertextBlob"]
     other_image = {**DEFAULT_SIMULATED_PCRS, 1: bytes.fromhex("11" * 48)}
     nsm = SimulatedNsm.load(enclave_ca, pcrs=other_image)
     with pytest.raises(ClientError) as caught:
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(nsm, enclave_key[1]))
+        kms.decrypt(CiphertextBlob=blob, Recipient=enclave.recipient(nsm))
     assert error_code(caught) == "AccessDeniedException"
     assert "kms:Decrypt" in caught.value.response["Error"]["Message"]
 
 
 def test_document_from_another_root_is_refused(
-    kms: Any, attested_key: str, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
+    kms: Any, attested_key: str, enclave: Enclave
 ) -> None:
     blob = kms.encrypt(KeyId=attested_key, Plaintext=b"x")["CiphertextBlob"]
     with pytest.raises(ClientError) as caught:
-        kms.decrypt(CiphertextBlob=blob, Recipient=recipient(SimulatedNsm.create(), enclave_key[1]))
+        kms.decrypt(CiphertextBlob=blob, Recipient=enclave.recipient(SimulatedNsm.create()))
     assert error_code(caught) == "ValidationException"
     assert "attestation" in caught.value.response["Error"]["Message"]
 
@@ -141,21 +150,23 @@ def test_document_from_another_root_is_refused(
 def test_recipient_without_a_usable_key_or_algorithm_is_refused(
     kms: Any,
     attested_key: str,
-    nsm: SimulatedNsm,
-    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
+    enclave: Enclave,
 ) -> None:
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
     small_der = small.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     cases = [
-        {"AttestationDocument": nsm.attestation(), "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
         {
-            "AttestationDocument": nsm.attestation(public_key=small_der),
+            "AttestationDocument": enclave.nsm.attestation(),
             "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
         },
         {
-            "AttestationDocument": nsm.attestation(public_key=enclave_key[1].public_key_der),
+            "AttestationDocument": enclave.nsm.attestation(public_key=small_der),
+            "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+        },
+        {
+            "AttestationDocument": enclave.nsm.attestation(public_key=enclave.key.public_key_der),
             "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_1",
         },
         {"AttestationDocument": b"\x84junk", "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"},
@@ -180,17 +191,16 @@ def test_generate_data_key_for_recipient_round_trips(
     local_kms: dict[str, Any],
     kms: Any,
     attested_key: str,
-    nsm: SimulatedNsm,
-    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
+    enclave: Enclave,
 ) -> None:
-    key = enclave_key[1]
+    key = enclave.key
     answer = kms.generate_data_key(
-        KeyId=attested_key, KeySpec="AES_256", Recipient=recipient(nsm, key)
+        KeyId=attested_key, KeySpec="AES_256", Recipient=enclave.recipient()
     )
     assert "Plaintext" not in answer
     data_key = key.open(answer["CiphertextForRecipient"])
     assert len(data_key) == 32
-    again = kms.decrypt(CiphertextBlob=answer["CiphertextBlob"], Recipient=recipient(nsm, key))
+    again = kms.decrypt(CiphertextBlob=answer["CiphertextBlob"], Recipient=enclave.recipient())
     assert key.open(again["CiphertextForRecipient"]) == data_key
     # The enclave's role gets a data key only with attestation (the operator, who
     # seals secrets, may have one without: enclave-agent seal's envelopes).
@@ -203,16 +213,15 @@ def test_generate_data_key_for_recipient_round_trips(
 def test_generate_random_and_key_pair_for_recipient(
     kms: Any,
     attested_key: str,
-    nsm: SimulatedNsm,
-    enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey],
+    enclave: Enclave,
 ) -> None:
-    key = enclave_key[1]
-    answer = kms.generate_random(NumberOfBytes=48, Recipient=recipient(nsm, key))
+    key = enclave.key
+    answer = kms.generate_random(NumberOfBytes=48, Recipient=enclave.recipient())
     assert "Plaintext" not in answer
     assert len(key.open(answer["CiphertextForRecipient"])) == 48
 
     pair = kms.generate_data_key_pair(
-        KeyId=attested_key, KeyPairSpec="ECC_NIST_P256", Recipient=recipient(nsm, key)
+        KeyId=attested_key, KeyPairSpec="ECC_NIST_P256", Recipient=enclave.recipient()
     )
     assert "PrivateKeyPlaintext" not in pair
     private = serialization.load_der_private_key(key.open(pair["CiphertextForRecipient"]), None)
@@ -223,7 +232,7 @@ def test_generate_random_and_key_pair_for_recipient(
         == pair["PublicKey"]
     )
     again = kms.decrypt(
-        CiphertextBlob=pair["PrivateKeyCiphertextBlob"], Recipient=recipient(nsm, key)
+        CiphertextBlob=pair["PrivateKeyCiphertextBlob"], Recipient=enclave.recipient()
     )
     assert key.open(again["CiphertextForRecipient"]) == key.open(pair["CiphertextForRecipient"])
     # Not in the attested key's policy; a key with the default policy allows it.
@@ -248,9 +257,7 @@ def test_plain_kms_without_recipient_still_works(kms: Any) -> None:
     assert error_code(caught) == "NotFoundException"
 
 
-def test_explicit_deny_and_malformed_policies(
-    kms: Any, nsm: SimulatedNsm, enclave_key: tuple[rsa.RSAPrivateKey, RecipientKey]
-) -> None:
+def test_explicit_deny_and_malformed_policies(kms: Any, enclave: Enclave) -> None:
     image = DEFAULT_SIMULATED_PCRS[0].hex()
     key_id = kms.create_key()["KeyMetadata"]["KeyId"]
     kms.put_key_policy(
@@ -277,8 +284,8 @@ def test_explicit_deny_and_malformed_policies(
     with pytest.raises(ClientError) as caught:
         kms.decrypt(CiphertextBlob=blob)
     assert "explicit deny" in caught.value.response["Error"]["Message"]
-    answer = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(nsm, enclave_key[1]))
-    assert enclave_key[1].open(answer["CiphertextForRecipient"]) == b"deny wins"
+    answer = kms.decrypt(CiphertextBlob=blob, Recipient=enclave.recipient())
+    assert enclave.key.open(answer["CiphertextForRecipient"]) == b"deny wins"
     with pytest.raises(ClientError) as caught:
         kms.create_key(Policy=json.dumps({"Statement": [{"Effect": "Allow"}]}))
     assert error_code(caught) == "MalformedPolicyDocumentException"
@@ -296,7 +303,7 @@ def test_minted_credentials_via_credential_process_and_expiry(
     )
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     cfg = Config(retries={"total_max_attempts": 1})
@@ -487,7 +494,7 @@ def test_bad_command_lines_fail_with_a_reason(tmp_path: Path) -> None:
     for args, reason in cases:
         result = subprocess.run(
             [sys.executable, "-m", "devtools.local_kms", *args],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             capture_output=True,
             timeout=60,
         )

@@ -27,6 +27,7 @@ from enclave_common.http_server import Answer, HttpServer, Limits, Request
 from enclave_common.logs import configure_logging
 from enclave_common.logstream import LOGS_PATH, Dropped, Line, RecordReader, Snapshot
 from enclave_common.metrics import Registry
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 FAST = {"stall_timeout": 0.5, "keepalive": 0.2, "backoff_cap": 0.1}
@@ -336,8 +337,6 @@ async def test_a_pipe_line_longer_than_line_max_goes_in_pieces_and_the_tail_is_k
 
 # --- enclave-agent run: the agent's events and the app's output, as a real process ----
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def agent_config(tmp_path: Path, proxy: str, logs: str = "") -> Path:
     """No secrets, no KMS: the proxy address is dialled for the log channel only."""
@@ -356,8 +355,8 @@ async def run_agent_with(tmp_path: Path, proxy: str, logs: str, app: str) -> tup
     argv += [str(agent_config(tmp_path, proxy, logs)), "--", sys.executable, "-c", app]
     process = subprocess.Popen(
         argv,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from enclave_common.logs import configure_logging, get_logger, writes_to_journal
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +29,15 @@ def identity(path: Path) -> str:
     return f"{info.st_dev}:{info.st_ino}"
 
 
+@pytest.fixture
+def journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A file JOURNAL_STREAM names: what is written there goes to "the journal"."""
+    out = tmp_path / "journal"
+    out.touch()
+    monkeypatch.setenv("JOURNAL_STREAM", identity(out))
+    return out
+
+
 def log_every_level(path: Path) -> list[str]:
     with path.open("w") as stream:
         configure_logging("debug", stream=stream, process="test")
@@ -42,13 +50,8 @@ def log_every_level(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
 
-def test_each_line_carries_its_priority_when_stderr_is_the_journal(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    out = tmp_path / "journal"
-    out.touch()
-    monkeypatch.setenv("JOURNAL_STREAM", identity(out))
-    lines = log_every_level(out)
+def test_each_line_carries_its_priority_when_stderr_is_the_journal(journal: Path) -> None:
+    lines = log_every_level(journal)
     assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>", "<2>"]
     assert [json.loads(line[3:])["event"] for line in lines] == ["d", "i", "w", "e", "c"]
 
@@ -77,7 +80,7 @@ def test_the_proxy_under_the_journal_marks_its_error_lines(tmp_path: Path) -> No
     """The real process: a config error is logged at error priority, ``<3>``."""
     err = tmp_path / "stderr"
     err.touch()
-    env = {**os.environ, "JOURNAL_STREAM": identity(err), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "JOURNAL_STREAM": identity(err), "PYTHONPATH": str(REPO_ROOT)}
     with err.open("w") as stderr:
         done = subprocess.run(
             [sys.executable, "-m", "proxy.cli", "--listen", "tcp:10.0.0.1:8000"],
@@ -121,17 +124,12 @@ def test_library_records_become_events_from_warning_up(tmp_path: Path) -> None:
     assert events[1]["error"] == "ValueError"
 
 
-def test_the_tee_gets_each_line_without_the_prefix(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    out = tmp_path / "journal"
-    out.touch()
-    monkeypatch.setenv("JOURNAL_STREAM", identity(out))
+def test_the_tee_gets_each_line_without_the_prefix(journal: Path) -> None:
     teed: list[str] = []
-    with out.open("w") as stream:
+    with journal.open("w") as stream:
         configure_logging("info", stream=stream, process="test", tee=teed.append)
         get_logger().debug("filtered")
         get_logger().error("boom", n=1)
     assert len(teed) == 1
     assert json.loads(teed[0])["event"] == "boom"
-    assert out.read_text() == f"<3>{teed[0]}\n"
+    assert journal.read_text() == f"<3>{teed[0]}\n"

@@ -17,6 +17,7 @@ from enclave_agent.runtime.nsm import (
     read_random,
 )
 from enclave_agent.simulated.nsm import SimulatedNsm
+from tests.support.fuzzing import parsed_or_refused
 
 FUZZ = settings(max_examples=150, deadline=5000)
 READERS: list[Callable[[bytes], Any]] = [
@@ -42,10 +43,7 @@ names = st.sampled_from(["Attestation", "GetRandom", "DescribePCR", "DescribeNSM
 
 def _all_readers(raw: bytes) -> None:
     for reader in READERS:
-        try:
-            reader(raw)
-        except NsmError:
-            pass
+        parsed_or_refused(reader, raw, NsmError)
 
 
 @FUZZ

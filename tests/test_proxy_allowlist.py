@@ -19,6 +19,7 @@ from proxy.config import (
     effective_allowlist,
     parse_config_text,
 )
+from tests.support.fuzzing import parsed_or_refused
 
 
 def allows(entries: list[str], target: str) -> bool:
@@ -321,11 +322,9 @@ def test_cli_errors_name_the_option() -> None:
 
 @given(st.text(max_size=200))
 def test_config_parser_only_raises_config_error(text: str) -> None:
-    try:
-        settings = parse_config_text(text)
-    except ConfigError:
-        return
-    build_config(settings, CliOptions())
+    settings = parsed_or_refused(parse_config_text, text, ConfigError)
+    if settings is not None:
+        build_config(settings, CliOptions())
 
 
 _toml_value = st.one_of(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.conftest import REPO_ROOT
 from tests.support.proxy_harness import (
     echo_handler,
     open_tunnel,
@@ -22,7 +23,6 @@ from tests.support.proxy_harness import (
 from tests.support.stack import proxy_env as _env
 from tests.support.stack import start_proxy
 
-REPO = Path(__file__).resolve().parent.parent
 MARKER = b"SUBPROCESS-MARKER-51c0ffee-never-in-logs"
 
 
@@ -262,7 +262,7 @@ def test_a_tcp_listen_address_off_loopback_is_refused(
     where = ["--config", str(config)] + ([] if via_file else ["--listen", listen])
     done = subprocess.run(
         [sys.executable, "-m", "proxy.cli", *where, "--region", "us-east-1"],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=_env(tmp_path),
         capture_output=True,
         text=True,
@@ -287,7 +287,7 @@ def test_check_config(tmp_path: Path) -> None:
         path.write_text(text)
         return subprocess.run(
             [sys.executable, "-m", "proxy.cli", "check-config", str(path)],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             env=_env(tmp_path),
             capture_output=True,
             text=True,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from devtools.agent_image import pinned_versions
+from tests.conftest import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
-UNIT = REPO / "systemd" / "enclave-proxy.service"
+UNIT = REPO_ROOT / "systemd" / "enclave-proxy.service"
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
 )
@@ -77,7 +77,7 @@ def test_unit_essentials() -> None:
 @pytest.mark.skipif(shutil.which("systemctl") is None, reason="systemctl not installed")
 def test_install_proxy_twice_into_a_root(tmp_path: Path) -> None:
     """Skips the venv (that needs PyPI); config, unit and enablement are real."""
-    script = REPO / "scripts" / "install-proxy"
+    script = REPO_ROOT / "scripts" / "install-proxy"
     root = tmp_path / "root"
     for _ in range(2):
         done = subprocess.run(
@@ -96,7 +96,7 @@ def test_install_proxy_twice_into_a_root(tmp_path: Path) -> None:
     # The default config is valid, and an edited one survives another run.
     check = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "check-config", str(config)],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
@@ -119,7 +119,7 @@ def test_install_proxy_keeps_a_config_symlink_whose_target_is_missing(tmp_path: 
     link = confdir / "proxy.toml"
     link.symlink_to("/nonexistent/managed/proxy.toml")
     done = subprocess.run(
-        [str(REPO / "scripts" / "install-proxy"), "--root", str(root), "--skip-venv"],
+        [str(REPO_ROOT / "scripts" / "install-proxy"), "--root", str(root), "--skip-venv"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -145,15 +145,15 @@ def test_install_proxy_into_a_root_works_once_that_root_is_slash(tmp_path: Path)
     private mount namespace, DIR becomes / (chroot, with the system's directories and
     this Python bound read-only) and the installed command runs from there."""
     root = tmp_path / "stage.root"
-    checkout = sorted(p.name for p in REPO.iterdir())
+    checkout = sorted(p.name for p in REPO_ROOT.iterdir())
     done = subprocess.run(
-        [str(REPO / "scripts" / "install-proxy"), "--root", str(root)],
+        [str(REPO_ROOT / "scripts" / "install-proxy"), "--root", str(root)],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in REPO.iterdir()) == checkout  # no build/ nor egg-info left
+    assert sorted(p.name for p in REPO_ROOT.iterdir()) == checkout  # no build/ nor egg-info left
     venv = root / "opt/enclave-proxy/venv"
     python = venv / "bin/python"
 
@@ -177,7 +177,7 @@ def test_install_proxy_into_a_root_works_once_that_root_is_slash(tmp_path: Path)
     installed = {
         p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(listed.stdout)
     }
-    pins = pinned_versions(REPO / "deploy" / "constraints-proxy.txt")
+    pins = pinned_versions(REPO_ROOT / "deploy" / "constraints-proxy.txt")
     assert {name: pins.get(name) for name in installed} == installed
 
     base = subprocess.run(

@@ -27,6 +27,7 @@ from tests.support.proxy_harness import (
     request,
     running_proxy,
     tcp_server,
+    tunnel_to,
 )
 
 MARKER = b"MARKER-7f3c9a-must-never-be-logged"
@@ -71,21 +72,20 @@ async def test_tls_through_tunnel_client_verifies_server() -> None:
 
 async def test_plain_tunnel_forwards_early_bytes_and_marker_never_logged() -> None:
     logs = capture_logs()
-    async with tcp_server(echo_handler) as port, running_proxy((f"127.0.0.1:{port}",)) as proxy:
-        # Bytes sent right behind the request head (h11's trailing_data) must arrive first.
-        status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}", early=MARKER)
-        assert status == 200
-        await stream.send_all(b"|" + MARKER)
-        await stream.send_eof()
-        assert await read_to_eof(stream, rest) == MARKER + b"|" + MARKER
-        await stream.aclose()
+    # Bytes sent right behind the request head (h11's trailing_data) must arrive first.
+    async with tunnel_to(echo_handler, early=MARKER) as tunnel:
+        await tunnel.stream.send_all(b"|" + MARKER)
+        await tunnel.stream.send_eof()
+        assert await read_to_eof(tunnel.stream, tunnel.rest) == MARKER + b"|" + MARKER
+        await tunnel.stream.aclose()
     text = logs.getvalue()
     assert MARKER.decode() not in text
     (event,) = [e for e in log_events(logs) if e.get("method") == "CONNECT"]
     assert event["outcome"] == "closed"
     assert event["bytes_up"] == event["bytes_down"] == 2 * len(MARKER) + 1
-    assert event["peer"].startswith("tcp:127.0.0.1:") and event["target"] == f"127.0.0.1:{port}"
-    assert "duration_s" in event and event["upstream"] == f"127.0.0.1:{port}"
+    upstream = f"127.0.0.1:{tunnel.port}"
+    assert event["peer"].startswith("tcp:127.0.0.1:") and event["target"] == upstream
+    assert "duration_s" in event and event["upstream"] == upstream
     assert event["spliced"] is True  # socket to socket: bytes moved by splice(2)
 
 
@@ -101,17 +101,12 @@ async def test_half_close_keeps_the_other_direction_flowing() -> None:
         await stream.send_all(f"got {total}".encode())
         await stream.aclose()
 
-    async with (
-        tcp_server(count_then_answer) as port,
-        running_proxy((f"127.0.0.1:{port}",)) as proxy,
-    ):
-        status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}")
-        assert status == 200
+    async with tunnel_to(count_then_answer) as tunnel:
         payload = b"x" * 3_000_000
-        await stream.send_all(payload)
-        await stream.send_eof()
-        assert await read_to_eof(stream, rest) == b"got 3000000"
-        await stream.aclose()
+        await tunnel.stream.send_all(payload)
+        await tunnel.stream.send_eof()
+        assert await read_to_eof(tunnel.stream, tunnel.rest) == b"got 3000000"
+        await tunnel.stream.aclose()
 
 
 async def test_upstream_half_close_reaches_client() -> None:
@@ -124,29 +119,19 @@ async def test_upstream_half_close_reaches_client() -> None:
         assert data == b"late data"
         await stream.aclose()
 
-    async with (
-        tcp_server(greet_then_read) as port,
-        running_proxy((f"127.0.0.1:{port}",)) as proxy,
-    ):
-        status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}")
-        assert status == 200
-        assert await read_to_eof(stream, rest) == b"hello"
-        await stream.send_all(b"late data")
-        await stream.send_eof()
-        await stream.aclose()
+    async with tunnel_to(greet_then_read) as tunnel:
+        assert await read_to_eof(tunnel.stream, tunnel.rest) == b"hello"
+        await tunnel.stream.send_all(b"late data")
+        await tunnel.stream.send_eof()
+        await tunnel.stream.aclose()
 
 
 async def test_idle_timeout_closes_tunnel() -> None:
     logs = capture_logs()
-    async with (
-        tcp_server(echo_handler) as port,
-        running_proxy((f"127.0.0.1:{port}",), idle_timeout=0.3) as proxy,
-    ):
-        status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}")
-        assert status == 200
+    async with tunnel_to(echo_handler, idle_timeout=0.3) as tunnel:
         with trio.fail_after(10):
-            assert await read_to_eof(stream, rest) == b""
-        await stream.aclose()
+            assert await read_to_eof(tunnel.stream, tunnel.rest) == b""
+        await tunnel.stream.aclose()
     (event,) = [e for e in log_events(logs) if e.get("method") == "CONNECT"]
     assert event["outcome"] == "idle_timeout"
 

@@ -7,14 +7,14 @@ import base64
 import json
 import os
 import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
-from devtools.devstack import REPO_ROOT, create_enclave_key, local_kms_client, python_env
+from devtools.devstack import create_enclave_key, local_kms_client, python_env
 from devtools.local_kms.admin_client import mint_credentials
 from enclave_agent.runtime.sealed import (
     MAX_VALUE,
@@ -26,6 +26,7 @@ from enclave_agent.runtime.sealed import (
     parse_sealed,
 )
 from tests.conftest import STORE_ACCOUNTS
+from tests.support.stack import run_module
 
 A, B = STORE_ACCOUNTS
 PARENT_ROLE = f"arn:aws:iam::{A}:role/enclave-parent-instance"  # devstack's key policy role
@@ -63,6 +64,24 @@ def bucket(local_stores: dict[str, Any]) -> str:
     return "sealed-secrets"
 
 
+@dataclass(frozen=True)
+class Stores:
+    """The local stand-in as the operator sees it: its state, the operator's environment
+    (account A), a key it may seal with and a bucket."""
+
+    state: dict[str, Any]
+    env: dict[str, str]
+    key_id: str
+    bucket: str
+
+
+@pytest.fixture(scope="module")
+def stores(
+    local_stores: dict[str, Any], operator_env: dict[str, str], key_id: str, bucket: str
+) -> Stores:
+    return Stores(local_stores, operator_env, key_id, bucket)
+
+
 def client(state: dict[str, Any], service: str, account: str = A, **settings: Any) -> Any:
     return local_kms_client(state, service=service, account=account, **settings)
 
@@ -70,15 +89,7 @@ def client(state: dict[str, Any], service: str, account: str = A, **settings: An
 def seal(
     env: dict[str, str], *args: str, value: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "enclave_agent.cli", "seal", *args],
-        input=value,
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
+    return run_module("enclave_agent.cli", "seal", *args, env=env, stdin=value)
 
 
 def sealed_ok(env: dict[str, str], *args: str, value: bytes) -> dict[str, Any]:
@@ -145,51 +156,43 @@ def destinations(tmp_path: Path, bucket: str, tag: str) -> list[str]:
 
 @pytest.mark.parametrize(("size", "form"), [(4096, "kms"), (4097, "envelope")])
 def test_seal_to_each_destination_and_read_back(
-    local_stores: dict[str, Any],
-    operator_env: dict[str, str],
-    key_id: str,
-    bucket: str,
-    tmp_path: Path,
-    size: int,
-    form: str,
+    stores: Stores, tmp_path: Path, size: int, form: str
 ) -> None:
     value = fresh(size)
     sm, ssm, s3, file = (
-        sealed_ok(operator_env, "db", "--key-id", key_id, "--to", to, value=value)
-        for to in destinations(tmp_path, bucket, f"v{size}")
+        sealed_ok(stores.env, "db", "--key-id", stores.key_id, "--to", to, value=value)
+        for to in destinations(tmp_path, stores.bucket, f"v{size}")
     )
     for written in (sm, ssm, s3, file):
-        assert (written["name"], written["form"], written["key_id"]) == ("db", form, key_id)
-        blob = read_back(local_stores, written)
+        assert (written["name"], written["form"], written["key_id"]) == ("db", form, stores.key_id)
+        blob = read_back(stores.state, written)
         assert len(blob) == written["sealed_bytes"]
-        assert unseal(local_stores, "db", blob) == value
+        assert unseal(stores.state, "db", blob) == value
         assert_not_shown(value, blob)
         # Bound to its name: under another name's context it does not open.
         with pytest.raises((ClientError, SealedOpenError)):
-            unseal(local_stores, "api_key", blob)
+            unseal(stores.state, "api_key", blob)
     # What it printed: what the agent's `from` names, and the version written.
     assert sm["created"] is True and sm["from"] == "secretsmanager:" + sm["arn"]
     assert sm["arn"].startswith(f"arn:aws:secretsmanager:us-east-1:{A}:secret:sealed/v{size}-")
     assert ssm["arn"] == f"arn:aws:ssm:us-east-1:{A}:parameter/sealed/v{size}"
     assert (ssm["from"], ssm["version"]) == ("ssm:" + ssm["arn"], 1)
     assert ssm["tier"] == "Advanced"  # either sealed form of 4096 bytes is over 4096 in base64
-    assert s3["from"] == f"s3://{bucket}/sealed/v{size}" and s3["etag"]
+    assert s3["from"] == f"s3://{stores.bucket}/sealed/v{size}" and s3["etag"]
     assert file["path"] == str(tmp_path / f"v{size}") and file["from"] == "file:" + file["path"]
-    assert file["version"] == digest_version(read_back(local_stores, file))  # what the agent serves
+    assert file["version"] == digest_version(read_back(stores.state, file))  # what the agent serves
 
 
-def test_sealing_again_makes_a_new_version(
-    local_stores: dict[str, Any], operator_env: dict[str, str], key_id: str, bucket: str
-) -> None:
-    client(local_stores, "s3").put_bucket_versioning(
-        Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
+def test_sealing_again_makes_a_new_version(stores: Stores) -> None:
+    client(stores.state, "s3").put_bucket_versioning(
+        Bucket=stores.bucket, VersioningConfiguration={"Status": "Enabled"}
     )
-    args = ("db", "--key-id", key_id)
-    for to in ("secretsmanager:rotated", "ssm:/rotated", f"s3://{bucket}/rotated"):
-        first = sealed_ok(operator_env, *args, "--to", to, value=fresh())
+    args = ("db", "--key-id", stores.key_id)
+    for to in ("secretsmanager:rotated", "ssm:/rotated", f"s3://{stores.bucket}/rotated"):
+        first = sealed_ok(stores.env, *args, "--to", to, value=fresh())
         value = fresh()
-        second = sealed_ok(operator_env, *args, "--to", to, value=value)
-        assert unseal(local_stores, "db", read_back(local_stores, second)) == value
+        second = sealed_ok(stores.env, *args, "--to", to, value=value)
+        assert unseal(stores.state, "db", read_back(stores.state, second)) == value
         if to.startswith("secretsmanager:"):
             assert (first["arn"], second["created"]) == (second["arn"], False)
             assert first["version_id"] != second["version_id"]
@@ -198,29 +201,25 @@ def test_sealing_again_makes_a_new_version(
         else:
             assert None is not first["version_id"] != second["version_id"] is not None
     # An existing secret named by its ARN gets the new version; a missing ARN is an error.
-    arn = sealed_ok(operator_env, *args, "--to", "secretsmanager:byarn", value=fresh())["arn"]
-    again = sealed_ok(operator_env, *args, "--to", f"secretsmanager:{arn}", value=fresh())
+    arn = sealed_ok(stores.env, *args, "--to", "secretsmanager:byarn", value=fresh())["arn"]
+    again = sealed_ok(stores.env, *args, "--to", f"secretsmanager:{arn}", value=fresh())
     assert (again["arn"], again["created"]) == (arn, False)
     missing = f"arn:aws:secretsmanager:us-east-1:{A}:secret:never-AbCdEf"
-    result = seal(operator_env, *args, "--to", f"secretsmanager:{missing}", value=fresh())
+    result = seal(stores.env, *args, "--to", f"secretsmanager:{missing}", value=fresh())
     assert result.returncode == 1
     assert result.stderr.startswith(
         b"enclave-agent seal: PutSecretValue: ResourceNotFoundException"
     )
 
 
-def test_the_largest_values_and_where_they_fit(
-    local_stores: dict[str, Any],
-    operator_env: dict[str, str],
-    key_id: str,
-    bucket: str,
-    tmp_path: Path,
-) -> None:
+def test_the_largest_values_and_where_they_fit(stores: Stores, tmp_path: Path) -> None:
     largest = os.urandom(MAX_VALUE)
-    for to in (f"s3://{bucket}/largest", f"file:{tmp_path / 'largest'}"):
-        written = sealed_ok(operator_env, "bundle", "--key-id", key_id, "--to", to, value=largest)
+    for to in (f"s3://{stores.bucket}/largest", f"file:{tmp_path / 'largest'}"):
+        written = sealed_ok(
+            stores.env, "bundle", "--key-id", stores.key_id, "--to", to, value=largest
+        )
         assert written["form"] == "envelope"
-        assert unseal(local_stores, "bundle", read_back(local_stores, written)) == largest
+        assert unseal(stores.state, "bundle", read_back(stores.state, written)) == largest
     # Secrets Manager holds 65536 bytes and SSM 8192 base64 characters: a 64 KiB value
     # sealed is more than either, refused before anything is written.
     too_large = [
@@ -228,14 +227,14 @@ def test_the_largest_values_and_where_they_fit(
         ("ssm:/largest", "an SSM parameter"),
     ]
     for to, store in too_large:
-        result = seal(operator_env, "bundle", "--key-id", key_id, "--to", to, value=largest)
+        result = seal(stores.env, "bundle", "--key-id", stores.key_id, "--to", to, value=largest)
         assert result.returncode == 2, result.stderr
         message = result.stderr.decode()
         assert message.startswith("enclave-agent seal: the sealed value is ") and store in message
         assert "use s3:// (or file:)" in message and message.count("\n") == 1
-    assert "largest" not in str(client(local_stores, "secretsmanager").list_secrets())
+    assert "largest" not in str(client(stores.state, "secretsmanager").list_secrets())
     assert (
-        client(local_stores, "ssm").describe_parameters(
+        client(stores.state, "ssm").describe_parameters(
             ParameterFilters=[{"Key": "Name", "Values": ["/largest"]}]
         )["Parameters"]
         == []
@@ -243,8 +242,10 @@ def test_the_largest_values_and_where_they_fit(
     # What each does hold: an envelope of 60000 bytes in Secrets Manager, 5000 in SSM.
     for to, size in (("secretsmanager:large", 60000), ("ssm:/large", 5000)):
         value = os.urandom(size)
-        written = sealed_ok(operator_env, "bundle", "--key-id", key_id, "--to", to, value=value)
-        assert unseal(local_stores, "bundle", read_back(local_stores, written)) == value
+        written = sealed_ok(
+            stores.env, "bundle", "--key-id", stores.key_id, "--to", to, value=value
+        )
+        assert unseal(stores.state, "bundle", read_back(stores.state, written)) == value
     assert written["tier"] == "Advanced"
 
 
@@ -293,29 +294,23 @@ def test_no_region_or_no_credentials_is_a_configuration_error(
     assert result.returncode == 2 and b"no AWS credentials found" in result.stderr
 
 
-def test_what_aws_refuses_exits_1_and_writes_nothing(
-    local_stores: dict[str, Any],
-    operator_env: dict[str, str],
-    key_id: str,
-    bucket: str,
-    tmp_path: Path,
-) -> None:
+def test_what_aws_refuses_exits_1_and_writes_nothing(stores: Stores, tmp_path: Path) -> None:
     file = f"file:{tmp_path / 'x'}"
-    result = seal(operator_env, "db", "--key-id", "alias/none", "--to", file, value=fresh())
+    result = seal(stores.env, "db", "--key-id", "alias/none", "--to", file, value=fresh())
     assert result.returncode == 1
     assert result.stderr.startswith(b"enclave-agent seal: Encrypt: NotFoundException")
     assert not (tmp_path / "x").exists()
-    s3 = ("db", "--key-id", key_id, "--to", f"s3://{bucket}/owned", "--bucket-owner")
-    result = seal(operator_env, *s3, B, value=fresh())
+    s3 = ("db", "--key-id", stores.key_id, "--to", f"s3://{stores.bucket}/owned", "--bucket-owner")
+    result = seal(stores.env, *s3, B, value=fresh())
     assert result.returncode == 1
     assert result.stderr == b"enclave-agent seal: PutObject: AccessDenied: Access Denied\n"
-    listed = client(local_stores, "s3").list_objects_v2(Bucket=bucket, Prefix="owned")
+    listed = client(stores.state, "s3").list_objects_v2(Bucket=stores.bucket, Prefix="owned")
     assert "Contents" not in listed
     value = fresh()
-    written = sealed_ok(operator_env, *s3, A, value=value)
-    assert unseal(local_stores, "db", read_back(local_stores, written)) == value
+    written = sealed_ok(stores.env, *s3, A, value=value)
+    assert unseal(stores.state, "db", read_back(stores.state, written)) == value
     nowhere = f"file:{tmp_path}/no/dir/x"
-    result = seal(operator_env, "db", "--key-id", key_id, "--to", nowhere, value=fresh())
+    result = seal(stores.env, "db", "--key-id", stores.key_id, "--to", nowhere, value=fresh())
     assert result.returncode == 1 and b"cannot write" in result.stderr
 
 

@@ -32,9 +32,10 @@ from enclave_agent.runtime.store_protocol import (
     read_request,
     service_of,
 )
+from tests.conftest import STORE_ACCOUNTS
 from tests.support.botocore_oracle import AT, Creds, botocore_clock, botocore_sends, text
 
-A, B = "111122223333", "444455556666"
+A, B = STORE_ACCOUNTS
 SM_ARN = f"arn:aws:secretsmanager:eu-west-1:{A}:secret:prod/db-AbCdEf"
 SSM_ARN = f"arn:aws:ssm:eu-west-1:{A}:parameter/prod/db"
 SEALED = b"\x01\x02\x03 sealed bytes"

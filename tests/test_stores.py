@@ -19,6 +19,7 @@ from enclave_agent.runtime.store_protocol import MAX_JSON_ANSWER, StoredSecret
 from enclave_agent.runtime.stores import StoreError, StoreReader
 from enclave_common.address import parse_address
 from enclave_common.aws import STORE_SERVICES
+from tests.conftest import STORE_ACCOUNTS
 from tests.support.kms_fakes import (
     FakeKms,
     Relay,
@@ -31,7 +32,7 @@ from tests.support.kms_fakes import (
     streamed,
 )
 
-A, B = "111122223333", "444455556666"
+A, B = STORE_ACCOUNTS
 SM_ARN = f"arn:aws:secretsmanager:us-east-1:{A}:secret:app/db-AbCdEf"
 SSM_ARN = f"arn:aws:ssm:us-east-1:{A}:parameter/app/db"
 SEALED = b"\x01sealed-bytes-of-the-secret"
@@ -85,6 +86,14 @@ class Stack:
         with pytest.raises(StoreError) as info:
             await self.read(location)
         return info.value
+
+    async def refused_within(self, location: StoreLocation, answer: Streamed, bound: int) -> str:
+        """Why the store's one hostile ``answer`` was refused; whatever it sent, what
+        crossed the relay stayed within ``bound`` (and its TLS)."""
+        self.store.script = [answer]
+        message = (await self.refused(location)).message
+        assert len(self.relay.relayed) < bound + 256 * 1024
+        return message
 
 
 @pytest.fixture
@@ -185,10 +194,7 @@ async def test_an_expired_token_is_fetched_again_once(stack: Stack) -> None:
 async def test_hostile_s3_answers_are_bounded_and_refused(
     stack: Stack, answer: Streamed, reason: str
 ) -> None:
-    stack.store.script = [answer]
-    assert reason in (await stack.refused(S3)).message
-    # Whatever it sent, what crossed the relay stayed within the bound (and its TLS).
-    assert len(stack.relay.relayed) < MAX_SEALED_BYTES + 256 * 1024
+    assert reason in await stack.refused_within(S3, answer, MAX_SEALED_BYTES)
 
 
 @pytest.mark.parametrize(
@@ -219,9 +225,7 @@ async def test_hostile_s3_answers_are_bounded_and_refused(
 async def test_hostile_json_answers_are_bounded_and_refused(
     stack: Stack, answer: Streamed, reason: str
 ) -> None:
-    stack.store.script = [answer]
-    assert reason in (await stack.refused(SM)).message
-    assert len(stack.relay.relayed) < MAX_JSON_ANSWER + 256 * 1024
+    assert reason in await stack.refused_within(SM, answer, MAX_JSON_ANSWER)
 
 
 async def test_a_store_whose_certificate_does_not_verify_is_never_asked(

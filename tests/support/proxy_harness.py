@@ -168,3 +168,26 @@ async def tcp_server(handler: Any) -> AsyncIterator[int]:
             yield port
         finally:
             nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Tunnel:
+    port: int  # the upstream's
+    proxy: RunningProxy
+    stream: trio.SocketStream
+    rest: bytes  # what came past the CONNECT answer's head
+
+
+@asynccontextmanager
+async def tunnel_to(
+    handler: Any, early: bytes = b"", **proxy_settings: Any
+) -> AsyncIterator[Tunnel]:
+    """An upstream serving ``handler`` on loopback, the proxy allowing just it (and
+    ``proxy_settings``), and one tunnel opened to it: its CONNECT answered 200."""
+    async with (
+        tcp_server(handler) as port,
+        running_proxy((f"127.0.0.1:{port}",), **proxy_settings) as proxy,
+    ):
+        status, stream, rest = await open_tunnel(proxy.port, f"127.0.0.1:{port}", early)
+        assert status == 200
+        yield Tunnel(port, proxy, stream, rest)

@@ -1,34 +1,69 @@
 """Helpers for tests that run real processes.
 
+- ``run_module``: ``python -m MODULE`` run to its end, its output captured.
 - ``start_proxy`` / ``ProxyProcess``: enclave-proxy as a subprocess with its own log.
 - ``FaultStack``: ``devtools.devstack.DevStack`` whose proxy can be started on a
   chosen port (to restart it where the agent expects it) and with extra arguments
   (more ``--allow`` entries, a ``--config`` file).
+- ``temporary_stack``: a stack in a fresh temporary directory, stopped and removed after.
+- ``enclave_key`` / ``secret_toml``: a key only the stack's enclave image may use, and
+  the ``[secrets.NAME]`` table of a ciphertext sealed under it.
 - ``agent_config``: an agent config written by the devstack, with ``[limits]`` and
   the simulated NSM's ``fail_with`` added.
+- ``AgentStack``: a started FaultStack whose agent serves secret ``db``, with the key
+  and a ciphertext the tests decrypt through it.
 - ``raw_exchange``: bytes in, bytes out over a Unix or TCP socket, for hostile input.
 - ``events_since`` / ``find_leaks``: read JSON log events, look for secrets in blobs.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, TypeVar
 
 import trio
 
-from devtools.devstack import DevStack, _Process, log_events, spawn
+from devtools.devstack import (
+    DevStack,
+    _Process,
+    create_enclave_key,
+    direct_kms_client,
+    log_events,
+    spawn,
+)
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def run_module(
+    module: str,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[bytes]:
+    """``python -m module *args`` from the repository's root, run to its end (whatever
+    its exit status) with stdin, stdout and stderr as bytes."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+    )  # check=False: the caller judges the exit status
 
 
 # --- enclave-proxy as a subprocess ------------------------------------------------
@@ -145,6 +180,38 @@ class FaultStack(DevStack):
         self._retire_log(name)
 
 
+S = TypeVar("S", bound=DevStack)
+
+
+@contextmanager
+def temporary_stack(prefix: str, make: Callable[[Path], S]) -> Iterator[S]:
+    """``make(work_dir)`` in a fresh temporary directory (not pytest's: a module-scoped
+    fixture outlives a test's); stopped, and the directory removed, on the way out."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    dev = make(work)
+    try:
+        yield dev
+    finally:
+        dev.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def enclave_key(dev: DevStack, pcr0: str | None = None) -> tuple[Any, str]:
+    """The parent's KMS client (boto3, the stack's credentials) and a new key whose
+    policy lets only the enclave image with ``pcr0`` (default: the stack's) decrypt."""
+    state = dev.state()
+    kms = direct_kms_client(state)
+    return kms, create_enclave_key(kms, state["account_id"], pcr0 or dev.pcrs()["0"])
+
+
+def secret_toml(name: str, ciphertext: bytes, *, file: Path, key_id: str = "") -> str:
+    """The agent config's ``[secrets.NAME]`` table for a ciphertext given inline."""
+    table = f'\n[secrets.{name}]\nciphertext = "{base64.b64encode(ciphertext).decode()}"\n'
+    if key_id:
+        table += f'key_id = "{key_id}"\n'
+    return table + f'file = "{file}"\n'
+
+
 def agent_config(
     dev: DevStack,
     name: str,
@@ -166,6 +233,30 @@ def agent_config(
         )
         path.write_text(text)
     return path
+
+
+@dataclass
+class AgentStack:
+    """A started FaultStack: a key only its enclave image may use, ``plaintext``
+    encrypted under it (``ciphertext``), and an agent serving secret ``db``."""
+
+    dev: FaultStack
+    key_id: str
+    ciphertext: bytes
+    plaintext: bytes
+
+    @classmethod
+    def start(
+        cls, dev: FaultStack, *, plaintext: bytes, secret: bytes, limits: Mapping[str, float]
+    ) -> Self:
+        """Start the whole stack, with the agent's ``[limits]``."""
+        dev.start(agent=False)
+        kms, key_id = enclave_key(dev)
+        ciphertext = kms.encrypt(KeyId=key_id, Plaintext=plaintext)["CiphertextBlob"]
+        blob = kms.encrypt(KeyId=key_id, Plaintext=secret)["CiphertextBlob"]
+        db = secret_toml("db", blob, file=dev.work_dir / "tmpfs" / "db")
+        dev.start_agent(agent_config(dev, "agent", limits=limits, secrets_toml=db))
+        return cls(dev, key_id, ciphertext, plaintext)
 
 
 # --- raw sockets --------------------------------------------------------------------
