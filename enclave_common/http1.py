@@ -77,6 +77,15 @@ class Wire:
             await self.receive()
         return event
 
+    async def next_event_by(self, deadline: float) -> Any:
+        """``next_event``, its bytes in by ``deadline`` (else ``trio.TooSlowError``). An
+        event already in hand (a body that came with its head) needs no cancel scope."""
+        event = self.event()
+        if event is h11.NEED_DATA:
+            with trio.fail_at(deadline):
+                event = await self.next_event()
+        return event
+
 
 @dataclass(frozen=True, repr=False)
 class Response:

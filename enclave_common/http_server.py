@@ -185,8 +185,7 @@ class Request:
             if wire.h11.they_are_waiting_for_100_continue and self.method != "CONNECT":
                 continued = h11.InformationalResponse(status_code=100, headers=[])
                 await self._connection.write(wire.h11.send(continued))
-            with trio.fail_at(deadline):
-                event = await wire.next_event()
+            event = await wire.next_event_by(deadline)
         except trio.TooSlowError:
             raise HttpError(408, "request body not received in time") from None
         except h11.RemoteProtocolError:
@@ -356,8 +355,7 @@ class _Connection:
             record.started = trio.current_time()
         deadline = (self.opened if first else record.started) + limits.header_timeout
         try:
-            with trio.fail_at(deadline):
-                event = await wire.next_event()
+            event = await wire.next_event_by(deadline)
         except trio.TooSlowError:
             raise HttpError(408, "request head not received in time") from None
         except h11.RemoteProtocolError as exc:

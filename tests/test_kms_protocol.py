@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -72,7 +73,7 @@ def test_valid_requests_pass_and_build() -> None:
         trusted=TRUSTED,
     )
     assert "DryRun" not in request.members
-    body = json.loads(kp.build_request(request, b"document"))
+    body = json.loads(kp.build_request(request, b"document").data)
     assert body["Recipient"] == {
         "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
         "AttestationDocument": base64.b64encode(b"document").decode(),
@@ -133,7 +134,29 @@ def test_validator_accepts_or_raises_its_own_error(operation: str, body: Any) ->
         return
     assert "Recipient" not in request.members
     document = b"doc" if OPERATION_TABLE[operation].recipient else None
-    json.loads(kp.build_request(request, document))
+    # Byte for byte the members after Recipient as a first member, and their SHA-256
+    # (build_request splices in a per-document encoding of Recipient and its hash).
+    expected: dict[str, Any] = {}
+    if document is not None:
+        expected["Recipient"] = {
+            "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+            "AttestationDocument": base64.b64encode(document).decode(),
+        }
+    expected.update(request.members)
+    built = kp.build_request(request, document)
+    assert built.data == json.dumps(expected, separators=(",", ":")).encode()
+    assert built.sha256 == hashlib.sha256(built.data).hexdigest()
+
+
+def test_recipient_is_spliced_in_as_the_first_member_even_of_an_empty_object() -> None:
+    empty = kp.build_request(kp.ValidatedRequest("Decrypt", {}), b"doc")
+    assert empty.sha256 == hashlib.sha256(empty.data).hexdigest()
+    assert json.loads(empty.data) == {
+        "Recipient": {"KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "AttestationDocument": "ZG9j"}
+    }
+    # ValidatedRequest made by hand, past validate_request: never a second Recipient.
+    with pytest.raises(ValueError, match="Recipient is the agent's"):
+        kp.build_request(kp.ValidatedRequest("Decrypt", {"Recipient": {}}), b"doc")
 
 
 def test_answer_is_shaped_like_kms_without_recipient() -> None:
@@ -549,7 +572,7 @@ def test_unknown_members_are_refused_for_every_operation(operation: str) -> None
 @pytest.mark.parametrize("operation", PASS_THROUGH_OPERATIONS)
 def test_a_pass_through_request_is_sent_as_the_app_wrote_it(operation: str) -> None:
     request = kp.validate_request(operation, sample_request(operation), trusted=TRUSTED)
-    assert json.loads(kp.build_request(request, None)) == sample_request(operation)
+    assert json.loads(kp.build_request(request, None).data) == sample_request(operation)
     with pytest.raises(ValueError, match="Recipient only"):
         kp.build_request(request, b"document")
     with pytest.raises(kp.KmsProtocolError, match="Recipient: unknown member"):

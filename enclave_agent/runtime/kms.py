@@ -285,14 +285,14 @@ class KmsGateway:
         except NsmError as exc:
             raise KmsError("KMSInternalException", f"NSM error: {exc.error_name}", 500) from None
 
-    def _sign(self, creds: Credentials, operation: str, body: bytes) -> list[tuple[str, str]]:
+    def _sign(self, creds: Credentials, operation: str, body_sha256: str) -> list[tuple[str, str]]:
         headers = kms_protocol.request_headers(operation)
         try:
             return self.pool.signed_headers(
                 "POST",
                 "/",
                 headers,
-                body,
+                body_sha256,
                 service="kms",
                 region=self._settings.region,
                 credentials=creds,
@@ -309,9 +309,9 @@ class KmsGateway:
         recipient = OPERATION_TABLE[operation].recipient
         lease = await self.documents.get() if recipient else None
         body = kms_protocol.build_request(validated, lease.document.data if lease else None)
-        headers = self._sign(creds, operation, body)
+        headers = self._sign(creds, operation, body.sha256)
         try:
-            response = await self.pool.request("POST", "/", headers, body)
+            response = await self.pool.request("POST", "/", headers, body.data)
         except TransportError as exc:
             raise _on_the_way(exc.message, retryable=exc.retryable) from None
         record.request_id = next(

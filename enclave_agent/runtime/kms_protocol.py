@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -191,7 +193,7 @@ def validate_request(
             refusal = trusted.refusal_for_request(key_id)
             if refusal is not None:
                 raise _untrusted_key(f"{operation} refused before any call to KMS: {refusal}")
-    return ValidatedRequest(operation, dict(members))
+    return ValidatedRequest(operation, members)
 
 
 def _where(path: str, name: str) -> str:
@@ -270,19 +272,46 @@ def request_headers(operation: str) -> list[tuple[str, str]]:
     return [("Content-Type", CONTENT_TYPE), ("X-Amz-Target", f"{TARGET_PREFIX}.{operation}")]
 
 
-def build_request(request: ValidatedRequest, attestation_document: bytes | None) -> bytes:
-    """The JSON body sent to KMS: the app's members, plus our ``Recipient`` for a
+# One encoder for every request: json.dumps with options builds a new one per call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+@dataclass(frozen=True, repr=False)
+class RequestBody:
+    data: bytes
+    sha256: str  # of ``data``, in hex: SigV4's payload hash
+
+
+@functools.lru_cache(maxsize=2)
+def _recipient_opening(attestation_document: bytes) -> tuple[bytes, Any]:
+    """``{"Recipient":{...}`` in JSON, and SHA-256's state after it. A document is
+    reused for many calls and its base64 is most of a request's bytes: encoded and
+    hashed once per document, not per call."""
+    recipient = {
+        "KeyEncryptionAlgorithm": KEY_ENCRYPTION_ALGORITHM,
+        "AttestationDocument": base64.b64encode(attestation_document).decode("ascii"),
+    }
+    opening = f'{{"Recipient":{_COMPACT_JSON.encode(recipient)}'.encode()
+    return opening, hashlib.sha256(opening)
+
+
+def build_request(request: ValidatedRequest, attestation_document: bytes | None) -> RequestBody:
+    """The JSON body sent to KMS: the app's members, after our ``Recipient`` for a
     Recipient operation (``attestation_document`` is its document; None for a
     pass-through operation, which takes none)."""
-    body = dict(request.members)
     if OPERATION_TABLE[request.operation].recipient != (attestation_document is not None):
         raise ValueError(f"{request.operation}: an attestation document goes with Recipient only")
-    if attestation_document is not None:
-        body["Recipient"] = {
-            "KeyEncryptionAlgorithm": KEY_ENCRYPTION_ALGORITHM,
-            "AttestationDocument": base64.b64encode(attestation_document).decode("ascii"),
-        }
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+    members = _COMPACT_JSON.encode(request.members).encode("utf-8")
+    if attestation_document is None:
+        return RequestBody(members, hashlib.sha256(members).hexdigest())
+    if "Recipient" in request.members:
+        raise ValueError("Recipient is the agent's to add (validate_request refuses it)")
+    opening, hashed = _recipient_opening(attestation_document)
+    # Our member first, then the app's: '{' gives way to ','.
+    rest = b"," + members[1:] if request.members else b"}"
+    digest = hashed.copy()
+    digest.update(rest)
+    return RequestBody(opening + rest, digest.hexdigest())
 
 
 # --------------------------------------------------------------- response side

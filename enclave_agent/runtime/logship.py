@@ -150,7 +150,16 @@ class LogShipper:
         token = trio.lowlevel.current_trio_token()
 
         def wake() -> None:
-            # From any thread; a no-op once the shipper is gone.
+            # From any thread; a no-op once the shipper is gone. Most events come from
+            # the shipper's own run: set the event directly, without a trip through
+            # trio's wakeup socket and a task of its own for each logged line.
+            try:
+                ours = trio.lowlevel.current_trio_token() is token
+            except RuntimeError:  # another thread, outside any trio run
+                ours = False
+            if ours:
+                self._arrived.set()
+                return
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(self._arrived.set)
 

@@ -260,7 +260,7 @@ class ConnectionPool:
         method: str,
         path: str,
         headers: Sequence[tuple[str, str]],
-        payload: bytes,
+        payload: bytes | str,
         *,
         service: str,
         region: str,
@@ -268,8 +268,9 @@ class ConnectionPool:
         keys: sigv4.SigningKeyCache,
     ) -> list[tuple[str, str]]:
         """A request's headers for this endpoint, signed now with SigV4: Host, ``headers``,
-        then the signer's own. Only what the proxy sent can be unsignable (an access key
-        id with "/" or ","): ``sigv4.SigningError`` then says so, naming the service."""
+        then the signer's own (``payload``: the body, or its SHA-256 in hex). Only what the
+        proxy sent can be unsignable (an access key id with "/" or ","):
+        ``sigv4.SigningError`` then says so, naming the service."""
         try:
             added = sigv4.sign(
                 method=method,
