@@ -1,4 +1,6 @@
 import base64
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -416,6 +418,44 @@ def test_a_sealed_file_missing_empty_or_too_large_is_a_config_error(
         load_config(path)
     assert str(info.value).startswith(f"{path}: secrets.tls")
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_sealed_file_that_is_a_fifo_or_a_device_is_a_config_error_not_a_hang(
+    tmp_path: Path,
+) -> None:
+    """A FIFO never written to would block the start for ever on open; a device gives
+    bytes that are no file of the image: only a regular file (through a symlink too)."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(tmp_path / "fifo")
+    (tmp_path / "real").write_bytes(b"\x01sealed")
+    (tmp_path / "good-link").symlink_to(tmp_path / "real")
+    for name, target in [("fifo", "fifo"), ("link", "link"), ("device", "/dev/null")]:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f'{STORE_HEAD}[secrets.tls]\nfrom = "file:{target}"\n')
+        outcome: list[BaseException | None] = []
+
+        def load(config: Path = path, into: list[BaseException | None] = outcome) -> None:
+            try:
+                load_config(config)
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                into.append(exc)
+            else:
+                into.append(None)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        loader.join(timeout=10)
+        if loader.is_alive():  # blocked on the FIFO: a writer's open and close frees it
+            os.close(os.open(tmp_path / "fifo", os.O_WRONLY | os.O_NONBLOCK))
+            loader.join(timeout=20)
+            pytest.fail(f"load_config blocked on from = file:{target}")
+        [error] = outcome
+        assert isinstance(error, ConfigError), error
+        shown = target if target.startswith("/") else tmp_path / target
+        assert f"secrets.tls.from: {shown} is not a regular file" in str(error)
+    path = tmp_path / "good.toml"
+    path.write_text(f'{STORE_HEAD}[secrets.tls]\nfrom = "file:good-link"\n')
+    assert load_config(path).secrets["tls"].ciphertext == b"\x01sealed"
 
 
 def test_store_endpoints_must_be_https_urls() -> None:

@@ -245,6 +245,11 @@ AGENT_CASES: list[tuple[str, list[bytes], int | None]] = [
         400,
     ),
     ("recipient smuggled", [kms("Decrypt", '{"CiphertextBlob": "AAAA", "Recipient": {}}')], 400),
+    (  # json keeps the last of repeated members: the refusal must not see only null
+        "recipient smuggled then nulled",
+        [kms("Decrypt", '{"CiphertextBlob": "AAAA", "Recipient": {"x": 1}, "Recipient": null}')],
+        400,
+    ),
     ("unknown operation", [kms("ScheduleKeyDeletion", '{"KeyId": "x"}')], 400),
     ("odd target", [kms("Decrypt", "{}").replace(b"TrentService.", b"Other.")], 400),
     ("no target", [http("POST", "/", {}, b"{}")], 400),

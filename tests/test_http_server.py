@@ -2,9 +2,10 @@
 
 Each server in the project (the local KMS, the proxy front, the agent) runs
 on this driver, so the hostile-input cases are played here once: heads too large in
-one read or trickled, slow heads, idle clients, bodies over the limit, garbage,
-pipelining, 100-continue, clients that never read or leave mid-body, raw refusals,
-streamed bodies, answers held open, CONNECT hand-over and shutdown.
+one read or trickled, slow heads, bodies trickled past their deadline, idle clients,
+bodies over the limit, garbage, pipelining, 100-continue, clients that never read or
+leave mid-body, raw refusals, streamed bodies, answers held open, CONNECT hand-over
+and shutdown.
 """
 
 from __future__ import annotations
@@ -271,6 +272,43 @@ async def test_a_client_leaving_mid_body_ends_only_its_connection(served: Served
     # half-closed and still read (the agent and the proxy answered so before the driver).
     assert (report.outcome, report.status, report.received) == ("rejected", 400, 5)
     assert statuses(await exchange(served.port, head_of(200))) == [200]
+
+
+@pytest.mark.parametrize(
+    ("first", "piece"),
+    [
+        (b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 200\r\n\r\nx", b"y"),
+        (
+            b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n",
+            b"1\r\ny\r\n",
+        ),
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_a_body_trickled_in_tiny_pieces_is_cut_off_at_the_requests_deadline(
+    served: Served, first: bytes, piece: bytes
+) -> None:
+    """The whole body is due by the request's deadline (header_timeout from its start),
+    however small and frequent its pieces, and a piece already in hand with the head
+    (taken without waiting) does not move it: a byte every 50 ms for 10 s gets 408."""
+    async with await served.connect(first) as stream:
+
+        async def trickle() -> None:
+            for _ in range(199):
+                try:
+                    await stream.send_all(piece)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            answer = await read_all(stream)
+            nursery.cancel_scope.cancel()
+    assert statuses(answer) == [408]
+    (report,) = await settled(served.reports, 1)
+    assert (report.outcome, report.reason) == ("rejected", "request body not received in time")
+    assert 1 <= report.received < 200
 
 
 async def test_raw_refusal_is_read_by_the_client_not_reset(nursery: trio.Nursery) -> None:

@@ -159,6 +159,32 @@ def test_recipient_is_spliced_in_as_the_first_member_even_of_an_empty_object() -
         kp.build_request(kp.ValidatedRequest("Decrypt", {"Recipient": {}}), b"doc")
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=4, unique=True),
+    st.lists(st.integers(0, 3), min_size=1, max_size=12),
+    st.lists(st.sampled_from(["", "a", "b\u00e9", "\ud800"]), min_size=1, max_size=12),
+)
+def test_each_body_carries_its_own_document_and_hash_however_documents_alternate(
+    documents: list[bytes], order: list[int], contexts: list[str]
+) -> None:
+    """Recipient's opening and its hash state are cached per document (a few at once):
+    a refreshed document, an older one coming back after the refresh-once retry, calls
+    of several apps in turn. Each body names its own document once, under one Recipient,
+    and its hash is its bytes'; no state of one call reaches the next."""
+    for step, index in enumerate(order):
+        document = documents[index % len(documents)]
+        context = contexts[step % len(contexts)]
+        members = {"CiphertextBlob": B64, "EncryptionContext": {"app": context}} if context else {}
+        built = kp.build_request(kp.ValidatedRequest("Decrypt", members), document)
+        b64 = base64.b64encode(document).decode()
+        assert built.sha256 == hashlib.sha256(built.data).hexdigest()
+        top = json.loads(built.data, object_pairs_hook=lambda pairs: pairs)
+        assert [name for name, _ in top] == ["Recipient", *members]  # each member once
+        recipient = {"KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "AttestationDocument": b64}
+        assert json.loads(built.data) == {"Recipient": recipient, **members}
+
+
 def test_answer_is_shaped_like_kms_without_recipient() -> None:
     cfr = base64.b64encode(b"envelope").decode()
     body = json.dumps(

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from enclave_agent.client import DEFAULT_SOCKET
 from enclave_agent.runtime.documents import DEFAULT_REUSE_SECONDS, MAX_REUSE_SECONDS
@@ -618,6 +620,20 @@ def load_config(path: str | Path) -> AgentConfig:
     return replace(config, secrets=secrets)
 
 
+def _image_file(path: Path) -> BinaryIO:
+    """A sealed file of the image, open for reading: a regular file (through symlinks),
+    else OSError. Opened without blocking, so a FIFO is refused instead of holding the
+    start for ever waiting for a writer (no effect on a regular file's reads)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file (a sealed file of the image is one)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _read_ciphertext(secret: SecretConfig) -> SecretConfig:
     where = f"secrets.{secret.name}"
     most: int | None = None
@@ -628,7 +644,7 @@ def _read_ciphertext(secret: SecretConfig) -> SecretConfig:
     else:
         return secret
     try:
-        with source.open("rb") as handle:
+        with source.open("rb") if most is None else _image_file(source) as handle:
             # One byte more than the most: enough to refuse a larger file without reading it.
             ciphertext = handle.read(-1 if most is None else most + 1)
     except OSError as exc:
