@@ -420,18 +420,22 @@ def test_a_sealed_file_missing_empty_or_too_large_is_a_config_error(
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "line"), [("from", 'from = "file:{}"'), ("ciphertext_file", 'ciphertext_file = "{}"')]
+)
 def test_a_sealed_file_that_is_a_fifo_or_a_device_is_a_config_error_not_a_hang(
-    tmp_path: Path,
+    tmp_path: Path, key: str, line: str
 ) -> None:
     """A FIFO never written to would block the start for ever on open; a device gives
-    bytes that are no file of the image: only a regular file (through a symlink too)."""
+    bytes that are no file of the image: only a regular file (through a symlink too),
+    for a sealed file and a ciphertext_file alike."""
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "link").symlink_to(tmp_path / "fifo")
     (tmp_path / "real").write_bytes(b"\x01sealed")
     (tmp_path / "good-link").symlink_to(tmp_path / "real")
     for name, target in [("fifo", "fifo"), ("link", "link"), ("device", "/dev/null")]:
         path = tmp_path / f"{name}.toml"
-        path.write_text(f'{STORE_HEAD}[secrets.tls]\nfrom = "file:{target}"\n')
+        path.write_text(f"{STORE_HEAD}[secrets.tls]\n{line.format(target)}\n")
         outcome: list[BaseException | None] = []
 
         def load(config: Path = path, into: list[BaseException | None] = outcome) -> None:
@@ -448,13 +452,13 @@ def test_a_sealed_file_that_is_a_fifo_or_a_device_is_a_config_error_not_a_hang(
         if loader.is_alive():  # blocked on the FIFO: a writer's open and close frees it
             os.close(os.open(tmp_path / "fifo", os.O_WRONLY | os.O_NONBLOCK))
             loader.join(timeout=20)
-            pytest.fail(f"load_config blocked on from = file:{target}")
+            pytest.fail(f"load_config blocked on {line.format(target)}")
         [error] = outcome
         assert isinstance(error, ConfigError), error
         shown = target if target.startswith("/") else tmp_path / target
-        assert f"secrets.tls.from: {shown} is not a regular file" in str(error)
+        assert f"secrets.tls.{key}: {shown} is not a regular file" in str(error)
     path = tmp_path / "good.toml"
-    path.write_text(f'{STORE_HEAD}[secrets.tls]\nfrom = "file:good-link"\n')
+    path.write_text(f"{STORE_HEAD}[secrets.tls]\n{line.format('good-link')}\n")
     assert load_config(path).secrets["tls"].ciphertext == b"\x01sealed"
 
 

@@ -364,7 +364,7 @@ class SecretConfig:
     )
     ciphertext_file: Path | None = setting(
         path,
-        "a file holding the raw CiphertextBlob, read at start",
+        "a file holding the raw CiphertextBlob (a regular file), read at start",
         default=None,
         shown=_ONE_SOURCE,
     )
@@ -621,13 +621,14 @@ def load_config(path: str | Path) -> AgentConfig:
 
 
 def _image_file(path: Path) -> BinaryIO:
-    """A sealed file of the image, open for reading: a regular file (through symlinks),
-    else OSError. Opened without blocking, so a FIFO is refused instead of holding the
-    start for ever waiting for a writer (no effect on a regular file's reads)."""
+    """A file of the image (a sealed file, a ``ciphertext_file``), open for reading: a
+    regular file (through symlinks), else OSError. Opened without blocking, so a FIFO is
+    refused instead of holding the start for ever waiting for a writer (no effect on a
+    regular file's reads)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file (a sealed file of the image is one)")
+            raise OSError(f"{path} is not a regular file (a file of the image is one)")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -644,7 +645,7 @@ def _read_ciphertext(secret: SecretConfig) -> SecretConfig:
     else:
         return secret
     try:
-        with source.open("rb") if most is None else _image_file(source) as handle:
+        with _image_file(source) as handle:
             # One byte more than the most: enough to refuse a larger file without reading it.
             ciphertext = handle.read(-1 if most is None else most + 1)
     except OSError as exc:
