@@ -59,6 +59,16 @@ def test_model_members_match_the_recipient_operations() -> None:
         assert member in operation.output_shape.members
 
 
+def test_a_validated_requests_repr_never_shows_its_members() -> None:
+    """An Encrypt's Plaintext is among the members: a repr (a traceback, a debug line)
+    must not carry it."""
+    plaintext = base64.b64encode(b"the app's secret value").decode()
+    request = kp.validate_request(
+        "Encrypt", {"KeyId": KEY_ARN, "Plaintext": plaintext}, trusted=TRUSTED
+    )
+    assert request.members["Plaintext"] and plaintext not in repr(request)
+
+
 def test_valid_requests_pass_and_build() -> None:
     request = kp.validate_request(
         "Decrypt",

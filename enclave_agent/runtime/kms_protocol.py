@@ -37,7 +37,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from enclave_agent.runtime.kms_operations import (
@@ -84,7 +84,9 @@ class KmsProtocolError(ShownError):
 @dataclass(frozen=True)
 class ValidatedRequest:
     operation: str
-    members: dict[str, Any]  # the app's JSON members, checked; null members dropped
+    # The app's JSON members, checked; null members dropped. Kept out of repr: they may
+    # hold an Encrypt's Plaintext.
+    members: dict[str, Any] = field(repr=False)
 
 
 @dataclass(frozen=True)
