@@ -223,8 +223,9 @@ class Request:
         client is no longer read (back-pressured) until the block ends, and its leaving
         is then noticed only at the answer. EOF counts as leaving: a client that only
         half-closed after its request (rare in HTTP/1.1; nginx's proxied long-polls
-        read it the same way) gets no answer. The stream must survive a cancelled
-        ``receive_some`` (trio's socket streams do; a TLS stream does not)."""
+        read it the same way) gets no answer. The watch's ``receive_some`` is cancelled
+        when the block ends: trio's socket streams lose nothing by that, nor does a TLS
+        stream past its handshake (but mid-renegotiation, trio says, it is broken)."""
         if not self._complete():
             raise RuntimeError("watch for the client leaving only once its request is read")
         watch = _Watch(self._connection.wire, self._connection.server.limits)
