@@ -53,8 +53,8 @@ class Wire:
         """Bytes of the next head already in hand (meaningful once a message has ended)."""
         return self._fed - self._head_start
 
-    async def receive(self) -> None:
-        data = await self.stream.receive_some(RECEIVE_SIZE)
+    async def receive(self, max_bytes: int = RECEIVE_SIZE) -> None:
+        data = await self.stream.receive_some(max_bytes)
         self.eof = not data
         self._fed += len(data)
         self.h11.receive_data(bytes(data))

@@ -24,7 +24,10 @@ connection to its end and closes it:
    its own limit or none, its own deadline per piece); a body cut short gets 400 (the
    client may have only half-closed). ``100 Continue`` goes out when it first reads,
    never for a CONNECT (whose client expects the 2xx as first line).
-   While the handler works no deadline of the driver runs: an answer may be held.
+   While the handler works no deadline of the driver runs: an answer may be held,
+   and is given up as soon as the client leaves if the handler holds it in
+   ``async with request.cancelled_if_client_leaves():`` (opt-in, once the request is
+   read whole: the client is read meanwhile, see there; outcome client_gone).
 4. It returns an ``Answer`` (written; then the next request, unless either side asked
    to close, the body was left unread or the server is shutting down), a ``Switch`` (a
    CONNECT accepted: its 2xx is written and ``run`` owns the raw stream, given the
@@ -41,10 +44,10 @@ connection to its end and closes it:
    for a connection that ends without a request; the user logs it in its own shape.
 
 Its users: proxy/http_front.py (CONNECT as a ``Switch``, ``close_idle()`` on SIGTERM),
+proxy/enclave_logs.py (streamed enclave logs: ``stream(limit=None, ...)``),
 enclave_agent/runtime/server.py (SO_PEERCRED and per-uid shares in ``admit``; it logs
-each answered request itself, before the answer goes out) and
-devtools/local_kms/server.py (behind TLS). Coming: the long-poll secret wait is a
-handler that awaits; streamed enclave logs are ``stream(limit=None, ...)``.
+each answered request itself, before the answer goes out; its long-poll secret wait
+is held in ``cancelled_if_client_leaves``) and devtools/local_kms/server.py (behind TLS).
 """
 
 from __future__ import annotations
@@ -112,8 +115,14 @@ class HttpError(ShownError):
         self.headers = headers
 
 
-class _ClientGone(Exception):
-    """The client closed or broke its side while the handler read the body."""
+# What a stream raises when the client broke or closed it (for our side: never here).
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class ClientGone(Exception):
+    """The client closed or broke its side: while the handler read the body, or while
+    it held its answer in ``Request.cancelled_if_client_leaves``. A handler lets it
+    through (nothing can be answered any more): the request's outcome is client_gone."""
 
 
 Outcome = Literal[
@@ -125,7 +134,8 @@ Outcome = Literal[
     "idle_closed",  # no request came within the idle deadline
     "closed_for_shutdown",  # idle when close_idle() was called
     "client_closed",  # the client hung up between requests
-    "client_gone",  # the client broke off mid-request or did not take an answer in time
+    "client_gone",  # the client broke off mid-request, left while its answer was held
+    # (``cancelled_if_client_leaves``) or did not take an answer in time
     "cancelled",  # the server was cancelled mid-request
 ]
 
@@ -191,8 +201,8 @@ class Request:
         except h11.RemoteProtocolError:
             # Cut short by the client's end too: it may still read the answer.
             raise HttpError(400, "malformed request body") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise _ClientGone from None
+        except _BROKEN:
+            raise ClientGone from None
         if isinstance(event, h11.EndOfMessage):
             self._done = True
             return None
@@ -200,6 +210,36 @@ class Request:
         if limit is not None and self.received > limit:
             raise HttpError(413, f"request body larger than {limit} bytes")
         return bytes(event.data)
+
+    @contextlib.asynccontextmanager
+    async def cancelled_if_client_leaves(self) -> AsyncIterator[None]:
+        """Hold the answer (a long-poll's wait) in this block while the client is
+        watched: when it closes its connection or resets it, the block is cancelled at
+        once and ``ClientGone`` raised, so nothing is written and the connection ends
+        (``admit``'s shares are given back). Only once the request is read whole.
+
+        Watching is reading: what the client sends meanwhile (a pipelined next request)
+        is kept for the next exchange, at most ``max_head_bytes`` of it; beyond that the
+        client is no longer read (back-pressured) until the block ends, and its leaving
+        is then noticed only at the answer. EOF counts as leaving: a client that only
+        half-closed after its request (rare in HTTP/1.1; nginx's proxied long-polls
+        read it the same way) gets no answer. The watch's ``receive_some`` is cancelled
+        when the block ends: trio's socket streams lose nothing by that, nor does a TLS
+        stream past its handshake (but mid-renegotiation, trio says, it is broken)."""
+        if not self._complete():
+            raise RuntimeError("watch for the client leaving only once its request is read")
+        watch = _Watch(self._connection.wire, self._connection.server.limits)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch.run, nursery.cancel_scope)
+                try:
+                    yield
+                finally:
+                    nursery.cancel_scope.cancel()  # the block ended: so does the watch
+        except BaseExceptionGroup as group:  # the block's own exception, not a group
+            raise _sole(group) from None
+        if watch.left is not None:
+            raise ClientGone(watch.left)
 
     def _complete(self) -> bool:
         """Whether the request is all in, taking a bodiless request's end without I/O."""
@@ -270,7 +310,7 @@ class _Connection:
         except trio.Cancelled:
             record.outcome = "cancelled"
             raise
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, _ClientGone) as exc:
+        except (*_BROKEN, ClientGone) as exc:
             record.outcome, record.reason = "client_gone", str(exc) or None
         except Exception as exc:  # noqa: BLE001 - one connection's failure must not end the server
             record.outcome, record.reason = "failed", type(exc).__name__
@@ -286,9 +326,9 @@ class _Connection:
             with trio.fail_after(self.server.limits.idle_timeout):
                 await self.stream.send_all(data)
         except trio.TooSlowError:
-            raise _ClientGone("answer not taken in time") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise _ClientGone from None
+            raise ClientGone("answer not taken in time") from None
+        except _BROKEN:
+            raise ClientGone from None
         self._record.sent += len(data)
 
     async def refuse(self, record: Report, answer: Answer) -> bool:
@@ -307,7 +347,7 @@ class _Connection:
             record.request = request
             try:
                 answer = await self.handler(request)
-            except (ShownError, _ClientGone):
+            except (ShownError, ClientGone):
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed request still gets an answer
                 await self._reject(HttpError(500, "internal error"), record)
@@ -432,8 +472,40 @@ class _Connection:
                     if not (piece := await self.stream.receive_some(RECEIVE_SIZE)):
                         break
                     dropped += len(piece)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except _BROKEN:
                 pass  # the client is gone; nothing left to tell it
+
+
+class _Watch:
+    """Reads the client while a handler holds its answer, until it leaves."""
+
+    def __init__(self, wire: Wire, limits: Limits) -> None:
+        self.wire = wire
+        self.limit = limits.max_head_bytes
+        self.left: str | None = None  # why the client is gone, once it is
+
+    async def run(self, held: trio.CancelScope) -> None:
+        wire = self.wire
+        try:
+            while not wire.eof:
+                if (room := self.limit - wire.head_bytes) <= 0:
+                    await trio.sleep_forever()  # a next head's worth in hand: read no more
+                await wire.receive(room)  # h11 keeps it for the next exchange
+            self.left = "the client closed its connection while the answer was held"
+        except _BROKEN as exc:
+            self.left = str(exc) or type(exc).__name__
+        held.cancel()
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What the held block raised, unwrapped from the nursery's group: the watch raises
+    nothing but a Cancelled, so it is the one exception other than those, else (the
+    block was cancelled from outside, as the watch was) the block's Cancelled."""
+    cancelled, rest = group.split(trio.Cancelled)
+    if rest is not None:
+        return rest.exceptions[0] if len(rest.exceptions) == 1 else group
+    assert cancelled is not None
+    return cancelled.exceptions[0]
 
 
 K = TypeVar("K", bound=Hashable)

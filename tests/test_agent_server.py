@@ -9,6 +9,8 @@ import json
 import os
 import pwd
 import shutil
+import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -75,11 +77,25 @@ class FakeGateway:
             self.in_flight -= 1
 
 
+@dataclass
 class Secrets:
-    """The server's view of secrets.SecretStore: one secret, never rotating."""
+    """The server's view of secrets.SecretStore: one secret, at v1 until ``rotated``
+    (then v2); a long-poll past v1 waits for that."""
+
+    rotated: trio.Event = field(default_factory=trio.Event)
+    waiting: int = 0  # long-polls held now
 
     async def wait_for(self, name: str, after: str | None, wait: float) -> Served | None:
-        return Served(b"s3cr3t", "v1") if name == "db" else None
+        if name != "db":
+            return None
+        if after == "v1":
+            self.waiting += 1
+            try:
+                with trio.move_on_after(wait):
+                    await self.rotated.wait()
+            finally:
+                self.waiting -= 1
+        return Served(b"s3cr3t", "v2" if self.rotated.is_set() else "v1")
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok"}
@@ -95,6 +111,7 @@ class Running:
     tcp_port: int
     gateway: FakeGateway
     logs: io.StringIO
+    secrets: Secrets
 
     def events(self, name: str) -> list[dict[str, Any]]:
         events = [json.loads(line) for line in self.logs.getvalue().splitlines()]
@@ -114,10 +131,11 @@ async def start(
     logs = io.StringIO()
     configure_logging("info", stream=logs, process="test-agent")
     fake = FakeGateway()
+    secrets = Secrets()
     server = AppServer(
         gateway=gateway or fake,
         attest=attest,
-        secrets=Secrets(),
+        secrets=secrets,
         access=access or AccessConfig(),
         limits=limits or Limits(),
         query=query,
@@ -134,7 +152,7 @@ async def start(
     await nursery.start(
         lambda task_status: server.serve(tcp, callers=tcp_callers, task_status=task_status)
     )
-    return Running(path, port.port, fake, logs)
+    return Running(path, port.port, fake, logs, secrets)
 
 
 @pytest.fixture
@@ -984,3 +1002,93 @@ async def test_a_client_gone_before_it_is_named_is_refused_cleanly(
     assert event["listener"] == "tcp"
     assert "not ESTABLISHED" in event["reason"] or "no such connection" in event["reason"]
     assert running.events("request") == []
+
+
+LONG_POLL = request("GET", "/v1/secrets/db?after=v1&wait=300", close=False)
+
+
+async def held_long_poll(running: Running, stream: trio.abc.Stream) -> None:
+    """Start a long-poll on ``stream`` (300 s: only a rotation or leaving ends it)."""
+    await stream.send_all(LONG_POLL)
+    with trio.fail_after(10):  # a hang guard
+        while running.secrets.waiting == 0:
+            await trio.sleep(0.01)
+
+
+async def logged(running: Running, name: str, count: int) -> list[dict[str, Any]]:
+    with trio.fail_after(10):  # a hang guard
+        while len(events := running.events(name)) < count:
+            await trio.sleep(0.01)
+    return events
+
+
+async def test_a_long_poll_its_app_left_gives_its_connection_share_back_at_once(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """An app whose HTTP client gives up on a long-poll (and re-polls) does not lock
+    itself out: the agent notices the close, ends the 300 s wait and frees the
+    connection share for the uid's next request."""
+    running = await start(nursery, tmp_path, limits=Limits(max_connections_per_uid=1))
+    for _ in range(3):  # re-polls, each abandoned
+        stream = await trio.open_unix_socket(running.socket)
+        await held_long_poll(running, stream)
+        await stream.aclose()
+        await logged(running, "request", 1)
+        assert running.secrets.waiting == 0  # the wait itself was given up
+        # Logged as the connection ended: its share is free, long before the 300 s.
+        [(status, _, body)] = await unix_exchange(
+            running.socket, kms("Decrypt", {"CiphertextBlob": "YWJj"})
+        )
+        assert status == 200, body
+        events = running.events("request")
+        gone, answered = events[-2:]
+        assert (gone["path"], gone["status"], gone["outcome"]) == (
+            "/v1/secrets/db",
+            None,
+            "client_gone",
+        )
+        assert (answered["operation"], answered["status"]) == ("Decrypt", 200)
+        running.logs.truncate(0)
+        running.logs.seek(0)
+    assert running.events("request_rejected") == []
+
+
+async def test_a_long_poll_its_app_resets_is_given_up(running: Running) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", running.tcp_port)
+    await held_long_poll(running, stream)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()  # linger 0: a reset
+    [event] = await logged(running, "request", 1)
+    assert (event["status"], event["outcome"]) == (None, "client_gone")
+    assert running.secrets.waiting == 0
+
+
+async def test_a_long_poll_answered_keeps_its_connection_and_serves_what_came_meanwhile(
+    running: Running,
+) -> None:
+    """The wait ends with a new version: answered, and the connection goes on; a
+    request pipelined behind the poll while it was held is answered after it."""
+    stream = await trio.open_unix_socket(running.socket)
+    async with stream:
+        await held_long_poll(running, stream)
+        await stream.send_all(request("GET", "/healthz", close=False))  # during the hold
+        running.secrets.rotated.set()
+        data = b""
+        with trio.fail_after(10):
+            while data.count(b"HTTP/1.1 200 ") < 2:
+                data += await stream.receive_some(65536)
+        assert b"X-Secret-Version: v2" in data.split(b"HTTP/1.1 200 ")[1]
+        assert data.index(b"s3cr3t") < data.index(b'{"status": "ok"}')
+        # Kept alive: the next long-poll (past v2 now) is served on the same connection.
+        answers = await send_and_read(stream, request("GET", "/v1/secrets/db?after=v1&wait=300"))
+    assert [(status, headers["x-secret-version"]) for status, headers, _ in answers] == [
+        (200, "v2")
+    ]
+    events = running.events("request")
+    assert [(e["path"], e["status"]) for e in events] == [
+        ("/v1/secrets/db", 200),
+        ("/healthz", 200),
+        ("/v1/secrets/db", 200),
+    ]
+    assert all("outcome" not in e for e in events)
+    assert "s3cr3t" not in running.logs.getvalue()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import re
+import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -53,6 +55,8 @@ class App:
     early: list[bytes] = field(default_factory=list)
     calls: int = 0
     released: int = 0  # Switches closed
+    watching: trio.Event = field(default_factory=trio.Event)  # a /watch answer is held
+    answer_watched: trio.Event = field(default_factory=trio.Event)  # /watch may answer
 
     async def __call__(self, request: Request) -> Answer | Switch:
         self.calls += 1
@@ -72,6 +76,15 @@ class App:
                 self.pieces.append(len(piece))
                 self.piece_seen.set()
             return Answer(200, body=str(sum(self.pieces)).encode())
+        if path == "/watch":  # a long-poll: held until answer_watched, unless the client leaves
+            if "unread" not in request.target:
+                await request.body()
+            async with request.cancelled_if_client_leaves():
+                self.watching.set()
+                if "teapot" in request.target:
+                    raise HttpError(418, "no coffee while watching")
+                await self.answer_watched.wait()
+            return Answer(200, body=b"watched")
         if path == "/fail":
             raise ValueError("a handler bug")
         if path == "/teapot":
@@ -355,6 +368,94 @@ async def test_an_answer_held_open_outlives_the_idle_and_header_deadlines(
         served.port, b"GET /hold HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
     )
     assert statuses(answer) == [200] and answer.endswith(b"held")
+
+
+WATCH = b"POST /watch HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc"
+
+
+async def held_watch(served: Served) -> trio.SocketStream:
+    """A connection whose /watch request is being held."""
+    stream = await served.connect(WATCH)
+    with trio.fail_after(20):
+        await served.app.watching.wait()
+    return stream
+
+
+async def test_a_held_answer_is_given_up_when_its_client_closes(served: Served) -> None:
+    stream = await held_watch(served)
+    await stream.aclose()  # the hold waits for an event nobody sets: only leaving ends it
+    (report,) = await settled(served.reports, 1)
+    assert (report.outcome, report.status, report.sent, report.received) == (
+        "client_gone",
+        None,
+        0,
+        3,
+    )
+    assert report.reason == "the client closed its connection while the answer was held"
+    assert served.admissions == ["in", "out"]  # what admit holds is given back
+
+
+async def test_a_held_answer_is_given_up_when_its_client_resets(served: Served) -> None:
+    stream = await held_watch(served)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()  # linger 0: the close is a reset
+    (report,) = await settled(served.reports, 1)
+    assert (report.outcome, report.sent) == ("client_gone", 0)
+    assert report.reason is not None and "reset" in report.reason.lower()
+
+
+async def test_a_half_close_during_a_held_answer_counts_as_leaving(served: Served) -> None:
+    stream = await held_watch(served)
+    await stream.send_eof()
+    assert await read_all(stream) == b""  # no answer: EOF is taken as the client leaving
+    (report,) = await settled(served.reports, 1)
+    assert report.outcome == "client_gone"
+    await stream.aclose()
+
+
+async def test_a_watched_answer_keeps_the_connection_alive_and_takes_pipelined_requests(
+    served: Served,
+) -> None:
+    limit = LIMITS.max_head_bytes
+    # Sent while the answer is held: read by the watch, answered after it, in order;
+    # a next head of exactly the limit is fine, the head after it (one byte over) is not.
+    keep_alive = b"GET /echo HTTP/1.1\r\nhost: x\r\n\r\n"
+    stream = await held_watch(served)
+    await stream.send_all(keep_alive + head_of(limit, b"/none"))
+    served.app.answer_watched.set()
+    answer = await read_all(stream)
+    assert statuses(answer) == [200, 200, 404]
+    assert answer.index(b"watched") < answer.index(b"HTTP/1.1 404")
+    await stream.aclose()
+    # Past the head limit, the next head is refused by the head rule as ever.
+    served.app.watching = trio.Event()
+    stream = await held_watch(served)
+    await stream.send_all(head_of(limit + 1))
+    answer = await read_all(stream)
+    assert statuses(answer) == [200, 431]
+    reports = await settled(served.reports, 5)
+    assert [(r.number, r.outcome, r.status) for r in reports] == [
+        (0, "answered", 200),
+        (1, "answered", 200),
+        (2, "answered", 404),
+        (0, "answered", 200),
+        (1, "rejected", 431),
+    ]
+    await stream.aclose()
+
+
+async def test_a_watched_block_raises_as_it_would_unwatched(served: Served) -> None:
+    close = b"host: x\r\nconnection: close\r\n\r\n"
+    answer = await exchange(served.port, b"GET /watch?teapot HTTP/1.1\r\n" + close)
+    assert statuses(answer) == [418]
+    # Watching before the body is read would read the body as a next request's bytes.
+    unread = b"POST /watch?unread HTTP/1.1\r\ncontent-length: 3\r\n" + close + b"abc"
+    assert statuses(await exchange(served.port, unread)) == [500]
+    reports = await settled(served.reports, 2)
+    assert [(r.outcome, r.reason) for r in reports] == [
+        ("rejected", "no coffee while watching"),
+        ("failed", "RuntimeError"),
+    ]
 
 
 async def test_connect_hands_over_the_stream_and_the_bytes_sent_after_the_head(

@@ -36,7 +36,7 @@ class AgentMetrics:
         self.requests = r.counter(
             "enclave_agent_requests_total",
             "App requests by operation (a KMS operation or the agent's route) and outcome "
-            "(ok, or the error type answered).",
+            "(ok, the error type answered, or client_gone: a long-poll its app left).",
             {"operation": operations, "outcome": _MAX_OUTCOMES},
         )
         self.request_seconds = r.histogram(

@@ -19,12 +19,14 @@ speak TCP) and the ``[access]`` rules decide; a refused caller gets KMS's
 (``admission``), so one caller at its cap never stops another.
 
 Logs: one ``request`` event per request (method, path, operation, status, error
-type, caller, duration), or ``request_rejected`` for one that was not read whole;
+type, caller, duration; no status and ``outcome: client_gone`` for a long-poll whose
+app left), or ``request_rejected`` for one that was not read whole;
 bodies, plaintexts and secret values never reach a log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
@@ -51,7 +53,7 @@ from enclave_agent.runtime.nsm import NsmError
 from enclave_agent.runtime.secrets import Served
 from enclave_common import http_server
 from enclave_common.errors import ShownError
-from enclave_common.http_server import Answer, HttpServer, Report, Request
+from enclave_common.http_server import Answer, ClientGone, HttpServer, Report, Request
 from enclave_common.logs import get_logger
 from enclave_common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from enclave_common.metrics import render
@@ -181,35 +183,38 @@ class AppServer:
                 request.method, request.target, dict(request.headers), body
             )
             operation = route.operation if isinstance(route, KmsCall) else None
-            response = await self._respond(caller, route)
+            response = await self._respond(caller, route, request)
+        except ClientGone:
+            # The app left its long-poll: nothing is answered, the driver ends the
+            # connection (its share is free again) and reports it as client_gone.
+            seconds = trio.current_time() - started
+            _log_request(peer, request, path, operation, None, seconds, gone=True)
+            self._metrics.request(_route_name(route), "client_gone", seconds)
+            raise
         except Exception as exc:  # noqa: BLE001 - one failed request must not end the connection
             error = _shown(exc, path, operation)
             response = _error_response(error)
         seconds = trio.current_time() - started
         # Logged before the answer goes out: a client that has its answer finds the event.
-        log.info(
-            "request",
-            caller=peer,
-            method=request.method,
-            path=path,
-            operation=operation,
-            status=response.status,
-            error_type=error.error_type if error else None,
-            duration_ms=round(seconds * 1000, 2),
+        error_type = error.error_type if error else None
+        _log_request(
+            peer, request, path, operation, response.status, seconds, error_type=error_type
         )
-        outcome = error.error_type if error else "ok"
-        self._metrics.request(_route_name(route), outcome, seconds)
+        self._metrics.request(_route_name(route), error_type or "ok", seconds)
         return _answer(response)
 
-    async def _respond(self, caller: Caller, route: Route) -> AppResponse:
+    async def _respond(self, caller: Caller, route: Route, request: Request) -> AppResponse:
         if isinstance(route, KmsCall):
             async with self._admission.kms_call(caller, route.operation):
                 answer = await self._gateway.call(route.operation, route.request)
             return app_protocol.kms_response(answer)
         if isinstance(route, SecretCall):
             # A long-poll (after=, wait=) holds this connection, which counts against the
-            # caller's connection share all along; the driver runs no deadline meanwhile.
-            served = await self._secrets.wait_for(route.name, route.after, route.wait)
+            # caller's connection share all along; the driver runs no deadline meanwhile,
+            # but gives the wait up as soon as the app closes its end (ClientGone).
+            watch = route.wait > 0
+            async with request.cancelled_if_client_leaves() if watch else contextlib.nullcontext():
+                served = await self._secrets.wait_for(route.name, route.after, route.wait)
             if served is None:
                 raise AppProtocolError(
                     "NotFoundException", f"no secret named {route.name!r} is configured", 404
@@ -276,6 +281,33 @@ def _http_error(status: int, message: str) -> Answer:
 def _answer(response: AppResponse) -> Answer:
     headers = [("Content-Type", response.content_type), ("x-amzn-RequestId", str(uuid.uuid4()))]
     return Answer(response.status, [*headers, *response.headers], response.body)
+
+
+def _log_request(
+    peer: str,
+    request: Request,
+    path: str,
+    operation: str | None,
+    status: int | None,
+    seconds: float,
+    *,
+    error_type: str | None = None,
+    gone: bool = False,
+) -> None:
+    """The ``request`` event; one not answered because its app left (a long-poll)
+    has no status and ``outcome: client_gone``."""
+    left = {"outcome": "client_gone"} if gone else {}
+    log.info(
+        "request",
+        caller=peer,
+        method=request.method,
+        path=path,
+        operation=operation,
+        status=status,
+        error_type=error_type,
+        **left,
+        duration_ms=round(seconds * 1000, 2),
+    )
 
 
 def _log(peer: str, report: Report) -> None:
