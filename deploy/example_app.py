@@ -7,9 +7,11 @@ ENCLAVE_AGENT_SOCKET; docs/agent.md shows the HTTP an app in another language se
     python3 example_app.py NAME [--print-attestation] [--hold]
 
 It prints the secret's length and the first 8 hex digits of its SHA-256, never the
-secret: enough to compare with the plaintext you encrypted (``sha256sum``), while
-32 bits say little about the value. ``--print-attestation`` first prints an
-attestation document (base64) for ``enclave-agent verify-attestation``.
+secret: enough to compare with the plaintext you sealed (``sha256sum``), while
+32 bits say little about the value; and the version the agent serves it under (for
+a sealed file of the image, the file's digest, as ``enclave-agent seal`` printed
+it). ``--print-attestation`` first prints an attestation document (base64) for
+``enclave-agent verify-attestation``.
 ``--hold`` keeps running after success, so that a production enclave (which has
 no console) shows success as State RUNNING in ``nitro-cli describe-enclaves``;
 on failure the app exits 1, and with it the agent and the enclave.
@@ -26,7 +28,7 @@ import signal
 import sys
 import urllib.parse
 
-from enclave_agent.client import AgentClient, AgentError
+from enclave_agent.client import AgentClient, AgentError, SecretVersion
 
 PROG = "example-app"
 
@@ -35,8 +37,9 @@ class Failed(Exception):
     pass
 
 
-def read_secret(path: str, name: str, *, print_attestation: bool) -> bytes:
-    """The secret ``name``, after printing an attestation document if asked."""
+def read_secret(path: str, name: str, *, print_attestation: bool) -> SecretVersion:
+    """The secret ``name`` and its version, after printing an attestation document if
+    asked."""
     with AgentClient(path, timeout=60.0) as agent:
         request = "POST /v1/attestation"
         try:
@@ -44,7 +47,7 @@ def read_secret(path: str, name: str, *, print_attestation: bool) -> bytes:
                 document = agent.attestation(nonce=secrets.token_bytes(32))
                 print(f"{PROG}: attestation document: {base64.b64encode(document).decode()}")
             request = f"GET /v1/secrets/{urllib.parse.quote(name, safe='')}"
-            return agent.secret(name)
+            return agent.secret_version(name)
         except AgentError as error:
             # KMS's error shape: "AccessDeniedException: ..."
             raise Failed(f"{request} answered {error.status} ({error})") from None
@@ -65,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
               "'enclave-agent run -- ...')", file=sys.stderr)  # fmt: skip
         return 1
     try:
-        value = read_secret(path, args.name, print_attestation=args.print_attestation)
+        secret = read_secret(path, args.name, print_attestation=args.print_attestation)
     except Failed as error:
         print(f"{PROG}: FAILED: {error}", file=sys.stderr)
         return 1
-    digest = hashlib.sha256(value).hexdigest()[:8]
-    print(f"{PROG}: OK: secret {args.name!r} read, {len(value)} bytes, sha256 {digest}...")
+    digest = hashlib.sha256(secret.value).hexdigest()[:8]
+    print(
+        f"{PROG}: OK: secret {args.name!r} read, {len(secret.value)} bytes, sha256 {digest}..., "
+        f"version {secret.version}"
+    )
     sys.stdout.flush()
     if args.hold:
         for signum in (signal.SIGTERM, signal.SIGINT):

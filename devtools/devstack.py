@@ -257,6 +257,13 @@ def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _credentials(kms_state: Mapping[str, Any], account: str | None) -> tuple[str, str]:
+    """The local stand-in's long-term credentials of its primary account or ``account``."""
+    if account is None:
+        return kms_state["aws_access_key_id"], kms_state["aws_secret_access_key"]
+    return account_credentials(dict(kms_state), account)
+
+
 def local_kms_client(
     kms_state: Mapping[str, Any],
     *,
@@ -272,11 +279,7 @@ def local_kms_client(
     import boto3
     from botocore.config import Config
 
-    key_id, secret = (
-        (kms_state["aws_access_key_id"], kms_state["aws_secret_access_key"])
-        if account is None
-        else account_credentials(dict(kms_state), account)
-    )
+    key_id, secret = _credentials(kms_state, account)
     settings: dict[str, Any] = {
         "region_name": kms_state["region"],
         "endpoint_url": kms_state["endpoint" if service == "kms" else f"{service}_endpoint"],
@@ -287,6 +290,36 @@ def local_kms_client(
     }
     settings.update(overrides)
     return boto3.client(service, **settings)
+
+
+# The AWS SDKs' endpoint variable of each store the local stand-in serves (--stores).
+_ENDPOINT_VARIABLES = {"secretsmanager": "SECRETS_MANAGER", "ssm": "SSM", "s3": "S3"}
+
+
+def local_operator_env(
+    kms_state: Mapping[str, Any], *, account: str | None = None
+) -> dict[str, str]:
+    """An operator's environment for ``enclave-agent seal`` (or any AWS tool) against
+    the local stand-in (its state file's content): the long-term credentials of its
+    primary account or of ``account``, its region and CA, the KMS endpoint and those
+    of the stores it serves; no AWS configuration file of this machine."""
+    key_id, secret = _credentials(kms_state, account)
+    return python_env(
+        {
+            "AWS_ACCESS_KEY_ID": key_id,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": kms_state["region"],
+            "AWS_CA_BUNDLE": kms_state["ca_bundle"],
+            "AWS_ENDPOINT_URL_KMS": kms_state["endpoint"],
+            **{
+                f"AWS_ENDPOINT_URL_{variable}": kms_state[f"{service}_endpoint"]
+                for service, variable in _ENDPOINT_VARIABLES.items()
+                if kms_state.get(f"{service}_endpoint")
+            },
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+    )
 
 
 def minted_kms_client(

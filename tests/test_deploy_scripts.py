@@ -87,7 +87,7 @@ def tree(tmp_path: Path) -> Path:
     (root / "deploy" / "secrets").mkdir(parents=True)
     shutil.copy2(REPO_ROOT / "deploy" / "Dockerfile", root / "deploy" / "Dockerfile")
     shutil.copy2(REPO_ROOT / "deploy" / "agent.toml", root / "deploy" / "agent.toml")
-    (root / "deploy" / "secrets" / "example.ciphertext").write_bytes(b"\x01\x02ciphertext")
+    (root / "deploy" / "secrets" / "example.sealed").write_bytes(b"\x01\x02sealed")
     return root
 
 
@@ -145,13 +145,13 @@ def test_build_eif_names_missing_docker_and_nitro_cli(tree: Path, tmp_path: Path
 
 
 def test_build_eif_names_unreachable_daemon_and_missing_secret(tree: Path, tmp_path: Path) -> None:
-    (tree / "deploy" / "secrets" / "example.ciphertext").unlink()
+    (tree / "deploy" / "secrets" / "example.sealed").unlink()
     before = _files(tree)
     bindir = _bin(tmp_path, {"docker": FAKE_DOCKER, "nitro-cli": FAKE_NITRO_CLI})
     result = _run(tree, "build-eif", [], bindir, FAKE_DOCKER_INFO_RC="1")
     assert result.returncode == 1
     assert "docker daemon: not reachable" in result.stderr
-    assert "deploy/secrets/example.ciphertext: not found" in result.stderr
+    assert "deploy/secrets/example.sealed: not found" in result.stderr
     assert "nitro-cli" not in result.stderr.split("missing prerequisites:")[1]
     assert _calls(tree) == ["docker info"], "nothing but the check may run"
     assert _files(tree) == before

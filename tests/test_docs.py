@@ -77,7 +77,7 @@ CITED_MODULE = re.compile(
     r"(?<![\w./$-])((?:enclave_agent|enclave_common|proxy|devtools)(?:\.\w+)+)"
 )
 # Files a guide tells the reader to make; the repository never holds them.
-MADE_BY_THE_READER = {"deploy/secrets/example.ciphertext"}
+MADE_BY_THE_READER = {"deploy/secrets/example.sealed"}
 _FILE_SUFFIXES = {"py", "md", "toml", "pem", "json", "txt", "service", "eif", "sock", "log"}
 
 

@@ -35,6 +35,7 @@ from devtools.devstack import (
     DevStackError,
     create_enclave_key,
     local_kms_client,
+    local_operator_env,
     log_events,
     python_env,
 )
@@ -130,27 +131,7 @@ def stores() -> Iterator[Stores]:
         s3 = local_kms_client(dev.kms, service="s3")
         s3.create_bucket(Bucket=BUCKET)
         s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-        key_id_a, secret_a = account_credentials(dev.kms, A)
-        operator_env = python_env(
-            {
-                "AWS_ACCESS_KEY_ID": key_id_a,
-                "AWS_SECRET_ACCESS_KEY": secret_a,
-                "AWS_DEFAULT_REGION": dev.region,
-                "AWS_CA_BUNDLE": dev.kms["ca_bundle"],
-                "AWS_ENDPOINT_URL_KMS": dev.kms["endpoint"],
-                **{
-                    f"AWS_ENDPOINT_URL_{name}": dev.kms[f"{service}_endpoint"]
-                    for name, service in (
-                        ("SECRETS_MANAGER", "secretsmanager"),
-                        ("SSM", "ssm"),
-                        ("S3", "s3"),
-                    )
-                },
-                "AWS_CONFIG_FILE": os.devnull,
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            }
-        )
-        yield Stores(dev, key, operator_env)
+        yield Stores(dev, key, local_operator_env(dev.kms, account=A))
     finally:
         dev.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from devtools.devstack import create_enclave_key, local_kms_client, python_env
+from devtools.devstack import create_enclave_key, local_kms_client, local_operator_env, python_env
 from devtools.local_kms.admin_client import mint_credentials
 from enclave_agent.runtime.sealed import (
     MAX_VALUE,
@@ -35,21 +35,7 @@ PARENT_ROLE = f"arn:aws:iam::{A}:role/enclave-parent-instance"  # devstack's key
 @pytest.fixture(scope="module")
 def operator_env(local_stores: dict[str, Any]) -> dict[str, str]:
     """An operator's environment: account A's credentials and every endpoint setting."""
-    account = local_stores["accounts"][0]
-    return python_env(
-        {
-            "AWS_ACCESS_KEY_ID": account["aws_access_key_id"],
-            "AWS_SECRET_ACCESS_KEY": account["aws_secret_access_key"],
-            "AWS_DEFAULT_REGION": local_stores["region"],
-            "AWS_CA_BUNDLE": local_stores["ca_bundle"],
-            "AWS_ENDPOINT_URL_KMS": local_stores["endpoint"],
-            "AWS_ENDPOINT_URL_SECRETS_MANAGER": local_stores["secretsmanager_endpoint"],
-            "AWS_ENDPOINT_URL_SSM": local_stores["ssm_endpoint"],
-            "AWS_ENDPOINT_URL_S3": local_stores["s3_endpoint"],
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }
-    )
+    return local_operator_env(local_stores, account=A)
 
 
 @pytest.fixture(scope="module")
