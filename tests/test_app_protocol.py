@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from enclave_agent.runtime.app_protocol import (
     KMS_CONTENT_TYPE,
+    UNKNOWN_PATH,
     AppProtocolError,
     AttestationCall,
     HealthCall,
@@ -79,6 +80,14 @@ def test_refusals(
         route_request(method, target, headers, body)
     assert info.value.error_type == error_type
     assert info.value.status == status
+
+
+def test_an_unknown_path_is_answered_with_the_routes_served() -> None:
+    with pytest.raises(AppProtocolError) as info:
+        route_request("GET", "/v1/secret/db", {}, b"")
+    assert info.value.message == UNKNOWN_PATH
+    for route in ("POST /", "/v1/attestation", "/v1/secrets/NAME", "/healthz", "/metrics"):
+        assert route in info.value.message
 
 
 def test_attestation_fields() -> None:

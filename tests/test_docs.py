@@ -207,8 +207,9 @@ def test_the_citation_check_sees_citations() -> None:
     )
 
 
-# A section cited by name after its document: `docs/proxy.md`, "The proxy port".
-CITED_SECTION = re.compile(r"((?:[\w/]+/)?[\w]+\.md)`?,\s+\"([^\"]+)\"")
+# A section cited by name after its document: `docs/proxy.md`, "The proxy port" (the
+# README also bare: README, "The demo").
+CITED_SECTION = re.compile(r"((?:[\w/]+/)?[\w]+\.md|(?<![\w/.])README(?![\w.]))`?,\s+\"([^\"]+)\"")
 
 
 def _headings(document: Path) -> list[str]:
@@ -225,10 +226,41 @@ def test_every_cited_section_exists() -> None:
         # Comment lines that continue one another read as one text.
         text = re.sub(r"\n[ \t]*#[ \t]*", " ", path.read_text(errors="replace"))
         for document, section in CITED_SECTION.findall(text):
-            target = REPO_ROOT / document
+            target = REPO_ROOT / ("README.md" if document == "README" else document)
             if not target.is_file():
                 continue  # a path the check above reports
             wanted = " ".join(section.replace("`", "").split()).lower()
             if not any(wanted in heading for heading in _headings(target)):
                 missing.append(f"{path.relative_to(REPO_ROOT)}: {document}, {section!r}")
     assert not missing, "cited sections that are no heading there:\n" + "\n".join(missing)
+
+
+# A link to a document or a heading: [the format](#the-sealed-format),
+# [reference](agent.md#configuration-reference-toml).
+MARKDOWN_LINK = re.compile(r"\]\(([^()\s]*)\)")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_every_linked_document_and_anchor_exists() -> None:
+    broken = []
+    for doc in DOCS:
+        source = REPO_ROOT / doc
+        for target in MARKDOWN_LINK.findall(source.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:: not ours to check
+            file_part, _, anchor = target.partition("#")
+            linked = (source.parent / file_part).resolve() if file_part else source
+            if not linked.exists():
+                broken.append(f"{doc}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md":
+                slugs = {
+                    _slug(line) for line in linked.read_text().splitlines() if line.startswith("#")
+                }
+                if anchor not in slugs:
+                    broken.append(f"{doc}: {target} (no such heading)")
+    assert not broken, "links to nothing:\n" + "\n".join(broken)

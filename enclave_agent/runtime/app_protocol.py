@@ -98,6 +98,14 @@ class AppResponse:
     headers: Sequence[tuple[str, str]] = ()
 
 
+# The routes above, named to whoever asks for another (the agent's README it once
+# pointed to is docs/agent.md now, and not in the image).
+UNKNOWN_PATH = (
+    "unknown path: the agent serves POST / (KMS, X-Amz-Target), POST /v1/attestation, "
+    "GET /v1/secrets/NAME, GET /healthz and GET /metrics"
+)
+
+
 def route_request(method: str, target: str, headers: Mapping[str, str], body: bytes) -> Route:
     """Decide what a complete request asks for. ``headers`` keys are lower-case."""
     path = target.split("?", 1)[0]
@@ -121,7 +129,7 @@ def route_request(method: str, target: str, headers: Mapping[str, str], body: by
     if path == "/":
         _require_method(method, "POST", path)
         return _kms(headers, body)
-    raise AppProtocolError("NotFoundException", "unknown path; see the agent's README", 404)
+    raise AppProtocolError("NotFoundException", UNKNOWN_PATH, 404)
 
 
 def _secret(name: str, query: str) -> SecretCall:
