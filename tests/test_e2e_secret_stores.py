@@ -38,13 +38,22 @@ from devtools.devstack import (
     local_operator_env,
     log_events,
     python_env,
+    stop_process,
 )
 from devtools.local_kms.admin_client import account_credentials, set_faults
 from enclave_agent.client import AgentClient, AgentError, SecretVersion
 from enclave_agent.operator.seal import SECRETS_MANAGER_LIMIT, SSM_ADVANCED_LIMIT, seal
 from enclave_agent.runtime.sealed import MAX_PLAIN_VALUE, MAX_SEALED_BYTES, MAX_VALUE
 from tests.conftest import STORE_ACCOUNTS
-from tests.support.stack import FaultStack, find_leaks, raw_exchange, start_proxy, status_of
+from tests.support.stack import (
+    FaultStack,
+    connect,
+    find_leaks,
+    raw_exchange,
+    read_until_closed,
+    start_proxy,
+    status_of,
+)
 
 A, B = STORE_ACCOUNTS
 BUCKET = "enclave-secrets"
@@ -437,6 +446,47 @@ def test_a_sealed_file_of_the_image_is_served(stores: Stores) -> None:
     assert loaded == {"cert": cert["version"], "chain": chain["version"]}
     stores.dev.stop_process("agent-file")
     assert_no_leak(stores)
+
+
+def connections_open(socket_path: str) -> float:
+    """enclave_agent_connections_open for Unix-socket callers, from the agent's /metrics
+    (the connection asking counts itself)."""
+    answer = raw_exchange(socket_path, [b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n"])
+    text = answer.partition(b"\r\n\r\n")[2].decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "enclave_agent_connections_open" and sample.labels["caller"] == "unix"
+    )
+
+
+def test_sigterm_while_long_polls_are_held_stops_the_agent_cleanly(stores: Stores) -> None:
+    """Long-polls (300 s) held when the agent is told to stop do not hold it up: each
+    poll's connection is closed unanswered and the agent exits 0 on its SIGTERM (a
+    SIGKILL after devstack's stop timeout would give -9)."""
+    image = stores.dev.work_dir / "image-polls"
+    image.mkdir()
+    sealed = stores.seal_cli("held", value_of(64), f"file:{image / 'held.sealed'}")
+    with start_agent(stores, "agent-polls", f'\n[secrets.held]\nfrom = "{sealed["from"]}"\n'):
+        socket_path = stores.dev.agent_socket
+        poll = (
+            f"GET /v1/secrets/held?after={sealed['version']}&wait=300 HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        polls = [connect(socket_path, timeout=WAIT) for _ in range(2)]
+        try:
+            for sock in polls:
+                sock.sendall(poll.encode())
+            wait_until(lambda: connections_open(socket_path) >= 3, "both polls held")
+            popen = next(p.popen for p in stores.dev.processes if p.name == "agent-polls")
+            assert stop_process(popen) == 0
+            assert [read_until_closed(sock) for sock in polls] == [b"", b""]
+        finally:
+            for sock in polls:
+                sock.close()
+    logged = [e["event"] for e in log_events(stores.dev.log_path("agent-polls"))]
+    stores.dev.stop_process("agent-polls")  # reaped already: only forgotten
+    assert "stopping" in logged and "connection_failed" not in logged, logged
 
 
 def test_a_sealed_file_for_another_name_or_under_an_untrusted_key_is_refused(

@@ -444,6 +444,52 @@ async def test_a_watched_answer_keeps_the_connection_alive_and_takes_pipelined_r
     await stream.aclose()
 
 
+async def test_garbage_or_half_a_head_sent_during_a_held_answer_waits_for_its_turn(
+    served: Served,
+) -> None:
+    """What a hostile client pipelines while its answer is held is parsed only after the
+    answer: garbage gets its 400 then, and half a head (whatever its bytes meet the
+    answer's end) is completed and answered like any next request."""
+    stream = await held_watch(served)
+    await stream.send_all(b"\x00\x01 not http at all\r\n\r\n")
+    served.app.answer_watched.set()
+    assert statuses(await read_all(stream)) == [200, 400]
+    await stream.aclose()
+    served.app.watching, served.app.answer_watched = trio.Event(), trio.Event()
+    stream = await held_watch(served)
+    await stream.send_all(b"GET /echo HTTP/1.1\r\nho")
+    served.app.answer_watched.set()
+    answer = b""
+    with trio.fail_after(20):
+        while b"watched" not in answer:
+            answer += await stream.receive_some(65536)
+    await stream.send_all(b"st: x\r\nconnection: close\r\n\r\n")
+    answer += await read_all(stream)
+    assert statuses(answer) == [200, 200]
+    await stream.aclose()
+    reports = await settled(served.reports, 4)
+    assert [(r.number, r.outcome, r.status) for r in reports] == [
+        (0, "answered", 200),
+        (1, "rejected", 400),
+        (0, "answered", 200),
+        (1, "answered", 200),
+    ]
+    assert served.admissions == ["in", "out", "in", "out"]
+
+
+async def test_a_held_answer_is_cancelled_with_the_server_and_gives_its_share_back() -> None:
+    """Shutting down (the agent cancels its nursery on SIGTERM) ends a held answer at
+    once: nothing is written, the connection is closed and admit's share given back."""
+    async with trio.open_nursery() as nursery:
+        served = await start(nursery)
+        stream = await held_watch(served)
+        nursery.cancel_scope.cancel()
+    assert [(r.outcome, r.status, r.sent) for r in served.reports] == [("cancelled", None, 0)]
+    assert served.admissions == ["in", "out"]
+    assert await read_all(stream) == b""
+    await stream.aclose()
+
+
 async def test_a_watched_block_raises_as_it_would_unwatched(served: Served) -> None:
     close = b"host: x\r\nconnection: close\r\n\r\n"
     answer = await exchange(served.port, b"GET /watch?teapot HTTP/1.1\r\n" + close)
