@@ -187,21 +187,44 @@ class AppServer:
         except ClientGone:
             # The app left its long-poll: nothing is answered, the driver ends the
             # connection (its share is free again) and reports it as client_gone.
-            seconds = trio.current_time() - started
-            _log_request(peer, request, path, operation, None, seconds, gone=True)
-            self._metrics.request(_route_name(route), "client_gone", seconds)
+            self._finished(peer, request, path, route, operation, started, None)
             raise
         except Exception as exc:  # noqa: BLE001 - one failed request must not end the connection
             error = _shown(exc, path, operation)
             response = _error_response(error)
-        seconds = trio.current_time() - started
         # Logged before the answer goes out: a client that has its answer finds the event.
-        error_type = error.error_type if error else None
-        _log_request(
-            peer, request, path, operation, response.status, seconds, error_type=error_type
-        )
-        self._metrics.request(_route_name(route), error_type or "ok", seconds)
+        self._finished(peer, request, path, route, operation, started, response.status, error)
         return _answer(response)
+
+    def _finished(
+        self,
+        peer: str,
+        request: Request,
+        path: str,
+        route: Route | None,
+        operation: str | None,
+        started: float,
+        status: int | None,
+        error: ShownError | None = None,
+    ) -> None:
+        """The request's ``request`` event and metrics. ``status`` None: not answered,
+        its app left (a long-poll): ``outcome: client_gone`` instead of a status."""
+        seconds = trio.current_time() - started
+        error_type = error.error_type if error else None
+        gone = status is None
+        log.info(
+            "request",
+            caller=peer,
+            method=request.method,
+            path=path,
+            operation=operation,
+            status=status,
+            error_type=error_type,
+            **({"outcome": "client_gone"} if gone else {}),
+            duration_ms=round(seconds * 1000, 2),
+        )
+        outcome = "client_gone" if gone else error_type or "ok"
+        self._metrics.request(_route_name(route), outcome, seconds)
 
     async def _respond(self, caller: Caller, route: Route, request: Request) -> AppResponse:
         if isinstance(route, KmsCall):
@@ -281,33 +304,6 @@ def _http_error(status: int, message: str) -> Answer:
 def _answer(response: AppResponse) -> Answer:
     headers = [("Content-Type", response.content_type), ("x-amzn-RequestId", str(uuid.uuid4()))]
     return Answer(response.status, [*headers, *response.headers], response.body)
-
-
-def _log_request(
-    peer: str,
-    request: Request,
-    path: str,
-    operation: str | None,
-    status: int | None,
-    seconds: float,
-    *,
-    error_type: str | None = None,
-    gone: bool = False,
-) -> None:
-    """The ``request`` event; one not answered because its app left (a long-poll)
-    has no status and ``outcome: client_gone``."""
-    left = {"outcome": "client_gone"} if gone else {}
-    log.info(
-        "request",
-        caller=peer,
-        method=request.method,
-        path=path,
-        operation=operation,
-        status=status,
-        error_type=error_type,
-        **left,
-        duration_ms=round(seconds * 1000, 2),
-    )
 
 
 def _log(peer: str, report: Report) -> None:
