@@ -46,9 +46,11 @@ from devtools.devstack import (
     create_enclave_key,
     direct_kms_client,
     first_event,
+    local_operator_env,
     log_events,
     python_env,
     spawn,
+    stack_kms_state,
     start_with_state_file,
     stop_process,
     wait_for,
@@ -89,29 +91,13 @@ def stop_devstack(process: subprocess.Popen[bytes]) -> None:
     stop_process(process, timeout=30)
 
 
-def operator_env(state: dict[str, Any]) -> dict[str, str]:
-    """An operator's AWS settings for the local stack: its credentials and endpoints."""
-    return python_env(
-        {
-            "AWS_ACCESS_KEY_ID": state["aws_access_key_id"],
-            "AWS_SECRET_ACCESS_KEY": state["aws_secret_access_key"],
-            "AWS_DEFAULT_REGION": state["region"],
-            "AWS_CA_BUNDLE": state["kms_ca_bundle"],
-            "AWS_ENDPOINT_URL_KMS": state["kms_endpoint"],
-            "AWS_ENDPOINT_URL_SECRETS_MANAGER": state["secretsmanager_endpoint"],
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }
-    )
-
-
 def seal(state: dict[str, Any], name: str, key_id: str, to: str, value: bytes) -> dict[str, Any]:
     """``enclave-agent seal NAME --key-id KEY --to TO`` with the value on stdin."""
     result = subprocess.run(
         [sys.executable, "-m", "enclave_agent.cli", "seal", name, "--key-id", key_id, "--to", to],
         input=value,
         cwd=REPO_ROOT,
-        env=operator_env(state),
+        env=local_operator_env(stack_kms_state(state)),
         capture_output=True,
         timeout=60,
     )

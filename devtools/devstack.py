@@ -602,19 +602,25 @@ class DevStack:
         return [p.name for p in self.processes if p.popen.poll() is not None]
 
 
+def stack_kms_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """What a devstack state file says of its local KMS, in the shape of the local
+    KMS's own state (what ``local_kms_client`` and ``local_operator_env`` take)."""
+    return {
+        "region": state["region"],
+        "endpoint": state["kms_endpoint"],
+        **{f"{name}_endpoint": state.get(f"{name}_endpoint") for name in STORE_SERVICES},
+        "ca_bundle": state["kms_ca_bundle"],
+        "aws_access_key_id": state["aws_access_key_id"],
+        "aws_secret_access_key": state["aws_secret_access_key"],
+    }
+
+
 def direct_kms_client(state: Mapping[str, Any], service: str = "kms") -> Any:
     """boto3 straight to the local KMS (or one of its stores, ``service``) with the
     stack's credentials: what the parent instance (or anyone holding the role's
     credentials) can do without an enclave."""
     return local_kms_client(
-        {
-            "region": state["region"],
-            "endpoint": state["kms_endpoint"],
-            **{f"{name}_endpoint": state.get(f"{name}_endpoint") for name in STORE_SERVICES},
-            "ca_bundle": state["kms_ca_bundle"],
-            "aws_access_key_id": state["aws_access_key_id"],
-            "aws_secret_access_key": state["aws_secret_access_key"],
-        },
+        stack_kms_state(state),
         service=service,
         config=None,  # botocore's default retries, as an operator's client has
     )
