@@ -263,8 +263,9 @@ def _file(location: FileLocation, blob: bytes) -> dict[str, Any]:
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise CommandFailed(f"cannot write {path}: {exc.strerror}") from None
+    where = path.resolve()
     return {
-        "path": str(path.resolve()),
+        "path": str(where),
         "version": digest_version(blob),  # what the agent serves as its version
-        "from": f"file:{path.resolve()}",
+        "from": f"file:{where}",
     }
